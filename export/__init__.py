@@ -1,0 +1,1 @@
+"""Export of trained bundles to ONNX and TensorRT."""

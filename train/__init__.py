@@ -1,0 +1,1 @@
+"""Training: backbones, COFT-AD fine-tuning, Gaussian scoring, evaluation."""
