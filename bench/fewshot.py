@@ -1,0 +1,220 @@
+"""Few-shot benchmark on a real defect set, with the protocol of shared/datasets/README.md.
+
+    python bench/fewshot.py ../shared/datasets/magnetic_tile [--shots 1 5 10] [--seeds 0 1 2 3 4]
+
+For each k and seed: k good training images chosen by
+`np.random.default_rng(seed).choice(n_good, k, replace=False)` over the sorted good paths;
+every other good image and every defective one is the test set. Methods:
+
+- frozen:       pretrained backbone, Gaussian on N_A augmented views (no fine-tuning)
+- coftad:       COFT-AD fine-tuning, L_Con + L_PP + L_NP (synthetic defects on)
+- coftad-no-pp: ablation without the cross-instance positive pairs
+- coftad-no-np: ablation without the synthetic-defect negative pairs
+- patch-knn:    PatchCore-style reference: frozen stride-8/16 features, 3x3 averaged,
+                image score = largest nearest-neighbour distance of any patch
+
+Frozen features of every image are computed once; a fine-tuned model re-runs only its
+trained last stage on the cached maps of the frozen stages (valid since those stages
+and BatchNorm never change). Writes fewshot.json and fewshot.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.images import read_image, resize_to_input  # noqa: E402
+from train.augment import AugmentConfig  # noqa: E402
+from train.backbones import Backbone, load_backbone  # noqa: E402
+from train.coftad import FinetuneConfig, finetune  # noqa: E402
+from train.embed import embed_views, to_pixels  # noqa: E402
+from train.evaluate import labelled_images  # noqa: E402
+from train.gaussian import fit_gaussian  # noqa: E402
+from train.metrics import detection_metrics  # noqa: E402
+from train.pipeline import resolve_device  # noqa: E402
+
+METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn")
+
+
+def find_category(root: Path) -> Path:
+    """Accept the category folder itself or a set folder holding exactly one category."""
+    if (root / "good").is_dir():
+        return root
+    categories = [p for p in sorted(root.iterdir()) if (p / "good").is_dir()]
+    if len(categories) != 1:
+        sys.exit(f"{root}: expected a folder with good/ (or one category folder holding it), found {len(categories)}")
+    return categories[0]
+
+
+@torch.inference_mode()
+def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int], batch: int = 32):
+    """Global embeddings, patch features (stride 8+16, 3x3 averaged) and the maps entering the last stage."""
+    device = next(backbone.parameters()).device
+    globals_, patches, trunk = [], [], []
+    for i in tqdm(range(0, len(frames), batch), desc="frozen features", unit="batch"):
+        maps = backbone.feature_maps(to_pixels(list(frames[i:i + batch]), size).to(device))
+        globals_.append(maps[-1].mean(dim=(2, 3)).cpu())
+        mid = F.avg_pool2d(maps[1], 3, 1, 1)
+        deep = F.interpolate(F.avg_pool2d(maps[2], 3, 1, 1), size=mid.shape[-2:], mode="bilinear", align_corners=False)
+        patches.append(torch.cat([mid, deep], 1).flatten(2).transpose(1, 2).cpu())
+        trunk.append(maps[-2].cpu())
+    return torch.cat(globals_).numpy(), torch.cat(patches), torch.cat(trunk)
+
+
+def patch_knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, chunk: int = 8) -> np.ndarray:
+    scores = []
+    for i in range(0, len(test_patches), chunk):
+        t = test_patches[i:i + chunk]
+        d = torch.cdist(t.reshape(-1, t.shape[-1]), bank).min(dim=1).values.view(len(t), -1)
+        scores.append(d.max(dim=1).values)
+    return torch.cat(scores).numpy()
+
+
+@torch.inference_mode()
+def tail_embeddings(backbone: Backbone, trunk_maps: torch.Tensor, batch: int = 64) -> np.ndarray:
+    device = next(backbone.parameters()).device
+    out = [backbone.stages[-1](trunk_maps[i:i + batch].to(device)).mean(dim=(2, 3)).cpu()
+           for i in range(0, len(trunk_maps), batch)]
+    return torch.cat(out).numpy()
+
+
+def finetune_config(method: str, args) -> FinetuneConfig:
+    return FinetuneConfig(steps=args.steps, lr=args.lr, negatives=method != "coftad-no-np",
+                          lambda_pp=0.0 if method == "coftad-no-pp" else 1.0, trainable_stages=1,
+                          l2sp=args.l2sp)
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def summarise(runs: list[dict]) -> dict:
+    summary: dict = {}
+    for run in runs:
+        summary.setdefault(run["method"], {}).setdefault(str(run["k"]), []).append(run)
+    table = {}
+    for method, by_k in summary.items():
+        table[method] = {}
+        for k, rs in by_k.items():
+            au, ap = np.array([r["auroc"] for r in rs]), np.array([r["ap"] for r in rs])
+            types = sorted(rs[0]["per_type"])
+            table[method][k] = {
+                "auroc_mean": float(au.mean()), "auroc_std": float(au.std()), "ap_mean": float(ap.mean()),
+                "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])), "seeds": len(rs),
+                "per_type_auroc": {t: float(np.mean([r["per_type"][t] for r in rs])) for t in types},
+            }
+    return table
+
+
+def markdown(table: dict, meta: dict) -> str:
+    ks = sorted({int(k) for m in table.values() for k in m})
+    lines = [f"# Few-shot benchmark: {meta['dataset']}", "",
+             f"Backbone {meta['backbone']} at {meta['size'][0]}x{meta['size'][1]}, device {meta['device']}, "
+             f"{meta['machine']}; COFT-AD {meta['steps']} steps, lr {meta['lr']}. Image AUROC mean ± std over seeds "
+             "(AP in brackets), training seconds per model.", "",
+             "| method | " + " | ".join(f"k={k}" for k in ks) + " | train s |",
+             "|---|" + "---|" * (len(ks) + 1)]
+    for method, by_k in table.items():
+        cells = [f"{by_k[str(k)]['auroc_mean']:.3f} ± {by_k[str(k)]['auroc_std']:.3f} ({by_k[str(k)]['ap_mean']:.3f})"
+                 if str(k) in by_k else "-" for k in ks]
+        secs = np.mean([v["train_seconds_mean"] for v in by_k.values()])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs:.1f} |")
+    lines += ["", "Per defect type (AUROC, mean over seeds, largest k):", ""]
+    kmax = str(max(ks))
+    types = sorted({t for m in table.values() if kmax in m for t in m[kmax]["per_type_auroc"]})
+    lines += ["| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    for method, by_k in table.items():
+        if kmax in by_k:
+            lines.append(f"| {method} | " + " | ".join(f"{by_k[kmax]['per_type_auroc'][t]:.3f}" for t in types) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset_root", type=Path)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--views", type=int, default=16, help="N_A augmented views per training image")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--l2sp", type=float, default=0.0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/fewshot"))
+    args = parser.parse_args()
+
+    category = find_category(args.dataset_root)
+    data = labelled_images(category)
+    size = (args.size, args.size)
+    device = resolve_device(args.device)
+    frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
+    backbone = load_backbone(args.backbone, args.weights).to(device)
+    global_emb, patch_feats, trunk_maps = frozen_features(backbone, frames, size)
+    good = np.flatnonzero(data.labels == 0)  # sorted by path, as the protocol asks
+    augment_config = AugmentConfig()
+    runs = []
+    for k in args.shots:
+        for seed in args.seeds:
+            train = good[np.random.default_rng(seed).choice(len(good), k, replace=False)]
+            test = np.setdiff1d(np.arange(len(frames)), train)
+            labels, types = data.labels[test], [data.types[i] for i in test]
+            train_pixels = to_pixels(list(frames[train]), size).to(device)
+            for method in args.methods:
+                torch.manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed)
+                started = time.perf_counter()
+                if method == "patch-knn":
+                    bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
+                    train_seconds = time.perf_counter() - started
+                    scores = patch_knn_scores(bank, patch_feats[test])
+                else:
+                    model = backbone
+                    if method.startswith("coftad"):
+                        model = copy.deepcopy(backbone)
+                        finetune(model, train_pixels, finetune_config(method, args), augment_config, generator, progress=False)
+                    views = embed_views(model, train_pixels, args.views, augment_config, generator)
+                    gaussian = fit_gaussian(views.reshape(-1, views.shape[2]))
+                    train_seconds = time.perf_counter() - started
+                    test_emb = global_emb[test] if model is backbone else tail_embeddings(model, trunk_maps[test])
+                    scores = gaussian.score(test_emb)
+                metrics = detection_metrics(labels, scores)
+                per_type = {}
+                for t in sorted(set(types) - {"good"}):
+                    mask = np.array([ty in ("good", t) for ty in types])
+                    per_type[t] = detection_metrics(labels[mask], scores[mask])["auroc"]
+                run = {"method": method, "k": k, "seed": seed, "auroc": metrics["auroc"], "ap": metrics["ap"],
+                       "train_seconds": round(train_seconds, 2), "per_type": per_type}
+                runs.append(run)
+                print(f"k={k} seed={seed} {method:13s} AUROC {run['auroc']:.4f} AP {run['ap']:.4f} "
+                      f"train {train_seconds:.1f}s", flush=True)
+    meta = {"dataset": str(category), "backbone": args.backbone, "size": size, "device": str(device),
+            "machine": machine(), "steps": args.steps, "lr": args.lr, "l2sp": args.l2sp, "views": args.views,
+            "n_good": int(len(good)), "n_defect": int((data.labels == 1).sum())}
+    table = summarise(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fewshot.json").write_text(json.dumps({"meta": meta, "summary": table, "runs": runs}, indent=2) + "\n")
+    (args.out / "fewshot.md").write_text(markdown(table, meta))
+    print(markdown(table, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Reading images from disk the same way in training, evaluation and replay.
+
+Everything becomes 8-bit, 3-channel BGR (OpenCV's order): grayscale line-scan cameras,
+RGBA exports and 16-bit sensors all end up in the one format the model bundle expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from runtime.errors import CoftError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder`, sorted so that seeded choices are reproducible."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CoftError(f"{folder}: not a folder of images; give the path of a folder that holds .png/.jpg files")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
+    """Convert a decoded image of any common depth and channel count to uint8 BGR."""
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise CoftError(f"{source}: pixel type {image.dtype} is not supported; save it as 8- or 16-bit PNG or JPEG")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    if channels == 3:
+        return image
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    raise CoftError(f"{source}: {channels} channels; expected 1 (gray), 3 (colour) or 4 (with alpha)")
+
+
+def read_image(path: str | Path) -> np.ndarray | None:
+    """Decode one file to uint8 BGR, or None (with a warning naming it) if it is not a readable image."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        log.warning("skipping %s: cannot read it (%s)", path, exc)
+        return None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        log.warning("skipping %s: not a readable image (corrupt or not an image file)", path)
+        return None
+    try:
+        return to_bgr8(image, str(path))
+    except CoftError as exc:
+        log.warning("skipping %s", exc)
+        return None
+
+
+def load_folder(folder: str | Path) -> tuple[list[Path], list[np.ndarray]]:
+    """All readable images of a folder; unreadable files are skipped with a warning, none at all is an error."""
+    paths = list_images(folder)
+    if not paths:
+        raise CoftError(f"{folder}: no image files found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    kept_paths, images = [], []
+    for path in paths:
+        image = read_image(path)
+        if image is not None:
+            kept_paths.append(path)
+            images.append(image)
+    if not images:
+        raise CoftError(f"{folder}: none of the {len(paths)} image files could be read; check that they are not corrupt")
+    return kept_paths, images
+
+
+def resize_to_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a BGR frame to the bundle's (height, width); area averaging keeps thin defects visible."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = image.shape[0] > height or image.shape[1] > width
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

@@ -1,0 +1,55 @@
+"""Gaussian anomaly scoring in numpy: the reference every accelerated path is checked against.
+
+A part is scored by the Mahalanobis distance of its L2-normalised embedding from the
+Gaussian fitted to good parts. With the precision P = L L^T (L lower-triangular, the
+Cholesky factor), the distance is ||(x - mean) L||, one matrix product per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import CoftError
+
+
+def l2_normalise(embeddings: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return embeddings / np.maximum(norms, eps)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean and precision of good-part embeddings, with the precision's Cholesky factor."""
+
+    mean: np.ndarray  # [D] float32
+    precision: np.ndarray  # [D, D] float32
+    cholesky: np.ndarray  # [D, D] float32, lower-triangular, precision = L @ L.T
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of raw (unnormalised) embeddings [N, D] -> [N]."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise CoftError(f"embeddings of shape {embeddings.shape} do not fit a Gaussian of dimension {self.dim}")
+        centred = l2_normalise(embeddings.astype(np.float32)) - self.mean
+        return np.sqrt(np.sum((centred @ self.cholesky) ** 2, axis=1))
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean, precision=self.precision, cholesky=self.cholesky)
+
+    @classmethod
+    def load(cls, path: Path) -> "Gaussian":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                gaussian = cls(*(data[key].astype(np.float32) for key in ("mean", "precision", "cholesky")))
+        except (OSError, KeyError, ValueError) as exc:
+            raise CoftError(f"{path}: not a valid Gaussian file ({exc}); retrain the bundle") from exc
+        d = gaussian.dim
+        if gaussian.precision.shape != (d, d) or gaussian.cholesky.shape != (d, d):
+            raise CoftError(f"{path}: mean of size {d} but precision {gaussian.precision.shape}; retrain the bundle")
+        return gaussian

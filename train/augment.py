@@ -1,0 +1,57 @@
+"""Augmentations for industrial parts: poses and lighting that a line really shows.
+
+Flips and quarter turns (a tile or a cell looks the same from either side), mild
+brightness and contrast drift, a small shift with mirrored borders. No random crops and
+no zoom: a crop could cut the very defect away, and a zoom changes the scale a defect is
+judged at. All operations act on RGB pixels in 0..255, shape [N, 3, H, W].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True  # quarter turns; only applied to square inputs, else half turns
+    brightness: float = 0.1  # relative, +-
+    contrast: float = 0.1  # relative, +-
+    shift: float = 0.03  # fraction of the side, +-
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _uniform(n: int, spread: float, generator: torch.Generator, device) -> torch.Tensor:
+    return (torch.rand(n, generator=generator) * 2 - 1).mul(spread).to(device)
+
+
+def augment(pixels: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """One random view of each image; `generator` (on the CPU) makes it reproducible."""
+    n, _, h, w = pixels.shape
+    out = pixels.clone()
+    flips = torch.rand(n, 3, generator=generator)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    for i in range(n):
+        if config.hflip and flips[i, 0] < 0.5:
+            out[i] = out[i].flip(-1)
+        if config.vflip and flips[i, 1] < 0.5:
+            out[i] = out[i].flip(-2)
+        if config.rot90:
+            k = int(turns[i]) if h == w else 2 * int(turns[i] % 2)
+            out[i] = torch.rot90(out[i], k, dims=(-2, -1))
+    if config.shift > 0:
+        pad_h, pad_w = max(1, int(h * config.shift)), max(1, int(w * config.shift))
+        padded = F.pad(out, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+        dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad_w + 1, (n,), generator=generator)
+        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    gain = 1 + _uniform(n, config.contrast, generator, out.device).view(n, 1, 1, 1)
+    offset = _uniform(n, config.brightness, generator, out.device).view(n, 1, 1, 1) * 255
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * gain + mean + offset).clamp(0, 255)

@@ -1,0 +1,164 @@
+"""`coft eval`: how good is a bundle on labelled images, in numbers and in pictures.
+
+The data folder holds `good/` and any other folders of defective images; the name of a
+defect image's own folder is its defect type (`defect/crack/x.png` or `crack/x.png`).
+Folders of masks (`mask`, `masks`, `ground_truth`) are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from runtime.bundle import Bundle, load_bundle, update_manifest
+from runtime.errors import CoftError
+from runtime.images import list_images, read_image, resize_to_input
+from train.backbones import restore_backbone
+from train.embed import embed, to_pixels
+from train.metrics import detection_metrics, rates_at
+from train.threshold import labelled_threshold
+
+log = logging.getLogger(__name__)
+
+MASK_FOLDERS = {"mask", "masks", "ground_truth"}
+
+
+@dataclass
+class LabelledSet:
+    paths: list[Path]
+    labels: np.ndarray  # 1 = defect
+    types: list[str]
+
+
+def labelled_images(data_dir: str | Path) -> LabelledSet:
+    data_dir = Path(data_dir)
+    if not (data_dir / "good").is_dir():
+        raise CoftError(f"{data_dir}: expected a 'good' folder beside the defect folders (e.g. good/, defect/crack/)")
+    paths, labels, types = [], [], []
+    for path in list_images(data_dir, recursive=True):
+        parts = path.relative_to(data_dir).parts
+        if MASK_FOLDERS & set(parts[:-1]):
+            continue
+        good = parts[0] == "good"
+        paths.append(path)
+        labels.append(0 if good else 1)
+        types.append("good" if good else path.parent.name)
+    return LabelledSet(paths, np.array(labels), types)
+
+
+def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> tuple[np.ndarray, list[int]]:
+    """Score images with a bundle (torch backbone, numpy scoring); returns scores and indices of readable images."""
+    backbone = restore_backbone(bundle.manifest["backbone"]["name"], bundle.path / bundle.manifest["backbone"]["weights"])
+    scores, kept = [], []
+    for start in tqdm(range(0, len(paths), batch), desc="scoring", unit="batch", disable=not progress):
+        frames, idx = [], []
+        for i in range(start, min(start + batch, len(paths))):
+            image = read_image(paths[i])
+            if image is not None:
+                frames.append(resize_to_input(image, bundle.input_size))
+                idx.append(i)
+        if frames:
+            scores.append(bundle.gaussian.score(embed(backbone, to_pixels(frames, bundle.input_size))))
+            kept.extend(idx)
+    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), kept
+
+
+def _plot(labels: np.ndarray, scores: np.ndarray, threshold: float, auroc: float, report_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot(fpr, tpr, label=f"AUROC {auroc:.3f}")
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+        ax.set(xlabel="false-reject rate (good parts rejected)", ylabel="detection rate (defects rejected)", title="ROC")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(report_dir / "roc.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
+    if (labels == 1).any():
+        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defect")
+    ax.axvline(threshold, c="k", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="anomaly score (Mahalanobis distance)", ylabel="images", title="Score distribution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "histogram.png", dpi=120)
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    m, r = report["metrics"], report["at_threshold"]
+    lines = [
+        f"# Evaluation of {report['model_id']}",
+        "",
+        f"Data: `{report['data_dir']}`: {report['counts']['good']} good, {report['counts']['defect']} defective.",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| image AUROC | {m['auroc']:.4f} |",
+        f"| average precision | {m['ap']:.4f} |",
+        f"| F1-max | {m['f1_max']:.4f} |",
+        f"| threshold ({report['threshold']['method']}) | {report['threshold']['value']:.4g} |",
+        f"| false-reject rate at threshold | {r['false_reject_rate']:.4f} |",
+        f"| escape rate at threshold | {r['escape_rate']:.4f} |",
+    ]
+    if report["per_type"]:
+        lines += ["", "| defect type | images | AUROC vs good |", "|---|---|---|"]
+        lines += [f"| {t} | {v['count']} | {v['auroc']:.4f} |" for t, v in report["per_type"].items()]
+    lines += ["", "![ROC](roc.png)", "", "![Score histogram](histogram.png)", ""]
+    return "\n".join(lines)
+
+
+def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Path,
+             recalibrate: str | None = None, progress: bool = True) -> dict:
+    """Score a labelled folder, write the report folder, optionally reset the bundle's threshold."""
+    bundle = load_bundle(bundle_dir)
+    data = labelled_images(data_dir)
+    if not data.paths:
+        raise CoftError(f"{data_dir}: no images found under good/ or the defect folders")
+    scores, kept = bundle_scores(bundle, data.paths, progress)
+    if not kept:
+        raise CoftError(f"{data_dir}: none of the {len(data.paths)} images could be read")
+    labels, types, paths = data.labels[kept], [data.types[i] for i in kept], [data.paths[i] for i in kept]
+    threshold = bundle.manifest["threshold"]
+    if recalibrate:
+        threshold = labelled_threshold(labels, scores, recalibrate)
+        update_manifest(bundle.path, {"threshold": threshold})
+        log.info("bundle threshold set to %.4g by %s", threshold["value"], threshold["method"])
+    metrics = detection_metrics(labels, scores)
+    per_type = {}
+    for t in sorted(set(types) - {"good"}):
+        mask = np.array([ty in ("good", t) for ty in types])
+        per_type[t] = {"count": types.count(t), "auroc": detection_metrics(labels[mask], scores[mask])["auroc"]}
+    report = {
+        "model_id": bundle.model_id,
+        "data_dir": str(data_dir),
+        "counts": {"good": int((labels == 0).sum()), "defect": int((labels == 1).sum()),
+                   "unreadable": len(data.paths) - len(kept)},
+        "metrics": metrics,
+        "threshold": threshold,
+        "at_threshold": rates_at(labels, scores, threshold["value"]),
+        "per_type": per_type,
+    }
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (report_dir / "report.md").write_text(_markdown(report))
+    with open(report_dir / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "type", "label", "score", "verdict"])
+        for path, t, label, score in zip(paths, types, labels, scores):
+            writer.writerow([path, t, int(label), f"{score:.6g}", "reject" if score > threshold["value"] else "accept"])
+    _plot(labels, scores, threshold["value"], metrics["auroc"], report_dir)
+    return report

@@ -1,0 +1,29 @@
+"""Fitting the Gaussian of good-part embeddings with a shrinkage covariance.
+
+A few dozen views in 1280 dimensions give a singular sample covariance; Ledoit-Wolf (or
+OAS) shrinkage toward a scaled identity makes it invertible and well conditioned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.covariance import OAS, LedoitWolf
+
+from runtime.errors import CoftError
+from runtime.scoring import Gaussian, l2_normalise
+
+SHRINKAGE = {"ledoit-wolf": LedoitWolf, "oas": OAS}
+
+
+def fit_gaussian(embeddings: np.ndarray, shrinkage: str = "ledoit-wolf") -> Gaussian:
+    """Fit mean and precision to raw embeddings [n, D] after L2 normalisation."""
+    if shrinkage not in SHRINKAGE:
+        raise CoftError(f"unknown shrinkage {shrinkage!r}; choose one of {', '.join(SHRINKAGE)}")
+    if len(embeddings) < 2:
+        raise CoftError("need at least two embeddings to fit a Gaussian; use more views (--views) or more images")
+    x = l2_normalise(embeddings.astype(np.float64))
+    estimator = SHRINKAGE[shrinkage](assume_centered=False).fit(x)
+    precision = np.linalg.inv(estimator.covariance_)
+    precision = (precision + precision.T) / 2
+    cholesky = np.linalg.cholesky(precision)
+    return Gaussian(estimator.location_.astype(np.float32), precision.astype(np.float32), cholesky.astype(np.float32))

@@ -1,0 +1,134 @@
+"""`coft train`: a folder of good images in, a sealed model bundle out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.bundle import GAUSSIAN, new_bundle
+from runtime.errors import CoftError
+from runtime.images import load_folder
+from train.augment import AugmentConfig
+from train.backbones import load_backbone
+from train.coftad import FinetuneConfig, finetune
+from train.embed import embed_views, to_pixels
+from train.gaussian import fit_gaussian
+from train.threshold import good_only_threshold
+
+log = logging.getLogger(__name__)
+
+BACKBONE_WEIGHTS = "backbone.pt"
+METHODS = ("coftad", "frozen")
+
+
+@dataclass
+class TrainOptions:
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # ImageNet weights file for backbones other than Lite0
+    size: tuple[int, int] = (224, 224)  # model input (height, width)
+    method: str = "frozen"  # see README: the few-shot benchmark decides this default
+    shots: int | None = None  # train on k images of the folder chosen with the seed; None = all
+    seed: int = 0
+    views: int = 16  # N_A: augmented views per good image for the Gaussian
+    shrinkage: str = "ledoit-wolf"
+    target_false_reject_rate: float = 0.01
+    device: str = "auto"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CoftError(f"--device {name}: no CUDA GPU is visible to torch; use --device cpu")
+    return torch.device(name)
+
+
+def choose_shots(paths: list[Path], shots: int | None, seed: int) -> list[int]:
+    """Indices of the k training images, as the few-shot protocol picks them."""
+    if shots is None:
+        return list(range(len(paths)))
+    if shots < 1:
+        raise CoftError(f"--shots {shots}: must be at least 1")
+    if shots > len(paths):
+        raise CoftError(f"--shots {shots}: the folder has only {len(paths)} readable images; lower --shots or add images")
+    return sorted(np.random.default_rng(seed).choice(len(paths), shots, replace=False).tolist())
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """A hash of the training images' bytes, so a bundle says exactly what it learned from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -> Path:
+    """Train on good images and write a sealed bundle to `out`; nothing is written on failure."""
+    out = Path(out)
+    if out.exists():
+        raise CoftError(f"{out}: already exists; choose another --out or remove it first")
+    if options.method not in METHODS:
+        raise CoftError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    started = time.perf_counter()
+    paths, images = load_folder(good_dir)
+    chosen = choose_shots(paths, options.shots, options.seed)
+    paths, images = [paths[i] for i in chosen], [images[i] for i in chosen]
+    sizes = {image.shape[:2] for image in images}
+    if len(sizes) > 1:
+        log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *options.size)
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    device = resolve_device(options.device)
+    backbone = load_backbone(options.backbone, options.weights).to(device)
+    pixels = to_pixels(images, options.size).to(device)
+    log.info("training on %d good images at %dx%d with %s on %s", len(images), *options.size, options.backbone, device)
+
+    history: list[dict[str, float]] = []
+    if options.method == "coftad" and options.finetune.steps > 0:
+        history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
+    views = embed_views(backbone, pixels, options.views, options.augment, generator)
+    gaussian = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage)
+    threshold = good_only_threshold(views, options.target_false_reject_rate, options.shrinkage)
+    data_hash = fingerprint(paths)
+    created = datetime.now(timezone.utc)
+    manifest = {
+        "model_id": f"{options.backbone}-k{len(paths)}-{data_hash[:8]}-{created:%Y%m%dT%H%M%SZ}",
+        "created": created.isoformat(timespec="seconds"),
+        "backbone": {"name": options.backbone, "weights": BACKBONE_WEIGHTS},
+        "input": {"height": options.size[0], "width": options.size[1], "colour_order": "BGR",
+                  "dtype": "uint8", "layout": "NHWC"},
+        "normalisation": {"colour_order": "RGB", "mean": backbone.mean.flatten().tolist(),
+                          "std": backbone.std.flatten().tolist()},
+        "embedding_dim": backbone.embedding_dim,
+        "scorer": "global",
+        "threshold": threshold,
+        "training": {
+            "method": options.method,
+            "shots": len(paths),
+            "seed": options.seed,
+            "views": options.views,
+            "shrinkage": options.shrinkage,
+            "finetune": options.finetune.as_dict() if options.method == "coftad" else None,
+            "augment": options.augment.as_dict(),
+            "final_losses": history[-1] if history else None,
+            "images": [p.name for p in paths],
+            "dataset_fingerprint": data_hash,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    with new_bundle(out, manifest) as staging:
+        gaussian.save(staging / GAUSSIAN)
+        torch.save(backbone.cpu().state_dict(), staging / BACKBONE_WEIGHTS)
+    log.info("wrote bundle %s (threshold %.4f by %s)", out, threshold["value"], threshold["method"])
+    return out

@@ -1,0 +1,66 @@
+"""Choosing the accept/reject threshold, from good images alone or from labelled defects."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.errors import CoftError
+from train.gaussian import fit_gaussian
+from train.metrics import f1_max
+
+
+def good_only_threshold(view_embeddings: np.ndarray, target_false_reject_rate: float,
+                        shrinkage: str = "ledoit-wolf") -> dict:
+    """Threshold at a target false-reject rate, from scores the Gaussian did not see.
+
+    With three or more images: leave one image out, fit on the others, score all views of
+    the one left out (honest, slightly pessimistic since the final fit has one image more).
+    With fewer: fit on half of each image's views and score the other half.
+    """
+    k, n_views, _ = view_embeddings.shape
+    if not 0 < target_false_reject_rate < 1:
+        raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
+    if k >= 3:
+        method = "leave-one-out"
+        scores = np.concatenate([
+            fit_gaussian(np.delete(view_embeddings, i, axis=0).reshape(-1, view_embeddings.shape[2]), shrinkage)
+            .score(view_embeddings[i])
+            for i in range(k)
+        ])
+    else:
+        if n_views < 4:
+            raise CoftError(f"{k} image(s) with {n_views} views cannot calibrate a threshold; use --views 4 or more")
+        method = "held-out-views"
+        fit_views, held_views = view_embeddings[:, 0::2], view_embeddings[:, 1::2]
+        scores = fit_gaussian(fit_views.reshape(-1, fit_views.shape[2]), shrinkage).score(
+            held_views.reshape(-1, held_views.shape[2]))
+    value = float(np.quantile(scores, 1 - target_false_reject_rate, method="higher"))
+    return {
+        "value": value,
+        "method": method,
+        "target_false_reject_rate": target_false_reject_rate,
+        "calibration_scores": len(scores),
+        "calibration_score_median": float(np.median(scores)),
+    }
+
+
+def labelled_threshold(labels: np.ndarray, scores: np.ndarray, rule: str) -> dict:
+    """Threshold from labelled good and defect scores: 'f1' (F1-max) or 'escape=R' (at most R of defects pass)."""
+    if len(np.unique(labels)) != 2:
+        raise CoftError("recalibration needs both good and defective images in the data folder")
+    if rule == "f1":
+        f1, value = f1_max(labels, scores)
+        return {"value": value, "method": "labelled-f1-max", "f1": f1}
+    if rule.startswith("escape="):
+        try:
+            rate = float(rule.split("=", 1)[1])
+        except ValueError:
+            rate = -1.0
+        if not 0 <= rate < 1:
+            raise CoftError(f"--recalibrate {rule}: the escape rate must be a number in [0, 1), e.g. escape=0.01")
+        defect_scores = np.sort(scores[labels == 1])
+        # Pass at most `rate` of the defects: threshold just below the (rate)-quantile of defect scores.
+        passed = int(np.floor(rate * len(defect_scores)))
+        value = float(np.nextafter(defect_scores[passed], -np.inf))
+        return {"value": value, "method": "labelled-escape-rate", "target_escape_rate": rate}
+    raise CoftError(f"--recalibrate {rule!r}: use 'f1' or 'escape=RATE' (e.g. escape=0.01)")
