@@ -1,0 +1,194 @@
+"""`coft`: the command line, one subcommand per stage.
+
+It lives in runtime/ because every box installs the runtime; the training commands
+import torch only when they run, and say which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from runtime.errors import CoftError
+
+log = logging.getLogger("coft")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'224' or '320x480' (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 224 or 320x480 (height x width), at least 32")
+    return (parts[0], parts[-1])
+
+
+def _train_module(name: str):
+    """Import a training module, or explain which extra is missing."""
+    try:
+        import importlib
+        return importlib.import_module(f"train.{name}")
+    except ImportError as exc:
+        raise CoftError(f"this command needs the training extra ({exc.name} is missing): pip install 'coft[train]'") from exc
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--method", choices=("coftad", "frozen"), default=None,
+                   help="coftad: contrastive fine-tuning; frozen: pretrained features only (default: see README)")
+    g.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default), resnet18, wide_resnet50_2")
+    g.add_argument("--weights", help="ImageNet weights (.pth state dict) for backbones other than efficientnet_lite0")
+    g.add_argument("--size", type=_size, default=(224, 224), help="model input, e.g. 224 or 320x480 (default 224)")
+    g.add_argument("--shots", type=int, help="use only K images of the folder, chosen with --seed (default: all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
+    f = p.add_argument_group("COFT-AD fine-tuning")
+    f.add_argument("--steps", type=int, default=150)
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    f.add_argument("--lambda-pp", type=float, default=1.0, help="weight of the cross-instance positive pairs")
+    f.add_argument("--lambda-np", type=float, default=1.0, help="weight of the synthetic-defect negative pairs")
+    f.add_argument("--negatives", action="store_true", help="synthesise defects (CutPaste, scars, blobs) as negatives")
+    f.add_argument("--trainable-stages", type=int, default=1, help="how many of the backbone's last stages train")
+    f.add_argument("--l2sp", type=float, default=0.0, help="pull toward the pretrained weights")
+    a = p.add_argument_group("augmentation (what the part allows)")
+    a.add_argument("--no-hflip", action="store_true")
+    a.add_argument("--no-vflip", action="store_true")
+    a.add_argument("--no-rot90", action="store_true", help="no quarter turns (parts with a fixed orientation)")
+    a.add_argument("--brightness", type=float, default=0.1)
+    a.add_argument("--contrast", type=float, default=0.1)
+    a.add_argument("--shift", type=float, default=0.03)
+    s = p.add_argument_group("scoring and threshold")
+    s.add_argument("--views", type=int, default=16, help="N_A: augmented views per image for the Gaussian")
+    s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf")
+    s.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate the threshold aims at (default 0.01)")
+
+
+def _training_options(args: argparse.Namespace):
+    pipeline = _train_module("pipeline")
+    from train.augment import AugmentConfig
+    from train.coftad import FinetuneConfig
+
+    defaults = pipeline.TrainOptions()
+    return pipeline.TrainOptions(
+        backbone=args.backbone, weights=args.weights, size=args.size, method=args.method or defaults.method,
+        shots=args.shots, seed=args.seed, views=args.views, shrinkage=args.shrinkage,
+        target_false_reject_rate=args.target_frr, device=args.device, progress=not args.quiet,
+        finetune=FinetuneConfig(steps=args.steps, batch=args.batch, lr=args.lr, temperature=args.temperature,
+                                lambda_pp=args.lambda_pp, lambda_np=args.lambda_np, negatives=args.negatives,
+                                trainable_stages=args.trainable_stages, l2sp=args.l2sp),
+        augment=AugmentConfig(hflip=not args.no_hflip, vflip=not args.no_vflip, rot90=not args.no_rot90,
+                              brightness=args.brightness, contrast=args.contrast, shift=args.shift),
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    out = args.out or Path(f"{Path(args.good_dir).resolve().name}.bundle")
+    options = _training_options(args)
+    _train_module("pipeline").train_bundle(args.good_dir, out, options)
+    print(f"bundle written: {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    report_dir = args.report or Path(args.bundle).with_name(Path(args.bundle).name + ".report")
+    report = _train_module("evaluate").evaluate(args.bundle, args.data_dir, report_dir, args.recalibrate,
+                                                progress=not args.quiet)
+    m, r = report["metrics"], report["at_threshold"]
+    print(f"AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}  "
+          f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}  "
+          f"(threshold {report['threshold']['value']:.4g}, {report['threshold']['method']})")
+    for t, v in report["per_type"].items():
+        print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
+    print(f"report: {report_dir}/report.md")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    options = _training_options(args)
+    _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit)
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from runtime.bundle import pack
+    archive = args.out or Path(args.bundle).with_suffix(".tar")
+    print(f"archive written: {pack(args.bundle, archive)}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from runtime.bundle import load_bundle, unpack
+    path = Path(args.bundle)
+    if path.is_file():
+        dest = args.unpack_to or path.parent
+        bundle = unpack(path, dest)
+    else:
+        bundle = load_bundle(path)
+    m = bundle.manifest
+    print(json.dumps({"bundle": str(bundle.path), "model_id": bundle.model_id, "backbone": m["backbone"]["name"],
+                      "input": m["input"], "threshold": m["threshold"]["value"],
+                      "threshold_method": m["threshold"]["method"], "files": len(m["files"]), "ok": True}, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coft",
+        description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
+        epilog="Stages: train -> eval -> pack -> verify (on the box). Try 'coft demo' for the whole flow on real solar cells.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune on a folder of good images and write a model bundle")
+    p.add_argument("good_dir", help="folder of good (defect-free) images")
+    p.add_argument("--out", type=Path, help="bundle directory to create (default: <folder name>.bundle)")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="measure a bundle on labelled images and write a report with plots")
+    p.add_argument("bundle")
+    p.add_argument("data_dir", help="folder with good/ and defect folders (e.g. defect/crack/)")
+    p.add_argument("--report", type=Path, help="report folder (default: <bundle>.report)")
+    p.add_argument("--recalibrate", metavar="RULE",
+                   help="reset the bundle's threshold from these labels: 'f1' or 'escape=RATE' (e.g. escape=0.01)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
+    p.add_argument("bundle")
+    p.add_argument("--out", type=Path, help="archive path (default: <bundle>.tar)")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("verify", help="check a bundle's checksums (directory, or archive to unpack)")
+    p.add_argument("bundle", help="bundle directory or .tar archive")
+    p.add_argument("--unpack-to", type=Path, help="where to unpack an archive (default: beside it)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="the whole flow on real solar-cell images from the elpv-dataset package")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default: demo-out)")
+    p.add_argument("--test-limit", type=int, help="score at most N good and N defective held-out cells")
+    _add_training_options(p)
+    p.set_defaults(func=cmd_demo, shots=10)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except CoftError as exc:
+        print(f"coft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("coft: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

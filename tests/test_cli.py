@@ -1,0 +1,49 @@
+"""The command line reads like the stages and fails with one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from runtime.cli import main
+
+
+def _coft(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_the_stages():
+    result = _coft("--help")
+    assert result.returncode == 0
+    for stage in ("train", "eval", "pack", "verify", "demo"):
+        assert stage in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "/no/such/folder"], "not a folder of images"),
+    (["eval", "/no/such/bundle", "/tmp"], "not a model bundle directory"),
+    (["verify", "/no/such/bundle"], "not a model bundle directory"),
+])
+def test_errors_are_one_line(args, message):
+    result = _coft("-q", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_pack_verify_from_the_command_line(parts, tmp_path, capsys):
+    bundle = tmp_path / "line3.bundle"
+    assert main(["-q", "train", str(parts / "train/good"), "--out", str(bundle), "--size", "96", "--views", "4"]) == 0
+    assert main(["-q", "pack", str(bundle)]) == 0
+    (tmp_path / "box").mkdir()
+    assert main(["-q", "verify", str(tmp_path / "line3.tar"), "--unpack-to", str(tmp_path / "box")]) == 0
+    assert '"ok": true' in capsys.readouterr().out
+    assert (tmp_path / "box" / "line3.bundle" / "manifest.json").is_file()
+
+
+def test_demo_runs_end_to_end_on_real_solar_cells(tmp_path, capsys):
+    rc = main(["-q", "demo", "--out", str(tmp_path / "demo"), "--test-limit", "15", "--method", "coftad",
+               "--steps", "2", "--views", "4", "--size", "96"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "image AUROC" in out and "15 good + 15 defective" in out
+    assert (tmp_path / "demo" / "report" / "roc.png").is_file()

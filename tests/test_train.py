@@ -1,0 +1,100 @@
+"""Training writes a working bundle; evaluation reports it honestly; bad input fails cleanly."""
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime.bundle import load_bundle
+from runtime.errors import CoftError
+from tests.conftest import SIZE
+from train.coftad import FinetuneConfig
+from train.evaluate import evaluate
+from train.pipeline import TrainOptions, train_bundle
+from train.threshold import good_only_threshold, labelled_threshold
+
+
+def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
+    bundle = load_bundle(frozen_bundle)
+    m = bundle.manifest
+    assert m["backbone"]["name"] == "efficientnet_lite0" and m["embedding_dim"] == 1280
+    assert m["input"] == {"height": 96, "width": 96, "colour_order": "BGR", "dtype": "uint8", "layout": "NHWC"}
+    assert m["normalisation"]["mean"] == [127.0] * 3 and m["normalisation"]["std"] == [128.0] * 3
+    assert m["threshold"]["method"] == "leave-one-out" and m["threshold"]["value"] > 0
+    assert m["training"]["shots"] == 8 and len(m["training"]["dataset_fingerprint"]) == 64
+    assert set(m["files"]) == {"gaussian.npz", "backbone.pt"}
+
+
+def test_eval_separates_defects_and_writes_the_report(frozen_bundle, parts, tmp_path):
+    report = evaluate(frozen_bundle, parts / "test", tmp_path / "report", progress=False)
+    assert report["counts"] == {"good": 12, "defect": 16, "unreadable": 0}
+    assert report["metrics"]["auroc"] > 0.9
+    assert set(report["per_type"]) == {"scratch", "stain"}
+    for name in ("report.json", "report.md", "roc.png", "histogram.png", "scores.csv"):
+        assert (tmp_path / "report" / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "report/report.json").read_text())["model_id"] == report["model_id"]
+
+
+def test_recalibration_from_labels_updates_the_bundle(frozen_bundle, parts, tmp_path):
+    copy = tmp_path / "b"
+    import shutil
+    shutil.copytree(frozen_bundle, copy)
+    report = evaluate(copy, parts / "test", tmp_path / "r", recalibrate="escape=0", progress=False)
+    assert report["at_threshold"]["escape_rate"] == 0.0
+    assert load_bundle(copy).manifest["threshold"]["method"] == "labelled-escape-rate"
+    report = evaluate(copy, parts / "test", tmp_path / "r2", recalibrate="f1", progress=False)
+    assert load_bundle(copy).threshold == pytest.approx(report["metrics"]["f1_max_threshold"])
+
+
+def test_coftad_is_deterministic_with_a_seed(parts, tmp_path):
+    options = dict(size=SIZE, method="coftad", views=4, progress=False,
+                   finetune=FinetuneConfig(steps=3, batch=4, negatives=True, view_pool=4))
+    a = load_bundle(train_bundle(parts / "train/good", tmp_path / "a", TrainOptions(**options)))
+    b = load_bundle(train_bundle(parts / "train/good", tmp_path / "b", TrainOptions(**options)))
+    np.testing.assert_array_equal(a.gaussian.mean, b.gaussian.mean)
+    losses = a.manifest["training"]["final_losses"]
+    assert losses["np"] >= 0 and losses["con"] > 0
+    assert a.manifest["training"]["finetune"]["steps"] == 3
+
+
+def test_coftad_without_view_pool_and_with_shots(parts, tmp_path):
+    options = TrainOptions(size=SIZE, method="coftad", views=4, shots=3, seed=1, progress=False,
+                           finetune=FinetuneConfig(steps=2, batch=4, view_pool=0))
+    bundle = load_bundle(train_bundle(parts / "train/good", tmp_path / "b", options))
+    assert len(bundle.manifest["training"]["images"]) == 3
+
+
+def test_bad_training_input(parts, tmp_path):
+    with pytest.raises(CoftError, match="only 8 readable images"):
+        train_bundle(parts / "train/good", tmp_path / "x", TrainOptions(size=SIZE, shots=12, progress=False))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CoftError, match="no image files"):
+        train_bundle(tmp_path / "empty", tmp_path / "y", TrainOptions(size=SIZE, progress=False))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(CoftError, match="already exists"):
+        train_bundle(parts / "train/good", tmp_path / "taken", TrainOptions(size=SIZE, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
+
+
+def test_threshold_from_good_images_only():
+    rng = np.random.default_rng(0)
+    views = rng.normal(size=(2, 8, 6)) + 4
+    info = good_only_threshold(views, 0.01)
+    assert info["method"] == "held-out-views" and info["calibration_scores"] == 8
+    assert good_only_threshold(rng.normal(size=(5, 3, 6)), 0.01)["method"] == "leave-one-out"
+    with pytest.raises(CoftError, match="--views 4"):
+        good_only_threshold(views[:, :2], 0.01)
+    with pytest.raises(CoftError, match="between 0 and 1"):
+        good_only_threshold(views, 1.5)
+
+
+def test_labelled_threshold_rules():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([1.0, 2.0, 3.0, 2.5, 4.0, 5.0, 6.0])
+    t = labelled_threshold(labels, scores, "escape=0.25")["value"]
+    assert (scores[labels == 1] <= t).sum() <= 1 and t >= 2.5 - 1e-6
+    assert labelled_threshold(labels, scores, "escape=0")["value"] < 2.5
+    with pytest.raises(CoftError, match="escape=0.01"):
+        labelled_threshold(labels, scores, "escape=lots")
+    with pytest.raises(CoftError, match="both good and defective"):
+        labelled_threshold(np.zeros(3), scores[:3], "f1")
