@@ -108,6 +108,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {report_dir}/report.md")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    try:
+        from export.onnx import export_onnx
+    except ImportError as exc:
+        raise CoftError(f"export needs the training and export extras ({exc.name} is missing): pip install 'coft[train,export]'") from exc
+    print(f"ONNX model written: {export_onnx(args.bundle, args.max_batch, simplify=not args.no_simplify)}")
+
+
+def cmd_build_engine(args: argparse.Namespace) -> None:
+    from export.tensorrt import build_engine
+    path = build_engine(args.bundle, fp16=args.fp16, int8=args.int8, max_batch=args.max_batch,
+                        workspace_mb=args.workspace_mb, half_factor=args.half_factor)
+    print(f"TensorRT engine written: {path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     options = _training_options(args)
     _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit)
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coft",
         description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
-        epilog="Stages: train -> eval -> pack -> verify (on the box). Try 'coft demo' for the whole flow on real solar cells.",
+        epilog="Stages: train -> eval -> export -> pack -> verify and build-engine (on the box). Try 'coft demo' for the whole flow on real solar cells.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -156,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", metavar="RULE",
                    help="reset the bundle's threshold from these labels: 'f1' or 'escape=RATE' (e.g. escape=0.01)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
+    p.add_argument("bundle")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the graph accepts (default 64)")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engine", help="on the Jetson: build a TensorRT engine from the bundle's ONNX graph")
+    p.add_argument("bundle")
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    p.add_argument("--int8", action="store_true", help="INT8 with entropy calibration on the bundle's good frames")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--half-factor", action="store_true", help="store the Cholesky factor in FP16 for the fused kernel")
+    p.set_defaults(func=cmd_build_engine)
 
     p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
     p.add_argument("bundle")

@@ -15,7 +15,7 @@ def _coft(*args, cwd=None):
 def test_help_lists_the_stages():
     result = _coft("--help")
     assert result.returncode == 0
-    for stage in ("train", "eval", "pack", "verify", "demo"):
+    for stage in ("train", "eval", "export", "build-engine", "pack", "verify", "demo"):
         assert stage in result.stdout
 
 

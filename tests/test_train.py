@@ -22,7 +22,7 @@ def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
     assert m["normalisation"]["mean"] == [127.0] * 3 and m["normalisation"]["std"] == [128.0] * 3
     assert m["threshold"]["method"] == "leave-one-out" and m["threshold"]["value"] > 0
     assert m["training"]["shots"] == 8 and len(m["training"]["dataset_fingerprint"]) == 64
-    assert set(m["files"]) == {"gaussian.npz", "backbone.pt"}
+    assert set(m["files"]) == {"gaussian.npz", "backbone.pt", "calibration.npz"}
 
 
 def test_eval_separates_defects_and_writes_the_report(frozen_bundle, parts, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from runtime.bundle import GAUSSIAN, new_bundle
 from runtime.errors import CoftError
 from runtime.images import load_folder
-from train.augment import AugmentConfig
+from train.augment import AugmentConfig, augment
 from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
@@ -25,6 +25,8 @@ from train.threshold import good_only_threshold
 log = logging.getLogger(__name__)
 
 BACKBONE_WEIGHTS = "backbone.pt"
+CALIBRATION = "calibration.npz"  # frames for INT8 calibration of a TensorRT engine
+CALIBRATION_FRAMES = 64
 METHODS = ("coftad", "frozen")
 
 
@@ -70,6 +72,16 @@ def fingerprint(paths: list[Path]) -> str:
     for path in paths:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def calibration_frames(pixels: torch.Tensor, augment_config: AugmentConfig, generator: torch.Generator,
+                       count: int = CALIBRATION_FRAMES) -> np.ndarray:
+    """The good images and augmented views of them, as the camera delivers them: uint8 BGR [N, H, W, 3]."""
+    views = [pixels.cpu()]
+    while sum(len(v) for v in views) < count:
+        views.append(augment(pixels, augment_config, generator).cpu())
+    rgb = torch.cat(views)[:count].round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -> Path:
@@ -127,8 +139,10 @@ def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
+    calibration = calibration_frames(pixels, options.augment, generator)
     with new_bundle(out, manifest) as staging:
         gaussian.save(staging / GAUSSIAN)
+        np.savez(staging / CALIBRATION, frames=calibration)
         torch.save(backbone.cpu().state_dict(), staging / BACKBONE_WEIGHTS)
     log.info("wrote bundle %s (threshold %.4f by %s)", out, threshold["value"], threshold["method"])
     return out

@@ -1,0 +1,58 @@
+"""Inference backends behind one interface: uint8 frames in, scores and embeddings out.
+
+An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded default),
+`tensorrt` runs a bundle's engine with the fused CUDA scoring kernel on a Jetson or GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.errors import CoftError
+
+
+class Engine(Protocol):
+    name: str
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 frames [N, H, W, 3] in the bundle's colour order -> scores [N], embeddings [N, D]."""
+
+
+def check_frames(frames: np.ndarray, bundle: Bundle) -> None:
+    h, w = bundle.input_size
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
+        raise CoftError(f"frames of shape {frames.shape} and type {frames.dtype} do not fit the model: "
+                        f"expected uint8 [N, {h}, {w}, 3]; resize frames to the bundle's input first")
+
+
+def _onnxruntime(bundle: Bundle, **options) -> Engine:
+    from runtime.engines.ort_engine import OnnxRuntimeEngine
+    return OnnxRuntimeEngine(bundle, **options)
+
+
+def _tensorrt(bundle: Bundle, **options) -> Engine:
+    from runtime.engines.trt_engine import TensorRTEngine
+    return TensorRTEngine(bundle, **options)
+
+
+BACKENDS: dict[str, Callable[..., Engine]] = {"onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+
+
+def tensorrt_unavailable(bundle: Bundle) -> str | None:
+    """Why the TensorRT backend cannot run this bundle here, or None if it can."""
+    if "engine" not in bundle.manifest:
+        return "the bundle has no TensorRT engine (build one on this box with 'coft build-engine')"
+    from runtime.engines.trt_engine import TRT_MISSING
+    return TRT_MISSING
+
+
+def open_engine(bundle: Bundle, backend: str = "auto", **options) -> Engine:
+    """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else ONNX Runtime."""
+    if backend == "auto":
+        backend = "onnxruntime" if tensorrt_unavailable(bundle) else "tensorrt"
+    if backend not in BACKENDS:
+        raise CoftError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    return BACKENDS[backend](bundle, **options)

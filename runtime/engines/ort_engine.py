@@ -1,0 +1,37 @@
+"""ONNX Runtime backend: the bundle's model.onnx on the CPU (or any provider ONNX Runtime has)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.engines import check_frames
+from runtime.errors import CoftError
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, threads: int = 0, providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise CoftError("ONNX Runtime is not installed: pip install 'coft[runtime]'") from exc
+        onnx_info = bundle.manifest.get("onnx")
+        if not onnx_info:
+            raise CoftError(f"{bundle.path}: the bundle has no ONNX model; run 'coft export {bundle.path}' first")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.bundle = bundle
+        self.max_batch = int(onnx_info["max_batch"])
+        self.session = ort.InferenceSession(str(bundle.path / onnx_info["file"]), options,
+                                            providers=providers or ["CPUExecutionProvider"])
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        check_frames(frames, self.bundle)
+        scores, embeddings = [], []
+        for i in range(0, len(frames), self.max_batch):
+            score, embedding = self.session.run(["score", "embedding"], {"frame": frames[i:i + self.max_batch]})
+            scores.append(score)
+            embeddings.append(embedding)
+        return np.concatenate(scores), np.concatenate(embeddings)

@@ -1,0 +1,111 @@
+"""TensorRT backend: the bundle's engine computes embeddings, the fused CUDA kernel scores them.
+
+TensorRT engines only run on the GPU model and TensorRT version they were built with,
+so the manifest records both and this backend refuses a mismatch with a message that
+says to rebuild. Without tensorrt or pycuda it reports why, and `auto` falls back to
+ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from runtime.bundle import Bundle, sha256
+from runtime.engines import check_frames
+from runtime.engines.fused_scoring import FusedScorer
+from runtime.errors import CoftError
+
+log = logging.getLogger(__name__)
+
+try:
+    import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
+    import pycuda.driver as cuda
+    import tensorrt as trt
+    TRT_MISSING: str | None = None
+except ImportError as exc:
+    TRT_MISSING = f"TensorRT backend not available: {exc.name or exc} is not importable"
+except Exception as exc:  # pycuda.autoinit raises driver errors on a box without a GPU
+    TRT_MISSING = f"TensorRT backend not available: no usable CUDA device ({exc})"
+
+
+def check_engine_matches(engine: dict, tensorrt_version: str, gpu: str, onnx_sha256: str | None) -> None:
+    """Refuse an engine built elsewhere or from another ONNX graph, with the rebuild command."""
+    rebuild = "rebuild it on this box with 'coft build-engine BUNDLE'"
+    if engine.get("tensorrt_version") != tensorrt_version:
+        raise CoftError(f"engine built with TensorRT {engine.get('tensorrt_version')}, this box has {tensorrt_version}; {rebuild}")
+    if engine.get("gpu") != gpu:
+        raise CoftError(f"engine built for GPU '{engine.get('gpu')}', this box has '{gpu}'; {rebuild}")
+    if onnx_sha256 is not None and engine.get("onnx_sha256") != onnx_sha256:
+        raise CoftError(f"engine was built from another model.onnx than the one in the bundle; {rebuild}")
+
+
+def io_shapes(bundle: Bundle, batch: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the engine's input and output tensors for a batch."""
+    h, w = bundle.input_size
+    return {"frame": (batch, h, w, 3), "embedding": (batch, bundle.manifest["embedding_dim"])}
+
+
+if TRT_MISSING is None:
+    class TrtLogger(trt.ILogger):
+        """TensorRT's messages into Python logging, so integrators grep one log."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):  # TensorRT's method name
+            level = {trt.ILogger.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.ERROR: logging.ERROR,
+                     trt.ILogger.WARNING: logging.WARNING}.get(severity, logging.DEBUG)
+            log.log(level, "tensorrt: %s", msg)
+
+
+def gpu_name() -> str:
+    return cuda.Device(0).name()
+
+
+class TensorRTEngine:
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle):
+        if TRT_MISSING:
+            raise CoftError(f"{TRT_MISSING}; use backend onnxruntime")
+        meta = bundle.manifest.get("engine")
+        if not meta:
+            raise CoftError(f"{bundle.path}: the bundle has no TensorRT engine; run 'coft build-engine {bundle.path}' on this box")
+        onnx_file = bundle.manifest.get("onnx", {}).get("file")
+        check_engine_matches(meta, trt.__version__, gpu_name(), sha256(bundle.path / onnx_file) if onnx_file else None)
+        self.bundle, self.max_batch = bundle, int(meta["max_batch"])
+        runtime = trt.Runtime(TrtLogger())
+        self.engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
+        if self.engine is None:
+            raise CoftError(f"{bundle.path / meta['file']}: TensorRT could not load the engine; rebuild it with 'coft build-engine'")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        shapes = io_shapes(bundle, self.max_batch)
+        self.frames = cuda.mem_alloc(int(np.prod(shapes["frame"])))
+        self.embeddings = cuda.mem_alloc(int(np.prod(shapes["embedding"])) * 4)
+        self.scores = cuda.mem_alloc(self.max_batch * 4)
+        self.context.set_tensor_address("frame", int(self.frames))
+        self.context.set_tensor_address("embedding", int(self.embeddings))
+        self.scorer = FusedScorer(bundle.gaussian, self.max_batch, half_factor=meta.get("half_factor", False))
+        self.host_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
+        self.host_embeddings = cuda.pagelocked_empty(shapes["embedding"], np.float32)
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        check_frames(frames, self.bundle)
+        scores, embeddings = [], []
+        for i in range(0, len(frames), self.max_batch):
+            chunk = np.ascontiguousarray(frames[i:i + self.max_batch])
+            n = len(chunk)
+            self.context.set_input_shape("frame", chunk.shape)
+            cuda.memcpy_htod_async(self.frames, chunk, self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise CoftError("TensorRT failed to run the engine on this batch; see the log for its message")
+            self.scorer.launch(self.embeddings, self.scores, n, self.stream)
+            cuda.memcpy_dtoh_async(self.host_scores[:n], self.scores, self.stream)
+            cuda.memcpy_dtoh_async(self.host_embeddings[:n], self.embeddings, self.stream)
+            self.stream.synchronize()
+            scores.append(self.host_scores[:n].copy())
+            embeddings.append(self.host_embeddings[:n].copy())
+        return np.concatenate(scores), np.concatenate(embeddings)

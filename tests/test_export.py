@@ -1,0 +1,188 @@
+"""The exported ONNX graph scores frames exactly as training does, and fits its bundle."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx import check_matches_manifest, export_onnx, inspection_model
+from export.tensorrt import build_engine, calibration_batches, load_calibration_frames
+from runtime.bundle import load_bundle
+from runtime.engines import open_engine, tensorrt_unavailable
+from runtime.engines.fused_scoring import kernel_options, kernel_source, launch_grid
+from runtime.engines.trt_engine import TRT_MISSING, check_engine_matches, io_shapes
+from runtime.errors import CoftError
+from runtime.images import load_folder, resize_to_input
+
+
+@pytest.fixture(scope="module")
+def exported(frozen_bundle, tmp_path_factory):
+    bundle_dir = tmp_path_factory.mktemp("export") / "b"
+    shutil.copytree(frozen_bundle, bundle_dir)
+    export_onnx(bundle_dir, max_batch=8)
+    return bundle_dir
+
+
+def _frames(parts, bundle):
+    _, images = load_folder(parts / "test/defect/scratch")
+    _, good = load_folder(parts / "test/good")
+    return np.stack([resize_to_input(i, bundle.input_size) for i in images[:3] + good[:3]])
+
+
+def test_graph_is_valid_and_described_in_the_manifest(exported):
+    model = onnx.load(exported / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    bundle = load_bundle(exported)
+    assert bundle.manifest["onnx"]["outputs"] == {"score": ["batch"], "embedding": ["batch", 1280]}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert "model.onnx" in bundle.manifest["files"]
+
+
+def test_onnx_runtime_matches_pytorch_and_the_numpy_reference(exported, parts):
+    bundle = load_bundle(exported)
+    frames = _frames(parts, bundle)
+    scores, embeddings = open_engine(bundle, "onnxruntime").infer(frames)
+    with torch.no_grad():
+        torch_scores, torch_embeddings = inspection_model(bundle)(torch.from_numpy(frames))
+    np.testing.assert_allclose(scores, torch_scores.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(embeddings, torch_embeddings.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=1e-4)
+    assert scores[:3].min() > scores[3:].max()  # scratched parts score above good ones
+
+
+def test_dynamic_batch_and_batches_larger_than_the_graph(exported, parts):
+    bundle = load_bundle(exported)
+    engine = open_engine(bundle)  # auto: no engine here, so ONNX Runtime
+    assert engine.name == "onnxruntime"
+    frames = _frames(parts, bundle)
+    one, _ = engine.infer(frames[:1])
+    many, _ = engine.infer(np.concatenate([frames] * 3))  # 18 frames, graph max batch 8
+    np.testing.assert_allclose(one, many[:1], rtol=1e-5)
+    assert many.shape == (18,)
+
+
+def test_frames_that_do_not_fit_are_refused(exported):
+    engine = open_engine(load_bundle(exported), "onnxruntime")
+    with pytest.raises(CoftError, match="expected uint8"):
+        engine.infer(np.zeros((1, 50, 50, 3), np.uint8))
+    with pytest.raises(CoftError, match="expected uint8"):
+        engine.infer(np.zeros((1, 96, 96, 3), np.float32))
+
+
+def test_bundle_without_onnx_says_to_export(frozen_bundle):
+    bundle = load_bundle(frozen_bundle)
+    with pytest.raises(CoftError, match="coft export"):
+        open_engine(bundle, "onnxruntime")
+    with pytest.raises(CoftError, match="coft export"):
+        build_engine(frozen_bundle)
+
+
+def test_onnx_that_does_not_match_its_manifest_is_refused(exported):
+    model = onnx.load(exported / "model.onnx")
+    manifest = dict(load_bundle(exported).manifest)
+    manifest["input"] = {**manifest["input"], "height": 128}
+    with pytest.raises(CoftError, match="manifest says"):
+        check_matches_manifest(model, manifest)
+    manifest = {**load_bundle(exported).manifest, "embedding_dim": 512}
+    with pytest.raises(CoftError, match="embedding of size 1280"):
+        check_matches_manifest(model, manifest)
+
+
+def test_calibration_frames_are_the_good_images_as_the_camera_sends_them(frozen_bundle, parts):
+    bundle = load_bundle(frozen_bundle)
+    frames = load_calibration_frames(frozen_bundle, (96, 96, 3))
+    assert frames.shape == (64, 96, 96, 3) and frames.dtype == np.uint8
+    _, images = load_folder(parts / "train/good")
+    np.testing.assert_array_equal(frames[0], resize_to_input(images[0], bundle.input_size))
+    batches = calibration_batches(frames, 8)
+    assert len(batches) == 8 and all(b.shape == (8, 96, 96, 3) for b in batches)
+    with pytest.raises(CoftError, match="lower --calib-batch"):
+        calibration_batches(frames[:3], 8)
+
+
+def test_int8_without_calibration_frames_is_a_clear_error(exported, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(exported, copy)
+    (copy / "calibration.npz").unlink()  # as in a bundle from before calibration frames were kept
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["calibration.npz"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CoftError, match="no calibration.npz"):
+        build_engine(copy, int8=True)
+
+
+def test_engine_from_another_box_is_refused():
+    built = {"tensorrt_version": "10.3.0", "gpu": "Orin", "onnx_sha256": "abc"}
+    check_engine_matches(built, "10.3.0", "Orin", "abc")
+    with pytest.raises(CoftError, match="TensorRT 10.3.0, this box has 10.7.0; rebuild"):
+        check_engine_matches(built, "10.7.0", "Orin", "abc")
+    with pytest.raises(CoftError, match="GPU 'Orin', this box has 'NVIDIA H100'"):
+        check_engine_matches(built, "10.3.0", "NVIDIA H100", "abc")
+    with pytest.raises(CoftError, match="another model.onnx"):
+        check_engine_matches(built, "10.3.0", "Orin", "def")
+
+
+def test_engine_io_shapes_follow_the_bundle(exported):
+    bundle = load_bundle(exported)
+    assert io_shapes(bundle, 4) == {"frame": (4, 96, 96, 3), "embedding": (4, 1280)}
+    assert tensorrt_unavailable(bundle).startswith("the bundle has no TensorRT engine")
+
+
+def test_fused_kernel_launch_geometry():
+    assert launch_grid(1280, 1) == (20, 1, 1)
+    assert launch_grid(1280, 256) == (20, 32, 1)
+    assert "-DTILE=5" in kernel_options(2048, False) and "-DFACTOR_HALF" in kernel_options(1280, True)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA kernel is compiled on the box")
+@pytest.mark.parametrize("dim,half", [(1280, False), (1280, True), (512, False), (2048, False)])
+def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half):
+    source = tmp_path / "mahalanobis.cu"
+    source.write_text(kernel_source())
+    for arch in ("sm_87", "sm_90"):
+        result = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", *kernel_options(dim, half), "-o",
+                                 str(tmp_path / f"{arch}.cubin"), str(source)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def _cuda_gpu() -> str | None:
+    try:
+        import pycuda.autoinit  # noqa: F401
+    except Exception as exc:  # ImportError, or a driver error without a GPU
+        return f"no CUDA GPU through pycuda ({type(exc).__name__})"
+    return None
+
+
+@pytest.mark.skipif(_cuda_gpu() is not None, reason="needs a CUDA GPU and pycuda")
+@pytest.mark.parametrize("half,rtol", [(False, 1e-4), (True, 2e-3)])
+def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
+    import pycuda.driver as cuda
+
+    from runtime.engines.fused_scoring import FusedScorer
+
+    bundle = load_bundle(exported)
+    scorer = FusedScorer(bundle.gaussian, max_batch=256, half_factor=half)
+    rng = np.random.default_rng(0)
+    for n in (1, 8, 64, 256):
+        embeddings = rng.normal(size=(n, 1280)).astype(np.float32) + 1
+        scores = np.zeros(n, np.float32)
+        device_scores = cuda.mem_alloc(scores.nbytes)
+        scorer.launch(cuda.In(embeddings), device_scores, n)
+        cuda.memcpy_dtoh(scores, device_scores)
+        np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=rtol)
+
+
+@pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}: engines are built and tested on the Jetson")
+def test_tensorrt_engine_matches_onnx_runtime(exported, parts, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(exported, copy)
+    build_engine(copy, fp16=False, max_batch=8)
+    bundle = load_bundle(copy)
+    frames = _frames(parts, bundle)
+    trt_scores, _ = open_engine(bundle, "tensorrt").infer(frames)
+    ort_scores, _ = open_engine(bundle, "onnxruntime").infer(frames)
+    np.testing.assert_allclose(trt_scores, ort_scores, rtol=1e-3)
