@@ -1,0 +1,97 @@
+"""Speed of the exported model on this machine: ONNX Runtime vs PyTorch eager, frame in, score out.
+
+    python bench/backbone.py [BUNDLE] [--threads 2] [--batches 1 8] [--seconds 10]
+
+Without BUNDLE, a frozen Lite0 bundle is trained on 10 good cells of the elpv-dataset
+package and exported first. Both paths run the whole graph (preprocessing, backbone,
+L2 normalisation, Mahalanobis score) on uint8 frames. Prints a markdown table and writes
+backbone.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.onnx import export_onnx, inspection_model  # noqa: E402
+from runtime.bundle import load_bundle  # noqa: E402
+from runtime.engines import open_engine  # noqa: E402
+
+
+def demo_bundle(work: Path) -> Path:
+    from train.demo import prepare_folders
+    from train.pipeline import TrainOptions, train_bundle
+
+    train_dir, _ = prepare_folders(work, shots=10, seed=0, test_limit=1)
+    bundle = train_bundle(train_dir, work / "bundle", TrainOptions(method="frozen", progress=False))
+    export_onnx(bundle)
+    return bundle
+
+
+def measure(run, frames: np.ndarray, seconds: float) -> dict:
+    """Per-batch latencies over `seconds` after a warm-up; throughput from the median."""
+    for _ in range(3):
+        run(frames)
+    latencies, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(latencies) < 5:
+        t = time.perf_counter()
+        run(frames)
+        latencies.append(time.perf_counter() - t)
+    median = float(np.median(latencies))
+    return {"batch": len(frames), "median_ms": median * 1e3, "p90_ms": float(np.quantile(latencies, 0.9)) * 1e3,
+            "images_per_s": len(frames) / median, "runs": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", nargs="?", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/backbone"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="coft-bench-"))
+    bundle = load_bundle(args.bundle or demo_bundle(work))
+    if "onnx" not in bundle.manifest:
+        export_onnx(bundle.path)
+        bundle = load_bundle(bundle.path)
+    torch.set_num_threads(args.threads)
+    ort_engine = open_engine(bundle, "onnxruntime", threads=args.threads)
+    model = inspection_model(bundle).to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def torch_run(frames):
+        return model(torch.from_numpy(frames))
+
+    h, w = bundle.input_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batches:
+        frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+        rows.append({"path": "ONNX Runtime", **measure(ort_engine.infer, frames, args.seconds)})
+        rows.append({"path": "PyTorch eager", **measure(torch_run, frames, args.seconds)})
+    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+            "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
+            "model": f"{bundle.manifest['backbone']['name']} {h}x{w}, frame to score"}
+    lines = [f"Backbone speed, {meta['model']}, {meta['machine']} with {args.threads} threads "
+             f"(ONNX Runtime {meta['onnxruntime']}, torch {meta['torch']})", "",
+             "| path | batch | median ms/batch | p90 ms | images/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.1f} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "backbone.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
