@@ -128,6 +128,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit)
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from runtime.config import load_config
+    config = load_config(args.config)
+    if args.check:
+        from runtime.bundle import load_bundle
+        bundle = load_bundle(config.bundle)
+        print(f"{args.config}: OK ({len(config.cameras)} camera(s), model {bundle.model_id}, "
+              f"broker {config.broker.host}:{config.broker.port})")
+        return
+    from runtime.pipeline import Runtime
+    Runtime(config).run(until_sources_end=args.until_end)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from runtime.status import print_status
+    print_status(args.config)
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from runtime.bundle import pack
     archive = args.out or Path(args.bundle).with_suffix(".tar")
@@ -152,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coft",
         description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
-        epilog="Stages: train -> eval -> export -> pack -> verify and build-engine (on the box). Try 'coft demo' for the whole flow on real solar cells.",
+        epilog="Stages: train -> eval -> export -> pack -> verify, build-engine, run (on the box). Try 'coft demo' for the whole flow on real solar cells.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -186,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int, default=1024)
     p.add_argument("--half-factor", action="store_true", help="store the Cholesky factor in FP16 for the fused kernel")
     p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("run", help="at the line: score camera frames and publish verdicts over MQTT")
+    p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
+    p.add_argument("--check", action="store_true", help="validate the config and the bundle, then exit")
+    p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="one-screen summary of a running line: outbox, threshold, metrics")
+    p.add_argument("--config", required=True, type=Path)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
     p.add_argument("bundle")

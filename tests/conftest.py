@@ -54,3 +54,68 @@ def frozen_bundle(parts, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundles") / "frozen.bundle"
     return train_bundle(parts / "train/good", out, TrainOptions(size=SIZE, method="frozen", views=6, progress=False))
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(frozen_bundle, tmp_path_factory) -> Path:
+    import shutil
+
+    from export.onnx import export_onnx
+
+    bundle_dir = tmp_path_factory.mktemp("export") / "b"
+    shutil.copytree(frozen_bundle, bundle_dir)
+    export_onnx(bundle_dir, max_batch=8)
+    return bundle_dir
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A real Mosquitto broker on loopback, with persistence so queued QoS 1 messages survive a restart."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        import shutil
+
+        if shutil.which("mosquitto") is None:
+            raise RuntimeError("mosquitto is not installed: apt-get install mosquitto (the tests need a real broker)")
+        self.port = port or free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {workdir}/\nmax_queued_messages 100000\n")
+        self.process = None
+
+    def start(self) -> "Mosquitto":
+        import socket
+        import subprocess
+        import time
+
+        self.process = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                        stderr=open(self.workdir / "mosquitto.log", "a"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path / "broker").start()
+    yield broker
+    broker.stop()

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from export.onnx import check_matches_manifest, export_onnx, inspection_model
+from export.onnx import check_matches_manifest, inspection_model
 from export.tensorrt import build_engine, calibration_batches, load_calibration_frames
 from runtime.bundle import load_bundle
 from runtime.engines import open_engine, tensorrt_unavailable
@@ -19,12 +19,9 @@ from runtime.errors import CoftError
 from runtime.images import load_folder, resize_to_input
 
 
-@pytest.fixture(scope="module")
-def exported(frozen_bundle, tmp_path_factory):
-    bundle_dir = tmp_path_factory.mktemp("export") / "b"
-    shutil.copytree(frozen_bundle, bundle_dir)
-    export_onnx(bundle_dir, max_batch=8)
-    return bundle_dir
+@pytest.fixture
+def exported(exported_bundle):
+    return exported_bundle
 
 
 def _frames(parts, bundle):

@@ -1,0 +1,182 @@
+"""The runtime's one YAML file, validated on load: unknown keys are errors, and every
+error names the key and its line so an integrator can fix it without reading code.
+See deploy/line.yaml for an annotated example.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runtime.errors import CoftError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CameraConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="used in MQTT topics and logs")
+    source: str | int = Field(description="USB index or /dev/videoN, rtsp:// URL, GStreamer pipeline ending in appsink, video file, or image folder")
+    kind: Literal["auto", "usb", "rtsp", "gstreamer", "file", "folder"] = "auto"
+    roi: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height crop before resizing")
+    loop: bool = Field(False, description="replay a video file or folder forever (testing)")
+    fps: float | None = Field(None, gt=0, description="inspect at most this many frames per second")
+    trigger: bool = Field(False, description="inspect only the newest frame when an MQTT trigger with a part id arrives")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reconnect attempts")
+    open_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_positive(cls, roi):
+        if roi is not None and (roi[2] <= 0 or roi[3] <= 0 or roi[0] < 0 or roi[1] < 0):
+            raise ValueError("roi is x, y, width, height with x, y >= 0 and width, height > 0")
+        return roi
+
+
+class TlsConfig(Strict):
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = Field(False, description="skip hostname verification (test benches only)")
+
+
+class BrokerConfig(Strict):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = Field(None, description="default: coft-<line>-<camera>")
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    password_file: Path | None = Field(None, description="file holding the password (e.g. a Docker or systemd secret)")
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(30, ge=5)
+    prefix: str = "coft"
+    line: str = Field("line1", pattern=r"^[A-Za-z0-9_-]+$")
+
+    @model_validator(mode="after")
+    def _password_needs_user(self):
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("password_env/password_file given without username")
+        if self.password_env and self.password_file:
+            raise ValueError("give password_env or password_file, not both")
+        return self
+
+    def password(self) -> str | None:
+        if self.password_env:
+            if self.password_env not in os.environ:
+                raise CoftError(f"broker.password_env: environment variable {self.password_env} is not set")
+            return os.environ[self.password_env]
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise CoftError(f"broker.password_file: cannot read {self.password_file} ({exc.strerror})") from exc
+        return None
+
+
+class OutboxConfig(Strict):
+    path: Path = Path("/var/lib/coft/outbox.db")
+    max_messages: int = Field(100_000, ge=100, description="when full, the oldest accept verdicts go first; rejects last")
+
+
+class EvidenceConfig(Strict):
+    dir: Path
+    save_rejects: bool = True
+    every_nth_pass: int = Field(0, ge=0, description="also keep every Nth accepted frame (0: none)")
+    max_mb: float = Field(500, gt=0, description="disk budget; the oldest evidence is deleted beyond it")
+
+
+class RuntimeConfig(Strict):
+    bundle: Path
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    threads: int = Field(0, ge=0, description="ONNX Runtime threads (0: all cores)")
+    max_batch: int = Field(8, ge=1, description="frames scored together when several are waiting")
+    queue_size: int = Field(8, ge=1, description="frames waiting for inference; the oldest are dropped (and counted) beyond it")
+    cameras: list[CameraConfig] = Field(min_length=1)
+    broker: BrokerConfig = BrokerConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    evidence: EvidenceConfig | None = None
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
+    heartbeat_s: float = Field(10.0, gt=0)
+    state_file: Path | None = Field(None, description="live threshold changes persist here (default: beside the outbox)")
+
+    @model_validator(mode="after")
+    def _unique_cameras(self):
+        names = [c.name for c in self.cameras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"camera names must be unique, got {names}")
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_file or self.outbox.path.with_name("state.json")
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML node at a pydantic error location, as deep as it exists."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == key]
+            if not match:
+                break
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def load_config(path: str | Path) -> RuntimeConfig:
+    """Parse and validate the runtime YAML; relative paths are taken from the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CoftError(f"{path}: cannot read the config ({exc.strerror}); pass --config with the path of line.yaml") from exc
+    try:
+        data, root = yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise CoftError(f"{path}: not valid YAML: {str(exc).splitlines()[0]} {getattr(exc, 'problem_mark', '')}".strip()) from exc
+    if not isinstance(data, dict):
+        raise CoftError(f"{path}: expected a mapping of settings (bundle:, cameras:, broker: ...)")
+    try:
+        config = RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            line = _line_of(root, error["loc"])
+            where = f"line {line}, " if line else ""
+            problems.append(f"{where}{key}: {error['msg']}")
+        raise CoftError(f"{path}: {'; '.join(problems)}") from None
+    base = path.resolve().parent
+    for holder, attr in [(config, "bundle"), (config.outbox, "path"), (config, "state_file")] + \
+            ([(config.evidence, "dir")] if config.evidence else []):
+        value = getattr(holder, attr)
+        if value is not None and not value.is_absolute():
+            setattr(holder, attr, base / value)
+    for camera in config.cameras:  # files and folders, not devices, URLs or pipelines
+        source = str(camera.source)
+        if camera.kind in ("auto", "file", "folder") and not source.isdigit() and "://" not in source \
+                and "!" not in source and not source.startswith("/"):
+            camera.source = str(base / source)
+    return config
+
+
+def valid_threshold(text: str | bytes) -> float:
+    """A threshold from an MQTT command: a finite, positive number, or a one-line error."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise CoftError(f"threshold {text[:40]!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise CoftError(f"threshold {value} must be a positive finite number")
+    return value

@@ -1,0 +1,231 @@
+"""`coft run`: camera frames -> score -> verdict -> durable outbox -> MQTT, for months.
+
+One capture thread per camera feeds one bounded queue; when inference falls behind,
+the oldest frames are dropped and counted. The inference thread scores every frame that
+is waiting in one batch, writes each verdict (and, for a reject, the PLC message) to the
+outbox before anything is published, and wakes the camera's MQTT sender.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import load_bundle
+from runtime.config import RuntimeConfig, valid_threshold
+from runtime.engines import open_engine
+from runtime.errors import CoftError
+from runtime.evidence import Evidence
+from runtime.images import resize_to_input
+from runtime.metrics import Metrics
+from runtime.mqtt import CameraLink, camera_topic
+from runtime.outbox import Outbox
+from runtime.sources import CameraThread, Frame
+
+log = logging.getLogger(__name__)
+
+
+class FrameQueue:
+    """Bounded, drop-oldest, and it counts what it drops."""
+
+    def __init__(self, size: int, on_drop):
+        self.frames: deque[Frame] = deque()
+        self.size, self.on_drop = size, on_drop
+        self.ready = threading.Condition()
+
+    def put(self, frame: Frame) -> None:
+        with self.ready:
+            if len(self.frames) >= self.size:
+                self.on_drop(self.frames.popleft())
+            self.frames.append(frame)
+            self.ready.notify()
+
+    def take(self, max_frames: int, timeout: float) -> list[Frame]:
+        with self.ready:
+            if not self.frames:
+                self.ready.wait(timeout)
+            return [self.frames.popleft() for _ in range(min(max_frames, len(self.frames)))]
+
+
+class ThresholdState:
+    """The live threshold: starts from the bundle, changed over MQTT, persisted across restarts."""
+
+    def __init__(self, path: Path, bundle_threshold: float, model_id: str):
+        self.path, self.model_id = path, model_id
+        self.value = bundle_threshold
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("model_id") == model_id:
+                    self.value = valid_threshold(str(saved["threshold"]))
+                    log.info("threshold %.6g restored from %s", self.value, path)
+            except (ValueError, KeyError, CoftError) as exc:
+                log.warning("ignoring %s (%s); using the bundle's threshold", path, exc)
+
+    def set(self, payload: bytes) -> dict:
+        try:
+            value = valid_threshold(payload.decode(errors="replace").strip())
+        except CoftError as exc:
+            log.warning("set/threshold refused: %s", exc)
+            return {"error": str(exc)}
+        self.value = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"threshold": value, "model_id": self.model_id}))
+        tmp.replace(self.path)
+        log.info("threshold set to %.6g over MQTT", value)
+        return self.describe("mqtt")
+
+    def describe(self, source: str) -> dict:
+        return {"threshold": self.value, "model_id": self.model_id, "source": source}
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig):
+        self.config = config
+        self.bundle = load_bundle(config.bundle)
+        self.engine = open_engine(self.bundle, config.backend,
+                                  **({"threads": config.threads} if config.backend != "tensorrt" else {}))
+        log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
+        self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id)
+        self.metrics = Metrics()
+        self.outbox = Outbox(config.outbox.path, config.outbox.max_messages)
+        self.evidence = Evidence(config.evidence) if config.evidence else None
+        self.stop_event = threading.Event()
+        self.queue = FrameQueue(config.queue_size, self._dropped)
+        self.latest: dict[str, Frame] = {}  # trigger mode: the newest frame of each camera
+        self.latest_lock = threading.Lock()
+        self.links = {c.name: CameraLink(config.broker, c.name, self.outbox, self.threshold.set,
+                                         lambda part, cam=c.name: self._trigger(cam, part), self._broker_state)
+                      for c in config.cameras}
+        self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
+                        for c in config.cameras]
+        self.started = time.time()
+
+    # -- frames in ---------------------------------------------------------------------------
+    def _deliver(self, camera: str, triggered: bool):
+        def deliver(frame: Frame) -> None:
+            self.metrics.frames_in.labels(camera).inc()
+            if triggered:
+                with self.latest_lock:
+                    self.latest[camera] = frame
+            else:
+                self.queue.put(frame)
+        return deliver
+
+    def _trigger(self, camera: str, part_id: str) -> None:
+        with self.latest_lock:
+            frame = self.latest.pop(camera, None)
+        if frame is None:
+            log.warning("camera %s: trigger for part %s but no frame has arrived yet", camera, part_id)
+            return
+        frame.part_id = part_id or None
+        self.queue.put(frame)
+
+    def _dropped(self, frame: Frame) -> None:
+        self.metrics.frames_dropped.labels(frame.camera).inc()
+        log.debug("camera %s: dropped frame %d (inference behind)", frame.camera, frame.frame_id)
+
+    def _camera_state(self, camera: str, up: bool) -> None:
+        self.metrics.camera_up.labels(camera).set(int(up))
+
+    def _broker_state(self, camera: str, up: bool) -> None:
+        self.metrics.broker_up.labels(camera).set(int(up))
+
+    # -- scoring -----------------------------------------------------------------------------
+    def inspect(self, frames: list[Frame]) -> None:
+        batch = np.stack([resize_to_input(f.image, self.bundle.input_size) for f in frames])
+        started = time.perf_counter()
+        scores, _ = self.engine.infer(batch)
+        self.metrics.inference.observe(time.perf_counter() - started)
+        threshold = self.threshold.value
+        for frame, score in zip(frames, scores):
+            self._verdict(frame, float(score), threshold)
+        self.metrics.outbox_depth.set(self.outbox.depth())
+
+    def _verdict(self, frame: Frame, score: float, threshold: float) -> None:
+        reject = score > threshold
+        broker = self.config.broker
+        verdict = {
+            "camera": frame.camera, "line": broker.line, "frame_id": frame.frame_id, "part_id": frame.part_id,
+            "captured_at": datetime.fromtimestamp(frame.captured_at, timezone.utc).isoformat(timespec="milliseconds"),
+            "capture_ts": frame.captured_at, "score": round(score, 6), "threshold": threshold,
+            "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
+        }
+
+        def messages(seq: int) -> list[tuple[str, bytes]]:
+            verdict["seq"] = seq
+            verdict["latency_ms"] = round((time.time() - frame.captured_at) * 1000, 2)
+            out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
+            if reject:
+                plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"]}
+                out.append((camera_topic(broker, frame.camera, "reject"), json.dumps(plc).encode()))
+            return out
+
+        self.outbox.put_verdict(frame.camera, messages, reject)
+        self.metrics.latency.observe(time.time() - frame.captured_at)
+        self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
+        self.links[frame.camera].notify()
+        if self.evidence and self.evidence.wanted(reject):
+            self.evidence.save(frame.image, verdict)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def counters(self, camera: str) -> dict:
+        def value(name: str, **labels) -> float:
+            return self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0.0
+        return {"frames": value("coft_frames_total"), "dropped": value("coft_frames_dropped_total"),
+                "rejects": value("coft_verdicts_total", verdict="reject"),
+                "accepts": value("coft_verdicts_total", verdict="accept"),
+                "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
+
+    def run(self, until_sources_end: bool = False) -> None:
+        """Run until SIGTERM/SIGINT (or, for replay, until every source has ended and all is scored)."""
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
+        for link in self.links.values():
+            link.start()
+            link.publish_state(self.threshold.describe("start"))
+        for camera in self.cameras:
+            camera.start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
+        next_heartbeat = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                frames = self.queue.take(self.config.max_batch, timeout=0.2)
+                if frames:
+                    try:
+                        self.inspect(frames)
+                    except CoftError as exc:
+                        log.error("inspection failed for %d frames: %s", len(frames), exc)
+                elif until_sources_end and all(c.ended.is_set() for c in self.cameras):
+                    break
+                if time.monotonic() >= next_heartbeat:
+                    for name, link in self.links.items():
+                        link.heartbeat(self.counters(name))
+                    self.metrics.outbox_depth.set(self.outbox.depth())
+                    next_heartbeat = time.monotonic() + self.config.heartbeat_s
+        finally:
+            self.shutdown(drain_s=30.0 if until_sources_end else 5.0)
+
+    def shutdown(self, drain_s: float) -> None:
+        """Stop the cameras, give the outbox `drain_s` to reach the broker, close everything."""
+        self.stop_event.set()
+        for camera in self.cameras:
+            camera.join(timeout=2)
+        for link in self.links.values():
+            link.stop(drain_s)
+        left = self.outbox.depth()
+        if left:
+            log.warning("stopping with %d messages not yet acknowledged; they go out at the next start", left)
+        self.outbox.close()
+        log.info("stopped")

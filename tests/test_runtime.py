@@ -1,0 +1,235 @@
+"""The runtime against a real Mosquitto: every verdict arrives, in order, through outages and SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+from tests.conftest import Mosquitto, defective_part, free_port, good_part
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Subscriber:
+    """A PLC-like subscriber with a persistent session, so QoS 1 messages wait for it across broker restarts."""
+
+    def __init__(self, port: int, topic: str = "coft/#"):
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"plc-{port}", clean_session=False)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on_message(self, client, userdata, message):
+        with self.lock:
+            self.messages.append((message.topic, message.payload))
+
+    def payloads(self, leaf: str) -> list:
+        with self.lock:
+            items = list(self.messages)
+        out = []
+        for topic, payload in items:
+            if topic.endswith("/" + leaf):
+                try:
+                    out.append(json.loads(payload))
+                except ValueError:
+                    out.append(payload.decode())
+        return out
+
+    def wait_for(self, leaf: str, count: int, timeout: float = 30) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.payloads(leaf)) < count:
+            time.sleep(0.1)
+        return self.payloads(leaf)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def write_video(path: Path, frames: int, defect_every: int = 10, fps: int = 25) -> Path:
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (128, 128))
+    for i in range(frames):
+        image = defective_part(rng, "scratch") if i % defect_every == defect_every - 1 else good_part(rng)
+        writer.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def write_config(tmp_path: Path, bundle: Path, port: int, cameras: list[dict], **extra) -> Path:
+    config = {"bundle": str(bundle), "cameras": cameras, "queue_size": 1000,
+              "broker": {"port": port, "line": "l1", "client_id": f"coft-test-{port}"},
+              "outbox": {"path": str(tmp_path / "outbox.db")}, "heartbeat_s": 1, **extra}
+    path = tmp_path / "line.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_runtime(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(config), *extra],
+                            cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def assert_complete_and_ordered(verdicts: list[dict]) -> list[int]:
+    """Every seq from 1 to the last, first occurrences in order; duplicates allowed (recognisable by seq)."""
+    seqs = [v["seq"] for v in verdicts]
+    first = list(dict.fromkeys(seqs))
+    assert first == sorted(first), "verdicts arrived out of order"
+    assert first == list(range(1, max(seqs) + 1)), f"missing seqs: {sorted(set(range(1, max(seqs) + 1)) - set(seqs))}"
+    return first
+
+
+def outbox_depth(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "outbox.db") as db:
+        return db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+
+
+def test_broker_outage_mid_stream_loses_nothing(tmp_path, exported_bundle):
+    broker = Mosquitto(tmp_path / "broker").start()
+    plc = Subscriber(broker.port)
+    video = write_video(tmp_path / "line.avi", 150)
+    config = write_config(tmp_path, exported_bundle, broker.port, [{"name": "cam1", "source": str(video), "fps": 25}])
+    runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
+    try:
+        plc.wait_for("verdict", 10)
+        broker.stop()  # the broker goes away for several seconds mid-stream
+        time.sleep(4)
+        broker.start()
+        assert runtime.wait(timeout=120) == 0
+    finally:
+        runtime.kill()
+    verdicts = plc.wait_for("verdict", 150, timeout=20)
+    plc.close()
+    broker.stop()
+    seqs = assert_complete_and_ordered(verdicts)
+    assert len(seqs) == 150  # queue large enough: no frame dropped, every one inspected
+    rejects = plc.payloads("reject")
+    assert {r["seq"] for r in rejects} == {v["seq"] for v in verdicts if v["verdict"] == "reject"}
+    assert len({r["seq"] for r in rejects}) >= 10  # every 10th part is scratched
+    assert outbox_depth(tmp_path) == 0
+    log = (tmp_path / "runtime.log").read_text()
+    assert "disconnected" in log and "verdicts wait in the outbox" in log
+    assert "stopped" in plc.payloads("status")
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path, exported_bundle, mosquitto):
+    plc = Subscriber(mosquitto.port)
+    video = write_video(tmp_path / "line.avi", 100)
+    config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 25}])
+    runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
+    plc.wait_for("verdict", 20)
+    runtime.send_signal(signal.SIGKILL)
+    runtime.wait(timeout=10)
+    killed_at = max(v["seq"] for v in plc.payloads("verdict"))
+    assert "offline" in plc.wait_for("status", 2)  # the broker published the Last Will
+    runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
+    assert runtime.wait(timeout=120) == 0
+    verdicts = plc.wait_for("verdict", killed_at + 100, timeout=20)
+    plc.close()
+    seqs = assert_complete_and_ordered(verdicts)
+    assert max(seqs) >= killed_at + 100  # the restart replays the video: its verdicts continue the numbering
+    assert outbox_depth(tmp_path) == 0
+
+
+def test_broker_down_at_start_then_up(tmp_path, exported_bundle):
+    port = free_port()
+    video = write_video(tmp_path / "line.avi", 30)
+    config = write_config(tmp_path, exported_bundle, port, [{"name": "cam1", "source": str(video), "fps": 30}])
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        time.sleep(3)  # all frames scored while no broker exists
+        assert runtime.poll() is None, "the runtime must keep running without a broker"
+        assert outbox_depth(tmp_path) >= 30
+        broker = Mosquitto(tmp_path / "broker", port).start()
+        plc = Subscriber(port)
+        verdicts = plc.wait_for("verdict", 30)
+        plc.close()
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=20)
+    broker.stop()
+    assert len(assert_complete_and_ordered(verdicts)) == 30
+
+
+def test_threshold_commands_and_trigger_mode(tmp_path, exported_bundle, mosquitto, parts):
+    config = write_config(tmp_path, exported_bundle, mosquitto.port,
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5, "trigger": True}])
+    plc = Subscriber(mosquitto.port)
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        assert plc.wait_for("status", 1)
+        time.sleep(1.5)
+        plc.client.publish("coft/l1/cam1/set/threshold", "not-a-number", qos=1)
+        errors = plc.wait_for("error", 1)
+        assert "is not a number" in errors[0]["error"]
+        plc.client.publish("coft/l1/cam1/set/threshold", "1e6", qos=1)
+        states = plc.wait_for("state", 2)
+        assert states[-1]["threshold"] == 1e6 and states[-1]["source"] == "mqtt"
+        assert json.loads((tmp_path / "state.json").read_text())["threshold"] == 1e6
+        assert plc.payloads("verdict") == []  # trigger mode: nothing inspected without a trigger
+        plc.client.publish("coft/l1/cam1/trigger", "part-42", qos=1)
+        verdict = plc.wait_for("verdict", 1)[0]
+        assert verdict["part_id"] == "part-42" and verdict["threshold"] == 1e6 and verdict["verdict"] == "accept"
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        assert runtime.wait(timeout=20) == 0
+    plc.close()
+
+
+def test_runtime_never_imports_torch_after_a_full_run(tmp_path, exported_bundle, mosquitto, parts):
+    config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(parts / "test/good")}],
+                          evidence={"dir": str(tmp_path / "evidence"), "every_nth_pass": 2, "max_mb": 1})
+    code = ("import sys; from runtime.config import load_config; from runtime.pipeline import Runtime; "
+            f"Runtime(load_config({str(config)!r})).run(until_sources_end=True); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = sorted((tmp_path / "evidence" / "cam1").glob("*.jpg"))
+    assert len(saved) == 6 and all(p.with_suffix(".json").is_file() for p in saved)  # every 2nd of 12 good parts
+
+
+def test_unreachable_camera_keeps_the_runtime_alive(tmp_path, exported_bundle, mosquitto):
+    config = write_config(tmp_path, exported_bundle, mosquitto.port,
+                          [{"name": "cam1", "source": f"rtsp://127.0.0.1:{free_port()}/nothing", "open_timeout_s": 1}])
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    time.sleep(4)
+    alive = runtime.poll() is None
+    runtime.send_signal(signal.SIGTERM)
+    runtime.wait(timeout=20)
+    log = (tmp_path / "runtime.log").read_text()
+    assert alive and "camera cam1: cannot open" in log and "retrying in" in log
+
+
+def test_bad_bundle_and_bad_config_fail_in_one_line(tmp_path, exported_bundle):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported_bundle, bundle)
+    (bundle / "gaussian.npz").write_bytes(b"tampered")
+    config = write_config(tmp_path, bundle, 1883, [{"name": "cam1", "source": "0"}])
+    result = subprocess.run([sys.executable, "-m", "runtime", "--config", str(config), "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "checksum mismatch for gaussian.npz" in result.stderr
+    config.write_text("bundle: b\ncameras:\n  - name: cam1\n    source: 0\n    exposure: 3\n")
+    result = subprocess.run([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "line 5, cameras.0.exposure: Extra inputs are not permitted" in result.stderr
