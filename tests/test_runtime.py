@@ -233,3 +233,45 @@ def test_bad_bundle_and_bad_config_fail_in_one_line(tmp_path, exported_bundle):
     result = subprocess.run([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "line 5, cameras.0.exposure: Extra inputs are not permitted" in result.stderr
+
+
+def _start_rtsp(port: int) -> subprocess.Popen:
+    system_python = "/usr/bin/python3"
+    probe = subprocess.run([system_python, "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.fail("GStreamer RTSP server not installed: apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi "
+                    "gstreamer1.0-plugins-ugly (see .ci/run)")
+    server = subprocess.Popen([system_python, str(ROOT / "tests/rtsp_server.py"), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    return server
+
+
+def test_real_rtsp_stream_and_camera_reconnect(tmp_path, exported_bundle, mosquitto):
+    port = free_port()
+    server = _start_rtsp(port)
+    config = write_config(tmp_path, exported_bundle, mosquitto.port,
+                          [{"name": "cam1", "source": f"rtsp://127.0.0.1:{port}/line", "open_timeout_s": 2,
+                            "reconnect_max_s": 1}], metrics_port=free_port())
+    plc = Subscriber(mosquitto.port)
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        assert len(plc.wait_for("verdict", 5, timeout=60)) >= 5
+        server.kill()  # the camera goes away
+        server.wait()
+        time.sleep(4)
+        before = len(plc.payloads("verdict"))
+        server = _start_rtsp(port)  # and comes back
+        assert len(plc.wait_for("verdict", before + 5, timeout=60)) >= before + 5
+        status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--config", str(config)],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert 'coft_camera_connected{camera="cam1"} 1.0' in status.stdout
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=20)
+        server.kill()
+    plc.close()
+    log = (tmp_path / "runtime.log").read_text()
+    assert "camera cam1: lost the stream; reconnecting" in log
+    assert_complete_and_ordered(plc.payloads("verdict"))

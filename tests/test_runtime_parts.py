@@ -1,0 +1,117 @@
+"""The runtime's parts on their own: outbox policy, frame queue, config, evidence, threshold state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime.config import EvidenceConfig, load_config, valid_threshold
+from runtime.errors import CoftError
+from runtime.evidence import Evidence
+from runtime.outbox import Outbox
+from runtime.pipeline import FrameQueue, ThresholdState
+from runtime.sources import Frame, crop, source_kind
+from runtime.config import CameraConfig
+
+
+def _put(outbox, camera, reject, n=1):
+    for _ in range(n):
+        outbox.put_verdict(camera, lambda seq: [(f"t/{camera}", json.dumps({"seq": seq}).encode())], reject)
+
+
+def test_outbox_keeps_order_and_numbering_across_reopen(tmp_path):
+    outbox = Outbox(tmp_path / "o.db")
+    _put(outbox, "cam1", False, 3)
+    _put(outbox, "cam2", False, 1)
+    first = outbox.pending("cam1")
+    outbox.ack(first[0].id)
+    outbox.close()
+    outbox = Outbox(tmp_path / "o.db")
+    assert [json.loads(m.payload)["seq"] for m in outbox.pending("cam1")] == [2, 3]
+    _put(outbox, "cam1", False)
+    assert json.loads(outbox.pending("cam1")[-1].payload)["seq"] == 4  # numbering continues after a restart
+    assert json.loads(outbox.pending("cam2")[0].payload)["seq"] == 1  # each camera counts its own
+
+
+def test_full_outbox_drops_accepts_before_rejects_and_counts(tmp_path, caplog):
+    outbox = Outbox(tmp_path / "o.db", max_messages=100)
+    _put(outbox, "cam1", True, 10)
+    _put(outbox, "cam1", False, 95)
+    assert outbox.depth() == 100 and outbox.dropped == 5
+    kinds = [json.loads(m.payload)["seq"] for m in outbox.pending("cam1", limit=200)]
+    assert kinds[:10] == list(range(1, 11))  # all rejects kept
+    _put(outbox, "cam1", True, 100)  # only rejects fit now
+    assert outbox.depth() == 100
+    assert "outbox full" in caplog.text
+
+
+def test_frame_queue_drops_oldest_and_counts():
+    dropped = []
+    queue = FrameQueue(2, dropped.append)
+    for i in range(5):
+        queue.put(Frame("cam1", i, 0.0, np.zeros((2, 2, 3), np.uint8)))
+    assert [f.frame_id for f in dropped] == [0, 1, 2]
+    assert [f.frame_id for f in queue.take(8, 0.1)] == [3, 4]
+    assert queue.take(8, 0.01) == []
+
+
+def test_config_examples_and_errors(tmp_path):
+    example = load_config("deploy/line.yaml")
+    assert example.cameras[0].name == "cam1" and example.broker.line == "line3"
+    path = tmp_path / "c.yaml"
+    path.write_text("bundle: b\ncameras: []\n")
+    with pytest.raises(CoftError, match="line 2, cameras: List should have at least 1 item"):
+        load_config(path)
+    path.write_text("bundle: b\ncameras: [{name: a, source: 0}]\nbroker: {password_env: X}\n")
+    with pytest.raises(CoftError, match="without username"):
+        load_config(path)
+    path.write_text("bundle: [unclosed\n")
+    with pytest.raises(CoftError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(CoftError, match="cannot read the config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_broker_password_from_env_or_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("bundle: b\ncameras: [{name: a, source: 0}]\nbroker: {username: u, password_env: COFT_PW}\n")
+    config = load_config(path)
+    with pytest.raises(CoftError, match="COFT_PW is not set"):
+        config.broker.password()
+    monkeypatch.setenv("COFT_PW", "s3cret")
+    assert config.broker.password() == "s3cret"
+
+
+def test_source_kinds_and_roi(tmp_path):
+    kinds = {"0": "usb", "/dev/video2": "usb", "rtsp://h/s": "rtsp", "videotestsrc ! appsink": "gstreamer",
+             str(tmp_path): "folder", "clip.mp4": "file"}
+    for source, kind in kinds.items():
+        assert source_kind(CameraConfig(name="c", source=source)) == kind
+    image = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
+    assert crop(image, (5, 2, 10, 4)).shape == (4, 10, 3)
+    with pytest.raises(ValueError, match="outside"):
+        crop(image, (15, 0, 10, 4))
+
+
+def test_threshold_commands_are_validated_and_persisted(tmp_path):
+    state = ThresholdState(tmp_path / "state.json", 5.0, "m1")
+    assert "not a number" in state.set(b"abc")["error"]
+    assert "positive" in state.set(b"-1")["error"]
+    assert "positive" in state.set(b"nan")["error"]
+    assert state.set(b"7.5")["threshold"] == 7.5
+    assert ThresholdState(tmp_path / "state.json", 5.0, "m1").value == 7.5
+    assert ThresholdState(tmp_path / "state.json", 5.0, "another-model").value == 5.0  # new model, new threshold
+    with pytest.raises(CoftError):
+        valid_threshold("inf")
+
+
+def test_evidence_keeps_rejects_every_nth_pass_within_budget(tmp_path):
+    evidence = Evidence(EvidenceConfig(dir=tmp_path, every_nth_pass=3, max_mb=0.05))
+    assert [evidence.wanted(False) for _ in range(6)] == [False, False, True, False, False, True]
+    assert evidence.wanted(True)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for seq in range(1, 30):
+        evidence.save(image, {"camera": "cam1", "seq": seq, "verdict": "reject"})
+    files = sorted((tmp_path / "cam1").iterdir())
+    assert sum(f.stat().st_size for f in files) <= 0.05 * 1024 * 1024
+    assert files[-1].name == "cam1-000000029-reject.json"  # the newest kept, the oldest deleted
