@@ -1,0 +1,202 @@
+"""What the runtime costs on top of inference: frames/s and capture-to-publish latency.
+
+    python bench/runtime.py [BUNDLE] [--seconds 30] [--soak-s 600]
+
+Runs `python -m runtime` as a separate process against a real Mosquitto broker (Debian
+package), with 1 and 4 cameras replaying a 640x480 video written from ELPV cells, and a
+subscriber that timestamps each verdict on arrival. Measured:
+
+- bare inference: ONNX Runtime on one resized frame (batch 1), the floor for latency;
+- max load: unpaced cameras, verdicts/s sustained (frames beyond that are dropped and counted);
+- paced load: cameras at 70% of the max, capture-to-publish latency p50/p99 and the
+  runtime's overhead at p50 = (latency p50 - inference p50) / inference p50;
+- soak (optional): resident memory of the runtime process sampled over --soak-s seconds.
+
+Without BUNDLE, a frozen Lite0 bundle is trained on 10 ELPV cells and exported first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backbone import demo_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from runtime.bundle import load_bundle  # noqa: E402
+from runtime.engines import open_engine  # noqa: E402
+from runtime.images import resize_to_input  # noqa: E402
+from tests.conftest import Mosquitto, free_port  # noqa: E402
+
+
+def write_video(path: Path, frames: int = 200) -> Path:
+    from train.demo import elpv_cells
+
+    paths = elpv_cells()[0][:frames]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
+    for p in paths:
+        writer.write(cv2.resize(cv2.imread(str(p)), (640, 480)))
+    writer.release()
+    return path
+
+
+def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int = 200) -> float:
+    bundle = load_bundle(bundle_dir)
+    engine = open_engine(bundle, "onnxruntime", threads=threads)
+    ok, frame = cv2.VideoCapture(str(video)).read()
+    batch = resize_to_input(frame, bundle.input_size)[None]
+    for _ in range(10):
+        engine.infer(batch)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        engine.infer(batch)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Collector:
+    def __init__(self, port: int):
+        self.arrivals: list[tuple[float, dict]] = []
+        self.heartbeats: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{port}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("coft/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message):
+        now = time.time()
+        if message.topic.endswith("/verdict"):
+            with self.lock:
+                self.arrivals.append((now, json.loads(message.payload)))
+        elif message.topic.endswith("/heartbeat"):
+            self.heartbeats[message.topic.split("/")[2]] = json.loads(message.payload)
+
+    def window(self, start: float, end: float) -> list[tuple[float, dict]]:
+        with self.lock:
+            return [(t, v) for t, v in self.arrivals if start <= t < end]
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | None, seconds: float,
+             work: Path, threads: int, soak: bool = False) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads, "max_batch": 8, "queue_size": 4,
+              "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, **({"fps": fps} if fps else {})}
+                          for i in range(cameras)],
+              "broker": {"port": port, "line": "bench"}, "outbox": {"path": str(work / "outbox.db")}, "heartbeat_s": 1}
+    (work / "line.yaml").write_text(yaml.safe_dump(config))
+    collector = Collector(port)
+    process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")],
+                               cwd=ROOT, stdout=open(work / "runtime.log", "w"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        time.sleep(8)  # start-up and warm-up
+        rss = [(0.0, rss_mb(process.pid))]
+        start = time.time()
+        drops_before = sum(h.get("dropped", 0) for h in collector.heartbeats.values())
+        while time.time() - start < seconds:
+            time.sleep(min(10.0, seconds / 10))
+            rss.append((time.time() - start, rss_mb(process.pid)))
+        end = time.time()
+        drops = sum(h.get("dropped", 0) for h in collector.heartbeats.values()) - drops_before
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        collector.close()
+    arrivals = collector.window(start, end)
+    latencies = np.array([(t - v["capture_ts"]) * 1000 for t, v in arrivals])
+    result = {"cameras": cameras, "fps_per_camera": fps, "seconds": round(end - start, 1),
+              "verdicts_per_s": len(arrivals) / (end - start), "dropped_per_s": drops / (end - start),
+              "latency_p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
+              "latency_p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
+              "rss_mb_start": rss[0][1], "rss_mb_end": rss[-1][1]}
+    if soak:
+        result["rss_samples"] = rss
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", nargs="?", type=Path)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--soak-s", type=float, default=0, help="also run a memory soak this long (e.g. 600)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
+    bundle = args.bundle or demo_bundle(work / "demo")
+    if "onnx" not in load_bundle(bundle).manifest:
+        from export.onnx import export_onnx
+        export_onnx(bundle)
+    video = write_video(work / "line.avi")
+    inference_ms = bare_inference_ms(bundle, video, args.threads)
+    broker = Mosquitto(work / "broker").start()
+    rows = []
+    try:
+        for cameras in (1, 4):
+            top = run_case(bundle, broker.port, video, cameras, None, args.seconds, work / f"max{cameras}", args.threads)
+            rows.append({"load": "max", **top})
+            paced_fps = round(0.7 * top["verdicts_per_s"] / cameras, 1)
+            rows.append({"load": "70% of max", **run_case(bundle, broker.port, video, cameras, paced_fps, args.seconds,
+                                                          work / f"paced{cameras}", args.threads)})
+        soak = None
+        if args.soak_s:
+            soak = run_case(bundle, broker.port, video, 1, round(0.7 * rows[0]["verdicts_per_s"], 1), args.soak_s,
+                            work / "soak", args.threads, soak=True)
+    finally:
+        broker.stop()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads"
+    lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, 224x224 Lite0, frame to score): "
+             f"{inference_ms:.1f} ms", "",
+             "| cameras | load | fps/camera | verdicts/s | dropped/s | capture-to-publish p50 ms | p99 ms | overhead at p50 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["latency_p50_ms"] is None:
+            lines.append(f"| {r['cameras']} | {r['load']} | no verdict arrived: see {work}/*/runtime.log |")
+            continue
+        overhead = f"{(r['latency_p50_ms'] - inference_ms) / inference_ms:.0%}" if r["load"] != "max" else "-"
+        lines.append(f"| {r['cameras']} | {r['load']} | {r['fps_per_camera'] or 'unpaced'} | {r['verdicts_per_s']:.1f} | "
+                     f"{r['dropped_per_s']:.1f} | {r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {overhead} |")
+    if soak:
+        lines += ["", f"Soak: {args.soak_s:.0f} s at {soak['fps_per_camera']} fps, {soak['verdicts_per_s']:.1f} verdicts/s; "
+                  f"runtime RSS {soak['rss_mb_start']:.1f} MB -> {soak['rss_mb_end']:.1f} MB "
+                  f"(samples: {', '.join(f'{m:.0f}' for _, m in soak['rss_samples'])})"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runtime.json").write_text(json.dumps({"machine": machine, "inference_ms": inference_ms, "rows": rows,
+                                                        "soak": soak}, indent=2) + "\n")
+    (args.out / "runtime.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
