@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +42,7 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics  # noqa: E402
+from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn")
@@ -66,9 +66,7 @@ def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
     for i in tqdm(range(0, len(frames), batch), desc="frozen features", unit="batch"):
         maps = backbone.feature_maps(to_pixels(list(frames[i:i + batch]), size).to(device))
         globals_.append(maps[-1].mean(dim=(2, 3)).cpu())
-        mid = F.avg_pool2d(maps[1], 3, 1, 1)
-        deep = F.interpolate(F.avg_pool2d(maps[2], 3, 1, 1), size=mid.shape[-2:], mode="bilinear", align_corners=False)
-        patches.append(torch.cat([mid, deep], 1).flatten(2).transpose(1, 2).cpu())
+        patches.append(patch_features_from_maps(maps).cpu())
         trunk.append(maps[-2].cpu())
     return torch.cat(globals_).numpy(), torch.cat(patches), torch.cat(trunk)
 

@@ -89,9 +89,19 @@ def _training_options(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    out = args.out or Path(f"{Path(args.good_dir).resolve().name}.bundle")
+    folder = args.unlabelled or args.good_dir
+    if not folder or (args.unlabelled and args.good_dir):
+        raise CoftError("give either GOOD_DIR (a folder of good images) or --unlabelled FOLDER (a folder dumped from the line)")
+    out = args.out or Path(f"{Path(folder).resolve().name}.bundle")
     options = _training_options(args)
-    _train_module("pipeline").train_bundle(args.good_dir, out, options)
+    if args.unlabelled:
+        if args.shots:
+            raise CoftError("--shots does not apply to --unlabelled: FUN-AD uses the whole folder")
+        _, result = _train_module("unlabelled").train_unlabelled(folder, out, options)
+        print(f"{int(result.suspects.sum())} suspected defective images left out: see {out}.funad/suspects.csv "
+              f"and contact_sheet.png")
+    else:
+        _train_module("pipeline").train_bundle(folder, out, options)
     print(f"bundle written: {out}")
 
 
@@ -177,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune on a folder of good images and write a model bundle")
-    p.add_argument("good_dir", help="folder of good (defect-free) images")
+    p.add_argument("good_dir", nargs="?", help="folder of good (defect-free) images")
+    p.add_argument("--unlabelled", metavar="FOLDER",
+                   help="instead: a folder from the line that may hold some defective parts (FUN-AD finds and drops them)")
     p.add_argument("--out", type=Path, help="bundle directory to create (default: <folder name>.bundle)")
     _add_training_options(p)
     p.set_defaults(func=cmd_train)

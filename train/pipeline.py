@@ -85,16 +85,26 @@ def calibration_frames(pixels: torch.Tensor, augment_config: AugmentConfig, gene
 
 
 def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -> Path:
-    """Train on good images and write a sealed bundle to `out`; nothing is written on failure."""
-    out = Path(out)
-    if out.exists():
+    """Train on a folder of good images and write a sealed bundle to `out`; nothing is written on failure."""
+    _check_new(out, options)
+    paths, images = load_folder(good_dir)
+    chosen = choose_shots(paths, options.shots, options.seed)
+    return train_on([paths[i] for i in chosen], [images[i] for i in chosen], out, options)
+
+
+def _check_new(out: str | Path, options: TrainOptions) -> None:
+    if Path(out).exists():
         raise CoftError(f"{out}: already exists; choose another --out or remove it first")
     if options.method not in METHODS:
         raise CoftError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, options: TrainOptions,
+             selection: dict | None = None) -> Path:
+    """Train on these good images; `selection` says how they were chosen when not simply given."""
+    out = Path(out)
+    _check_new(out, options)
     started = time.perf_counter()
-    paths, images = load_folder(good_dir)
-    chosen = choose_shots(paths, options.shots, options.seed)
-    paths, images = [paths[i] for i in chosen], [images[i] for i in chosen]
     sizes = {image.shape[:2] for image in images}
     if len(sizes) > 1:
         log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *options.size)
@@ -134,6 +144,7 @@ def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -
             "augment": options.augment.as_dict(),
             "final_losses": history[-1] if history else None,
             "images": [p.name for p in paths],
+            "selection": selection or {"method": "given", "note": "every image was taken as good"},
             "dataset_fingerprint": data_hash,
             "device": str(device),
             "seconds": round(time.perf_counter() - started, 1),

@@ -1,0 +1,31 @@
+"""Mid-level patch features: what patch scorers (kNN, FUN-AD) compare between images.
+
+Stride-8 and stride-16 stage outputs, each averaged over its 3x3 neighbourhood (so a
+patch sees a little context), brought to one grid and concatenated: 152 dimensions per
+patch for EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from train.backbones import Backbone
+
+
+def patch_features_from_maps(maps: list[torch.Tensor], stride: int = 8) -> torch.Tensor:
+    """[N, P, C] from a backbone's stage outputs, on a grid of `stride` 8 or 16."""
+    mid = F.avg_pool2d(maps[1], 3, 1, 1)
+    deep = F.avg_pool2d(maps[2], 3, 1, 1)
+    grid = mid.shape[-2:] if stride == 8 else deep.shape[-2:]
+    mid = F.adaptive_avg_pool2d(mid, grid) if stride == 16 else mid
+    deep = F.interpolate(deep, size=grid, mode="bilinear", align_corners=False) if stride == 8 else deep
+    return torch.cat([mid, deep], 1).flatten(2).transpose(1, 2)
+
+
+@torch.inference_mode()
+def patch_features(backbone: Backbone, pixels: torch.Tensor, stride: int = 8, batch: int = 32) -> torch.Tensor:
+    device = next(backbone.parameters()).device
+    out = [patch_features_from_maps(backbone.feature_maps(pixels[i:i + batch].to(device)), stride).cpu()
+           for i in range(0, len(pixels), batch)]
+    return torch.cat(out)
