@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--soak-s", type=float, default=0, help="also run a memory soak this long (e.g. 600)")
+    parser.add_argument("--soak-only", type=float, metavar="FPS",
+                        help="skip the speed cases; soak one camera paced at FPS (memory does not need an idle CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
     args = parser.parse_args()
 
@@ -163,7 +165,7 @@ def main() -> None:
     broker = Mosquitto(work / "broker").start()
     rows = []
     try:
-        for cameras in (1, 4):
+        for cameras in (1, 4) if not args.soak_only else ():
             top = run_case(bundle, broker.port, video, cameras, None, args.seconds, work / f"max{cameras}", args.threads)
             rows.append({"load": "max", **top})
             paced_fps = round(0.7 * top["verdicts_per_s"] / cameras, 1)
@@ -171,8 +173,8 @@ def main() -> None:
                                                           work / f"paced{cameras}", args.threads)})
         soak = None
         if args.soak_s:
-            soak = run_case(bundle, broker.port, video, 1, round(0.7 * rows[0]["verdicts_per_s"], 1), args.soak_s,
-                            work / "soak", args.threads, soak=True)
+            fps = args.soak_only or round(0.7 * rows[0]["verdicts_per_s"], 1)
+            soak = run_case(bundle, broker.port, video, 1, fps, args.soak_s, work / "soak", args.threads, soak=True)
     finally:
         broker.stop()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads"
