@@ -23,7 +23,8 @@ from runtime.errors import CoftError
 from train.backbones import Backbone, restore_backbone
 
 log = logging.getLogger(__name__)
-logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # per-initializer chatter during export
+for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export
+    logging.getLogger(chatty).setLevel(logging.WARNING)
 
 ONNX_FILE = "model.onnx"
 OPSET = 18  # TensorRT 10 parses opsets up to 20; 18 is the lowest the torch exporter writes

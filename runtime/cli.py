@@ -135,7 +135,8 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     options = _training_options(args)
-    _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit)
+    _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit, stream=args.stream,
+                                   broker=args.broker)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole flow on real solar-cell images from the elpv-dataset package")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default: demo-out)")
     p.add_argument("--test-limit", type=int, help="score at most N good and N defective held-out cells")
+    p.add_argument("--stream", type=int, default=200, help="held-out cells streamed through the runtime (default 200)")
+    p.add_argument("--broker", metavar="HOST:PORT", help="use this MQTT broker instead of the embedded one")
     _add_training_options(p)
     p.set_defaults(func=cmd_demo, shots=10)
     return parser

@@ -105,7 +105,9 @@ class CameraLink:
         self.wake.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        if self.connected.is_set():
+        if self.stopping.is_set():
+            log.info("mqtt %s: disconnected", self.camera)
+        elif self.connected.is_set():
             log.warning("mqtt %s: disconnected (%s); verdicts wait in the outbox", self.camera, reason_code)
         self.connected.clear()
         self.on_connection(self.camera, False)

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from runtime.config import CameraConfig
+from runtime.errors import CoftError
 from runtime.images import list_images, read_image, to_bgr8
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,14 @@ def source_kind(camera: CameraConfig) -> str:
 
 
 class FolderReader:
-    """Replays an image folder as a camera (sorted order)."""
+    """Replays an image folder as a camera (sorted order); each file's name is its part id."""
 
     def __init__(self, folder: str, loop: bool):
         self.paths, self.loop, self.index = list_images(folder), loop, 0
         if not self.paths:
             raise OSError(f"no images in {folder}")
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> tuple[np.ndarray | None, str | None]:
         while True:
             if self.index == len(self.paths):
                 if not self.loop:
@@ -73,7 +74,7 @@ class FolderReader:
             self.index += 1
             image = read_image(path)
             if image is not None:
-                return image
+                return image, path.stem
 
     def release(self) -> None:
         pass
@@ -101,17 +102,17 @@ class CaptureReader:
         if not self.capture.isOpened():
             raise OSError(f"OpenCV could not open {kind} source {source}")
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> tuple[np.ndarray | None, str | None]:
         ok, image = self.capture.read()
         if ok and image is not None:
-            return to_bgr8(image)
+            return to_bgr8(image), None
         if self.kind == "file":
             if self.loop and self.capture.set(cv2.CAP_PROP_POS_FRAMES, 0):
                 ok, image = self.capture.read()
                 if ok:
-                    return to_bgr8(image)
+                    return to_bgr8(image), None
             raise SourceEnded
-        return None  # a live source hiccuped: the caller reconnects
+        return None, None  # a live source hiccuped: the caller reconnects
 
     def release(self) -> None:
         self.capture.release()
@@ -161,7 +162,11 @@ class CameraThread(threading.Thread):
             backoff, last = 0.5, 0.0
             try:
                 while not self.stop_event.is_set():
-                    image = reader.read()
+                    try:
+                        image, part_id = reader.read()
+                    except CoftError as exc:  # a frame OpenCV decoded into something we cannot use
+                        log.error("camera %s: %s; skipping the frame", self.camera.name, exc)
+                        continue
                     if image is None:
                         log.warning("camera %s: lost the stream; reconnecting", self.camera.name)
                         self.on_state(self.camera.name, False)
@@ -179,7 +184,7 @@ class CameraThread(threading.Thread):
                         log.error("camera %s: %s; fix cameras.roi in the config", self.camera.name, exc)
                         continue
                     self.frame_id += 1
-                    self.deliver(Frame(self.camera.name, self.frame_id, now, image))
+                    self.deliver(Frame(self.camera.name, self.frame_id, now, image, part_id))
             except SourceEnded:
                 log.info("camera %s: source ended after %d frames", self.camera.name, self.frame_id)
                 self.ended.set()

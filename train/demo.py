@@ -3,17 +3,24 @@
 The `elpv-dataset` package ships 2,624 electroluminescence images of solar cells, each
 with a defect probability from experts. Cells rated 0 are good, 1.0 defective; the
 uncertain 0.33 and 0.67 ratings are left out. The demo trains on K good cells (chosen
-with the seed, as the few-shot protocol does) and evaluates on the held-out ones.
+with the seed, as the few-shot protocol does), evaluates on the held-out ones, exports
+the ONNX graph, and then runs the line: held-out cells stream through the edge runtime
+as a camera, verdicts go over MQTT (an embedded broker unless --broker is given), and a
+subscriber prints every reject as a PLC would see it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from runtime.errors import CoftError
 from train.evaluate import evaluate
@@ -62,21 +69,112 @@ def prepare_folders(work: Path, shots: int, seed: int, test_limit: int | None) -
     return train_dir, test_dir
 
 
-def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None) -> dict:
+class Plc:
+    """Subscribes as a PLC would, prints each reject, and keeps every verdict with its arrival time."""
+
+    def __init__(self, host: str, port: int, prefix: str):
+        import paho.mqtt.client as mqtt
+
+        self.verdicts: list[tuple[float, dict]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="coft-demo-plc")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message):
+        if message.topic.endswith("/verdict"):
+            self.verdicts.append((time.time(), json.loads(message.payload)))
+        elif message.topic.endswith("/reject"):
+            reject = json.loads(message.payload)
+            truth = "defective" if "-defect-" in (reject["part_id"] or "") else "GOOD (false reject)"
+            tqdm.write(f"  PLC: reject seq {reject['seq']:4d}  part {reject['part_id']}  score {reject['score']:.1f}  [{truth}]")
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len({v["seq"] for _, v in self.verdicts}) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def line_folder(work: Path, test_dir: Path, count: int, seed: int) -> Path:
+    """Held-out cells in a shuffled order, as parts pass a camera; the file name tells the truth."""
+    cells = [(p, "good") for p in sorted((test_dir / "good").iterdir())]
+    cells += [(p, "defect") for p in sorted((test_dir / "defect").rglob("*.png"))]
+    order = np.random.default_rng(seed).permutation(len(cells))[:count]
+    line = work / "data" / "line"
+    for i, k in enumerate(order):
+        path, label = cells[k]
+        _link(Path(os.path.realpath(path)), line / f"{i:04d}-{label}-{path.stem}.png")
+    return line
+
+
+def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | None, count: int) -> dict:
+    """Run the edge runtime (ONNX Runtime, no torch) on the line folder, with a PLC listening."""
+    from runtime.config import RuntimeConfig
+    from runtime.pipeline import Runtime
+    from train.broker import EmbeddedBroker
+
+    with (contextlib.nullcontext() if broker else EmbeddedBroker()) as embedded:
+        host, port = (broker.rsplit(":", 1)[0], int(broker.rsplit(":", 1)[1])) if broker else ("127.0.0.1", embedded.port)
+        config = RuntimeConfig.model_validate({
+            "bundle": str(bundle), "backend": "onnxruntime", "queue_size": count + 1,
+            "cameras": [{"name": "cam1", "source": str(line), "kind": "folder", "fps": 20}],  # parts pass at 20/s
+            "broker": {"host": host, "port": port, "line": "demo", "client_id": "coft-demo"},
+            "outbox": {"path": str(work / "outbox.db")}})
+        plc = Plc(host, port, f"{config.broker.prefix}/demo")
+        started = time.time()
+        Runtime(config).run(until_sources_end=True)
+        plc.wait_for(count)
+        plc.close()
+    verdicts = [v for _, v in plc.verdicts]
+    latencies = np.array([(t - v["capture_ts"]) * 1000 for t, v in plc.verdicts])
+    elapsed = max(t for t, _ in plc.verdicts) - started if plc.verdicts else float("nan")
+    return {"verdicts": len({v["seq"] for v in verdicts}), "frames_per_s": len(verdicts) / elapsed,
+            "latency_p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
+            "latency_p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
+            "rejects": sum(v["verdict"] == "reject" for v in verdicts),
+            "true_rejects": sum(v["verdict"] == "reject" and "-defect-" in v["part_id"] for v in verdicts)}
+
+
+def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 200,
+             broker: str | None = None) -> dict:
+    """Train, evaluate, export, then run the line: held-out cells through the runtime to a PLC over MQTT."""
+    from export.onnx import export_onnx
+
     work = Path(work)
     if work.exists():
         raise CoftError(f"{work}: already exists; remove it or pass --out with a new folder")
     shots = options.shots or 10
+    steps = tqdm(total=4, desc="demo", unit="stage", disable=not options.progress)
     train_dir, test_dir = prepare_folders(work, shots, options.seed, test_limit)
     log.info("demo: %d good cells to train on, held-out cells in %s", shots, test_dir)
     options.shots = None  # the training folder already holds exactly the chosen cells
     bundle = train_bundle(train_dir, work / "bundle", options)
+    steps.update()
     report = evaluate(bundle, test_dir, work / "report", progress=options.progress)
+    steps.update()
+    export_onnx(bundle)
+    steps.update()
+    line = line_folder(work, test_dir, stream, options.seed)
+    count = len(list(line.iterdir()))
+    tqdm.write(f"streaming {count} held-out cells through the runtime; rejects as the PLC sees them:")
+    run = stream_through_runtime(bundle, line, work, broker, count)
+    steps.update()
+    steps.close()
+    report["line"] = run
+    (work / "report" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     m, r = report["metrics"], report["at_threshold"]
     print(f"\nELPV solar cells, {shots} good cells for training, method {options.method}, "
           f"{report['counts']['good']} good + {report['counts']['defect']} defective held out")
     print(f"  image AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}")
     print(f"  at the good-only threshold ({report['threshold']['method']}): "
           f"false-reject {r['false_reject_rate']:.2%}, escape {r['escape_rate']:.2%}")
+    print(f"  line: {run['verdicts']} cells through the runtime at {run['frames_per_s']:.1f} frames/s, "
+          f"capture-to-verdict at the PLC p50 {run['latency_p50_ms']:.0f} ms, p99 {run['latency_p99_ms']:.0f} ms; "
+          f"{run['rejects']} rejects ({run['true_rejects']} truly defective)")
     print(f"  bundle: {bundle}\n  report: {work / 'report' / 'report.md'}")
     return report
