@@ -12,6 +12,10 @@ every other good image and every defective one is the test set. Methods:
 - coftad-no-np: ablation without the synthetic-defect negative pairs
 - patch-knn:    PatchCore-style reference: frozen stride-8/16 features, 3x3 averaged,
                 image score = largest nearest-neighbour distance of any patch
+- patch:        one shared Gaussian over the same patch features of N_A views of the good
+                images, patch score = Mahalanobis distance, image score = worst patch;
+                ablations: patch-top1pct (mean of the worst 1% of patches), patch-mid
+                (stride-8 layer only), patch-deep (stride-16 layer only)
 
 Frozen features of every image are computed once; a fine-tuned model re-runs only its
 trained last stage on the cached maps of the frozen stages (valid since those stages
@@ -42,10 +46,14 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics  # noqa: E402
+from train.patch_scorer import fit_patch_gaussian, patch_views, pool  # noqa: E402
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
 
-METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn")
+METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
+           "patch-deep")
+# Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
+PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
 
 def find_category(root: Path) -> Path:
@@ -148,7 +156,8 @@ def main() -> None:
     parser.add_argument("dataset_root", type=Path)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["frozen", "coftad", "coftad-no-pp",
+                                                                          "coftad-no-np", "patch-knn", "patch"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--size", type=int, default=224)
@@ -184,6 +193,14 @@ def main() -> None:
                     bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
                     train_seconds = time.perf_counter() - started
                     scores = patch_knn_scores(bank, patch_feats[test])
+                elif method.startswith("patch"):
+                    layers = PATCH_LAYERS[method]
+                    views = patch_views(backbone, train_pixels, args.views, augment_config, generator)[..., layers]
+                    gaussian = fit_patch_gaussian(views)
+                    train_seconds = time.perf_counter() - started
+                    pooling = "top1pct" if method == "patch-top1pct" else "max"
+                    scores = np.concatenate([pool(gaussian.score(patch_feats[test[i:i + 64]][..., layers].numpy()), pooling)
+                                             for i in range(0, len(test), 64)])
                 else:
                     model = backbone
                     if method.startswith("coftad"):

@@ -22,31 +22,39 @@ def l2_normalise(embeddings: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Gaussian:
-    """Mean and precision of good-part embeddings, with the precision's Cholesky factor."""
+    """Mean and precision of good-part features, with the precision's Cholesky factor.
+
+    Global embeddings are L2-normalised before scoring (`normalised`); patch features are
+    scored as they are, since their magnitude carries part of what makes a defect.
+    """
 
     mean: np.ndarray  # [D] float32
     precision: np.ndarray  # [D, D] float32
     cholesky: np.ndarray  # [D, D] float32, lower-triangular, precision = L @ L.T
+    normalised: bool = True
 
     @property
     def dim(self) -> int:
         return self.mean.shape[0]
 
     def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of raw (unnormalised) embeddings [N, D] -> [N]."""
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+        """Mahalanobis distance of embeddings as the backbone gives them, [..., D] -> [...]."""
+        if embeddings.shape[-1] != self.dim:
             raise CoftError(f"embeddings of shape {embeddings.shape} do not fit a Gaussian of dimension {self.dim}")
-        centred = l2_normalise(embeddings.astype(np.float32)) - self.mean
-        return np.sqrt(np.sum((centred @ self.cholesky) ** 2, axis=1))
+        x = embeddings.astype(np.float32)
+        centred = (l2_normalise(x) if self.normalised else x) - self.mean
+        return np.sqrt(np.sum((centred @ self.cholesky) ** 2, axis=-1))
 
     def save(self, path: Path) -> None:
-        np.savez(path, mean=self.mean, precision=self.precision, cholesky=self.cholesky)
+        np.savez(path, mean=self.mean, precision=self.precision, cholesky=self.cholesky,
+                 normalised=np.array(self.normalised))
 
     @classmethod
     def load(cls, path: Path) -> "Gaussian":
         try:
             with np.load(path, allow_pickle=False) as data:
-                gaussian = cls(*(data[key].astype(np.float32) for key in ("mean", "precision", "cholesky")))
+                normalised = bool(data["normalised"]) if "normalised" in data else True
+                gaussian = cls(*(data[key].astype(np.float32) for key in ("mean", "precision", "cholesky")), normalised)
         except (OSError, KeyError, ValueError) as exc:
             raise CoftError(f"{path}: not a valid Gaussian file ({exc}); retrain the bundle") from exc
         d = gaussian.dim

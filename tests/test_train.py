@@ -11,7 +11,7 @@ from tests.conftest import SIZE
 from train.coftad import FinetuneConfig
 from train.evaluate import evaluate
 from train.pipeline import TrainOptions, train_bundle
-from train.threshold import good_only_threshold, labelled_threshold
+from train.threshold import global_fit, good_only_threshold, labelled_threshold
 
 
 def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
@@ -79,13 +79,13 @@ def test_bad_training_input(parts, tmp_path):
 def test_threshold_from_good_images_only():
     rng = np.random.default_rng(0)
     views = rng.normal(size=(2, 8, 6)) + 4
-    info = good_only_threshold(views, 0.01)
+    info = good_only_threshold(views, 0.01, global_fit())
     assert info["method"] == "held-out-views" and info["calibration_scores"] == 8
-    assert good_only_threshold(rng.normal(size=(5, 3, 6)), 0.01)["method"] == "leave-one-out"
+    assert good_only_threshold(rng.normal(size=(5, 3, 6)), 0.01, global_fit())["method"] == "leave-one-out"
     with pytest.raises(CoftError, match="--views 4"):
-        good_only_threshold(views[:, :2], 0.01)
+        good_only_threshold(views[:, :2], 0.01, global_fit())
     with pytest.raises(CoftError, match="between 0 and 1"):
-        good_only_threshold(views, 1.5)
+        good_only_threshold(views, 1.5, global_fit())
 
 
 def test_labelled_threshold_rules():

@@ -13,15 +13,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from runtime.bundle import Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
+from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
 from train.backbones import restore_backbone
 from train.embed import embed, to_pixels
 from train.metrics import detection_metrics, rates_at
+from train.patch_scorer import pool
+from train.patches import patch_features
 from train.threshold import labelled_threshold
 
 log = logging.getLogger(__name__)
@@ -52,10 +57,18 @@ def labelled_images(data_dir: str | Path) -> LabelledSet:
     return LabelledSet(paths, np.array(labels), types)
 
 
-def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> tuple[np.ndarray, list[int]]:
-    """Score images with a bundle (torch backbone, numpy scoring); returns scores and indices of readable images."""
-    backbone = restore_backbone(bundle.manifest["backbone"]["name"], bundle.path / bundle.manifest["backbone"]["weights"])
-    scores, kept = [], []
+@dataclass
+class Scored:
+    scores: np.ndarray  # [n] image scores of the readable images
+    kept: list[int]  # their indices in the list given
+    patch_maps: np.ndarray | None  # [n, h, w] patch scores (patch scorer only)
+
+
+def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> Scored:
+    """Score images with a bundle (torch backbone, numpy scoring), as the exported graph will."""
+    m = bundle.manifest
+    backbone = restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"])
+    scores, maps, kept = [], [], []
     for start in tqdm(range(0, len(paths), batch), desc="scoring", unit="batch", disable=not progress):
         frames, idx = [], []
         for i in range(start, min(start + batch, len(paths))):
@@ -63,10 +76,75 @@ def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batc
             if image is not None:
                 frames.append(resize_to_input(image, bundle.input_size))
                 idx.append(i)
-        if frames:
-            scores.append(bundle.gaussian.score(embed(backbone, to_pixels(frames, bundle.input_size))))
-            kept.extend(idx)
-    return (np.concatenate(scores) if scores else np.zeros(0, np.float32)), kept
+        if not frames:
+            continue
+        pixels = to_pixels(frames, bundle.input_size)
+        if m["scorer"] == "patch":
+            patch_scores = bundle.gaussian.score(patch_features(backbone, pixels, m["patch"]["stride"]).numpy())
+            scores.append(pool(patch_scores, m["patch"]["pooling"]))
+            maps.append(patch_scores.reshape(len(frames), *m["patch"]["grid"]))
+        else:
+            scores.append(bundle.gaussian.score(embed(backbone, pixels)))
+        kept.extend(idx)
+    return Scored(np.concatenate(scores) if scores else np.zeros(0, np.float32), kept,
+                  np.concatenate(maps) if maps else None)
+
+
+def find_mask(data_dir: Path, path: Path) -> Path | None:
+    """A defect image's pixel mask: <data>/mask/<type>/<name>.png (magnetic tile) or ground_truth/<type>/<name>_mask.png (MVTec)."""
+    root = data_dir if (data_dir / "mask").is_dir() or (data_dir / "ground_truth").is_dir() else data_dir.parent
+    for candidate in (root / "mask" / path.parent.name / f"{path.stem}.png",
+                      root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pixel_auroc(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_maps: np.ndarray, size: tuple[int, int],
+                sigma: float) -> float | None:
+    """Pixel AUROC at the model input size over good images (all-normal) and defects with masks; None without masks."""
+    truth, predicted = [], []
+    for path, label, patch_map in zip(paths, labels, patch_maps):
+        if label == 1:
+            mask_path = find_mask(data_dir, path)
+            if mask_path is None:
+                continue
+            mask = cv2.resize(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), size[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        else:
+            mask = np.zeros(size, bool)
+        truth.append(mask[::2, ::2].ravel())
+        predicted.append(anomaly_map(patch_map, size, sigma)[::2, ::2].ravel())
+    if not truth or not any(t.any() for t in truth):
+        return None
+    return float(roc_auc_score(np.concatenate(truth), np.concatenate(predicted)))
+
+
+def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_maps: np.ndarray,
+             size: tuple[int, int], sigma: float, threshold: float, out: Path) -> None:
+    """Worst misses (defects scored lowest, good parts scored highest) and best catches, with heatmaps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    rows = [("defects scored lowest (escapes)", bad[np.argsort(scores[bad])][:6]),
+            ("good parts scored highest (false rejects)", good[np.argsort(-scores[good])][:6]),
+            ("defects scored highest (catches)", bad[np.argsort(-scores[bad])][:6])]
+    fig, axes = plt.subplots(3, 6, figsize=(13, 7.5), squeeze=False)
+    for r, (title, idx) in enumerate(rows):
+        for c in range(6):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(idx):
+                i = idx[c]
+                frame = resize_to_input(read_image(paths[i]), size)
+                shown = overlay(frame, anomaly_map(patch_maps[i], size, sigma), threshold)
+                ax.imshow(shown[..., ::-1])
+                ax.set_title(f"{paths[i].name[:16]}\n{scores[i]:.1f}", fontsize=7)
+        axes[r, 0].text(-0.1, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def _plot(labels: np.ndarray, scores: np.ndarray, threshold: float, auroc: float, report_dir: Path) -> None:
@@ -113,10 +191,14 @@ def _markdown(report: dict) -> str:
         f"| false-reject rate at threshold | {r['false_reject_rate']:.4f} |",
         f"| escape rate at threshold | {r['escape_rate']:.4f} |",
     ]
+    if report.get("pixel_auroc") is not None:
+        lines.append(f"| pixel AUROC (patch scorer) | {report['pixel_auroc']:.4f} |")
     if report["per_type"]:
         lines += ["", "| defect type | images | AUROC vs good |", "|---|---|---|"]
         lines += [f"| {t} | {v['count']} | {v['auroc']:.4f} |" for t, v in report["per_type"].items()]
     lines += ["", "![ROC](roc.png)", "", "![Score histogram](histogram.png)", ""]
+    if report["scorer"] == "patch":
+        lines += ["![Worst misses and best catches](gallery.png)", ""]
     return "\n".join(lines)
 
 
@@ -127,7 +209,8 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     data = labelled_images(data_dir)
     if not data.paths:
         raise CoftError(f"{data_dir}: no images found under good/ or the defect folders")
-    scores, kept = bundle_scores(bundle, data.paths, progress)
+    scored = bundle_scores(bundle, data.paths, progress)
+    scores, kept = scored.scores, scored.kept
     if not kept:
         raise CoftError(f"{data_dir}: none of the {len(data.paths)} images could be read")
     labels, types, paths = data.labels[kept], [data.types[i] for i in kept], [data.paths[i] for i in kept]
@@ -150,9 +233,16 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         "threshold": threshold,
         "at_threshold": rates_at(labels, scores, threshold["value"]),
         "per_type": per_type,
+        "scorer": bundle.manifest["scorer"],
     }
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    if scored.patch_maps is not None:
+        sigma = bundle.manifest["patch"]["blur_sigma"]
+        report["pixel_auroc"] = pixel_auroc(Path(data_dir), paths, labels, scored.patch_maps, bundle.input_size, sigma)
+        if (labels == 1).any() and (labels == 0).any():
+            _gallery(paths, labels, scores, scored.patch_maps, bundle.input_size, sigma, threshold["value"],
+                     report_dir / "gallery.png")
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (report_dir / "report.md").write_text(_markdown(report))
     with open(report_dir / "scores.csv", "w", newline="") as f:

@@ -15,15 +15,17 @@ from runtime.scoring import Gaussian, l2_normalise
 SHRINKAGE = {"ledoit-wolf": LedoitWolf, "oas": OAS}
 
 
-def fit_gaussian(embeddings: np.ndarray, shrinkage: str = "ledoit-wolf") -> Gaussian:
-    """Fit mean and precision to raw embeddings [n, D] after L2 normalisation."""
+def fit_gaussian(embeddings: np.ndarray, shrinkage: str = "ledoit-wolf", normalise: bool = True) -> Gaussian:
+    """Fit mean and precision to embeddings [n, D], L2-normalised first unless `normalise` is off."""
     if shrinkage not in SHRINKAGE:
         raise CoftError(f"unknown shrinkage {shrinkage!r}; choose one of {', '.join(SHRINKAGE)}")
     if len(embeddings) < 2:
         raise CoftError("need at least two embeddings to fit a Gaussian; use more views (--views) or more images")
-    x = l2_normalise(embeddings.astype(np.float64))
+    x = embeddings.astype(np.float64)
+    x = l2_normalise(x) if normalise else x
     estimator = SHRINKAGE[shrinkage](assume_centered=False).fit(x)
     precision = np.linalg.inv(estimator.covariance_)
     precision = (precision + precision.T) / 2
     cholesky = np.linalg.cholesky(precision)
-    return Gaussian(estimator.location_.astype(np.float32), precision.astype(np.float32), cholesky.astype(np.float32))
+    return Gaussian(estimator.location_.astype(np.float32), precision.astype(np.float32), cholesky.astype(np.float32),
+                    normalise)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from runtime.bundle import GAUSSIAN, new_bundle
 from runtime.errors import CoftError
@@ -20,7 +21,9 @@ from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.threshold import good_only_threshold
+from train.anomalies import synthesise
+from train.patch_scorer import PATCH_STRIDE, fit_patch_gaussian, patch_fit, patch_views, pool
+from train.threshold import global_fit, good_only_threshold
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ BACKBONE_WEIGHTS = "backbone.pt"
 CALIBRATION = "calibration.npz"  # frames for INT8 calibration of a TensorRT engine
 CALIBRATION_FRAMES = 64
 METHODS = ("coftad", "frozen")
+SCORERS = ("global", "patch", "auto")
 
 
 @dataclass
@@ -36,6 +40,8 @@ class TrainOptions:
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
     size: tuple[int, int] = (224, 224)  # model input (height, width)
     method: str = "frozen"  # see README: the few-shot benchmark decides this default
+    scorer: str = "global"  # global | patch | auto (self-check on synthetic defects)
+    pooling: str = "max"  # patch scorer: image score from the worst patch, or top1pct
     shots: int | None = None  # train on k images of the folder chosen with the seed; None = all
     seed: int = 0
     views: int = 16  # N_A: augmented views per good image for the Gaussian
@@ -84,6 +90,23 @@ def calibration_frames(pixels: torch.Tensor, augment_config: AugmentConfig, gene
     return np.ascontiguousarray(rgb[..., ::-1])
 
 
+def scorer_self_check(backbone, pixels: torch.Tensor, options: TrainOptions,
+                      generator: torch.Generator) -> dict[str, float]:
+    """AUROC of each scorer on held-out good views vs synthetic defects: a choice that needs no real defect."""
+    held = augment(pixels, options.augment, generator)
+    defects = synthesise(augment(pixels, options.augment, generator), generator)
+    labels = np.r_[np.zeros(len(pixels)), np.ones(len(pixels))]
+    test = torch.cat([held, defects])
+    global_views = embed_views(backbone, pixels, options.views, options.augment, generator)
+    global_scores = fit_gaussian(global_views.reshape(-1, global_views.shape[2]), options.shrinkage).score(
+        embed_views(backbone, test, 1, options.augment, generator)[:, 0])
+    patch_train = patch_views(backbone, pixels, options.views, options.augment, generator)
+    patch_scores = pool(fit_patch_gaussian(patch_train, options.shrinkage).score(
+        patch_views(backbone, test, 1, options.augment, generator)[:, 0]), options.pooling)
+    return {"global": round(float(roc_auc_score(labels, global_scores)), 4),
+            "patch": round(float(roc_auc_score(labels, patch_scores)), 4)}
+
+
 def train_bundle(good_dir: str | Path, out: str | Path, options: TrainOptions) -> Path:
     """Train on a folder of good images and write a sealed bundle to `out`; nothing is written on failure."""
     _check_new(out, options)
@@ -97,6 +120,8 @@ def _check_new(out: str | Path, options: TrainOptions) -> None:
         raise CoftError(f"{out}: already exists; choose another --out or remove it first")
     if options.method not in METHODS:
         raise CoftError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    if options.scorer not in SCORERS:
+        raise CoftError(f"unknown scorer {options.scorer!r}; choose one of {', '.join(SCORERS)}")
 
 
 def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, options: TrainOptions,
@@ -118,9 +143,20 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     history: list[dict[str, float]] = []
     if options.method == "coftad" and options.finetune.steps > 0:
         history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
-    views = embed_views(backbone, pixels, options.views, options.augment, generator)
-    gaussian = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage)
-    threshold = good_only_threshold(views, options.target_false_reject_rate, options.shrinkage)
+    scorer, self_check = options.scorer, None
+    if scorer == "auto":
+        self_check = scorer_self_check(backbone, pixels, options, generator)
+        scorer = max(self_check, key=self_check.get)
+        log.info("scorer self-check (AUROC, good views vs synthetic defects): %s -> %s", self_check, scorer)
+    if scorer == "patch":
+        views = patch_views(backbone, pixels, options.views, options.augment, generator)
+        gaussian = fit_patch_gaussian(views, options.shrinkage)
+        fit = patch_fit(options.shrinkage, options.pooling)
+    else:
+        views = embed_views(backbone, pixels, options.views, options.augment, generator)
+        gaussian = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage)
+        fit = global_fit(options.shrinkage)
+    threshold = good_only_threshold(views, options.target_false_reject_rate, fit)
     data_hash = fingerprint(paths)
     created = datetime.now(timezone.utc)
     manifest = {
@@ -131,8 +167,11 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
                   "dtype": "uint8", "layout": "NHWC"},
         "normalisation": {"colour_order": "RGB", "mean": backbone.mean.flatten().tolist(),
                           "std": backbone.std.flatten().tolist()},
-        "embedding_dim": backbone.embedding_dim,
-        "scorer": "global",
+        "embedding_dim": gaussian.dim,
+        "scorer": scorer,
+        **({"patch": {"stride": PATCH_STRIDE, "stages": [1, 2], "pooling": options.pooling,
+                      "grid": [options.size[0] // PATCH_STRIDE, options.size[1] // PATCH_STRIDE], "blur_sigma": 4.0}}
+           if scorer == "patch" else {}),
         "threshold": threshold,
         "training": {
             "method": options.method,
@@ -145,6 +184,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
             "final_losses": history[-1] if history else None,
             "images": [p.name for p in paths],
             "selection": selection or {"method": "given", "note": "every image was taken as good"},
+            "scorer_self_check": self_check,
             "dataset_fingerprint": data_hash,
             "device": str(device),
             "seconds": round(time.perf_counter() - started, 1),

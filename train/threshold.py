@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from runtime.errors import CoftError
@@ -9,31 +11,35 @@ from train.gaussian import fit_gaussian
 from train.metrics import f1_max
 
 
-def good_only_threshold(view_embeddings: np.ndarray, target_false_reject_rate: float,
-                        shrinkage: str = "ledoit-wolf") -> dict:
-    """Threshold at a target false-reject rate, from scores the Gaussian did not see.
+Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
-    With three or more images: leave one image out, fit on the others, score all views of
-    the one left out (honest, slightly pessimistic since the final fit has one image more).
-    With fewer: fit on half of each image's views and score the other half.
+
+def global_fit(shrinkage: str = "ledoit-wolf") -> Fit:
+    """Fit on embedding views [n, D]; the scorer maps views [m, D] to scores [m]."""
+    return lambda views: fit_gaussian(views, shrinkage).score
+
+
+def good_only_threshold(views: np.ndarray, target_false_reject_rate: float, fit: Fit) -> dict:
+    """Threshold at a target false-reject rate, from scores of views the scorer did not see.
+
+    `views` is [k images, V views, ...features]. With three or more images: leave one image
+    out, fit on the others, score all views of the one left out (honest, slightly
+    pessimistic since the final fit has one image more). With fewer: fit on half of each
+    image's views and score the other half.
     """
-    k, n_views, _ = view_embeddings.shape
+    k, n_views = views.shape[:2]
     if not 0 < target_false_reject_rate < 1:
         raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
     if k >= 3:
         method = "leave-one-out"
-        scores = np.concatenate([
-            fit_gaussian(np.delete(view_embeddings, i, axis=0).reshape(-1, view_embeddings.shape[2]), shrinkage)
-            .score(view_embeddings[i])
-            for i in range(k)
-        ])
+        scores = np.concatenate([fit(np.delete(views, i, axis=0).reshape(-1, *views.shape[2:]))(views[i])
+                                 for i in range(k)])
     else:
         if n_views < 4:
             raise CoftError(f"{k} image(s) with {n_views} views cannot calibrate a threshold; use --views 4 or more")
         method = "held-out-views"
-        fit_views, held_views = view_embeddings[:, 0::2], view_embeddings[:, 1::2]
-        scores = fit_gaussian(fit_views.reshape(-1, fit_views.shape[2]), shrinkage).score(
-            held_views.reshape(-1, held_views.shape[2]))
+        fit_views, held_views = views[:, 0::2], views[:, 1::2]
+        scores = fit(fit_views.reshape(-1, *views.shape[2:]))(held_views.reshape(-1, *views.shape[2:]))
     value = float(np.quantile(scores, 1 - target_false_reject_rate, method="higher"))
     return {
         "value": value,

@@ -1,0 +1,55 @@
+"""Patch-level Gaussian scoring: where is the defect, and how bad is the worst spot.
+
+One shrinkage Gaussian is fitted to the patch features (train/patches.py) of all good
+images and their augmented views; every patch is scored by its Mahalanobis distance, the
+image by its worst patch, and the patch scores upsampled to the frame are the anomaly map.
+It is the same mean and precision for every patch, so the same fused kernel applies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from runtime.scoring import Gaussian
+from train.augment import AugmentConfig, augment
+from train.backbones import Backbone
+from train.gaussian import fit_gaussian
+from train.patches import patch_features
+from train.threshold import Fit
+
+PATCH_STRIDE = 8
+MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
+POOLINGS = ("max", "top1pct")
+
+
+def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_config: AugmentConfig,
+                generator: torch.Generator) -> np.ndarray:
+    """Patch features of `n_views` views per image, [k, V, P, C]; view 0 is the image itself."""
+    views = [pixels] + [augment(pixels, augment_config, generator) for _ in range(n_views - 1)]
+    stacked = torch.stack(views, dim=1).flatten(0, 1)
+    features = patch_features(backbone, stacked, PATCH_STRIDE).numpy()
+    return features.reshape(len(pixels), n_views, *features.shape[1:])
+
+
+def fit_patch_gaussian(features: np.ndarray, shrinkage: str = "ledoit-wolf") -> Gaussian:
+    """One Gaussian over all patches [..., C] (an even subsample beyond MAX_FIT_PATCHES), on raw features."""
+    flat = features.reshape(-1, features.shape[-1])
+    step = max(1, len(flat) // MAX_FIT_PATCHES)
+    return fit_gaussian(flat[::step], shrinkage, normalise=False)
+
+
+def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
+    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
+    if pooling == "max":
+        return patch_scores.max(axis=1)
+    top = max(1, patch_scores.shape[1] // 100)
+    return np.sort(patch_scores, axis=1)[:, -top:].mean(axis=1)
+
+
+def patch_fit(shrinkage: str = "ledoit-wolf", pooling: str = "max") -> Fit:
+    """For threshold calibration: fit on patch-feature views [n, P, C], score views [m, P, C] -> [m]."""
+    def fit(views: np.ndarray):
+        gaussian = fit_patch_gaussian(views, shrinkage)
+        return lambda items: pool(gaussian.score(items), pooling)
+    return fit
