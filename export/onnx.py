@@ -4,6 +4,8 @@ Inside the graph: uint8 NHWC frame in the camera's colour order -> float -> RGB 
 normalisation -> backbone -> global pooling -> L2 normalisation -> Mahalanobis distance
 with the bundle's mean and Cholesky factor as constants. Outputs `score` [N] and the raw
 `embedding` [N, D] (which the TensorRT path scores with the fused CUDA kernel instead).
+A patch-scorer bundle's graph scores every stride-8 patch instead, and also outputs
+`anomaly_map` [N, H, W]: patch scores upsampled to the input and Gaussian-smoothed.
 The batch is dynamic; the frame size is the bundle's.
 """
 
@@ -17,10 +19,12 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from runtime.bundle import Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
 from train.backbones import Backbone, restore_backbone
+from train.patches import patch_features_from_maps
 
 log = logging.getLogger(__name__)
 for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export
@@ -28,7 +32,7 @@ for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export
 
 ONNX_FILE = "model.onnx"
 OPSET = 18  # TensorRT 10 parses opsets up to 20; 18 is the lowest the torch exporter writes
-INPUT, SCORE, EMBEDDING = "frame", "score", "embedding"
+INPUT, SCORE, EMBEDDING, ANOMALY_MAP = "frame", "score", "embedding", "anomaly_map"
 
 
 class InspectionModel(nn.Module):
@@ -51,23 +55,61 @@ class InspectionModel(nn.Module):
         return d.square().sum(dim=1).sqrt(), embedding
 
 
+class PatchInspectionModel(InspectionModel):
+    """The patch scorer as one module: frame in; score, anomaly map and patch features out."""
+
+    def __init__(self, backbone: Backbone, mean: np.ndarray, cholesky: np.ndarray, colour_order: str, patch: dict,
+                 size: tuple[int, int]):
+        super().__init__(backbone, mean, cholesky, colour_order)
+        self.stride, self.pooling, self.grid, self.size = patch["stride"], patch["pooling"], patch["grid"], size
+        sigma = float(patch["blur_sigma"])
+        radius = int(round(sigma * 4))  # OpenCV's kernel size for this sigma: 2 * 4 * sigma + 1
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        self.register_buffer("blur", (taps / taps.sum()).view(1, 1, 1, -1))
+        self.radius = radius
+
+    def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = frame.permute(0, 3, 1, 2).float().index_select(1, self.to_rgb)
+        x, maps = self.backbone.normalise(pixels), []
+        for stage in self.backbone.stages[:3]:  # the last stage is not needed for patch features
+            x = stage(x)
+            maps.append(x)
+        features = patch_features_from_maps(maps, self.stride)
+        d = (features - self.gauss_mean) @ self.cholesky
+        patch_scores = d.square().sum(dim=2).sqrt()
+        if self.pooling == "max":
+            score = patch_scores.amax(dim=1)
+        else:
+            score = patch_scores.topk(max(1, patch_scores.shape[1] // 100), dim=1).values.mean(dim=1)
+        grid = patch_scores.view(-1, 1, *self.grid)
+        full = F.interpolate(grid, size=self.size, mode="bilinear", align_corners=False)
+        r = self.radius  # separable Gaussian blur with mirrored borders, as cv2.GaussianBlur does
+        full = F.conv2d(F.pad(full, (r, r, 0, 0), mode="reflect"), self.blur)
+        full = F.conv2d(F.pad(full, (0, 0, r, r), mode="reflect"), self.blur.transpose(2, 3))
+        return score, full[:, 0], features
+
+
 def inspection_model(bundle: Bundle) -> InspectionModel:
     m = bundle.manifest
     backbone = restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"])
-    return InspectionModel(backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"]).eval()
+    args = (backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"])
+    if m["scorer"] == "patch":
+        return PatchInspectionModel(*args, m["patch"], bundle.input_size).eval()
+    return InspectionModel(*args).eval()
 
 
 def check_matches_manifest(model: onnx.ModelProto, manifest: dict) -> None:
     """Refuse an ONNX graph whose input or outputs do not fit the bundle it sits in."""
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
-    if INPUT not in inputs or not {SCORE, EMBEDDING} <= set(outputs):
-        raise CoftError(f"{ONNX_FILE}: expects input '{INPUT}' and outputs '{SCORE}', '{EMBEDDING}'; re-run 'coft export'")
+    needed = {SCORE, EMBEDDING} | ({ANOMALY_MAP} if manifest.get("scorer") == "patch" else set())
+    if INPUT not in inputs or not needed <= set(outputs):
+        raise CoftError(f"{ONNX_FILE}: expects input '{INPUT}' and outputs {sorted(needed)}; re-run 'coft export'")
     dims = [d.dim_value or d.dim_param for d in inputs[INPUT].type.tensor_type.shape.dim]
     expected = [manifest["input"]["height"], manifest["input"]["width"], 3]
     if dims[1:] != expected:
         raise CoftError(f"{ONNX_FILE}: takes frames of {dims[1:]} but the manifest says {expected}; re-run 'coft export'")
-    emb_dim = outputs[EMBEDDING].type.tensor_type.shape.dim[1].dim_value
+    emb_dim = outputs[EMBEDDING].type.tensor_type.shape.dim[-1].dim_value
     if emb_dim != manifest["embedding_dim"]:
         raise CoftError(f"{ONNX_FILE}: embedding of size {emb_dim} but the manifest says {manifest['embedding_dim']}; re-run 'coft export'")
 
@@ -81,10 +123,12 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     target = bundle.path / ONNX_FILE
     tmp = bundle.path / f".{ONNX_FILE}.tmp"
+    patch = bundle.manifest["scorer"] == "patch"
+    names = [SCORE, ANOMALY_MAP, EMBEDDING] if patch else [SCORE, EMBEDDING]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                    output_names=[SCORE, EMBEDDING], dynamic_shapes=({0: batch},), verbose=False)
+                                    output_names=names, dynamic_shapes=({0: batch},), verbose=False)
     proto = program.model_proto
     if simplify:
         import onnxslim
@@ -93,8 +137,11 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     check_matches_manifest(proto, bundle.manifest)
     onnx.save(proto, tmp)
     tmp.replace(target)
+    outputs = {SCORE: ["batch"], EMBEDDING: ["batch", bundle.gaussian.dim]}
+    if patch:
+        grid = bundle.manifest["patch"]["grid"]
+        outputs = {SCORE: ["batch"], ANOMALY_MAP: ["batch", h, w], EMBEDDING: ["batch", grid[0] * grid[1], bundle.gaussian.dim]}
     update_manifest(bundle.path, {"onnx": {"file": ONNX_FILE, "opset": OPSET, "max_batch": max_batch,
-                                           "inputs": {INPUT: ["batch", h, w, 3]},
-                                           "outputs": {SCORE: ["batch"], EMBEDDING: ["batch", bundle.gaussian.dim]}}})
+                                           "inputs": {INPUT: ["batch", h, w, 3]}, "outputs": outputs}})
     log.info("wrote %s (opset %d, batch 1..%d)", target, OPSET, max_batch)
     return target

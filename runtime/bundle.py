@@ -26,6 +26,7 @@ from runtime.scoring import Gaussian
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GAUSSIAN = "gaussian.npz"
+SCORERS = ("global", "patch")
 REQUIRED_KEYS = ("format_version", "model_id", "backbone", "input", "normalisation", "embedding_dim", "threshold", "files")
 
 
@@ -109,6 +110,11 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             raise CoftError(f"{bundle_dir}: checksum mismatch for {name} (corrupt or edited); copy the bundle again")
     if GAUSSIAN not in manifest["files"]:
         raise CoftError(f"{bundle_dir}: manifest does not list {GAUSSIAN}; retrain the bundle")
+    scorer = manifest.get("scorer", "global")
+    if scorer not in SCORERS:
+        raise CoftError(f"{bundle_dir}: scorer {scorer!r} is unknown to this runtime (it knows {', '.join(SCORERS)}); upgrade coft")
+    if scorer == "patch" and not {"stride", "grid", "pooling", "blur_sigma"} <= set(manifest.get("patch", {})):
+        raise CoftError(f"{bundle_dir}: patch scorer without its 'patch' settings in the manifest; retrain the bundle")
     return manifest
 
 

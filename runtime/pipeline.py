@@ -17,6 +17,7 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from runtime.bundle import load_bundle
@@ -24,6 +25,7 @@ from runtime.config import RuntimeConfig, valid_threshold
 from runtime.engines import open_engine
 from runtime.errors import CoftError
 from runtime.evidence import Evidence
+from runtime.heatmap import defect_box, overlay
 from runtime.images import resize_to_input
 from runtime.metrics import Metrics
 from runtime.mqtt import CameraLink, camera_topic
@@ -111,6 +113,7 @@ class Runtime:
                         for c in config.cameras]
         self.started = time.time()
         self.watchdog = Watchdog()
+        self.rois = {c.name: c.roi for c in config.cameras}
 
     # -- frames in ---------------------------------------------------------------------------
     def _deliver(self, camera: str, triggered: bool):
@@ -146,14 +149,29 @@ class Runtime:
     def inspect(self, frames: list[Frame]) -> None:
         batch = np.stack([resize_to_input(f.image, self.bundle.input_size) for f in frames])
         started = time.perf_counter()
-        scores, _ = self.engine.infer(batch)
+        result = self.engine.infer(batch)
         self.metrics.inference.observe(time.perf_counter() - started)
         threshold = self.threshold.value
-        for frame, score in zip(frames, scores):
-            self._verdict(frame, float(score), threshold)
+        maps = result.maps if result.maps is not None else [None] * len(frames)
+        for frame, score, score_map in zip(frames, result.scores, maps):
+            self._verdict(frame, float(score), threshold, score_map)
         self.metrics.outbox_depth.set(self.outbox.depth())
 
-    def _verdict(self, frame: Frame, score: float, threshold: float) -> None:
+    def defect(self, frame: Frame, score_map: np.ndarray, threshold: float) -> dict:
+        """Where the defect is, in the camera frame's pixels: the box around the hottest region of the map
+        (above the threshold and above half the peak, since receptive fields spread a strong defect wide)."""
+        if score_map.shape != self.bundle.input_size:
+            raise CoftError(f"anomaly map of {score_map.shape} does not match the model input {self.bundle.input_size}; "
+                            "re-export the bundle with 'coft export'")
+        box = defect_box(score_map, max(threshold, 0.5 * float(score_map.max())))
+        if box is not None:
+            (ih, iw), (fh, fw) = self.bundle.input_size, frame.image.shape[:2]
+            x0, y0 = self.rois[frame.camera][:2] if self.rois[frame.camera] else (0, 0)
+            box = [round(box[0] * fw / iw) + x0, round(box[1] * fh / ih) + y0,
+                   round(box[2] * fw / iw), round(box[3] * fh / ih)]
+        return {"box": box, "peak": round(float(score_map.max()), 4)}
+
+    def _verdict(self, frame: Frame, score: float, threshold: float, score_map: np.ndarray | None = None) -> None:
         reject = score > threshold
         broker = self.config.broker
         verdict = {
@@ -162,6 +180,8 @@ class Runtime:
             "capture_ts": frame.captured_at, "score": round(score, 6), "threshold": threshold,
             "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
         }
+        if score_map is not None:
+            verdict["defect"] = self.defect(frame, score_map, threshold)
 
         def messages(seq: int) -> list[tuple[str, bytes]]:
             verdict["seq"] = seq
@@ -169,6 +189,8 @@ class Runtime:
             out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
             if reject:
                 plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"]}
+                if "defect" in verdict:
+                    plc["box"] = verdict["defect"]["box"]
                 out.append((camera_topic(broker, frame.camera, "reject"), json.dumps(plc).encode()))
             return out
 
@@ -177,7 +199,10 @@ class Runtime:
         self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
         self.links[frame.camera].notify()
         if self.evidence and self.evidence.wanted(reject):
-            self.evidence.save(frame.image, verdict)
+            image = frame.image
+            if score_map is not None:
+                image = overlay(image, cv2.resize(score_map, image.shape[1::-1]), threshold)
+            self.evidence.save(image, verdict)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def counters(self, camera: str) -> dict:

@@ -42,7 +42,8 @@ def test_graph_is_valid_and_described_in_the_manifest(exported):
 def test_onnx_runtime_matches_pytorch_and_the_numpy_reference(exported, parts):
     bundle = load_bundle(exported)
     frames = _frames(parts, bundle)
-    scores, embeddings = open_engine(bundle, "onnxruntime").infer(frames)
+    result = open_engine(bundle, "onnxruntime").infer(frames)
+    scores, embeddings = result.scores, result.embeddings
     with torch.no_grad():
         torch_scores, torch_embeddings = inspection_model(bundle)(torch.from_numpy(frames))
     np.testing.assert_allclose(scores, torch_scores.numpy(), rtol=1e-4)
@@ -56,8 +57,8 @@ def test_dynamic_batch_and_batches_larger_than_the_graph(exported, parts):
     engine = open_engine(bundle)  # auto: no engine here, so ONNX Runtime
     assert engine.name == "onnxruntime"
     frames = _frames(parts, bundle)
-    one, _ = engine.infer(frames[:1])
-    many, _ = engine.infer(np.concatenate([frames] * 3))  # 18 frames, graph max batch 8
+    one = engine.infer(frames[:1]).scores
+    many = engine.infer(np.concatenate([frames] * 3)).scores  # 18 frames, graph max batch 8
     np.testing.assert_allclose(one, many[:1], rtol=1e-5)
     assert many.shape == (18,)
 
@@ -180,6 +181,6 @@ def test_tensorrt_engine_matches_onnx_runtime(exported, parts, tmp_path):
     build_engine(copy, fp16=False, max_batch=8)
     bundle = load_bundle(copy)
     frames = _frames(parts, bundle)
-    trt_scores, _ = open_engine(bundle, "tensorrt").infer(frames)
-    ort_scores, _ = open_engine(bundle, "onnxruntime").infer(frames)
+    trt_scores = open_engine(bundle, "tensorrt").infer(frames).scores
+    ort_scores = open_engine(bundle, "onnxruntime").infer(frames).scores
     np.testing.assert_allclose(trt_scores, ort_scores, rtol=1e-3)

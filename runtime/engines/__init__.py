@@ -6,6 +6,7 @@ An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded defau
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -14,11 +15,18 @@ from runtime.bundle import Bundle
 from runtime.errors import CoftError
 
 
+@dataclass
+class Inference:
+    scores: np.ndarray  # [N]
+    embeddings: np.ndarray  # [N, D] global, or [N, P, D] patch features
+    maps: np.ndarray | None = None  # [N, H, W] anomaly maps at the input size (patch scorer)
+
+
 class Engine(Protocol):
     name: str
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 frames [N, H, W, 3] in the bundle's colour order -> scores [N], embeddings [N, D]."""
+    def infer(self, frames: np.ndarray) -> Inference:
+        """uint8 frames [N, H, W, 3] in the bundle's colour order -> scores, embeddings and maps."""
 
 
 def check_frames(frames: np.ndarray, bundle: Bundle) -> None:
@@ -45,6 +53,8 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
     """Why the TensorRT backend cannot run this bundle here, or None if it can."""
     if "engine" not in bundle.manifest:
         return "the bundle has no TensorRT engine (build one on this box with 'coft build-engine')"
+    if bundle.manifest["scorer"] == "patch":
+        return "the TensorRT path has no patch-scoring kernel yet; patch bundles run on ONNX Runtime"
     from runtime.engines.trt_engine import TRT_MISSING
     return TRT_MISSING
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.engines import check_frames
+from runtime.engines import Inference, check_frames
 from runtime.errors import CoftError
 
 
@@ -27,11 +27,10 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(str(bundle.path / onnx_info["file"]), options,
                                             providers=providers or ["CPUExecutionProvider"])
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
-        scores, embeddings = [], []
-        for i in range(0, len(frames), self.max_batch):
-            score, embedding = self.session.run(["score", "embedding"], {"frame": frames[i:i + self.max_batch]})
-            scores.append(score)
-            embeddings.append(embedding)
-        return np.concatenate(scores), np.concatenate(embeddings)
+        names = ["score", "embedding"] + (["anomaly_map"] if self.bundle.manifest["scorer"] == "patch" else [])
+        chunks = [self.session.run(names, {"frame": frames[i:i + self.max_batch]})
+                  for i in range(0, len(frames), self.max_batch)]
+        joined = [np.concatenate(parts) for parts in zip(*chunks)]
+        return Inference(joined[0], joined[1], joined[2] if len(joined) > 2 else None)

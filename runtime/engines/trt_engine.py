@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from runtime.bundle import Bundle, sha256
-from runtime.engines import check_frames
+from runtime.engines import Inference, check_frames
 from runtime.engines.fused_scoring import FusedScorer
 from runtime.errors import CoftError
 
@@ -70,6 +70,8 @@ class TensorRTEngine:
     def __init__(self, bundle: Bundle):
         if TRT_MISSING:
             raise CoftError(f"{TRT_MISSING}; use backend onnxruntime")
+        if bundle.manifest["scorer"] == "patch":
+            raise CoftError("the TensorRT path has no patch-scoring kernel yet; use backend onnxruntime for patch bundles")
         meta = bundle.manifest.get("engine")
         if not meta:
             raise CoftError(f"{bundle.path}: the bundle has no TensorRT engine; run 'coft build-engine {bundle.path}' on this box")
@@ -92,7 +94,7 @@ class TensorRTEngine:
         self.host_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
         self.host_embeddings = cuda.pagelocked_empty(shapes["embedding"], np.float32)
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
         scores, embeddings = [], []
         for i in range(0, len(frames), self.max_batch):
@@ -108,4 +110,4 @@ class TensorRTEngine:
             self.stream.synchronize()
             scores.append(self.host_scores[:n].copy())
             embeddings.append(self.host_embeddings[:n].copy())
-        return np.concatenate(scores), np.concatenate(embeddings)
+        return Inference(np.concatenate(scores), np.concatenate(embeddings))

@@ -1,0 +1,124 @@
+"""Patch-level scoring: where the defect is, from training through export to the verdict on MQTT."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from export.onnx import export_onnx, inspection_model
+from runtime.bundle import load_bundle
+from runtime.config import load_config
+from runtime.engines import open_engine
+from runtime.errors import CoftError
+from runtime.heatmap import anomaly_map, defect_box
+from runtime.pipeline import Runtime
+from tests.conftest import SIZE, good_part
+from tests.test_runtime import Subscriber
+from train.evaluate import evaluate
+from train.patch_scorer import pool
+from train.pipeline import TrainOptions, train_bundle
+
+STAIN = (90, 40, 14)  # x, y, radius in the 128 px part
+
+
+def stained(rng):
+    image = good_part(rng)
+    cv2.circle(image, STAIN[:2], STAIN[2], 235, thickness=-1)
+    return image
+
+
+@pytest.fixture(scope="module")
+def masked_set(tmp_path_factory):
+    """good/, defect/stain/ and mask/stain/ (magnetic-tile layout), with the stain's true pixels."""
+    root = tmp_path_factory.mktemp("masked")
+    rng = np.random.default_rng(3)
+    for folder in ("train/good", "test/good", "test/defect/stain", "test/mask/stain"):
+        (root / folder).mkdir(parents=True)
+    for i in range(8):
+        cv2.imwrite(str(root / f"train/good/g{i}.png"), good_part(rng))
+        cv2.imwrite(str(root / f"test/good/g{i}.png"), good_part(rng))
+        cv2.imwrite(str(root / f"test/defect/stain/s{i}.png"), stained(rng))
+        mask = np.zeros((128, 128), np.uint8)
+        cv2.circle(mask, STAIN[:2], STAIN[2], 255, thickness=-1)
+        cv2.imwrite(str(root / f"test/mask/stain/s{i}.png"), mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def patch_bundle(masked_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("patch") / "p.bundle"
+    train_bundle(masked_set / "train/good", out, TrainOptions(size=SIZE, scorer="patch", views=4, progress=False))
+    export_onnx(out, max_batch=8)
+    return out
+
+
+def test_patch_bundle_describes_its_scorer(patch_bundle):
+    m = load_bundle(patch_bundle).manifest
+    assert m["scorer"] == "patch" and m["embedding_dim"] == 152
+    assert m["patch"] == {**m["patch"], "stride": 8, "grid": [12, 12], "pooling": "max"}
+    assert m["onnx"]["outputs"]["anomaly_map"] == ["batch", 96, 96]
+
+
+def test_eval_reports_pixel_auroc_and_a_gallery(patch_bundle, masked_set, tmp_path):
+    report = evaluate(patch_bundle, masked_set / "test", tmp_path / "r", progress=False)
+    assert report["metrics"]["auroc"] > 0.9
+    assert report["pixel_auroc"] > 0.9  # the map lights up where the stain really is
+    assert (tmp_path / "r" / "gallery.png").stat().st_size > 0
+
+
+def test_onnx_patch_graph_matches_pytorch_and_numpy(patch_bundle, masked_set):
+    bundle = load_bundle(patch_bundle)
+    frames = np.stack([cv2.resize(cv2.imread(str(masked_set / f"test/defect/stain/s{i}.png")), (96, 96),
+                                  interpolation=cv2.INTER_AREA) for i in range(3)])
+    result = open_engine(bundle, "onnxruntime").infer(frames)
+    with torch.no_grad():
+        score, full_map, features = inspection_model(bundle)(torch.from_numpy(frames))
+    np.testing.assert_allclose(result.scores, score.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(result.scores, pool(bundle.gaussian.score(result.embeddings)), rtol=1e-4)
+    patch_maps = bundle.gaussian.score(result.embeddings).reshape(3, 12, 12)
+    reference = np.stack([anomaly_map(m, (96, 96), 4.0) for m in patch_maps])
+    np.testing.assert_allclose(result.maps, reference, rtol=1e-3, atol=1e-3 * reference.max())
+    box = defect_box(result.maps[0], load_bundle(patch_bundle).threshold)
+    assert box is not None
+
+
+def test_verdict_carries_the_defect_box_in_frame_pixels(patch_bundle, masked_set, mosquitto, tmp_path):
+    (tmp_path / "line").mkdir()
+    shutil.copy(masked_set / "test/defect/stain/s0.png", tmp_path / "line/s0.png")
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump({
+        "bundle": str(patch_bundle), "cameras": [{"name": "cam1", "source": str(tmp_path / "line")}],
+        "broker": {"port": mosquitto.port, "line": "l1"}, "outbox": {"path": str(tmp_path / "o.db")},
+        "evidence": {"dir": str(tmp_path / "evidence")}}))
+    plc = Subscriber(mosquitto.port)
+    Runtime(load_config(config)).run(until_sources_end=True)
+    verdict = plc.wait_for("verdict", 1)[0]
+    plc.close()
+    assert verdict["verdict"] == "reject"
+    x, y, w, h = verdict["defect"]["box"]  # in the 128 px frame, not the 96 px model input
+    assert x <= STAIN[0] <= x + w and y <= STAIN[1] <= y + h
+    assert w < 100 and h < 100 and verdict["defect"]["peak"] > verdict["threshold"]
+    assert len(list((tmp_path / "evidence/cam1").glob("*.jpg"))) == 1  # saved with the heatmap overlaid
+
+
+def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, mosquitto):
+    copy = tmp_path / "b"
+    shutil.copytree(patch_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["scorer"] = "hologram"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CoftError, match="scorer 'hologram' is unknown to this runtime"):
+        load_bundle(copy)
+    config = tmp_path / "line.yaml"
+    config.write_text(yaml.safe_dump({"bundle": str(patch_bundle), "cameras": [{"name": "cam1", "source": "0"}],
+                                      "broker": {"port": mosquitto.port}, "outbox": {"path": str(tmp_path / "o.db")}}))
+    runtime = Runtime(load_config(config))
+    from runtime.sources import Frame
+    frame = Frame("cam1", 1, 0.0, np.zeros((128, 128, 3), np.uint8))
+    with pytest.raises(CoftError, match="does not match the model input"):
+        runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0)
+    runtime.outbox.close()
