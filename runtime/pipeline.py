@@ -95,8 +95,7 @@ class Runtime:
     def __init__(self, config: RuntimeConfig):
         self.config = config
         self.bundle = load_bundle(config.bundle)
-        self.engine = open_engine(self.bundle, config.backend,
-                                  **({"threads": config.threads} if config.backend != "tensorrt" else {}))
+        self.engine = open_engine(self.bundle, config.backend, config.threads)
         log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
         self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id)
         self.metrics = Metrics()

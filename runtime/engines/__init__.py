@@ -36,17 +36,17 @@ def check_frames(frames: np.ndarray, bundle: Bundle) -> None:
                         f"expected uint8 [N, {h}, {w}, 3]; resize frames to the bundle's input first")
 
 
-def _onnxruntime(bundle: Bundle, **options) -> Engine:
+def _onnxruntime(bundle: Bundle, threads: int) -> Engine:
     from runtime.engines.ort_engine import OnnxRuntimeEngine
-    return OnnxRuntimeEngine(bundle, **options)
+    return OnnxRuntimeEngine(bundle, threads=threads)
 
 
-def _tensorrt(bundle: Bundle, **options) -> Engine:
+def _tensorrt(bundle: Bundle, threads: int) -> Engine:  # noqa: ARG001  (TensorRT schedules the GPU itself)
     from runtime.engines.trt_engine import TensorRTEngine
-    return TensorRTEngine(bundle, **options)
+    return TensorRTEngine(bundle)
 
 
-BACKENDS: dict[str, Callable[..., Engine]] = {"onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {"onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
 
 
 def tensorrt_unavailable(bundle: Bundle) -> str | None:
@@ -59,10 +59,12 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
     return TRT_MISSING
 
 
-def open_engine(bundle: Bundle, backend: str = "auto", **options) -> Engine:
-    """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else ONNX Runtime."""
+def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0) -> Engine:
+    """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else ONNX Runtime.
+
+    `threads` sets ONNX Runtime's CPU threads (0: all cores)."""
     if backend == "auto":
         backend = "onnxruntime" if tensorrt_unavailable(bundle) else "tensorrt"
     if backend not in BACKENDS:
         raise CoftError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
-    return BACKENDS[backend](bundle, **options)
+    return BACKENDS[backend](bundle, threads)

@@ -12,7 +12,7 @@ from runtime.errors import CoftError
 class OnnxRuntimeEngine:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, threads: int = 0, providers: list[str] | None = None):
+    def __init__(self, bundle: Bundle, threads: int = 0):
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -25,7 +25,7 @@ class OnnxRuntimeEngine:
         self.bundle = bundle
         self.max_batch = int(onnx_info["max_batch"])
         self.session = ort.InferenceSession(str(bundle.path / onnx_info["file"]), options,
-                                            providers=providers or ["CPUExecutionProvider"])
+                                            providers=["CPUExecutionProvider"])
 
     def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
