@@ -2,10 +2,11 @@
 
     python bench/backbone.py [BUNDLE] [--threads 2] [--batches 1 8] [--seconds 10]
 
-Without BUNDLE, a frozen Lite0 bundle is trained on 10 good cells of the elpv-dataset
-package and exported first. Both paths run the whole graph (preprocessing, backbone,
-L2 normalisation, Mahalanobis score) on uint8 frames. Prints a markdown table and writes
-backbone.json under --out.
+Without BUNDLE, two frozen Lite0 bundles are trained on 10 good cells of the elpv-dataset
+package and exported first, one per scorer (global embedding, patch features), so the
+table also gives the patch scorer's per-frame cost against the global one. Both paths run
+the whole graph (preprocessing, backbone, scoring; the anomaly map for patch) on uint8
+frames. Prints a markdown table and writes backbone.json under --out.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from runtime.bundle import load_bundle  # noqa: E402
 from runtime.engines import open_engine  # noqa: E402
 
 
-def demo_bundle(work: Path) -> Path:
+def demo_bundle(work: Path, scorer: str = "global") -> Path:
     from train.demo import prepare_folders
     from train.pipeline import TrainOptions, train_bundle
 
     train_dir, _ = prepare_folders(work, shots=10, seed=0, test_limit=1)
-    bundle = train_bundle(train_dir, work / "bundle", TrainOptions(method="frozen", progress=False))
+    bundle = train_bundle(train_dir, work / f"bundle-{scorer}",
+                          TrainOptions(method="frozen", scorer=scorer, progress=False))
     export_onnx(bundle)
     return bundle
 
@@ -62,32 +64,35 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-bench-"))
-    bundle = load_bundle(args.bundle or demo_bundle(work))
-    if "onnx" not in bundle.manifest:
-        export_onnx(bundle.path)
-        bundle = load_bundle(bundle.path)
+    bundles = [args.bundle] if args.bundle else [demo_bundle(work / s, s) for s in ("global", "patch")]
     torch.set_num_threads(args.threads)
-    ort_engine = open_engine(bundle, "onnxruntime", threads=args.threads)
-    model = inspection_model(bundle).to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def torch_run(frames):
-        return model(torch.from_numpy(frames))
-
-    h, w = bundle.input_size
     rng = np.random.default_rng(0)
     rows = []
-    for batch in args.batches:
-        frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-        rows.append({"path": "ONNX Runtime", **measure(ort_engine.infer, frames, args.seconds)})
-        rows.append({"path": "PyTorch eager", **measure(torch_run, frames, args.seconds)})
+    for path in bundles:
+        bundle = load_bundle(path)
+        if "onnx" not in bundle.manifest:
+            export_onnx(bundle.path)
+            bundle = load_bundle(bundle.path)
+        ort_engine = open_engine(bundle, "onnxruntime", threads=args.threads)
+        model = inspection_model(bundle).to(memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def torch_run(frames):
+            return model(torch.from_numpy(frames))
+
+        h, w = bundle.input_size
+        for batch in args.batches:
+            frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+            for name, run in (("ONNX Runtime", ort_engine.infer), ("PyTorch eager", torch_run)):
+                rows.append({"scorer": bundle.manifest["scorer"], "path": name, **measure(run, frames, args.seconds)})
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
             "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
             "model": f"{bundle.manifest['backbone']['name']} {h}x{w}, frame to score"}
     lines = [f"Backbone speed, {meta['model']}, {meta['machine']} with {args.threads} threads "
              f"(ONNX Runtime {meta['onnxruntime']}, torch {meta['torch']})", "",
-             "| path | batch | median ms/batch | p90 ms | images/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['path']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['images_per_s']:.1f} |" for r in rows]
+             "| scorer | path | batch | median ms/batch | p90 ms | images/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['scorer']} | {r['path']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+              f"{r['images_per_s']:.1f} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backbone.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))

@@ -156,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
-    bundle = args.bundle or demo_bundle(work / "demo")
+    bundle = args.bundle or demo_bundle(work / "demo", "global")
     if "onnx" not in load_bundle(bundle).manifest:
         from export.onnx import export_onnx
         export_onnx(bundle)
