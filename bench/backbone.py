@@ -77,7 +77,7 @@ def main() -> None:
         model = inspection_model(bundle).to(memory_format=torch.channels_last)
 
         @torch.inference_mode()
-        def torch_run(frames):
+        def torch_run(frames, model=model):
             return model(torch.from_numpy(frames))
 
         h, w = bundle.input_size

@@ -43,6 +43,16 @@ from train.patches import patch_features  # noqa: E402
 CONTAMINATION = (0, 5, 10, 20)
 
 
+def _mean_std(runs: list[dict], key: str) -> str:
+    v = np.array([r[key] for r in runs], dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+def _mean(runs: list[dict], key: str) -> str:
+    v = [r[key] for r in runs if r[key] is not None]
+    return f"{np.mean(v):.2f}" if v else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset_root", type=Path)
@@ -100,16 +110,8 @@ def main() -> None:
     for c in CONTAMINATION:
         rs = [r for r in runs if r["contamination_pct"] == c]
 
-        def ms(key):
-            v = np.array([r[key] for r in rs], dtype=float)
-            return f"{v.mean():.3f} ± {v.std():.3f}"
-
-        def mean_of(key):
-            v = [r[key] for r in rs if r[key] is not None]
-            return f"{np.mean(v):.2f}" if v else "-"
-
-        lines.append(f"| {c}% | {ms('naive')} | {ms('fun_ad')} | {ms('oracle')} | "
-                     f"{np.mean([r['suspects'] for r in rs]):.1f} | {mean_of('precision')} | {mean_of('recall')} | "
+        lines.append(f"| {c}% | {_mean_std(rs, 'naive')} | {_mean_std(rs, 'fun_ad')} | {_mean_std(rs, 'oracle')} | "
+                     f"{np.mean([r['suspects'] for r in rs]):.1f} | {_mean(rs, 'precision')} | {_mean(rs, 'recall')} | "
                      f"{np.mean([r['funad_seconds'] for r in rs]):.1f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "funad.json").write_text(json.dumps({"machine": machine(), "runs": runs}, indent=2) + "\n")

@@ -42,7 +42,7 @@ from backbone import demo_bundle  # noqa: E402  (bench/ is on sys.path when run 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.engines import open_engine  # noqa: E402
 from runtime.images import resize_to_input  # noqa: E402
-from tests.conftest import Mosquitto, free_port  # noqa: E402
+from tests.conftest import Mosquitto  # noqa: E402
 
 
 def write_video(path: Path, frames: int = 200) -> Path:

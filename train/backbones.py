@@ -9,7 +9,6 @@ lukemelas' EfficientNet-PyTorch, reproduced here so the file loads strictly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
