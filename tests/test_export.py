@@ -137,12 +137,13 @@ def test_fused_kernel_launch_geometry():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA kernel is compiled on the box")
-@pytest.mark.parametrize("dim,half", [(1280, False), (1280, True), (512, False), (2048, False)])
-def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half):
+@pytest.mark.parametrize("dim,half,patches", [(1280, False, 0), (1280, True, 0), (512, False, 0), (2048, False, 0),
+                                              (152, False, 784), (152, True, 784)])
+def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half, patches):
     source = tmp_path / "mahalanobis.cu"
     source.write_text(kernel_source())
     for arch in ("sm_87", "sm_90"):
-        result = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", *kernel_options(dim, half), "-o",
+        result = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", *kernel_options(dim, half, patches), "-o",
                                  str(tmp_path / f"{arch}.cubin"), str(source)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
@@ -172,6 +173,27 @@ def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
         scorer.launch(cuda.In(embeddings), device_scores, n)
         cuda.memcpy_dtoh(scores, device_scores)
         np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=rtol)
+
+
+@pytest.mark.skipif(_cuda_gpu() is not None, reason="needs a CUDA GPU and pycuda")
+def test_fused_patch_kernel_matches_the_numpy_reference():
+    import pycuda.driver as cuda
+
+    from runtime.engines.fused_scoring import FusedScorer
+    from train.patch_scorer import fit_patch_gaussian
+
+    rng = np.random.default_rng(0)
+    gaussian = fit_patch_gaussian(rng.normal(size=(4000, 152)).astype(np.float32) + 2)
+    scorer = FusedScorer(gaussian, max_batch=8, patches=784)
+    features = (rng.normal(size=(8, 784, 152)) + 2).astype(np.float32)
+    patch_scores, image_scores = np.zeros(8 * 784, np.float32), np.zeros(8, np.float32)
+    d_patch, d_image = cuda.mem_alloc(patch_scores.nbytes), cuda.mem_alloc(image_scores.nbytes)
+    scorer.launch(cuda.In(features), d_patch, 8, image_scores=d_image)
+    cuda.memcpy_dtoh(patch_scores, d_patch)
+    cuda.memcpy_dtoh(image_scores, d_image)
+    reference = gaussian.score(features)
+    np.testing.assert_allclose(patch_scores.reshape(8, 784), reference, rtol=1e-4)
+    np.testing.assert_allclose(image_scores, reference.max(axis=1), rtol=1e-4)
 
 
 @pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}: engines are built and tested on the Jetson")

@@ -13,9 +13,11 @@
 // are added into accum[n]; the last block to finish (ticket counter) takes the square
 // roots, writes the scores and clears accum and the ticket for the next launch.
 //
-// Compile-time parameters: DIM (embedding size, required), TILE (images per block),
+// Compile-time parameters: DIM (embedding size, required), TILE (rows per block),
 // COLS (columns per block = threads per block, a multiple of 32), FACTOR_HALF (store L
-// in fp16, halving the bytes read; accumulation stays fp32).
+// in fp16, halving the bytes read; accumulation stays fp32), PATCHES (patch scorer: each
+// image is PATCHES consecutive rows of raw, un-normalised patch features; the last block
+// also writes each image's worst patch to image_score).
 
 #ifndef DIM
 #error "compile with -DDIM=<embedding size>"
@@ -25,6 +27,9 @@
 #endif
 #ifndef COLS
 #define COLS 64
+#endif
+#ifndef PATCHES
+#define PATCHES 0
 #endif
 
 #ifdef FACTOR_HALF
@@ -59,7 +64,8 @@ extern "C" __global__ void __launch_bounds__(COLS) mahalanobis_fused(
     const factor_t* __restrict__ factor,   // [DIM, DIM] row-major, lower-triangular
     float* __restrict__ accum,             // [>= n], zero on entry and on exit
     unsigned int* __restrict__ ticket,     // [1], zero on entry and on exit
-    float* __restrict__ score,             // [n]
+    float* __restrict__ score,             // [n]: one score per row (per image, or per patch)
+    float* __restrict__ image_score,       // [n / PATCHES]: worst patch per image (PATCHES > 0 only)
     const int n)
 {
     __shared__ float centred[TILE][DIM];
@@ -68,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(COLS) mahalanobis_fused(
     const int first_image = blockIdx.y * TILE;
     const int col = blockIdx.x * COLS + threadIdx.x;
 
-    // 1. L2-normalise and centre the tile's embeddings.
+    // 1. Centre the tile's rows (global embeddings are L2-normalised first; patch features are not).
     for (int t = 0; t < TILE; ++t) {
         const int image = first_image + t;
         float sq = 0.f;
@@ -79,9 +85,9 @@ extern "C" __global__ void __launch_bounds__(COLS) mahalanobis_fused(
                 sq += e * e;
             }
         }
-        const float inv_norm = rsqrtf(fmaxf(block_sum(sq, scratch), 1e-24f));
+        const float scale = PATCHES ? 1.f : rsqrtf(fmaxf(block_sum(sq, scratch), 1e-24f));
         for (int i = threadIdx.x; i < DIM; i += COLS)
-            centred[t][i] = image < n ? centred[t][i] * inv_norm - mean[i] : 0.f;
+            centred[t][i] = image < n ? centred[t][i] * scale - mean[i] : 0.f;
     }
     __syncthreads();
 
@@ -114,5 +120,13 @@ extern "C" __global__ void __launch_bounds__(COLS) mahalanobis_fused(
         for (int image = threadIdx.x; image < n; image += COLS)
             score[image] = sqrtf(atomicExch(&accum[image], 0.f));
         if (threadIdx.x == 0) *ticket = 0u;
+#if PATCHES
+        __syncthreads();  // this block wrote every row's score; now each image's worst patch
+        for (int image = threadIdx.x; image < n / PATCHES; image += COLS) {
+            float worst = score[image * PATCHES];
+            for (int p = 1; p < PATCHES; ++p) worst = fmaxf(worst, score[image * PATCHES + p]);
+            image_score[image] = worst;
+        }
+#endif
     }
 }

@@ -29,8 +29,8 @@ def images_per_block(dim: int) -> int:
     return max(1, min(8, SHARED_BYTES // (4 * dim)))
 
 
-def kernel_options(dim: int, half_factor: bool) -> list[str]:
-    options = [f"-DDIM={dim}", f"-DTILE={images_per_block(dim)}", f"-DCOLS={COLS}"]
+def kernel_options(dim: int, half_factor: bool, patches: int = 0) -> list[str]:
+    options = [f"-DDIM={dim}", f"-DTILE={images_per_block(dim)}", f"-DCOLS={COLS}", f"-DPATCHES={patches}"]
     return options + ["-DFACTOR_HALF"] if half_factor else options
 
 
@@ -39,26 +39,38 @@ def launch_grid(dim: int, batch: int) -> tuple[int, int, int]:
 
 
 class FusedScorer:
-    """Scores device-resident embeddings [n, D] into device-resident scores [n]."""
+    """Scores device-resident embeddings [n, D] into device-resident scores [n].
 
-    def __init__(self, gaussian: Gaussian, max_batch: int, half_factor: bool = False):
+    With `patches` = P (patch scorer), a batch of N images is N * P rows of raw patch
+    features; the launch writes every patch's score and each image's worst patch.
+    """
+
+    def __init__(self, gaussian: Gaussian, max_batch: int, half_factor: bool = False, patches: int = 0):
         try:
             import pycuda.driver as cuda
             from pycuda.compiler import SourceModule
         except ImportError as exc:
             raise CoftError(f"the fused scoring kernel needs pycuda ({exc}); pip install pycuda on the box") from exc
-        self.dim, self.max_batch = gaussian.dim, max_batch
-        module = SourceModule(kernel_source(), options=kernel_options(self.dim, half_factor), no_extern_c=True)
+        if bool(patches) == gaussian.normalised:
+            raise CoftError("a patch scorer needs a Gaussian of raw patch features, a global one of normalised embeddings")
+        self.dim, self.patches = gaussian.dim, patches
+        self.max_rows = max_batch * max(1, patches)
+        module = SourceModule(kernel_source(), options=kernel_options(self.dim, half_factor, patches), no_extern_c=True)
         self.kernel = module.get_function(KERNEL_NAME)
         factor = gaussian.cholesky.astype(np.float16 if half_factor else np.float32)
         self.mean = cuda.to_device(np.ascontiguousarray(gaussian.mean, dtype=np.float32))
         self.factor = cuda.to_device(np.ascontiguousarray(factor))
-        self.accum = cuda.to_device(np.zeros(max_batch, np.float32))
+        self.accum = cuda.to_device(np.zeros(self.max_rows, np.float32))
         self.ticket = cuda.to_device(np.zeros(1, np.uint32))
 
-    def launch(self, embeddings, scores, n: int, stream=None) -> None:
-        """Queue one launch on `stream`; `embeddings` and `scores` are device pointers or allocations."""
-        if not 0 < n <= self.max_batch:
-            raise CoftError(f"batch of {n} frames; the scorer was set up for 1..{self.max_batch}")
-        self.kernel(embeddings, self.mean, self.factor, self.accum, self.ticket, scores, np.int32(n),
-                    block=(COLS, 1, 1), grid=launch_grid(self.dim, n), stream=stream)
+    def launch(self, embeddings, scores, n: int, stream=None, image_scores=None) -> None:
+        """Queue one launch for `n` images on `stream`; arguments are device pointers or allocations.
+
+        `scores` receives one score per row (n, or n * patches); `image_scores` (patch scorer)
+        each image's worst patch."""
+        rows = n * max(1, self.patches)
+        if not 0 < rows <= self.max_rows:
+            raise CoftError(f"batch of {n} frames; the scorer was set up for 1..{self.max_rows // max(1, self.patches)}")
+        self.kernel(embeddings, self.mean, self.factor, self.accum, self.ticket, scores,
+                    image_scores if image_scores is not None else scores, np.int32(rows),
+                    block=(COLS, 1, 1), grid=launch_grid(self.dim, rows), stream=stream)
