@@ -18,7 +18,7 @@ from runtime.heatmap import anomaly_map, defect_box
 from runtime.pipeline import Runtime
 from tests.conftest import SIZE, good_part
 from tests.test_runtime import Subscriber
-from train.evaluate import evaluate
+from train.evaluate import evaluate, pro_score
 from train.patch_scorer import pool
 from train.pipeline import TrainOptions, train_bundle
 
@@ -66,8 +66,20 @@ def test_patch_bundle_describes_its_scorer(patch_bundle):
 def test_eval_reports_pixel_auroc_and_a_gallery(patch_bundle, masked_set, tmp_path):
     report = evaluate(patch_bundle, masked_set / "test", tmp_path / "r", progress=False)
     assert report["metrics"]["auroc"] > 0.9
-    assert report["pixel_auroc"] > 0.9  # the map lights up where the stain really is
+    assert report["pixel"]["pixel_auroc"] > 0.9  # the map lights up where the stain really is
+    assert 0.5 < report["pixel"]["pro"] <= 1.0
     assert (tmp_path / "r" / "gallery.png").stat().st_size > 0
+
+
+def test_pro_counts_every_region_equally():
+    truth = [np.zeros((20, 20), bool), np.zeros((20, 20), bool)]
+    truth[1][2:4, 2:4] = True  # a small defect
+    truth[1][10:20, 10:20] = True  # a large one
+    found_both = [np.zeros((20, 20)), np.where(truth[1], 1.0, 0.0)]
+    assert pro_score(truth, found_both) == pytest.approx(1.0, abs=0.02)
+    only_large = [np.zeros((20, 20)), np.zeros((20, 20))]
+    only_large[1][10:20, 10:20] = 1.0
+    assert pro_score(truth, only_large) < 0.6  # the small miss costs half the regions; pixel AUROC would forgive it
 
 
 def test_onnx_patch_graph_matches_pytorch_and_numpy(patch_bundle, masked_set):

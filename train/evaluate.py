@@ -100,9 +100,34 @@ def find_mask(data_dir: Path, path: Path) -> Path | None:
     return None
 
 
-def pixel_auroc(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_maps: np.ndarray, size: tuple[int, int],
-                sigma: float) -> float | None:
-    """Pixel AUROC at the model input size over good images (all-normal) and defects with masks; None without masks."""
+def pro_score(truth: list[np.ndarray], predicted: list[np.ndarray], fpr_limit: float = 0.3, steps: int = 200) -> float:
+    """Per-region overlap (PRO), integrated over false-positive rates 0..fpr_limit and normalised to 0..1.
+
+    Unlike pixel AUROC, every defect region counts equally, however small: a hairline
+    crack weighs as much as a broken corner."""
+    from skimage.measure import label
+
+    regions = [(i, region) for i, mask in enumerate(truth) if mask.any()
+               for region in (lambda lab: [lab == r for r in range(1, lab.max() + 1)])(label(mask))]
+    normal = np.concatenate([p[~t] for t, p in zip(truth, predicted)])
+    fprs, pros = [], []
+    high, low = max(p.max() for p in predicted), min(p.min() for p in predicted)
+    for threshold in np.linspace(high, low - 1e-6 * (high - low + 1), steps):  # ends below all: FPR reaches 1
+        fpr = float((normal > threshold).mean())
+        fprs.append(fpr)
+        pros.append(float(np.mean([(predicted[i][region] > threshold).mean() for i, region in regions])))
+        if fpr > fpr_limit:
+            break
+    fprs, pros = np.array(fprs), np.array(pros)
+    if fprs[-1] > fpr_limit:  # cut the last segment exactly at the limit
+        pros[-1] = np.interp(fpr_limit, fprs[-2:], pros[-2:])
+        fprs[-1] = fpr_limit
+    return float(np.trapezoid(pros, fprs) / fpr_limit)
+
+
+def pixel_metrics(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_maps: np.ndarray,
+                  size: tuple[int, int], sigma: float) -> dict | None:
+    """Pixel AUROC and PRO at half the input size, over good images (all-normal) and defects with masks; None without masks."""
     truth, predicted = [], []
     for path, label, patch_map in zip(paths, labels, patch_maps):
         if label == 1:
@@ -112,11 +137,13 @@ def pixel_auroc(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_map
             mask = cv2.resize(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), size[::-1], interpolation=cv2.INTER_NEAREST) > 0
         else:
             mask = np.zeros(size, bool)
-        truth.append(mask[::2, ::2].ravel())
-        predicted.append(anomaly_map(patch_map, size, sigma)[::2, ::2].ravel())
+        truth.append(mask[::2, ::2])
+        predicted.append(anomaly_map(patch_map, size, sigma)[::2, ::2])
     if not truth or not any(t.any() for t in truth):
         return None
-    return float(roc_auc_score(np.concatenate(truth), np.concatenate(predicted)))
+    return {"pixel_auroc": float(roc_auc_score(np.concatenate([t.ravel() for t in truth]),
+                                               np.concatenate([p.ravel() for p in predicted]))),
+            "pro": pro_score(truth, predicted)}
 
 
 def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_maps: np.ndarray,
@@ -191,8 +218,9 @@ def _markdown(report: dict) -> str:
         f"| false-reject rate at threshold | {r['false_reject_rate']:.4f} |",
         f"| escape rate at threshold | {r['escape_rate']:.4f} |",
     ]
-    if report.get("pixel_auroc") is not None:
-        lines.append(f"| pixel AUROC (patch scorer) | {report['pixel_auroc']:.4f} |")
+    if report.get("pixel"):
+        lines.append(f"| pixel AUROC (patch scorer) | {report['pixel']['pixel_auroc']:.4f} |")
+        lines.append(f"| PRO up to 30% FPR (patch scorer) | {report['pixel']['pro']:.4f} |")
     if report["per_type"]:
         lines += ["", "| defect type | images | AUROC vs good |", "|---|---|---|"]
         lines += [f"| {t} | {v['count']} | {v['auroc']:.4f} |" for t, v in report["per_type"].items()]
@@ -239,7 +267,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     report_dir.mkdir(parents=True, exist_ok=True)
     if scored.patch_maps is not None:
         sigma = bundle.manifest["patch"]["blur_sigma"]
-        report["pixel_auroc"] = pixel_auroc(Path(data_dir), paths, labels, scored.patch_maps, bundle.input_size, sigma)
+        report["pixel"] = pixel_metrics(Path(data_dir), paths, labels, scored.patch_maps, bundle.input_size, sigma)
         if (labels == 1).any() and (labels == 0).any():
             _gallery(paths, labels, scores, scored.patch_maps, bundle.input_size, sigma, threshold["value"],
                      report_dir / "gallery.png")
