@@ -107,12 +107,13 @@ class Collector:
 
 
 def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | None, seconds: float,
-             work: Path, threads: int, soak: bool = False) -> dict:
+             work: Path, threads: int, soak: bool = False, fsync: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     config = {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads, "max_batch": 8, "queue_size": 4,
               "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, **({"fps": fps} if fps else {})}
                           for i in range(cameras)],
-              "broker": {"port": port, "line": "bench"}, "outbox": {"path": str(work / "outbox.db")}, "heartbeat_s": 1}
+              "broker": {"port": port, "line": "bench"}, "outbox": {"path": str(work / "outbox.db"), "fsync": fsync},
+              "heartbeat_s": 1}
     (work / "line.yaml").write_text(yaml.safe_dump(config))
     collector = Collector(port)
     process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")],
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--soak-s", type=float, default=0, help="also run a memory soak this long (e.g. 600)")
+    parser.add_argument("--no-fsync", action="store_true", help="outbox.fsync false: crash-safe, not power-loss-safe")
     parser.add_argument("--soak-only", type=float, metavar="FPS",
                         help="skip the speed cases; soak one camera paced at FPS (memory does not need an idle CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
@@ -166,18 +168,20 @@ def main() -> None:
     rows = []
     try:
         for cameras in (1, 4) if not args.soak_only else ():
-            top = run_case(bundle, broker.port, video, cameras, None, args.seconds, work / f"max{cameras}", args.threads)
+            top = run_case(bundle, broker.port, video, cameras, None, args.seconds, work / f"max{cameras}", args.threads,
+                           fsync=not args.no_fsync)
             rows.append({"load": "max", **top})
             paced_fps = round(0.7 * top["verdicts_per_s"] / cameras, 1)
             rows.append({"load": "70% of max", **run_case(bundle, broker.port, video, cameras, paced_fps, args.seconds,
-                                                          work / f"paced{cameras}", args.threads)})
+                                                          work / f"paced{cameras}", args.threads, fsync=not args.no_fsync)})
         soak = None
         if args.soak_s:
             fps = args.soak_only or round(0.7 * rows[0]["verdicts_per_s"], 1)
             soak = run_case(bundle, broker.port, video, 1, fps, args.soak_s, work / "soak", args.threads, soak=True)
     finally:
         broker.stop()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads, "
+               f"outbox fsync {'off' if args.no_fsync else 'on'}")
     lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, 224x224 Lite0, frame to score): "
              f"{inference_ms:.1f} ms", "",
              "| cameras | load | fps/camera | verdicts/s | dropped/s | capture-to-publish p50 ms | p99 ms | overhead at p50 |",

@@ -82,6 +82,8 @@ class BrokerConfig(Strict):
 class OutboxConfig(Strict):
     path: Path = Path("/var/lib/coft/outbox.db")
     max_messages: int = Field(100_000, ge=100, description="when full, the oldest accept verdicts go first; rejects last")
+    fsync: bool = Field(True, description="fsync every verdict: survives power loss; false: survives crashes and "
+                                          "restarts but not power loss, and saves a disk flush per verdict")
 
 
 class EvidenceConfig(Strict):

@@ -99,7 +99,7 @@ class Runtime:
         log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
         self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id)
         self.metrics = Metrics()
-        self.outbox = Outbox(config.outbox.path, config.outbox.max_messages)
+        self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync)
         self.evidence = Evidence(config.evidence) if config.evidence else None
         self.stop_event = threading.Event()
         self.queue = FrameQueue(config.queue_size, self._dropped)
