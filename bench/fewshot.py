@@ -45,7 +45,7 @@ from train.coftad import FinetuneConfig, finetune  # noqa: E402
 from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
-from train.metrics import detection_metrics  # noqa: E402
+from train.metrics import detection_metrics, per_type_auroc  # noqa: E402
 from train.patch_scorer import fit_patch_gaussian, patch_views, pool  # noqa: E402
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
@@ -212,10 +212,7 @@ def main() -> None:
                     test_emb = global_emb[test] if model is backbone else tail_embeddings(model, trunk_maps[test])
                     scores = gaussian.score(test_emb)
                 metrics = detection_metrics(labels, scores)
-                per_type = {}
-                for t in sorted(set(types) - {"good"}):
-                    mask = np.array([ty in ("good", t) for ty in types])
-                    per_type[t] = detection_metrics(labels[mask], scores[mask])["auroc"]
+                per_type = per_type_auroc(labels, scores, types)
                 run = {"method": method, "k": k, "seed": seed, "auroc": metrics["auroc"], "ap": metrics["ap"],
                        "train_seconds": round(train_seconds, 2), "per_type": per_type}
                 runs.append(run)

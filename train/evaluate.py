@@ -24,7 +24,7 @@ from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
 from train.backbones import restore_backbone
 from train.embed import embed, to_pixels
-from train.metrics import detection_metrics, rates_at
+from train.metrics import detection_metrics, per_type_auroc, rates_at
 from train.patch_scorer import pool
 from train.patches import patch_features
 from train.threshold import labelled_threshold
@@ -248,10 +248,8 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         update_manifest(bundle.path, {"threshold": threshold})
         log.info("bundle threshold set to %.4g by %s", threshold["value"], threshold["method"])
     metrics = detection_metrics(labels, scores)
-    per_type = {}
-    for t in sorted(set(types) - {"good"}):
-        mask = np.array([ty in ("good", t) for ty in types])
-        per_type[t] = {"count": types.count(t), "auroc": detection_metrics(labels[mask], scores[mask])["auroc"]}
+    per_type = {t: {"count": types.count(t), "auroc": auroc}
+                for t, auroc in per_type_auroc(labels, scores, types).items()}
     report = {
         "model_id": bundle.model_id,
         "data_dir": str(data_dir),

@@ -33,3 +33,12 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
         "f1_max": f1,
         "f1_max_threshold": f1_threshold,
     }
+
+
+def per_type_auroc(labels: np.ndarray, scores: np.ndarray, types: list[str]) -> dict[str, float]:
+    """AUROC of each defect type against all good images ('good' is the type of label 0)."""
+    out = {}
+    for t in sorted(set(types) - {"good"}):
+        mask = np.array([ty in ("good", t) for ty in types])
+        out[t] = detection_metrics(labels[mask], scores[mask])["auroc"]
+    return out
