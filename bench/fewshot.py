@@ -39,6 +39,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.images import read_image, resize_to_input  # noqa: E402
+from runtime.scoring import pool  # noqa: E402
 from train.augment import AugmentConfig  # noqa: E402
 from train.backbones import Backbone, load_backbone  # noqa: E402
 from train.coftad import FinetuneConfig, finetune  # noqa: E402
@@ -46,7 +47,7 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics, per_type_auroc  # noqa: E402
-from train.patch_scorer import fit_patch_gaussian, patch_views, pool  # noqa: E402
+from train.patch_scorer import fit_patch_gaussian, patch_views  # noqa: E402
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
 

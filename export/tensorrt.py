@@ -1,8 +1,9 @@
 """`coft build-engine`: a TensorRT engine built on the target box from the bundle's model.onnx.
 
 Engines do not move between GPU models or TensorRT versions, so this runs on the Jetson
-itself. The engine computes only the embedding: the graph's `score` output is unmarked,
-TensorRT prunes the scoring layers, and the fused CUDA kernel scores instead. FP16 and
+itself. The engine computes only the embedding (patch features for a patch bundle): the
+graph's `score` and `anomaly_map` outputs are unmarked, TensorRT prunes the scoring
+layers, and the fused CUDA kernel scores instead. FP16 and
 INT8 (entropy calibration on the bundle's calibration frames) are optional; a timing
 cache beside the bundle makes rebuilds fast.
 """
@@ -92,8 +93,8 @@ def build_engine(bundle_dir: str | Path, fp16: bool = False, int8: bool = False,
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CoftError(f"TensorRT could not parse model.onnx ({errors}); re-export with 'coft export'")
     for i in reversed(range(network.num_outputs)):
-        if network.get_output(i).name == "score":
-            network.unmark_output(network.get_output(i))  # scored by the fused kernel instead
+        if network.get_output(i).name in ("score", "anomaly_map"):
+            network.unmark_output(network.get_output(i))  # scored by the fused kernel (and the CPU map) instead
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     profile = builder.create_optimization_profile()

@@ -13,6 +13,14 @@ def anomaly_map(patch_scores: np.ndarray, size: tuple[int, int], sigma: float = 
     return cv2.GaussianBlur(full, (0, 0), sigma) if sigma > 0 else full
 
 
+def anomaly_maps(patch_scores: np.ndarray, grid: tuple[int, int], size: tuple[int, int], sigma: float) -> np.ndarray:
+    """Maps [N, height, width] from a batch of patch scores [N, P] on a (rows, cols) grid.
+
+    What the ONNX graph computes in-graph; the TensorRT path, whose engine stops at the
+    patch features, does it here on the CPU after the fused kernel has scored the patches."""
+    return np.stack([anomaly_map(scores.reshape(grid), size, sigma) for scores in patch_scores])
+
+
 def defect_box(score_map: np.ndarray, threshold: float) -> list[int] | None:
     """[x, y, width, height] around the pixels above the threshold, or None if there are none."""
     ys, xs = np.nonzero(score_map > threshold)

@@ -15,6 +15,14 @@ import numpy as np
 from runtime.errors import CoftError
 
 
+def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
+    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
+    if pooling == "max":
+        return patch_scores.max(axis=1)
+    top = max(1, patch_scores.shape[1] // 100)
+    return np.sort(patch_scores, axis=1)[:, -top:].mean(axis=1)
+
+
 def l2_normalise(embeddings: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
     return embeddings / np.maximum(norms, eps)

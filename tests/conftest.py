@@ -11,6 +11,18 @@ import pytest
 SIZE = (96, 96)  # model input for tests: small, so the real backbone runs fast
 
 
+def _cuda_missing() -> str | None:
+    """Why the GPU tests cannot run here (no pycuda, or no GPU), or None where they can."""
+    try:
+        import pycuda.autoinit  # noqa: F401
+    except Exception as exc:  # ImportError, or a driver error without a GPU
+        return f"no CUDA GPU through pycuda ({type(exc).__name__})"
+    return None
+
+
+CUDA_MISSING = _cuda_missing()
+
+
 def good_part(rng: np.random.Generator, side: int = 128) -> np.ndarray:
     """A grey machined surface: fine stripes with a random phase, mild noise."""
     y, x = np.mgrid[0:side, 0:side].astype(np.float32)

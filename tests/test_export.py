@@ -17,6 +17,7 @@ from runtime.engines.fused_scoring import kernel_options, kernel_source, launch_
 from runtime.engines.trt_engine import TRT_MISSING, check_engine_matches, io_shapes
 from runtime.errors import CoftError
 from runtime.images import load_folder, resize_to_input
+from tests.conftest import CUDA_MISSING
 
 
 @pytest.fixture
@@ -148,15 +149,7 @@ def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half, p
         assert result.returncode == 0, result.stderr
 
 
-def _cuda_gpu() -> str | None:
-    try:
-        import pycuda.autoinit  # noqa: F401
-    except Exception as exc:  # ImportError, or a driver error without a GPU
-        return f"no CUDA GPU through pycuda ({type(exc).__name__})"
-    return None
-
-
-@pytest.mark.skipif(_cuda_gpu() is not None, reason="needs a CUDA GPU and pycuda")
+@pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 @pytest.mark.parametrize("half,rtol", [(False, 1e-4), (True, 2e-3)])
 def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
     import pycuda.driver as cuda
@@ -175,7 +168,7 @@ def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
         np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=rtol)
 
 
-@pytest.mark.skipif(_cuda_gpu() is not None, reason="needs a CUDA GPU and pycuda")
+@pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 def test_fused_patch_kernel_matches_the_numpy_reference():
     import pycuda.driver as cuda
 

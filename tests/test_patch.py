@@ -12,14 +12,14 @@ import yaml
 from export.onnx import export_onnx, inspection_model
 from runtime.bundle import load_bundle
 from runtime.config import load_config
-from runtime.engines import open_engine
+from runtime.engines import open_engine, patch_inference, tensorrt_unavailable
+from runtime.engines.trt_engine import io_shapes
 from runtime.errors import CoftError
-from runtime.heatmap import anomaly_map, defect_box
+from runtime.heatmap import defect_box
 from runtime.pipeline import Runtime
-from tests.conftest import SIZE, good_part
+from tests.conftest import CUDA_MISSING, SIZE, good_part
 from tests.test_runtime import Subscriber
 from train.evaluate import evaluate, pro_score
-from train.patch_scorer import pool
 from train.pipeline import TrainOptions, train_bundle
 
 STAIN = (90, 40, 14)  # x, y, radius in the 128 px part
@@ -82,20 +82,54 @@ def test_pro_counts_every_region_equally():
     assert pro_score(truth, only_large) < 0.6  # the small miss costs half the regions; pixel AUROC would forgive it
 
 
+def _stained_frames(masked_set, n=3):
+    return np.stack([cv2.resize(cv2.imread(str(masked_set / f"test/defect/stain/s{i}.png")), (96, 96),
+                                interpolation=cv2.INTER_AREA) for i in range(n)])
+
+
 def test_onnx_patch_graph_matches_pytorch_and_numpy(patch_bundle, masked_set):
     bundle = load_bundle(patch_bundle)
-    frames = np.stack([cv2.resize(cv2.imread(str(masked_set / f"test/defect/stain/s{i}.png")), (96, 96),
-                                  interpolation=cv2.INTER_AREA) for i in range(3)])
+    frames = _stained_frames(masked_set)
     result = open_engine(bundle, "onnxruntime").infer(frames)
     with torch.no_grad():
         score, full_map, features = inspection_model(bundle)(torch.from_numpy(frames))
     np.testing.assert_allclose(result.scores, score.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(result.scores, pool(bundle.gaussian.score(result.embeddings)), rtol=1e-4)
-    patch_maps = bundle.gaussian.score(result.embeddings).reshape(3, 12, 12)
-    reference = np.stack([anomaly_map(m, (96, 96), 4.0) for m in patch_maps])
-    np.testing.assert_allclose(result.maps, reference, rtol=1e-3, atol=1e-3 * reference.max())
-    box = defect_box(result.maps[0], load_bundle(patch_bundle).threshold)
+    np.testing.assert_allclose(result.maps, full_map.numpy(), rtol=1e-4, atol=1e-5)
+    box = defect_box(result.maps[0], bundle.threshold)
     assert box is not None
+
+
+def test_patch_scores_alone_give_the_graphs_scores_and_maps(patch_bundle, masked_set):
+    """What the TensorRT path does after its engine: score the patch features, pool and upsample on the CPU."""
+    bundle = load_bundle(patch_bundle)
+    result = open_engine(bundle, "onnxruntime").infer(_stained_frames(masked_set))
+    assert io_shapes(bundle, 3)["embedding"] == result.embeddings.shape == (3, 144, 152)
+    readout = patch_inference(bundle, bundle.gaussian.score(result.embeddings), result.embeddings)
+    np.testing.assert_allclose(readout.scores, result.scores, rtol=1e-4)
+    np.testing.assert_allclose(readout.maps, result.maps, rtol=1e-3, atol=1e-3 * result.maps.max())
+    assert tensorrt_unavailable(bundle).startswith("the bundle has no TensorRT engine")  # patch bundles are welcome
+
+
+@pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
+@pytest.mark.parametrize("half,rtol", [(False, 1e-4), (True, 2e-3)])
+def test_fused_patch_kernel_gives_the_graphs_scores_and_maps(patch_bundle, masked_set, half, rtol):
+    """The TensorRT path without TensorRT: ONNX Runtime's patch features through the kernel and the CPU readout."""
+    import pycuda.driver as cuda
+
+    from runtime.engines.fused_scoring import FusedScorer
+
+    bundle = load_bundle(patch_bundle)
+    result = open_engine(bundle, "onnxruntime").infer(_stained_frames(masked_set))
+    n, patches = result.embeddings.shape[:2]
+    scorer = FusedScorer(bundle.gaussian, max_batch=8, half_factor=half, patches=patches)
+    patch_scores, image_scores = np.zeros((n, patches), np.float32), np.zeros(n, np.float32)
+    d_patch, d_image = cuda.mem_alloc(patch_scores.nbytes), cuda.mem_alloc(image_scores.nbytes)
+    scorer.launch(cuda.In(np.ascontiguousarray(result.embeddings)), d_patch, n, image_scores=d_image)
+    cuda.memcpy_dtoh(patch_scores, d_patch)
+    cuda.memcpy_dtoh(image_scores, d_image)
+    readout = patch_inference(bundle, patch_scores, result.embeddings, image_scores)
+    np.testing.assert_allclose(readout.scores, result.scores, rtol=rtol)
+    np.testing.assert_allclose(readout.maps, result.maps, rtol=rtol, atol=rtol * result.maps.max())
 
 
 def test_verdict_carries_the_defect_box_in_frame_pixels(patch_bundle, masked_set, mosquitto, tmp_path):

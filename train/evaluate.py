@@ -22,10 +22,10 @@ from runtime.bundle import Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
 from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
+from runtime.scoring import pool
 from train.backbones import restore_backbone
 from train.embed import embed, to_pixels
 from train.metrics import detection_metrics, per_type_auroc, rates_at
-from train.patch_scorer import pool
 from train.patches import patch_features
 from train.threshold import labelled_threshold
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.scoring import Gaussian
+from runtime.scoring import Gaussian, pool
 from train.augment import AugmentConfig, augment
 from train.backbones import Backbone
 from train.gaussian import fit_gaussian
@@ -20,7 +20,6 @@ from train.threshold import Fit
 
 PATCH_STRIDE = 8
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
-POOLINGS = ("max", "top1pct")
 
 
 def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_config: AugmentConfig,
@@ -37,14 +36,6 @@ def fit_patch_gaussian(features: np.ndarray, shrinkage: str = "ledoit-wolf") -> 
     flat = features.reshape(-1, features.shape[-1])
     step = max(1, len(flat) // MAX_FIT_PATCHES)
     return fit_gaussian(flat[::step], shrinkage, normalise=False)
-
-
-def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
-    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
-    if pooling == "max":
-        return patch_scores.max(axis=1)
-    top = max(1, patch_scores.shape[1] // 100)
-    return np.sort(patch_scores, axis=1)[:, -top:].mean(axis=1)
 
 
 def patch_fit(shrinkage: str = "ledoit-wolf", pooling: str = "max") -> Fit:

@@ -16,13 +16,14 @@ from sklearn.metrics import roc_auc_score
 from runtime.bundle import GAUSSIAN, new_bundle
 from runtime.errors import CoftError
 from runtime.images import load_folder
+from runtime.scoring import pool
+from train.anomalies import synthesise
 from train.augment import AugmentConfig, augment
 from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.anomalies import synthesise
-from train.patch_scorer import PATCH_STRIDE, fit_patch_gaussian, patch_fit, patch_views, pool
+from train.patch_scorer import PATCH_STRIDE, fit_patch_gaussian, patch_fit, patch_views
 from train.threshold import global_fit, good_only_threshold
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import CoftError
+from runtime.heatmap import anomaly_maps
+from runtime.scoring import pool
 
 
 @dataclass
@@ -20,6 +22,25 @@ class Inference:
     scores: np.ndarray  # [N]
     embeddings: np.ndarray  # [N, D] global, or [N, P, D] patch features
     maps: np.ndarray | None = None  # [N, H, W] anomaly maps at the input size (patch scorer)
+
+
+def patch_inference(bundle: Bundle, patch_scores: np.ndarray, features: np.ndarray,
+                    image_scores: np.ndarray | None = None) -> Inference:
+    """A patch bundle's outputs from its patch scores [N, P]: image scores by the bundle's pooling, and maps.
+
+    `image_scores`, where the fused kernel already wrote each image's worst patch, saves
+    pooling again for max-pooled bundles."""
+    patch = bundle.manifest["patch"]
+    if image_scores is None or patch["pooling"] != "max":
+        image_scores = pool(patch_scores, patch["pooling"])
+    maps = anomaly_maps(patch_scores, tuple(patch["grid"]), bundle.input_size, float(patch["blur_sigma"]))
+    return Inference(image_scores, features, maps)
+
+
+def concatenate(parts: list[Inference]) -> Inference:
+    """One Inference from the results of consecutive batches."""
+    maps = None if parts[0].maps is None else np.concatenate([p.maps for p in parts])
+    return Inference(np.concatenate([p.scores for p in parts]), np.concatenate([p.embeddings for p in parts]), maps)
 
 
 class Engine(Protocol):
@@ -53,8 +74,6 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
     """Why the TensorRT backend cannot run this bundle here, or None if it can."""
     if "engine" not in bundle.manifest:
         return "the bundle has no TensorRT engine (build one on this box with 'coft build-engine')"
-    if bundle.manifest["scorer"] == "patch":
-        return "the TensorRT path has no patch-scoring kernel yet; patch bundles run on ONNX Runtime"
     from runtime.engines.trt_engine import TRT_MISSING
     return TRT_MISSING
 

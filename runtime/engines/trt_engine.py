@@ -1,5 +1,9 @@
 """TensorRT backend: the bundle's engine computes embeddings, the fused CUDA kernel scores them.
 
+For a patch bundle the engine outputs every image's patch features [N, P, D]; one kernel
+launch scores all N x P patches and writes each image's worst patch, and the anomaly
+maps are upsampled from the patch scores on the CPU, as the ONNX graph does in-graph.
+
 TensorRT engines only run on the GPU model and TensorRT version they were built with,
 so the manifest records both and this backend refuses a mismatch with a message that
 says to rebuild. Without tensorrt or pycuda it reports why, and `auto` falls back to
@@ -13,7 +17,7 @@ import logging
 import numpy as np
 
 from runtime.bundle import Bundle, sha256
-from runtime.engines import Inference, check_frames
+from runtime.engines import Inference, check_frames, concatenate, patch_inference
 from runtime.engines.fused_scoring import FusedScorer
 from runtime.errors import CoftError
 
@@ -41,10 +45,20 @@ def check_engine_matches(engine: dict, tensorrt_version: str, gpu: str, onnx_sha
         raise CoftError(f"engine was built from another model.onnx than the one in the bundle; {rebuild}")
 
 
+def patches_per_image(bundle: Bundle) -> int:
+    """Rows of patch features per image for a patch bundle, 0 for a global one."""
+    if bundle.manifest["scorer"] != "patch":
+        return 0
+    rows, cols = bundle.manifest["patch"]["grid"]
+    return rows * cols
+
+
 def io_shapes(bundle: Bundle, batch: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the engine's input and output tensors for a batch."""
+    """Shapes of the engine's input and output tensors for a batch: embeddings [N, D] or patch features [N, P, D]."""
     h, w = bundle.input_size
-    return {"frame": (batch, h, w, 3), "embedding": (batch, bundle.manifest["embedding_dim"])}
+    patches = patches_per_image(bundle)
+    dim = bundle.manifest["embedding_dim"]
+    return {"frame": (batch, h, w, 3), "embedding": (batch, patches, dim) if patches else (batch, dim)}
 
 
 if TRT_MISSING is None:
@@ -70,8 +84,6 @@ class TensorRTEngine:
     def __init__(self, bundle: Bundle):
         if TRT_MISSING:
             raise CoftError(f"{TRT_MISSING}; use backend onnxruntime")
-        if bundle.manifest["scorer"] == "patch":
-            raise CoftError("the TensorRT path has no patch-scoring kernel yet; use backend onnxruntime for patch bundles")
         meta = bundle.manifest.get("engine")
         if not meta:
             raise CoftError(f"{bundle.path}: the bundle has no TensorRT engine; run 'coft build-engine {bundle.path}' on this box")
@@ -85,29 +97,41 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         shapes = io_shapes(bundle, self.max_batch)
+        self.patches = patches_per_image(bundle)
+        rows = self.max_batch * max(1, self.patches)  # one score per image, or per patch
         self.frames = cuda.mem_alloc(int(np.prod(shapes["frame"])))
         self.embeddings = cuda.mem_alloc(int(np.prod(shapes["embedding"])) * 4)
-        self.scores = cuda.mem_alloc(self.max_batch * 4)
+        self.scores = cuda.mem_alloc(rows * 4)
+        self.image_scores = cuda.mem_alloc(self.max_batch * 4) if self.patches else None
         self.context.set_tensor_address("frame", int(self.frames))
         self.context.set_tensor_address("embedding", int(self.embeddings))
-        self.scorer = FusedScorer(bundle.gaussian, self.max_batch, half_factor=meta.get("half_factor", False))
-        self.host_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
+        self.scorer = FusedScorer(bundle.gaussian, self.max_batch, half_factor=meta.get("half_factor", False),
+                                  patches=self.patches)
+        self.host_scores = cuda.pagelocked_empty(rows, np.float32)
+        self.host_image_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
         self.host_embeddings = cuda.pagelocked_empty(shapes["embedding"], np.float32)
 
     def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
-        scores, embeddings = [], []
+        parts = []
         for i in range(0, len(frames), self.max_batch):
             chunk = np.ascontiguousarray(frames[i:i + self.max_batch])
             n = len(chunk)
+            rows = n * max(1, self.patches)
             self.context.set_input_shape("frame", chunk.shape)
             cuda.memcpy_htod_async(self.frames, chunk, self.stream)
             if not self.context.execute_async_v3(self.stream.handle):
                 raise CoftError("TensorRT failed to run the engine on this batch; see the log for its message")
-            self.scorer.launch(self.embeddings, self.scores, n, self.stream)
-            cuda.memcpy_dtoh_async(self.host_scores[:n], self.scores, self.stream)
+            self.scorer.launch(self.embeddings, self.scores, n, self.stream, self.image_scores)
+            cuda.memcpy_dtoh_async(self.host_scores[:rows], self.scores, self.stream)
             cuda.memcpy_dtoh_async(self.host_embeddings[:n], self.embeddings, self.stream)
+            if self.patches:
+                cuda.memcpy_dtoh_async(self.host_image_scores[:n], self.image_scores, self.stream)
             self.stream.synchronize()
-            scores.append(self.host_scores[:n].copy())
-            embeddings.append(self.host_embeddings[:n].copy())
-        return Inference(np.concatenate(scores), np.concatenate(embeddings))
+            embeddings = self.host_embeddings[:n].copy()
+            if self.patches:
+                parts.append(patch_inference(self.bundle, self.host_scores[:rows].reshape(n, self.patches), embeddings,
+                                             self.host_image_scores[:n].copy()))
+            else:
+                parts.append(Inference(self.host_scores[:n].copy(), embeddings))
+        return concatenate(parts)
