@@ -19,7 +19,8 @@ every other good image and every defective one is the test set. Methods:
 
 Frozen features of every image are computed once; a fine-tuned model re-runs only its
 trained last stage on the cached maps of the frozen stages (valid since those stages
-and BatchNorm never change). Writes fewshot.json and fewshot.md under --out.
+and BatchNorm never change). With --pixel, the patch method's maps are scored against the
+masks (pixel AUROC and PRO). Writes fewshot.json and fewshot.md under --out.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from train.augment import AugmentConfig  # noqa: E402
 from train.backbones import Backbone, load_backbone  # noqa: E402
 from train.coftad import FinetuneConfig, finetune  # noqa: E402
 from train.embed import embed_views, to_pixels  # noqa: E402
-from train.evaluate import labelled_images  # noqa: E402
+from train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics, per_type_auroc  # noqa: E402
-from train.patch_scorer import fit_patch_gaussian, patch_views  # noqa: E402
+from train.patch_scorer import BLUR_SIGMA, PATCH_STRIDE, fit_patch_gaussian, patch_views  # noqa: E402
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
 
@@ -126,6 +127,10 @@ def summarise(runs: list[dict]) -> dict:
                 "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])), "seeds": len(rs),
                 "per_type_auroc": {t: float(np.mean([r["per_type"][t] for r in rs])) for t in types},
             }
+            if "pixel_auroc" in rs[0]:
+                for key in ("pixel_auroc", "pro"):
+                    values = np.array([r[key] for r in rs])
+                    table[method][k] |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std())}
     return table
 
 
@@ -142,6 +147,16 @@ def markdown(table: dict, meta: dict) -> str:
                  if str(k) in by_k else "-" for k in ks]
         secs = np.mean([v["train_seconds_mean"] for v in by_k.values()])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs:.1f} |")
+    pixel = [(m, by_k) for m, by_k in table.items() if any("pixel_auroc_mean" in v for v in by_k.values())]
+    if pixel:
+        lines += ["", "Pixel AUROC and PRO (up to 30% FPR) of the anomaly maps, at half the input size:", "",
+                  "| method | " + " | ".join(f"k={k} pixel AUROC | k={k} PRO" for k in ks) + " |",
+                  "|---|" + "---|" * (2 * len(ks))]
+        for method, by_k in pixel:
+            cells = [f"{by_k[str(k)]['pixel_auroc_mean']:.3f} ± {by_k[str(k)]['pixel_auroc_std']:.3f} | "
+                     f"{by_k[str(k)]['pro_mean']:.3f} ± {by_k[str(k)]['pro_std']:.3f}" if str(k) in by_k else "- | -"
+                     for k in ks]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per defect type (AUROC, mean over seeds, largest k):", ""]
     kmax = str(max(ks))
     types = sorted({t for m in table.values() if kmax in m for t in m[kmax]["per_type_auroc"]})
@@ -166,6 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--l2sp", type=float, default=0.0)
+    parser.add_argument("--pixel", action="store_true", help="pixel AUROC and PRO of the patch method's maps (needs masks)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench-out/fewshot"))
     args = parser.parse_args()
@@ -190,6 +206,7 @@ def main() -> None:
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
                 started = time.perf_counter()
+                pixel = None
                 if method == "patch-knn":
                     bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
                     train_seconds = time.perf_counter() - started
@@ -200,8 +217,13 @@ def main() -> None:
                     gaussian = fit_patch_gaussian(views)
                     train_seconds = time.perf_counter() - started
                     pooling = "top1pct" if method == "patch-top1pct" else "max"
-                    scores = np.concatenate([pool(gaussian.score(patch_feats[test[i:i + 64]][..., layers].numpy()), pooling)
-                                             for i in range(0, len(test), 64)])
+                    patch_scores = np.concatenate([gaussian.score(patch_feats[test[i:i + 64]][..., layers].numpy())
+                                                   for i in range(0, len(test), 64)])
+                    scores = pool(patch_scores, pooling)
+                    if args.pixel and method == "patch":
+                        grid = (size[0] // PATCH_STRIDE, size[1] // PATCH_STRIDE)
+                        pixel = pixel_metrics(category, [data.paths[i] for i in test], labels,
+                                              patch_scores.reshape(len(test), *grid), size, BLUR_SIGMA)
                 else:
                     model = backbone
                     if method.startswith("coftad"):
@@ -215,9 +237,10 @@ def main() -> None:
                 metrics = detection_metrics(labels, scores)
                 per_type = per_type_auroc(labels, scores, types)
                 run = {"method": method, "k": k, "seed": seed, "auroc": metrics["auroc"], "ap": metrics["ap"],
-                       "train_seconds": round(train_seconds, 2), "per_type": per_type}
+                       "train_seconds": round(train_seconds, 2), "per_type": per_type, **(pixel or {})}
                 runs.append(run)
-                print(f"k={k} seed={seed} {method:13s} AUROC {run['auroc']:.4f} AP {run['ap']:.4f} "
+                shown = f" pixel AUROC {pixel['pixel_auroc']:.4f} PRO {pixel['pro']:.4f}" if pixel else ""
+                print(f"k={k} seed={seed} {method:13s} AUROC {run['auroc']:.4f} AP {run['ap']:.4f}{shown} "
                       f"train {train_seconds:.1f}s", flush=True)
     meta = {"dataset": str(category), "backbone": args.backbone, "size": size, "device": str(device),
             "machine": machine(), "steps": args.steps, "lr": args.lr, "l2sp": args.l2sp, "views": args.views,

@@ -132,9 +132,10 @@ def test_engine_io_shapes_follow_the_bundle(exported):
 
 
 def test_fused_kernel_launch_geometry():
-    assert launch_grid(1280, 1) == (20, 1, 1)
-    assert launch_grid(1280, 256) == (20, 32, 1)
+    assert launch_grid(1280, 1) == (40, 1, 1)  # 32 columns of the factor per block
+    assert launch_grid(1280, 256) == (40, 32, 1)  # 8 images per block
     assert "-DTILE=5" in kernel_options(2048, False) and "-DFACTOR_HALF" in kernel_options(1280, True)
+    assert "-DSPLIT=20" in kernel_options(1280, False) and "-DSPLIT=2" in kernel_options(152, False, 784)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA kernel is compiled on the box")

@@ -19,6 +19,7 @@ from train.patches import patch_features
 from train.threshold import Fit
 
 PATCH_STRIDE = 8
+BLUR_SIGMA = 4.0  # pixels of Gaussian smoothing of the upsampled map at the model input
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
 
 

@@ -23,7 +23,7 @@ from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.patch_scorer import PATCH_STRIDE, fit_patch_gaussian, patch_fit, patch_views
+from train.patch_scorer import BLUR_SIGMA, PATCH_STRIDE, fit_patch_gaussian, patch_fit, patch_views
 from train.threshold import global_fit, good_only_threshold
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         "embedding_dim": gaussian.dim,
         "scorer": scorer,
         **({"patch": {"stride": PATCH_STRIDE, "stages": [1, 2], "pooling": options.pooling,
-                      "grid": [options.size[0] // PATCH_STRIDE, options.size[1] // PATCH_STRIDE], "blur_sigma": 4.0}}
+                      "grid": [options.size[0] // PATCH_STRIDE, options.size[1] // PATCH_STRIDE], "blur_sigma": BLUR_SIGMA}}
            if scorer == "patch" else {}),
         "threshold": threshold,
         "training": {

@@ -16,7 +16,7 @@ from runtime.scoring import Gaussian
 
 KERNEL_FILE = "mahalanobis.cu"
 KERNEL_NAME = "mahalanobis_fused"
-COLS = 64  # threads per block = columns of d per block
+COLS = 32  # columns of d per block: one warp reads 128 contiguous bytes of a row of L
 SHARED_BYTES = 46 * 1024  # stay under the 48 KiB of static shared memory
 
 
@@ -24,18 +24,23 @@ def kernel_source() -> str:
     return resources.files("export.kernels").joinpath(KERNEL_FILE).read_text()
 
 
+def row_groups(dim: int) -> int:
+    """Row groups per block (SPLIT): about 64 rows of L each, at most 32 (1024 threads)."""
+    return max(1, min(32, dim // 64))
+
+
 def images_per_block(dim: int) -> int:
-    """Images per block (TILE): as many centred embeddings as shared memory holds, at most 8."""
-    return max(1, min(8, SHARED_BYTES // (4 * dim)))
+    """Rows per block (TILE): as many centred rows as shared memory holds, at most 8."""
+    return max(1, min(8, SHARED_BYTES // (4 * max(dim, COLS * row_groups(dim)))))
 
 
 def kernel_options(dim: int, half_factor: bool, patches: int = 0) -> list[str]:
-    options = [f"-DDIM={dim}", f"-DTILE={images_per_block(dim)}", f"-DCOLS={COLS}", f"-DPATCHES={patches}"]
+    options = [f"-DDIM={dim}", f"-DTILE={images_per_block(dim)}", f"-DSPLIT={row_groups(dim)}", f"-DPATCHES={patches}"]
     return options + ["-DFACTOR_HALF"] if half_factor else options
 
 
-def launch_grid(dim: int, batch: int) -> tuple[int, int, int]:
-    return (-(-dim // COLS), -(-batch // images_per_block(dim)), 1)
+def launch_grid(dim: int, rows: int) -> tuple[int, int, int]:
+    return (-(-dim // COLS), -(-rows // images_per_block(dim)), 1)
 
 
 class FusedScorer:
@@ -60,8 +65,12 @@ class FusedScorer:
         factor = gaussian.cholesky.astype(np.float16 if half_factor else np.float32)
         self.mean = cuda.to_device(np.ascontiguousarray(gaussian.mean, dtype=np.float32))
         self.factor = cuda.to_device(np.ascontiguousarray(factor))
+        # scratch state the kernel leaves zeroed for the next launch
         self.accum = cuda.to_device(np.zeros(self.max_rows, np.float32))
+        self.tile_tickets = cuda.to_device(np.zeros(launch_grid(self.dim, self.max_rows)[1], np.uint32))
+        self.image_max = cuda.to_device(np.zeros(max_batch, np.uint32))
         self.ticket = cuda.to_device(np.zeros(1, np.uint32))
+        self.block = (COLS, row_groups(self.dim), 1)
 
     def launch(self, embeddings, scores, n: int, stream=None, image_scores=None) -> None:
         """Queue one launch for `n` images on `stream`; arguments are device pointers or allocations.
@@ -71,6 +80,6 @@ class FusedScorer:
         rows = n * max(1, self.patches)
         if not 0 < rows <= self.max_rows:
             raise CoftError(f"batch of {n} frames; the scorer was set up for 1..{self.max_rows // max(1, self.patches)}")
-        self.kernel(embeddings, self.mean, self.factor, self.accum, self.ticket, scores,
-                    image_scores if image_scores is not None else scores, np.int32(rows),
-                    block=(COLS, 1, 1), grid=launch_grid(self.dim, rows), stream=stream)
+        self.kernel(embeddings, self.mean, self.factor, self.accum, self.tile_tickets, self.image_max, self.ticket,
+                    scores, image_scores if image_scores is not None else scores, np.int32(rows),
+                    block=self.block, grid=launch_grid(self.dim, rows), stream=stream)
