@@ -1,12 +1,17 @@
 """Speed of the exported model on this machine: ONNX Runtime vs PyTorch eager, frame in, score out.
 
     python bench/backbone.py [BUNDLE] [--threads 2] [--batches 1 8] [--seconds 10]
+    python bench/backbone.py BUNDLE --device cuda [--batches 1 8 64 256]
 
 Without BUNDLE, two frozen Lite0 bundles are trained on 10 good cells of the elpv-dataset
 package and exported first, one per scorer (global embedding, patch features), so the
 table also gives the patch scorer's per-frame cost against the global one. Both paths run
 the whole graph (preprocessing, backbone, scoring; the anomaly map for patch) on uint8
 frames. Prints a markdown table and writes backbone.json under --out.
+
+With --device cuda: the same torch module on the GPU, eager vs CUDA graphs, fp32 vs fp16
+(autocast), frames already on the GPU, each batch synchronised; the fused scoring
+kernel's time at that batch (bench/kernel.py) is given against the fp16 graph's.
 """
 
 from __future__ import annotations
@@ -54,14 +59,54 @@ def measure(run, frames: np.ndarray, seconds: float) -> dict:
             "images_per_s": len(frames) / median, "runs": len(latencies)}
 
 
+def cuda_graph(run):
+    """`run` captured once as a CUDA graph; the returned callable replays it (same input buffer)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture, as torch requires
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
+
+
+def gpu_rows(bundle, batches: list[int], seconds: float) -> list[dict]:
+    """Eager vs CUDA graphs, fp32 vs fp16, per batch; the fused kernel's share beside the fp16 graph."""
+    from bench.kernel import bench_case
+
+    model = inspection_model(bundle).cuda().to(memory_format=torch.channels_last)
+    h, w = bundle.input_size
+    rows = []
+    for batch in batches:
+        frames = torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, device="cuda")
+        for precision in ("fp32", "fp16"):
+            @torch.inference_mode()
+            def eager(frames=frames, half=precision == "fp16"):
+                with torch.autocast("cuda", torch.float16, enabled=half):
+                    return model(frames)
+            for name, run in (("PyTorch eager", eager), ("CUDA graphs", cuda_graph(eager))):
+                row = measure(lambda _, run=run: (run(), torch.cuda.synchronize()), frames, seconds)
+                rows.append({"scorer": bundle.manifest["scorer"], "path": f"{name} {precision}", **row})
+        kernel_us = bench_case(bundle.gaussian, batch, 0, False, 200, np.random.default_rng(0))["fused_us"]
+        rows[-1]["fused_kernel_us"] = kernel_us
+        rows[-1]["fused_kernel_share"] = kernel_us / (rows[-1]["median_ms"] * 1e3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", nargs="?", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out/backbone"))
     args = parser.parse_args()
+    if args.device == "cuda":
+        return main_gpu(args)
 
     work = Path(tempfile.mkdtemp(prefix="coft-bench-"))
     bundles = [args.bundle] if args.bundle else [demo_bundle(work / s, s) for s in ("global", "patch")]
@@ -95,6 +140,25 @@ def main() -> None:
               f"{r['images_per_s']:.1f} |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backbone.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+def main_gpu(args) -> None:
+    if args.bundle is None:
+        sys.exit("--device cuda needs a BUNDLE (train one with 'coft train' first)")
+    bundle = load_bundle(args.bundle)
+    rows = gpu_rows(bundle, args.batches, args.seconds)
+    h, w = bundle.input_size
+    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "model": f"{bundle.manifest['backbone']['name']} {h}x{w}, frame to score"}
+    lines = [f"Backbone speed on the GPU, {meta['model']}, {meta['gpu']} (torch {meta['torch']})", "",
+             "| path | batch | median ms/batch | p90 ms | images/s | fused kernel µs (share) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['batch']} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['images_per_s']:.0f} | "
+              + (f"{r['fused_kernel_us']:.1f} ({100 * r['fused_kernel_share']:.1f}%)" if "fused_kernel_us" in r else "")
+              + " |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "backbone-gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
 
 

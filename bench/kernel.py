@@ -1,0 +1,140 @@
+"""Speed and accuracy of the fused scoring kernel against unfused torch ops, on this machine's GPU.
+
+    python bench/kernel.py [--dim 1280] [--batches 1 8 64 256] [--patch-batches 1 8 16 64]
+
+Global scorer: raw embeddings [N, D] in, one score per image out (L2 normalisation,
+centring, product with the Cholesky factor, reduction). Patch scorer: raw patch features
+[N, P, 152] in, a score per patch and each image's worst patch out. Both sides read device
+memory and write device memory; the unfused reference is the same arithmetic as separate
+torch kernels (what PyTorch eager runs). Times are GPU time per call from CUDA events,
+averaged over back-to-back calls, plus the median of single timed calls (what one frame
+waits). Accuracy is the largest relative error against the numpy reference in runtime/.
+Prints a markdown table and writes kernel.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pycuda
+import pycuda.autoprimaryctx  # noqa: F401  (shares the CUDA context with torch)
+import pycuda.driver as cuda
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.engines.fused_scoring import FusedScorer  # noqa: E402
+from runtime.scoring import Gaussian  # noqa: E402
+
+PATCH_DIM, PATCHES = 152, 784  # Lite0 patch features at 224 px: 28 x 28 stride-8 patches
+
+
+def random_gaussian(dim: int, normalised: bool, rng: np.random.Generator) -> Gaussian:
+    """A well-conditioned Gaussian of the right size; the kernel's speed does not depend on its values."""
+    a = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    precision = a @ a.T + np.eye(dim)
+    mean = rng.normal(size=dim) / np.sqrt(dim) if normalised else rng.normal(size=dim)
+    return Gaussian(mean.astype(np.float32), precision.astype(np.float32),
+                    np.linalg.cholesky(precision).astype(np.float32), normalised)
+
+
+def gpu_time_us(call, repeats: int) -> tuple[float, float]:
+    """(mean GPU µs per call over back-to-back calls, median µs of single timed calls)."""
+    for _ in range(10):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    back_to_back = start.elapsed_time(end) * 1e3 / repeats
+    singles = []
+    for _ in range(min(repeats, 200)):
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        singles.append(start.elapsed_time(end) * 1e3)
+    return back_to_back, float(np.median(singles))
+
+
+def unfused(gaussian: Gaussian, patches: int):
+    """The scoring as separate torch ops, as PyTorch eager would run it."""
+    mean = torch.from_numpy(gaussian.mean).cuda()
+    factor = torch.from_numpy(gaussian.cholesky).cuda()
+
+    def score(x: torch.Tensor):
+        if not patches:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = (x - mean) @ factor
+        scores = d.square().sum(dim=1).sqrt()
+        return (scores, scores.view(-1, patches).amax(dim=1)) if patches else (scores, None)
+    return score
+
+
+def bench_case(gaussian: Gaussian, n: int, patches: int, half: bool, repeats: int, rng) -> dict:
+    rows = n * max(1, patches)
+    host = (rng.normal(size=(rows, gaussian.dim)) + (0 if gaussian.normalised else 1)).astype(np.float32)
+    x = torch.from_numpy(host).cuda()
+    scores = torch.zeros(rows, device="cuda")
+    image_scores = torch.zeros(n, device="cuda")
+    scorer = FusedScorer(gaussian, max_batch=n, half_factor=half, patches=patches)
+    pointers = [np.uintp(t.data_ptr()) for t in (x, scores, image_scores)]
+
+    def fused():  # on the default stream, where torch's events are recorded too
+        scorer.launch(pointers[0], pointers[1], n, None, pointers[2] if patches else None)
+
+    fused_us, fused_single_us = gpu_time_us(fused, repeats)
+    reference = gaussian.score(host)
+    error = float(np.max(np.abs(scores.cpu().numpy() - reference) / reference))
+    if patches:
+        worst = reference.reshape(n, patches).max(axis=1)
+        error = max(error, float(np.max(np.abs(image_scores.cpu().numpy() - worst) / worst)))
+    torch_score = unfused(gaussian, patches)
+    torch_us, torch_single_us = gpu_time_us(lambda: torch_score(x), repeats)
+    return {"scorer": "patch" if patches else "global", "batch": n, "rows": rows, "dim": gaussian.dim,
+            "factor": "fp16" if half else "fp32", "fused_us": fused_us, "fused_single_us": fused_single_us,
+            "torch_us": torch_us, "torch_single_us": torch_single_us, "speedup": torch_us / fused_us,
+            "max_rel_error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--patch-batches", type=int, nargs="+", default=[1, 8, 16, 64])
+    parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/kernel"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernel.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dim, patches, batches in ((args.dim, 0, args.batches), (PATCH_DIM, PATCHES, args.patch_batches)):
+        gaussian = random_gaussian(dim, normalised=not patches, rng=rng)
+        for half in (False, True):
+            for n in batches:
+                rows.append(bench_case(gaussian, n, patches, half, args.repeats, rng))
+                print(json.dumps(rows[-1]), flush=True)
+    meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "pycuda": pycuda.VERSION_TEXT,
+            "cuda_driver": cuda.get_driver_version()}
+    lines = [f"Fused scoring kernel vs unfused torch ops, {meta['gpu']} (torch {meta['torch']}, "
+             f"pycuda {meta['pycuda']}); GPU µs per call, back-to-back (median of single calls).", "",
+             "| scorer | batch | rows x D | factor | fused µs | torch µs | speed-up | max rel. error |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['scorer']} | {r['batch']} | {r['rows']} x {r['dim']} | {r['factor']} | "
+              f"{r['fused_us']:.1f} ({r['fused_single_us']:.1f}) | {r['torch_us']:.1f} ({r['torch_single_us']:.1f}) | "
+              f"{r['speedup']:.1f}x | {r['max_rel_error']:.1e} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
