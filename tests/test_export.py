@@ -134,8 +134,9 @@ def test_engine_io_shapes_follow_the_bundle(exported):
 def test_fused_kernel_launch_geometry():
     assert launch_grid(1280, 1) == (40, 1, 1)  # 32 columns of the factor per block
     assert launch_grid(1280, 256) == (40, 32, 1)  # 8 images per block
-    assert "-DTILE=5" in kernel_options(2048, False) and "-DFACTOR_HALF" in kernel_options(1280, True)
-    assert "-DSPLIT=20" in kernel_options(1280, False) and "-DSPLIT=2" in kernel_options(152, False, 784)
+    assert launch_grid(152, 784) == (5, 49, 1)  # 16 patches per block
+    assert "-DTILE=4" in kernel_options(2048, False) and "-DFACTOR_HALF" in kernel_options(1280, True)
+    assert "-DSPLIT=32" in kernel_options(1280, False) and "-DSPLIT=3" in kernel_options(152, False, 784)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA kernel is compiled on the box")
@@ -164,7 +165,7 @@ def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
         embeddings = rng.normal(size=(n, 1280)).astype(np.float32) + 1
         scores = np.zeros(n, np.float32)
         device_scores = cuda.mem_alloc(scores.nbytes)
-        scorer.launch(cuda.In(embeddings), device_scores, n)
+        scorer.launch(cuda.to_device(embeddings), device_scores, n)
         cuda.memcpy_dtoh(scores, device_scores)
         np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=rtol)
 
@@ -182,7 +183,7 @@ def test_fused_patch_kernel_matches_the_numpy_reference():
     features = (rng.normal(size=(8, 784, 152)) + 2).astype(np.float32)
     patch_scores, image_scores = np.zeros(8 * 784, np.float32), np.zeros(8, np.float32)
     d_patch, d_image = cuda.mem_alloc(patch_scores.nbytes), cuda.mem_alloc(image_scores.nbytes)
-    scorer.launch(cuda.In(features), d_patch, 8, image_scores=d_image)
+    scorer.launch(cuda.to_device(features), d_patch, 8, image_scores=d_image)
     cuda.memcpy_dtoh(patch_scores, d_patch)
     cuda.memcpy_dtoh(image_scores, d_image)
     reference = gaussian.score(features)

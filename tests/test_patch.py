@@ -124,7 +124,7 @@ def test_fused_patch_kernel_gives_the_graphs_scores_and_maps(patch_bundle, maske
     scorer = FusedScorer(bundle.gaussian, max_batch=8, half_factor=half, patches=patches)
     patch_scores, image_scores = np.zeros((n, patches), np.float32), np.zeros(n, np.float32)
     d_patch, d_image = cuda.mem_alloc(patch_scores.nbytes), cuda.mem_alloc(image_scores.nbytes)
-    scorer.launch(cuda.In(np.ascontiguousarray(result.embeddings)), d_patch, n, image_scores=d_image)
+    scorer.launch(cuda.to_device(np.ascontiguousarray(result.embeddings)), d_patch, n, image_scores=d_image)
     cuda.memcpy_dtoh(patch_scores, d_patch)
     cuda.memcpy_dtoh(image_scores, d_image)
     readout = patch_inference(bundle, patch_scores, result.embeddings, image_scores)

@@ -7,7 +7,8 @@
 // factor are uploaded once when the runtime starts, never per frame.
 //
 // Work split: grid = (chunks of COLS = 32 columns of d = c L, tiles of TILE rows). A block
-// keeps its tile's centred rows in shared memory; its SPLIT row groups (threadIdx.y) each
+// keeps its tile's centred rows in shared memory, interleaved (element i of all TILE rows
+// side by side) so one 16-byte broadcast read feeds four rows; its SPLIT row groups (threadIdx.y) each
 // walk every SPLIT-th row of L for the chunk's 32 columns, so a warp reads 128 contiguous
 // bytes of one row and many rows are in flight at once (at batch 1 the launch is bound by
 // how fast L streams in, not by arithmetic). Rows above the chunk's first column are
@@ -15,7 +16,7 @@
 // chunk's columns and adds that into accum[row]; the last block of a tile (tile ticket)
 // takes the square roots and clears its accum and ticket for the next launch.
 //
-// Compile-time parameters: DIM (embedding size, required), TILE (rows per block), SPLIT
+// Compile-time parameters: DIM (embedding size, required), TILE (rows per block, 4, 8 or 16), SPLIT
 // (row groups per block; threads = 32 * SPLIT), FACTOR_HALF (store L in fp16, halving
 // the bytes read; accumulation stays fp32), PATCHES (patch scorer: each image is PATCHES
 // consecutive rows of raw, un-normalised patch features; every row gets its score and the
@@ -27,6 +28,9 @@
 #ifndef TILE
 #define TILE 8
 #endif
+#if TILE % 4
+#error "TILE must be a multiple of 4"
+#endif
 #ifndef SPLIT
 #define SPLIT 1
 #endif
@@ -35,7 +39,7 @@
 #endif
 #define COLS 32
 #define THREADS (COLS * SPLIT)
-#define TILE_STRIDE (DIM > THREADS ? DIM : THREADS)  // room for a centred row, or for the row groups' parts
+#define TILE_FLOATS (TILE * (DIM > THREADS ? DIM : THREADS))  // the centred rows, later the row groups' parts
 
 #ifdef FACTOR_HALF
 #include <cuda_fp16.h>
@@ -51,17 +55,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Sum of v over the block; every thread gets the result.
-__device__ float block_sum(float v, float* scratch, int tid) {
-    v = warp_sum(v);
-    __syncthreads();  // scratch may still be read from a previous call
-    if ((tid & 31) == 0) scratch[tid >> 5] = v;
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
-    return total;
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     const float* __restrict__ embedding,   // [n, DIM] raw, as the backbone writes it
     const float* __restrict__ mean,        // [DIM], of the L2-normalised embeddings (raw patch features)
@@ -74,28 +67,34 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     float* __restrict__ image_score,       // [n / PATCHES]: worst patch per image (PATCHES > 0 only)
     const int n)
 {
-    __shared__ float tile[TILE * TILE_STRIDE];
-    __shared__ float scratch[THREADS / 32];
+    __shared__ __align__(16) float tile[TILE_FLOATS];
+    __shared__ float norms[THREADS / 32 * TILE];  // per warp, the partial squared norm of each row
     __shared__ bool last;
     const int tid = threadIdx.y * COLS + threadIdx.x;
     const int first_row = blockIdx.y * TILE;
     const int col = blockIdx.x * COLS + threadIdx.x;
 
-    // 1. Centre the tile's rows (global embeddings are L2-normalised first; patch features are not).
-    for (int t = 0; t < TILE; ++t) {
-        const int row = first_row + t;
-        float sq = 0.f;
-        if (row < n) {
-            for (int i = tid; i < DIM; i += THREADS) {
-                const float e = embedding[(size_t)row * DIM + i];
-                tile[t * TILE_STRIDE + i] = e;
-                sq += e * e;
-            }
-        }
-        const float scale = PATCHES ? 1.f : rsqrtf(fmaxf(block_sum(sq, scratch, tid), 1e-24f));
-        for (int i = tid; i < DIM; i += THREADS)
-            tile[t * TILE_STRIDE + i] = row < n ? tile[t * TILE_STRIDE + i] * scale - mean[i] : 0.f;
+    // 1. Centre the tile's rows into tile[i * TILE + t] (global embeddings are L2-normalised
+    //    first; patch features are not). Each thread keeps to one row t, so consecutive
+    //    threads write consecutive words; rows past n are zeros.
+    const int t_own = tid % TILE, row_own = first_row + t_own;
+    float sq = 0.f;
+    for (int k = tid; k < TILE * DIM; k += THREADS) {
+        const float e = row_own < n ? embedding[(size_t)row_own * DIM + k / TILE] : 0.f;
+        tile[k] = e;
+        sq += e * e;
     }
+#if PATCHES
+    const float scale = 1.f;
+#else
+    for (int offset = 16; offset >= TILE; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+    if ((tid & 31) < TILE) norms[(tid >> 5) * TILE + (tid & 31)] = sq;  // lanes 0..TILE-1 hold rows 0..TILE-1
+    __syncthreads();
+    sq = 0.f;
+    for (int w = 0; w < THREADS / 32; ++w) sq += norms[w * TILE + t_own];
+    const float scale = rsqrtf(fmaxf(sq, 1e-24f));
+#endif
+    for (int k = tid; k < TILE * DIM; k += THREADS) tile[k] = row_own < n ? tile[k] * scale - mean[k / TILE] : 0.f;
     __syncthreads();
 
     // 2. This row group's part of d[t][col] = sum_{i >= col} centred[t][i] * L[i][col].
@@ -103,23 +102,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
 #pragma unroll
     for (int t = 0; t < TILE; ++t) d[t] = 0.f;
     if (col < DIM) {
-#pragma unroll 4
+#pragma unroll 8
         for (int i = blockIdx.x * COLS + threadIdx.y; i < DIM; i += SPLIT) {
             const float l = load_factor(factor + (size_t)i * DIM + col);
+            const float4* centred = reinterpret_cast<const float4*>(tile + i * TILE);
 #pragma unroll
-            for (int t = 0; t < TILE; ++t) d[t] = fmaf(tile[t * TILE_STRIDE + i], l, d[t]);
+            for (int q = 0; q < TILE / 4; ++q) {
+                const float4 c = centred[q];
+                d[4 * q] = fmaf(c.x, l, d[4 * q]);
+                d[4 * q + 1] = fmaf(c.y, l, d[4 * q + 1]);
+                d[4 * q + 2] = fmaf(c.z, l, d[4 * q + 2]);
+                d[4 * q + 3] = fmaf(c.w, l, d[4 * q + 3]);
+            }
         }
     }
-    __syncthreads();  // the tile's rows are no longer needed: its memory takes the row groups' parts
+    __syncthreads();  // the centred rows are no longer needed: their memory takes the row groups' parts
 #pragma unroll
-    for (int t = 0; t < TILE; ++t) tile[t * TILE_STRIDE + tid] = d[t];
+    for (int t = 0; t < TILE; ++t) tile[t * THREADS + tid] = d[t];
     __syncthreads();
 
     // 3. Warp 0 completes d for the chunk's columns and adds sum(d^2) of each row into accum.
     if (threadIdx.y == 0) {
         for (int t = 0; t < TILE; ++t) {
             float v = 0.f;
-            for (int g = 0; g < SPLIT; ++g) v += tile[t * TILE_STRIDE + g * COLS + threadIdx.x];
+            for (int g = 0; g < SPLIT; ++g) v += tile[t * THREADS + g * COLS + threadIdx.x];
             v = warp_sum(v * v);
             if (threadIdx.x == 0 && first_row + t < n) atomicAdd(&accum[first_row + t], v);
         }
