@@ -68,7 +68,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     const int n)
 {
     __shared__ __align__(16) float tile[TILE_FLOATS];
+#if !PATCHES
     __shared__ float norms[THREADS / 32 * TILE];  // per warp, the partial squared norm of each row
+#endif
     __shared__ bool last;
     const int tid = threadIdx.y * COLS + threadIdx.x;
     const int first_row = blockIdx.y * TILE;
@@ -121,14 +123,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     for (int t = 0; t < TILE; ++t) tile[t * THREADS + tid] = d[t];
     __syncthreads();
 
-    // 3. Warp 0 completes d for the chunk's columns and adds sum(d^2) of each row into accum.
-    if (threadIdx.y == 0) {
-        for (int t = 0; t < TILE; ++t) {
-            float v = 0.f;
-            for (int g = 0; g < SPLIT; ++g) v += tile[t * THREADS + g * COLS + threadIdx.x];
-            v = warp_sum(v * v);
-            if (threadIdx.x == 0 && first_row + t < n) atomicAdd(&accum[first_row + t], v);
-        }
+    // 3. Warp t completes d of row t for the chunk's columns and adds its sum(d^2) into accum.
+    for (int t = threadIdx.y; t < TILE; t += SPLIT) {
+        float part[4] = {0.f, 0.f, 0.f, 0.f};  // four independent sums: the adds do not wait on each other
+#pragma unroll
+        for (int g = 0; g < SPLIT; ++g) part[g % 4] += tile[t * THREADS + g * COLS + threadIdx.x];
+        const float d_col = part[0] + part[1] + part[2] + part[3];
+        const float v = warp_sum(d_col * d_col);
+        if (threadIdx.x == 0 && first_row + t < n) atomicAdd(&accum[first_row + t], v);
     }
 
     // 4. The last block of the tile turns its rows' sums into scores and clears the scratch state.
