@@ -6,16 +6,15 @@
 // it, multiplies by the Cholesky factor and reduces to one score per image. The mean and
 // factor are uploaded once when the runtime starts, never per frame.
 //
-// Work split: grid = (chunks of COLS = 32 columns of d = c L, tiles of TILE rows, K parts).
-// A block keeps its tile's centred rows in shared memory, interleaved (element i of all
-// TILE rows side by side) so one 16-byte broadcast read feeds four rows; its SPLIT row
-// groups (threadIdx.y) each walk every SPLIT-th row of L for the chunk's 32 columns, so a
-// warp reads 128 contiguous bytes of one row. Rows above the chunk's first column are
-// skipped since L is zero there. With few images (batch 1 on a big GPU) the rows of L are
-// also split between gridDim.z blocks so that every SM streams a part of L; their partial
-// d go through dpart and the last of them (chunk ticket) squares them. Each chunk adds
-// sum(d^2) of its columns into accum[row]; the last chunk of a tile (tile ticket) takes
-// the square roots. Every scratch buffer is left zeroed for the next launch.
+// Work split: grid = (chunks of COLS = 32 columns of d = c L, tiles of TILE rows). A block
+// keeps its tile's centred rows in shared memory, interleaved (element i of all TILE rows
+// side by side) so one 16-byte broadcast read feeds four rows; its SPLIT row groups (threadIdx.y) each
+// walk every SPLIT-th row of L for the chunk's 32 columns, so a warp reads 128 contiguous
+// bytes of one row and many rows are in flight at once (at batch 1 the launch is bound by
+// how fast L streams in, not by arithmetic). Rows above the chunk's first column are
+// skipped since L is zero there. Warp 0 adds the row groups' parts, squares and sums the
+// chunk's columns and adds that into accum[row]; the last block of a tile (tile ticket)
+// takes the square roots and clears its accum and ticket for the next launch.
 //
 // Compile-time parameters: DIM (embedding size, required), TILE (rows per block, 4, 8 or 16), SPLIT
 // (row groups per block; threads = 32 * SPLIT), FACTOR_HALF (store L in fp16, halving
@@ -57,17 +56,15 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
-    const float* __restrict__ embedding,    // [n, DIM] raw, as the backbone writes it
-    const float* __restrict__ mean,         // [DIM], of the L2-normalised embeddings (raw patch features)
-    const factor_t* __restrict__ factor,    // [DIM, DIM] row-major, lower-triangular
-    float* __restrict__ dpart,              // [>= n, DIM] partial d when gridDim.z > 1, zero on entry and exit
-    unsigned int* __restrict__ chunk_ticket, // [>= tiles * chunks] when gridDim.z > 1, zero on entry and exit
-    float* __restrict__ accum,              // [>= n], zero on entry and on exit
+    const float* __restrict__ embedding,   // [n, DIM] raw, as the backbone writes it
+    const float* __restrict__ mean,        // [DIM], of the L2-normalised embeddings (raw patch features)
+    const factor_t* __restrict__ factor,   // [DIM, DIM] row-major, lower-triangular
+    float* __restrict__ accum,             // [>= n], zero on entry and on exit
     unsigned int* __restrict__ tile_ticket, // [>= tiles], zero on entry and on exit
-    unsigned int* __restrict__ image_max,   // [>= n / PATCHES], zero on entry and on exit (PATCHES > 0 only)
-    unsigned int* __restrict__ ticket,      // [1], zero on entry and on exit (PATCHES > 0 only)
-    float* __restrict__ score,              // [n]: one score per row (per image, or per patch)
-    float* __restrict__ image_score,        // [n / PATCHES]: worst patch per image (PATCHES > 0 only)
+    unsigned int* __restrict__ image_max,  // [>= n / PATCHES], zero on entry and on exit (PATCHES > 0 only)
+    unsigned int* __restrict__ ticket,     // [1], zero on entry and on exit (PATCHES > 0 only)
+    float* __restrict__ score,             // [n]: one score per row (per image, or per patch)
+    float* __restrict__ image_score,       // [n / PATCHES]: worst patch per image (PATCHES > 0 only)
     const int n)
 {
     __shared__ __align__(16) float tile[TILE_FLOATS];
@@ -78,21 +75,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     const int tid = threadIdx.y * COLS + threadIdx.x;
     const int first_row = blockIdx.y * TILE;
     const int col = blockIdx.x * COLS + threadIdx.x;
-    const int k_len = (DIM + gridDim.z - 1) / gridDim.z;  // this block's rows of L: [k_begin, k_end)
-    const int k_begin = blockIdx.z * k_len, k_end = min(DIM, k_begin + k_len);
 
-    // 1. Centre the tile's rows k_begin..k_end into tile[(i - k_begin) * TILE + t] (global
-    //    embeddings are L2-normalised first, over all DIM; patch features are not). Each
-    //    thread keeps to one row t, so consecutive threads touch consecutive words; rows
-    //    past n are zeros.
+    // 1. Centre the tile's rows into tile[i * TILE + t] (global embeddings are L2-normalised
+    //    first; patch features are not). Each thread keeps to one row t, so consecutive
+    //    threads write consecutive words; rows past n are zeros.
     const int t_own = tid % TILE, row_own = first_row + t_own;
-    const float* own = embedding + (size_t)row_own * DIM;
+    float sq = 0.f;
+    for (int k = tid; k < TILE * DIM; k += THREADS) {
+        const float e = row_own < n ? embedding[(size_t)row_own * DIM + k / TILE] : 0.f;
+        tile[k] = e;
+        sq += e * e;
+    }
 #if PATCHES
     const float scale = 1.f;
 #else
-    float sq = 0.f;
-    if (row_own < n)
-        for (int k = tid; k < TILE * DIM; k += THREADS) sq += own[k / TILE] * own[k / TILE];
     for (int offset = 16; offset >= TILE; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
     if ((tid & 31) < TILE) norms[(tid >> 5) * TILE + (tid & 31)] = sq;  // lanes 0..TILE-1 hold rows 0..TILE-1
     __syncthreads();
@@ -100,10 +96,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     for (int w = 0; w < THREADS / 32; ++w) sq += norms[w * TILE + t_own];
     const float scale = rsqrtf(fmaxf(sq, 1e-24f));
 #endif
-    for (int k = tid; k < TILE * (k_end - k_begin); k += THREADS) {
-        const int i = k_begin + k / TILE;
-        tile[k] = row_own < n ? own[i] * scale - mean[i] : 0.f;
-    }
+    for (int k = tid; k < TILE * DIM; k += THREADS) tile[k] = row_own < n ? tile[k] * scale - mean[k / TILE] : 0.f;
     __syncthreads();
 
     // 2. This row group's part of d[t][col] = sum_{i >= col} centred[t][i] * L[i][col].
@@ -112,9 +105,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     for (int t = 0; t < TILE; ++t) d[t] = 0.f;
     if (col < DIM) {
 #pragma unroll 8
-        for (int i = max(k_begin, (int)blockIdx.x * COLS) + threadIdx.y; i < k_end; i += SPLIT) {
+        for (int i = blockIdx.x * COLS + threadIdx.y; i < DIM; i += SPLIT) {
             const float l = load_factor(factor + (size_t)i * DIM + col);
-            const float4* centred = reinterpret_cast<const float4*>(tile + (i - k_begin) * TILE);
+            const float4* centred = reinterpret_cast<const float4*>(tile + i * TILE);
 #pragma unroll
             for (int q = 0; q < TILE / 4; ++q) {
                 const float4 c = centred[q];
@@ -130,41 +123,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) mahalanobis_fused(
     for (int t = 0; t < TILE; ++t) tile[t * THREADS + tid] = d[t];
     __syncthreads();
 
-    // 3. Warp t completes this block's d of row t for the chunk's columns: squared and summed
-    //    into accum, or (rows of L split between blocks) added into dpart first.
+    // 3. Warp t completes d of row t for the chunk's columns and adds its sum(d^2) into accum.
     for (int t = threadIdx.y; t < TILE; t += SPLIT) {
         float part[4] = {0.f, 0.f, 0.f, 0.f};  // four independent sums: the adds do not wait on each other
 #pragma unroll
         for (int g = 0; g < SPLIT; ++g) part[g % 4] += tile[t * THREADS + g * COLS + threadIdx.x];
         const float d_col = part[0] + part[1] + part[2] + part[3];
-        const int row = first_row + t;
-        if (gridDim.z > 1) {
-            if (row < n && col < DIM) atomicAdd(&dpart[(size_t)row * DIM + col], d_col);
-        } else {
-            const float v = warp_sum(d_col * d_col);
-            if (threadIdx.x == 0 && row < n) atomicAdd(&accum[row], v);
-        }
-    }
-    if (gridDim.z > 1) {  // the last block of this chunk's K parts squares the complete d
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) last = atomicAdd(&chunk_ticket[blockIdx.y * gridDim.x + blockIdx.x], 1u) == gridDim.z - 1;
-        __syncthreads();
-        if (!last) return;
-        for (int t = threadIdx.y; t < TILE; t += SPLIT) {
-            const int row = first_row + t;
-            float d_col = 0.f;
-            if (row < n && col < DIM) {
-                d_col = __ldcg(&dpart[(size_t)row * DIM + col]);
-                dpart[(size_t)row * DIM + col] = 0.f;
-            }
-            const float v = warp_sum(d_col * d_col);
-            if (threadIdx.x == 0 && row < n) atomicAdd(&accum[row], v);
-        }
-        if (tid == 0) chunk_ticket[blockIdx.y * gridDim.x + blockIdx.x] = 0u;
+        const float v = warp_sum(d_col * d_col);
+        if (threadIdx.x == 0 && first_row + t < n) atomicAdd(&accum[first_row + t], v);
     }
 
-    // 4. The last chunk of the tile turns its rows' sums into scores.
+    // 4. The last block of the tile turns its rows' sums into scores and clears the scratch state.
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(&tile_ticket[blockIdx.y], 1u) == gridDim.x - 1;

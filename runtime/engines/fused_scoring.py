@@ -43,20 +43,8 @@ def kernel_options(dim: int, half_factor: bool, patches: int = 0) -> list[str]:
     return options + ["-DFACTOR_HALF"] if half_factor else options
 
 
-def launch_grid(dim: int, rows: int, splits: int = 1) -> tuple[int, int, int]:
-    """(column chunks, row tiles, parts of the rows of L)."""
-    return (-(-dim // COLS), -(-rows // images_per_block(dim)), splits)
-
-
-def k_splits(dim: int, rows: int, multiprocessors: int, patch: bool) -> int:
-    """Parts to split the rows of L into, so that small batches still give every SM about two blocks.
-
-    Large batches and patch scoring have blocks enough (1); at batch 1 on an H100 it is 7,
-    on a Jetson Orin's 16 SMs 1."""
-    if patch:
-        return 1
-    chunks, tiles, _ = launch_grid(dim, rows)
-    return max(1, min(8, -(-2 * multiprocessors // (chunks * tiles))))
+def launch_grid(dim: int, rows: int) -> tuple[int, int, int]:
+    return (-(-dim // COLS), -(-rows // images_per_block(dim)), 1)
 
 
 class FusedScorer:
@@ -82,16 +70,12 @@ class FusedScorer:
         self.mean = cuda.to_device(np.ascontiguousarray(gaussian.mean, dtype=np.float32))
         self.factor = cuda.to_device(np.ascontiguousarray(factor))
         # scratch state the kernel leaves zeroed for the next launch
-        chunks, tiles, _ = launch_grid(self.dim, self.max_rows)
-        self.dpart = cuda.to_device(np.zeros(1 if patches else self.max_rows * self.dim, np.float32))
-        self.chunk_tickets = cuda.to_device(np.zeros(1 if patches else chunks * tiles, np.uint32))
         self.accum = cuda.to_device(np.zeros(self.max_rows, np.float32))
-        self.tile_tickets = cuda.to_device(np.zeros(tiles, np.uint32))
+        self.tile_tickets = cuda.to_device(np.zeros(launch_grid(self.dim, self.max_rows)[1], np.uint32))
         self.image_max = cuda.to_device(np.zeros(max_batch, np.uint32))
         self.ticket = cuda.to_device(np.zeros(1, np.uint32))
         self.block = (COLS, row_groups(self.dim), 1)
-        self.multiprocessors = cuda.Context.get_device().get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
-        self.kernel.prepare("PPPPPPPPPPPi")  # argument types parsed once: each launch costs microseconds, not tens
+        self.kernel.prepare("PPPPPPPPPi")  # argument types parsed once: each launch costs microseconds, not tens
 
     def launch(self, embeddings, scores, n: int, stream=None, image_scores=None) -> None:
         """Queue one launch for `n` images on `stream` (None: the default stream); arrays are device allocations or pointers.
@@ -101,7 +85,6 @@ class FusedScorer:
         rows = n * max(1, self.patches)
         if not 0 < rows <= self.max_rows:
             raise CoftError(f"batch of {n} frames; the scorer was set up for 1..{self.max_rows // max(1, self.patches)}")
-        pointers = (embeddings, self.mean, self.factor, self.dpart, self.chunk_tickets, self.accum, self.tile_tickets,
-                    self.image_max, self.ticket, scores, image_scores if image_scores is not None else scores)
-        grid = launch_grid(self.dim, rows, k_splits(self.dim, rows, self.multiprocessors, bool(self.patches)))
-        self.kernel.prepared_async_call(grid, self.block, stream, *map(int, pointers), rows)
+        pointers = (embeddings, self.mean, self.factor, self.accum, self.tile_tickets, self.image_max, self.ticket,
+                    scores, image_scores if image_scores is not None else scores)
+        self.kernel.prepared_async_call(launch_grid(self.dim, rows), self.block, stream, *map(int, pointers), rows)
