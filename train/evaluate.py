@@ -128,18 +128,19 @@ def pro_score(truth: list[np.ndarray], predicted: list[np.ndarray], fpr_limit: f
 def pixel_metrics(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_maps: np.ndarray,
                   size: tuple[int, int], sigma: float) -> dict | None:
     """Pixel AUROC and PRO at half the input size, over good images (all-normal) and defects with masks; None without masks."""
+    masks = {i: find_mask(data_dir, path) for i, path in enumerate(paths) if labels[i] == 1}
+    if not any(masks.values()):
+        return None
     truth, predicted = [], []
-    for path, label, patch_map in zip(paths, labels, patch_maps):
-        if label == 1:
-            mask_path = find_mask(data_dir, path)
-            if mask_path is None:
-                continue
-            mask = cv2.resize(cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE), size[::-1], interpolation=cv2.INTER_NEAREST) > 0
-        else:
-            mask = np.zeros(size, bool)
+    for i, patch_map in enumerate(patch_maps):
+        if labels[i] == 1 and masks[i] is None:
+            continue
+        mask = np.zeros(size, bool)
+        if labels[i] == 1:
+            mask = cv2.resize(cv2.imread(str(masks[i]), cv2.IMREAD_GRAYSCALE), size[::-1], interpolation=cv2.INTER_NEAREST) > 0
         truth.append(mask[::2, ::2])
         predicted.append(anomaly_map(patch_map, size, sigma)[::2, ::2])
-    if not truth or not any(t.any() for t in truth):
+    if not any(t.any() for t in truth):
         return None
     return {"pixel_auroc": float(roc_auc_score(np.concatenate([t.ravel() for t in truth]),
                                                np.concatenate([p.ravel() for p in predicted]))),
