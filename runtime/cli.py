@@ -65,8 +65,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--contrast", type=float, default=0.1)
     a.add_argument("--shift", type=float, default=0.03)
     s = p.add_argument_group("scoring and threshold")
-    s.add_argument("--scorer", choices=("global", "patch", "auto"), default="global",
-                   help="global embedding, patch features (anomaly map, image = worst patch), or auto: "
+    s.add_argument("--scorer", choices=("patch", "global", "auto"),
+                   help="patch features (default: anomaly map, image = worst patch), global embedding, or auto: "
                         "whichever separates held-out good views from synthetic defects better")
     s.add_argument("--pooling", choices=("max", "top1pct"), default="max", help="patch scorer: image score pooling")
     s.add_argument("--views", type=int, default=16, help="N_A: augmented views per image for the Gaussian")
@@ -82,7 +82,7 @@ def _training_options(args: argparse.Namespace):
     defaults = pipeline.TrainOptions()
     return pipeline.TrainOptions(
         backbone=args.backbone, weights=args.weights, size=args.size, method=args.method or defaults.method,
-        scorer=args.scorer, pooling=args.pooling,
+        scorer=args.scorer or defaults.scorer, pooling=args.pooling,
         shots=args.shots, seed=args.seed, views=args.views, shrinkage=args.shrinkage,
         target_false_reject_rate=args.target_frr, device=args.device, progress=not args.quiet,
         finetune=FinetuneConfig(steps=args.steps, batch=args.batch, lr=args.lr, temperature=args.temperature,

@@ -41,7 +41,7 @@ class TrainOptions:
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
     size: tuple[int, int] = (224, 224)  # model input (height, width)
     method: str = "frozen"  # see README: the few-shot benchmark decides this default
-    scorer: str = "global"  # global | patch | auto (self-check on synthetic defects)
+    scorer: str = "patch"  # patch | global | auto (self-check on synthetic defects); see README, Accuracy
     pooling: str = "max"  # patch scorer: image score from the worst patch, or top1pct
     shots: int | None = None  # train on k images of the folder chosen with the seed; None = all
     seed: int = 0
