@@ -8,6 +8,8 @@ It is the same mean and precision for every patch, so the same fused kernel appl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -21,6 +23,17 @@ from train.threshold import Fit
 PATCH_STRIDE = 8
 BLUR_SIGMA = 4.0  # pixels of Gaussian smoothing of the upsampled map at the model input
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
+
+
+def calibration_augment(config: AugmentConfig) -> AugmentConfig:
+    """The augmentations of the views that calibrate a patch scorer's threshold: no shift.
+
+    A shifted view's mirrored border is a seam no camera frame has, and the worst patch
+    finds it: in leave-one-out calibration those seams set the threshold (coft demo, ELPV,
+    10 shots: 35.9 with shifted views, 33.9 without, against 33.0 for the worst of 1,498
+    unseen good cells). The Gaussian is still fitted on shifted views, which helps at k=1
+    (patch AUROC 0.741 with, 0.731 without, magnetic tiles, 5 seeds)."""
+    return replace(config, shift=0.0)
 
 
 def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_config: AugmentConfig,
