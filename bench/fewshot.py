@@ -16,6 +16,9 @@ every other good image and every defective one is the test set. Methods:
                 images, patch score = Mahalanobis distance, image score = worst patch;
                 ablations: patch-top1pct (mean of the worst 1% of patches), patch-mid
                 (stride-8 layer only), patch-deep (stride-16 layer only)
+- patch+global: both scorers, each scaled by its own calibration scores (median and 99th
+                percentile of leave-one-out scores of good views: no defect involved) and
+                added; a candidate, not yet a bundle scorer
 
 Frozen features of every image are computed once; a fine-tuned model re-runs only its
 trained last stage on the cached maps of the frozen stages (valid since those stages
@@ -48,12 +51,20 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics, per_type_auroc  # noqa: E402
-from train.patch_scorer import BLUR_SIGMA, PATCH_STRIDE, fit_patch_gaussian, patch_views  # noqa: E402
+from train.patch_scorer import (  # noqa: E402
+    BLUR_SIGMA,
+    PATCH_STRIDE,
+    calibration_augment,
+    fit_patch_gaussian,
+    patch_fit,
+    patch_views,
+)
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
+from train.threshold import calibration_scores, global_fit  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
-           "patch-deep")
+           "patch-deep", "patch+global")
 # Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
 PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
@@ -96,6 +107,25 @@ def tail_embeddings(backbone: Backbone, trunk_maps: torch.Tensor, batch: int = 6
     out = [backbone.stages[-1](trunk_maps[i:i + batch].to(device)).mean(dim=(2, 3)).cpu()
            for i in range(0, len(trunk_maps), batch)]
     return torch.cat(out).numpy()
+
+
+def combined_scores(backbone: Backbone, pixels: torch.Tensor, test_embeddings: np.ndarray, test_patches: torch.Tensor,
+                    n_views: int, augment_config: AugmentConfig, seed: int) -> np.ndarray:
+    """Global plus patch score, each as (score - median) / (q99 - median) of its good-only calibration scores."""
+    def scaled(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+        median = np.median(calibration)
+        return (scores - median) / (np.quantile(calibration, 0.99) - median)
+
+    global_views = embed_views(backbone, pixels, n_views, augment_config, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    patch_train = patch_views(backbone, pixels, n_views, augment_config, generator)
+    patch_held = patch_views(backbone, pixels, n_views, calibration_augment(augment_config), generator)
+    global_scores = fit_gaussian(global_views.reshape(-1, global_views.shape[2])).score(test_embeddings)
+    gaussian = fit_patch_gaussian(patch_train)
+    patch_scores = np.concatenate([pool(gaussian.score(test_patches[i:i + 64].numpy()))
+                                   for i in range(0, len(test_patches), 64)])
+    return (scaled(global_scores, calibration_scores(global_views, global_fit())[0])
+            + scaled(patch_scores, calibration_scores(patch_train, patch_fit(), patch_held)[0]))
 
 
 def finetune_config(method: str, args) -> FinetuneConfig:
@@ -211,6 +241,10 @@ def main() -> None:
                     bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
                     train_seconds = time.perf_counter() - started
                     scores = patch_knn_scores(bank, patch_feats[test])
+                elif method == "patch+global":
+                    scores = combined_scores(backbone, train_pixels, global_emb[test], patch_feats[test], args.views,
+                                             augment_config, seed)
+                    train_seconds = time.perf_counter() - started
                 elif method.startswith("patch"):
                     layers = PATCH_LAYERS[method]
                     views = patch_views(backbone, train_pixels, args.views, augment_config, generator)[..., layers]

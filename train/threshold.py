@@ -19,30 +19,32 @@ def global_fit(shrinkage: str = "ledoit-wolf") -> Fit:
     return lambda views: fit_gaussian(views, shrinkage).score
 
 
-def good_only_threshold(views: np.ndarray, target_false_reject_rate: float, fit: Fit,
-                        scored: np.ndarray | None = None) -> dict:
-    """Threshold at a target false-reject rate, from scores of views the scorer did not see.
+def calibration_scores(views: np.ndarray, fit: Fit, scored: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """Scores of good views the scorer did not see, and how they were held out.
 
     `views` is [k images, V views, ...features]; `scored`, laid out the same way, are the
-    views whose scores calibrate (default: `views`). With three or more images: leave one
-    image out, fit on the others' views, score the left-out image's (honest, slightly
-    pessimistic since the final fit has one image more). With fewer: fit on half of each
-    image's views and score the other half.
+    views to score (default: `views`). With three or more images: leave one image out, fit
+    on the others' views, score the left-out image's (honest, slightly pessimistic since
+    the final fit has one image more). With fewer: fit on half of each image's views and
+    score the other half.
     """
     scored = views if scored is None else scored
     k, n_views = views.shape[:2]
+    if k >= 3:
+        return np.concatenate([fit(np.delete(views, i, axis=0).reshape(-1, *views.shape[2:]))(scored[i])
+                               for i in range(k)]), "leave-one-out"
+    if n_views < 4:
+        raise CoftError(f"{k} image(s) with {n_views} views cannot calibrate a threshold; use --views 4 or more")
+    fit_views, held_views = views[:, 0::2], scored[:, 1::2]
+    return fit(fit_views.reshape(-1, *views.shape[2:]))(held_views.reshape(-1, *views.shape[2:])), "held-out-views"
+
+
+def good_only_threshold(views: np.ndarray, target_false_reject_rate: float, fit: Fit,
+                        scored: np.ndarray | None = None) -> dict:
+    """Threshold at a target false-reject rate, from `calibration_scores` of good views."""
     if not 0 < target_false_reject_rate < 1:
         raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
-    if k >= 3:
-        method = "leave-one-out"
-        scores = np.concatenate([fit(np.delete(views, i, axis=0).reshape(-1, *views.shape[2:]))(scored[i])
-                                 for i in range(k)])
-    else:
-        if n_views < 4:
-            raise CoftError(f"{k} image(s) with {n_views} views cannot calibrate a threshold; use --views 4 or more")
-        method = "held-out-views"
-        fit_views, held_views = views[:, 0::2], scored[:, 1::2]
-        scores = fit(fit_views.reshape(-1, *views.shape[2:]))(held_views.reshape(-1, *views.shape[2:]))
+    scores, method = calibration_scores(views, fit, scored)
     value = float(np.quantile(scores, 1 - target_false_reject_rate, method="higher"))
     return {
         "value": value,
