@@ -8,19 +8,20 @@
 //
 // Work split: grid = (chunks of COLS = 32 columns of d = c L, tiles of TILE rows). A block
 // keeps its tile's centred rows in shared memory, interleaved (element i of all TILE rows
-// side by side) so one 16-byte broadcast read feeds four rows; its SPLIT row groups (threadIdx.y) each
-// walk every SPLIT-th row of L for the chunk's 32 columns, so a warp reads 128 contiguous
-// bytes of one row and many rows are in flight at once (at batch 1 the launch is bound by
-// how fast L streams in, not by arithmetic). Rows above the chunk's first column are
-// skipped since L is zero there. Warp 0 adds the row groups' parts, squares and sums the
-// chunk's columns and adds that into accum[row]; the last block of a tile (tile ticket)
-// takes the square roots and clears its accum and ticket for the next launch.
+// side by side) so one 16-byte broadcast read feeds four rows; its SPLIT row groups
+// (threadIdx.y) each walk every SPLIT-th row of L for the chunk's 32 columns, so a warp
+// reads 128 contiguous bytes of one row and many rows are in flight at once (at small
+// batches the launch waits on those loads, not on arithmetic). Rows above the chunk's
+// first column are skipped since L is zero there. Warp t then adds the row groups' parts
+// of row t, squares and sums the chunk's columns and adds that into accum[row]; the last
+// block of a tile (tile ticket) takes the square roots and clears its accum and ticket
+// for the next launch.
 //
-// Compile-time parameters: DIM (embedding size, required), TILE (rows per block, 4, 8 or 16), SPLIT
-// (row groups per block; threads = 32 * SPLIT), FACTOR_HALF (store L in fp16, halving
-// the bytes read; accumulation stays fp32), PATCHES (patch scorer: each image is PATCHES
-// consecutive rows of raw, un-normalised patch features; every row gets its score and the
-// last tile to finish writes each image's worst patch to image_score).
+// Compile-time parameters: DIM (embedding size, required), TILE (rows per block: 4, 8 or
+// 16), SPLIT (row groups per block; threads = 32 * SPLIT), FACTOR_HALF (store L in fp16,
+// halving the bytes read; accumulation stays fp32), PATCHES (patch scorer: each image is
+// PATCHES consecutive rows of raw, un-normalised patch features; every row gets its score
+// and the last tile to finish writes each image's worst patch to image_score).
 
 #ifndef DIM
 #error "compile with -DDIM=<embedding size>"
