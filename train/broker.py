@@ -28,7 +28,8 @@ class EmbeddedBroker:
 
         asyncio.set_event_loop(self.loop)
         self.broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                              "auth": {"allow-anonymous": True}, "topic-check": {"enabled": False}}, loop=self.loop)
+                              "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}},
+                             loop=self.loop)
         self.loop.run_until_complete(self.broker.start())
         self.ready.set()
         self.loop.run_forever()
