@@ -50,7 +50,7 @@ from train.coftad import FinetuneConfig, finetune  # noqa: E402
 from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
-from train.metrics import detection_metrics, per_type_auroc  # noqa: E402
+from train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E402
 from train.patch_scorer import (  # noqa: E402
     BLUR_SIGMA,
     PATCH_STRIDE,
@@ -61,11 +61,12 @@ from train.patch_scorer import (  # noqa: E402
 )
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
-from train.threshold import calibration_scores, global_fit  # noqa: E402
+from train.threshold import calibration_scores, global_fit, good_only_threshold  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
            "patch-deep", "patch+global")
 # Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
+TARGET_FRR = 0.01  # training's default --target-frr
 PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
 
@@ -157,8 +158,8 @@ def summarise(runs: list[dict]) -> dict:
                 "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])), "seeds": len(rs),
                 "per_type_auroc": {t: float(np.mean([r["per_type"][t] for r in rs])) for t in types},
             }
-            if "pixel_auroc" in rs[0]:
-                for key in ("pixel_auroc", "pro"):
+            for key in ("pixel_auroc", "pro", "false_reject_rate", "escape_rate"):
+                if key in rs[0]:
                     values = np.array([r[key] for r in rs])
                     table[method][k] |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std())}
     return table
@@ -186,6 +187,15 @@ def markdown(table: dict, meta: dict) -> str:
             cells = [f"{by_k[str(k)]['pixel_auroc_mean']:.3f} ± {by_k[str(k)]['pixel_auroc_std']:.3f} | "
                      f"{by_k[str(k)]['pro_mean']:.3f} ± {by_k[str(k)]['pro_std']:.3f}" if str(k) in by_k else "- | -"
                      for k in ks]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    rated = [(m, by_k) for m, by_k in table.items() if any("escape_rate_mean" in v for v in by_k.values())]
+    if rated:
+        lines += ["", f"At the threshold set from the k good images alone (target false-reject rate {TARGET_FRR:.0%}): "
+                  "false-reject rate / escape rate on the test set:", "",
+                  "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for method, by_k in rated:
+            cells = [f"{by_k[str(k)]['false_reject_rate_mean']:.1%} / {by_k[str(k)]['escape_rate_mean']:.1%}"
+                     if str(k) in by_k else "-" for k in ks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Per defect type (AUROC, mean over seeds, largest k):", ""]
     kmax = str(max(ks))
@@ -236,7 +246,7 @@ def main() -> None:
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
                 started = time.perf_counter()
-                pixel = None
+                pixel = at_threshold = None
                 if method == "patch-knn":
                     bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
                     train_seconds = time.perf_counter() - started
@@ -254,6 +264,11 @@ def main() -> None:
                     patch_scores = np.concatenate([gaussian.score(patch_feats[test[i:i + 64]][..., layers].numpy())
                                                    for i in range(0, len(test), 64)])
                     scores = pool(patch_scores, pooling)
+                    if method == "patch":  # the shipped scorer: its threshold too, calibrated as training does
+                        held = patch_views(backbone, train_pixels, args.views, calibration_augment(augment_config),
+                                           generator)
+                        at_threshold = rates_at(labels, scores, good_only_threshold(
+                            views, TARGET_FRR, patch_fit(pooling=pooling), held)["value"])
                     if args.pixel and method == "patch":
                         grid = (size[0] // PATCH_STRIDE, size[1] // PATCH_STRIDE)
                         pixel = pixel_metrics(category, [data.paths[i] for i in test], labels,
@@ -268,10 +283,12 @@ def main() -> None:
                     train_seconds = time.perf_counter() - started
                     test_emb = global_emb[test] if model is backbone else tail_embeddings(model, trunk_maps[test])
                     scores = gaussian.score(test_emb)
+                    at_threshold = rates_at(labels, scores, good_only_threshold(views, TARGET_FRR, global_fit())["value"])
                 metrics = detection_metrics(labels, scores)
                 per_type = per_type_auroc(labels, scores, types)
                 run = {"method": method, "k": k, "seed": seed, "auroc": metrics["auroc"], "ap": metrics["ap"],
-                       "train_seconds": round(train_seconds, 2), "per_type": per_type, **(pixel or {})}
+                       "train_seconds": round(train_seconds, 2), "per_type": per_type, **(pixel or {}),
+                       **(at_threshold or {})}
                 runs.append(run)
                 shown = f" pixel AUROC {pixel['pixel_auroc']:.4f} PRO {pixel['pro']:.4f}" if pixel else ""
                 print(f"k={k} seed={seed} {method:13s} AUROC {run['auroc']:.4f} AP {run['ap']:.4f}{shown} "

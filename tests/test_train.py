@@ -76,11 +76,12 @@ def test_bad_training_input(parts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
 
 
-def test_threshold_from_good_images_only():
+def test_threshold_from_good_images_only(caplog):
     rng = np.random.default_rng(0)
     views = rng.normal(size=(2, 8, 6)) + 4
     info = good_only_threshold(views, 0.01, global_fit())
     assert info["method"] == "held-out-views" and info["calibration_scores"] == 8
+    assert "train on 3 or more images" in caplog.text  # views of 2 parts say little about the next part
     assert good_only_threshold(rng.normal(size=(5, 3, 6)), 0.01, global_fit())["method"] == "leave-one-out"
     with pytest.raises(CoftError, match="--views 4"):
         good_only_threshold(views[:, :2], 0.01, global_fit())

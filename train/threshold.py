@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -10,6 +11,8 @@ from runtime.errors import CoftError
 from train.gaussian import fit_gaussian
 from train.metrics import f1_max
 
+
+log = logging.getLogger(__name__)
 
 Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
@@ -45,6 +48,11 @@ def good_only_threshold(views: np.ndarray, target_false_reject_rate: float, fit:
     if not 0 < target_false_reject_rate < 1:
         raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
     scores, method = calibration_scores(views, fit, scored)
+    if method == "held-out-views":
+        log.warning("threshold set from views of only %d image(s): it cannot see how parts differ, so it will reject "
+                    "far more good parts than the %.1f%% target (magnetic tiles, 1 image: about half); train on 3 or "
+                    "more images, or set it from labelled parts with 'coft eval --recalibrate'",
+                    len(views), 100 * target_false_reject_rate)
     value = float(np.quantile(scores, 1 - target_false_reject_rate, method="higher"))
     return {
         "value": value,
