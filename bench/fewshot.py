@@ -54,7 +54,7 @@ from train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E
 from train.patch_scorer import (  # noqa: E402
     BLUR_SIGMA,
     PATCH_STRIDE,
-    calibration_augment,
+    calibration_views,
     fit_patch_gaussian,
     patch_fit,
     patch_views,
@@ -65,8 +65,8 @@ from train.threshold import calibration_scores, global_fit, good_only_threshold 
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
            "patch-deep", "patch+global")
-# Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
 TARGET_FRR = 0.01  # training's default --target-frr
+# Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
 PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
 
@@ -120,7 +120,7 @@ def combined_scores(backbone: Backbone, pixels: torch.Tensor, test_embeddings: n
     global_views = embed_views(backbone, pixels, n_views, augment_config, torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
     patch_train = patch_views(backbone, pixels, n_views, augment_config, generator)
-    patch_held = patch_views(backbone, pixels, n_views, calibration_augment(augment_config), generator)
+    patch_held = calibration_views(backbone, pixels, n_views, augment_config, generator)
     global_scores = fit_gaussian(global_views.reshape(-1, global_views.shape[2])).score(test_embeddings)
     gaussian = fit_patch_gaussian(patch_train)
     patch_scores = np.concatenate([pool(gaussian.score(test_patches[i:i + 64].numpy()))
@@ -265,8 +265,7 @@ def main() -> None:
                                                    for i in range(0, len(test), 64)])
                     scores = pool(patch_scores, pooling)
                     if method == "patch":  # the shipped scorer: its threshold too, calibrated as training does
-                        held = patch_views(backbone, train_pixels, args.views, calibration_augment(augment_config),
-                                           generator)
+                        held = calibration_views(backbone, train_pixels, args.views, augment_config, generator)
                         at_threshold = rates_at(labels, scores, good_only_threshold(
                             views, TARGET_FRR, patch_fit(pooling=pooling), held)["value"])
                     if args.pixel and method == "patch":

@@ -25,17 +25,6 @@ BLUR_SIGMA = 4.0  # pixels of Gaussian smoothing of the upsampled map at the mod
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
 
 
-def calibration_augment(config: AugmentConfig) -> AugmentConfig:
-    """The augmentations of the views that calibrate a patch scorer's threshold: no shift.
-
-    A shifted view's mirrored border is a seam no camera frame has, and the worst patch
-    finds it: in leave-one-out calibration those seams set the threshold (coft demo, ELPV,
-    10 shots: 35.9 with shifted views, 33.9 without, against 33.0 for the worst of 1,498
-    unseen good cells). The Gaussian is still fitted on shifted views, which helps at k=1
-    (patch AUROC 0.741 with, 0.731 without, magnetic tiles, 5 seeds)."""
-    return replace(config, shift=0.0)
-
-
 def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_config: AugmentConfig,
                 generator: torch.Generator) -> np.ndarray:
     """Patch features of `n_views` views per image, [k, V, P, C]; view 0 is the image itself."""
@@ -43,6 +32,18 @@ def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_
     stacked = torch.stack(views, dim=1).flatten(0, 1)
     features = patch_features(backbone, stacked, PATCH_STRIDE).numpy()
     return features.reshape(len(pixels), n_views, *features.shape[1:])
+
+
+def calibration_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_config: AugmentConfig,
+                      generator: torch.Generator) -> np.ndarray:
+    """The patch views that calibrate the threshold: as `patch_views`, but never shifted.
+
+    A shifted view's mirrored border is a seam no camera frame has, and the worst patch
+    finds it: in leave-one-out calibration those seams set the threshold (coft demo, ELPV,
+    10 shots: 35.9 with shifted views, 33.9 without, against 33.0 for the worst of 1,498
+    unseen good cells). The Gaussian is still fitted on shifted views, which helps at k=1
+    (patch AUROC 0.741 with, 0.731 without, magnetic tiles, 5 seeds)."""
+    return patch_views(backbone, pixels, n_views, replace(augment_config, shift=0.0), generator)
 
 
 def fit_patch_gaussian(features: np.ndarray, shrinkage: str = "ledoit-wolf") -> Gaussian:

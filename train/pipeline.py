@@ -23,7 +23,7 @@ from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.patch_scorer import (BLUR_SIGMA, PATCH_STRIDE, calibration_augment, fit_patch_gaussian, patch_fit,
+from train.patch_scorer import (BLUR_SIGMA, PATCH_STRIDE, calibration_views, fit_patch_gaussian, patch_fit,
                                  patch_views)
 from train.threshold import global_fit, good_only_threshold
 
@@ -150,17 +150,17 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         self_check = scorer_self_check(backbone, pixels, options, generator)
         scorer = max(self_check, key=self_check.get)
         log.info("scorer self-check (AUROC, good views vs synthetic defects): %s -> %s", self_check, scorer)
-    calibration_views = None
+    held = None  # views scored for the threshold, where they differ from the fitted ones
     if scorer == "patch":
         views = patch_views(backbone, pixels, options.views, options.augment, generator)
         gaussian = fit_patch_gaussian(views, options.shrinkage)
         fit = patch_fit(options.shrinkage, options.pooling)
-        calibration_views = patch_views(backbone, pixels, options.views, calibration_augment(options.augment), generator)
+        held = calibration_views(backbone, pixels, options.views, options.augment, generator)
     else:
         views = embed_views(backbone, pixels, options.views, options.augment, generator)
         gaussian = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage)
         fit = global_fit(options.shrinkage)
-    threshold = good_only_threshold(views, options.target_false_reject_rate, fit, calibration_views)
+    threshold = good_only_threshold(views, options.target_false_reject_rate, fit, held)
     data_hash = fingerprint(paths)
     created = datetime.now(timezone.utc)
     manifest = {
