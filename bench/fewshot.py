@@ -19,6 +19,15 @@ every other good image and every defective one is the test set. Methods:
 - patch+global: both scorers, each scaled by its own calibration scores (median and 99th
                 percentile of leave-one-out scores of good views: no defect involved) and
                 added; a candidate, not yet a bundle scorer
+- knn:          the memory-bank scorer (train/knn_scorer.py): the shots' patch features in
+                every pose (rotations/flips), greedy coreset to --cap rows, cosine distance
+                to the nearest, image score = mean of the worst 1% of patches; ablations:
+                knn-norot (the shots as they are), knn-l1 (first of --layers only),
+                knn-full (no cap), knn-cap1024 / knn-cap4096 (smaller caps)
+- coftad-knn:   COFT-AD fine-tuning of the last --trainable stages, then knn on its features
+
+Nearest-neighbour similarities are computed in bfloat16 here (AMX makes that 4x faster on
+this CPU; the bundle's graph uses float32); `--fp32-knn` checks that this changes nothing.
 
 Frozen features of every image are computed once; a fine-tuned model re-runs only its
 trained last stage on the cached maps of the frozen stages (valid since those stages
@@ -51,9 +60,9 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E402
+from train.knn_scorer import DEFAULT_CAP, bank_views, greedy_coreset, knn_fit  # noqa: E402
 from train.patch_scorer import (  # noqa: E402
     BLUR_SIGMA,
-    PATCH_STRIDE,
     calibration_views,
     fit_patch_gaussian,
     patch_fit,
@@ -64,9 +73,11 @@ from train.pipeline import resolve_device  # noqa: E402
 from train.threshold import calibration_scores, global_fit, good_only_threshold  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
-           "patch-deep", "patch+global")
+           "patch-deep", "patch+global", "knn", "knn-norot", "knn-l1", "knn-full", "knn-cap1024", "knn-cap4096",
+           "coftad-knn")
 TARGET_FRR = 0.01  # training's default --target-frr
 # Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
+DINO_DIM = 384  # one DINOv2 layer's share of the patch feature
 PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
 
@@ -81,16 +92,64 @@ def find_category(root: Path) -> Path:
 
 
 @torch.inference_mode()
-def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int], batch: int = 32):
-    """Global embeddings, patch features (stride 8+16, 3x3 averaged) and the maps entering the last stage."""
+def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int], trainable: int, batch: int = 16):
+    """Global embeddings, patch features (float16) and the maps entering the last `trainable` stages."""
     device = next(backbone.parameters()).device
     globals_, patches, trunk = [], [], []
     for i in tqdm(range(0, len(frames), batch), desc="frozen features", unit="batch"):
         maps = backbone.feature_maps(to_pixels(list(frames[i:i + batch]), size).to(device))
-        globals_.append(maps[-1].mean(dim=(2, 3)).cpu())
-        patches.append(patch_features_from_maps(maps).cpu())
-        trunk.append(maps[-2].cpu())
+        globals_.append(backbone.pool(maps[-1]).cpu())
+        patches.append(backbone.patches_from_maps(maps).half().cpu())
+        trunk.append(maps[-trainable - 1].cpu())
     return torch.cat(globals_).numpy(), torch.cat(patches), torch.cat(trunk)
+
+
+def cached_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int], trainable: int, cache: Path | None,
+                    key: str):
+    """frozen_features, kept on disk between runs of the benchmark (the ViT takes minutes per pass)."""
+    path = cache / f"{key}.pt" if cache else None
+    if path and path.is_file():
+        return tuple(torch.load(path, weights_only=False).values())
+    out = frozen_features(backbone, frames, size, trainable)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"globals": out[0], "patches": out[1], "trunk": out[2]}, path)
+    return out
+
+
+def knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, fp32: bool = False, chunk: int = 16):
+    """Patch distances [n, P] of test patch features [n, P, C] to a bank [M, C] of unit rows (1 - max cosine)."""
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    bank_t = bank.to(dtype).T.contiguous()
+    out = []
+    for i in range(0, len(test_patches), chunk):
+        t = test_patches[i:i + chunk]
+        sims = (t.reshape(-1, t.shape[-1]).to(dtype) @ bank_t).amax(dim=1).float()
+        out.append(1 - sims.view(len(t), -1))
+    return torch.cat(out).numpy()
+
+
+def knn_variant(method: str, args) -> tuple[bool, slice, int]:
+    """(poses on, feature slice, coreset cap) of a knn method."""
+    cap = {"knn-full": 0, "knn-cap1024": 1024, "knn-cap4096": 4096}.get(method, args.cap)
+    layers = slice(0, DINO_DIM) if method == "knn-l1" else slice(None)
+    return method != "knn-norot", layers, cap
+
+
+@torch.inference_mode()
+def finetuned_patches(model: Backbone, trunk: torch.Tensor, cached: torch.Tensor, trainable: int, batch: int = 16):
+    """Patch features of a model whose last `trainable` stages were fine-tuned, from the cached maps entering them."""
+    first = len(model.stages) - trainable
+    out = []
+    for i in range(0, len(trunk), batch):
+        maps: list = [None] * len(model.stages)
+        x = maps[first - 1] = trunk[i:i + batch].float()
+        for j in range(first, len(model.stages)):
+            x = maps[j] = model.stages[j](x)
+        if any(layer - 1 < first - 1 for layer in model.layers):
+            raise SystemExit(f"--trainable {trainable} would change layers below the first of {model.layers}")
+        out.append(model.patches_from_maps(maps).half())
+    return torch.cat(out)
 
 
 def patch_knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, chunk: int = 8) -> np.ndarray:
@@ -105,7 +164,7 @@ def patch_knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, chunk: int 
 @torch.inference_mode()
 def tail_embeddings(backbone: Backbone, trunk_maps: torch.Tensor, batch: int = 64) -> np.ndarray:
     device = next(backbone.parameters()).device
-    out = [backbone.stages[-1](trunk_maps[i:i + batch].to(device)).mean(dim=(2, 3)).cpu()
+    out = [backbone.pool(backbone.stages[-1](trunk_maps[i:i + batch].to(device))).cpu()
            for i in range(0, len(trunk_maps), batch)]
     return torch.cat(out).numpy()
 
@@ -131,7 +190,7 @@ def combined_scores(backbone: Backbone, pixels: torch.Tensor, test_embeddings: n
 
 def finetune_config(method: str, args) -> FinetuneConfig:
     return FinetuneConfig(steps=args.steps, lr=args.lr, negatives=method != "coftad-no-np",
-                          lambda_pp=0.0 if method == "coftad-no-pp" else 1.0, trainable_stages=1,
+                          lambda_pp=0.0 if method == "coftad-no-pp" else 1.0, trainable_stages=args.trainable,
                           l2sp=args.l2sp)
 
 
@@ -221,7 +280,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--l2sp", type=float, default=0.0)
-    parser.add_argument("--pixel", action="store_true", help="pixel AUROC and PRO of the patch method's maps (needs masks)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="ViT blocks whose patch tokens are compared")
+    parser.add_argument("--cap", type=int, default=DEFAULT_CAP, help="coreset cap of the knn bank (0: none)")
+    parser.add_argument("--trainable", type=int, default=1, help="last stages COFT-AD trains (ViT: blocks)")
+    parser.add_argument("--fp32-knn", action="store_true", help="nearest neighbours in float32 instead of bfloat16")
+    parser.add_argument("--cache", type=Path, default=Path("bench-out/cache"), help="frozen features kept between runs")
+    parser.add_argument("--pixel", action="store_true", help="pixel AUROC and PRO of the patch and knn maps (needs masks)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench-out/fewshot"))
     args = parser.parse_args()
@@ -231,8 +295,10 @@ def main() -> None:
     size = (args.size, args.size)
     device = resolve_device(args.device)
     frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
-    backbone = load_backbone(args.backbone, args.weights).to(device)
-    global_emb, patch_feats, trunk_maps = frozen_features(backbone, frames, size)
+    backbone = load_backbone(args.backbone, args.weights, size, tuple(args.layers) if args.layers else None).to(device)
+    key = f"{category.name}-{args.backbone}-{args.size}-{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t{args.trainable}"
+    global_emb, patch_feats, trunk_maps = cached_features(backbone, frames, size, args.trainable, args.cache, key)
+    grid = (size[0] // backbone.patch_stride, size[1] // backbone.patch_stride)
     good = np.flatnonzero(data.labels == 0)  # sorted by path, as the protocol asks
     augment_config = AugmentConfig()
     runs = []
@@ -247,10 +313,33 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(seed)
                 started = time.perf_counter()
                 pixel = at_threshold = None
-                if method == "patch-knn":
-                    bank = patch_feats[train].reshape(-1, patch_feats.shape[-1])
+                if method.startswith("knn") or method == "coftad-knn":
+                    use_poses, layers, cap = knn_variant(method, args)
+                    augment_poses = AugmentConfig() if use_poses else AugmentConfig(hflip=False, vflip=False, rot90=False)
+                    model, test_patches = backbone, patch_feats[test]
+                    if method == "coftad-knn":
+                        model = copy.deepcopy(backbone)
+                        finetune(model, train_pixels, finetune_config(method, args), augment_config, generator, progress=False)
+                        test_patches = finetuned_patches(model, trunk_maps[test], patch_feats[test], args.trainable)
+                    views = bank_views(model, train_pixels, augment_poses)[..., layers]
+                    views = views / np.linalg.norm(views, axis=-1, keepdims=True)
+                    flat = views.reshape(-1, views.shape[-1])
+                    bank = torch.from_numpy(flat[greedy_coreset(flat, cap, seed)])
                     train_seconds = time.perf_counter() - started
-                    scores = patch_knn_scores(bank, patch_feats[test])
+                    test_patches = test_patches[..., layers].float()
+                    test_patches = test_patches / test_patches.norm(dim=-1, keepdim=True)
+                    patch_scores = knn_scores(bank, test_patches, args.fp32_knn)
+                    scores = pool(patch_scores, "top1pct")
+                    if method == "knn":  # the shipped scorer's good-only threshold, calibrated as training does
+                        at_threshold = rates_at(labels, scores, good_only_threshold(
+                            views, TARGET_FRR, knn_fit(cap))["value"])
+                    if args.pixel and method == "knn":
+                        pixel = pixel_metrics(category, [data.paths[i] for i in test], labels,
+                                              patch_scores.reshape(len(test), *grid), size, BLUR_SIGMA)
+                elif method == "patch-knn":
+                    bank = patch_feats[train].reshape(-1, patch_feats.shape[-1]).float()
+                    train_seconds = time.perf_counter() - started
+                    scores = patch_knn_scores(bank.float(), patch_feats[test].float())
                 elif method == "patch+global":
                     scores = combined_scores(backbone, train_pixels, global_emb[test], patch_feats[test], args.views,
                                              augment_config, seed)
@@ -261,7 +350,7 @@ def main() -> None:
                     gaussian = fit_patch_gaussian(views)
                     train_seconds = time.perf_counter() - started
                     pooling = "top1pct" if method == "patch-top1pct" else "max"
-                    patch_scores = np.concatenate([gaussian.score(patch_feats[test[i:i + 64]][..., layers].numpy())
+                    patch_scores = np.concatenate([gaussian.score(patch_feats[test[i:i + 64]][..., layers].float().numpy())
                                                    for i in range(0, len(test), 64)])
                     scores = pool(patch_scores, pooling)
                     if method == "patch":  # the shipped scorer: its threshold too, calibrated as training does
@@ -269,7 +358,6 @@ def main() -> None:
                         at_threshold = rates_at(labels, scores, good_only_threshold(
                             views, TARGET_FRR, patch_fit(pooling=pooling), held)["value"])
                     if args.pixel and method == "patch":
-                        grid = (size[0] // PATCH_STRIDE, size[1] // PATCH_STRIDE)
                         pixel = pixel_metrics(category, [data.paths[i] for i in test], labels,
                                               patch_scores.reshape(len(test), *grid), size, BLUR_SIGMA)
                 else:
@@ -293,6 +381,8 @@ def main() -> None:
                 print(f"k={k} seed={seed} {method:13s} AUROC {run['auroc']:.4f} AP {run['ap']:.4f}{shown} "
                       f"train {train_seconds:.1f}s", flush=True)
     meta = {"dataset": str(category), "backbone": args.backbone, "size": size, "device": str(device),
+            "layers": list(getattr(backbone, "layers", [])), "cap": args.cap, "trainable": args.trainable,
+            "knn_precision": "float32" if args.fp32_knn else "bfloat16",
             "machine": machine(), "steps": args.steps, "lr": args.lr, "l2sp": args.l2sp, "views": args.views,
             "n_good": int(len(good)), "n_defect": int((data.labels == 1).sum())}
     table = summarise(runs)

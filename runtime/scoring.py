@@ -69,3 +69,43 @@ class Gaussian:
         if gaussian.precision.shape != (d, d) or gaussian.cholesky.shape != (d, d):
             raise CoftError(f"{path}: mean of size {d} but precision {gaussian.precision.shape}; retrain the bundle")
         return gaussian
+
+
+@dataclass(frozen=True)
+class MemoryBank:
+    """Patch features of good parts (unit rows); a patch's score is its cosine distance to the nearest one.
+
+    The kNN scorer: no distribution is assumed, so a handful of shots (and their rotations)
+    already describe "good" patch by patch. The exported graph does the same with the bank
+    as a constant (MatMul + ReduceMax); the TensorRT path with the fused nearest-neighbour kernel."""
+
+    features: np.ndarray  # [M, C] float32, L2-normalised rows
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def score(self, features: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """1 - max cosine similarity to the bank, [..., C] -> [...]; features are unit vectors as the backbone gives them."""
+        if features.shape[-1] != self.dim:
+            raise CoftError(f"patch features of shape {features.shape} do not fit a memory bank of dimension {self.dim}")
+        flat = features.reshape(-1, self.dim).astype(np.float32)
+        best = np.concatenate([(flat[i:i + chunk] @ self.features.T).max(axis=1) for i in range(0, len(flat), chunk)])
+        return (1.0 - best).reshape(features.shape[:-1])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, features=self.features)
+
+    @classmethod
+    def load(cls, path: Path) -> "MemoryBank":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                features = data["features"].astype(np.float32)
+        except (OSError, KeyError, ValueError) as exc:
+            raise CoftError(f"{path}: not a valid memory-bank file ({exc}); retrain the bundle") from exc
+        if features.ndim != 2 or not len(features):
+            raise CoftError(f"{path}: memory bank of shape {features.shape}, expected [patches, dim]; retrain the bundle")
+        return cls(features)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from runtime.errors import CoftError
+from train import dinov2
 
 # (expand ratio, kernel, stride, output channels) of the 16 MBConv blocks of Lite0.
 _LITE0_BLOCKS = (
@@ -115,9 +116,31 @@ class Backbone(nn.Module):
             maps.append(x)
         return maps
 
+    @staticmethod
+    def pool(maps: torch.Tensor) -> torch.Tensor:
+        return maps.mean(dim=(2, 3))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Globally pooled last-stage features: the embedding that is scored."""
-        return self.feature_maps(pixels)[-1].mean(dim=(2, 3))
+        return self.pool(self.feature_maps(pixels)[-1])
+
+    patch_stride = 8
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels[1] + self.channels[2]
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, P, C]: stride-8 and stride-16 stage outputs, 3x3 averaged (train/patches.py); the last stage is skipped."""
+        x, maps = self.normalise(pixels), []
+        for stage in self.stages[:3]:
+            x = stage(x)
+            maps.append(x)
+        return self.patches_from_maps(maps)
+
+    def patches_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        from train.patches import patch_features_from_maps
+        return patch_features_from_maps(maps, self.patch_stride)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.classifier(self(pixels))
@@ -189,14 +212,25 @@ ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module], Bac
 }
 
 
+BACKBONES = (*ARCHITECTURES, dinov2.NAME)
+
+
 def _architecture(name: str):
     if name not in ARCHITECTURES:
-        raise CoftError(f"unknown backbone {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise CoftError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return ARCHITECTURES[name]()
 
 
-def load_backbone(name: str, weights: str | Path | None = None) -> Backbone:
-    """A backbone with ImageNet weights, in eval mode: Lite0's from its package, others from `weights`."""
+def load_backbone(name: str, weights: str | Path | None = None, size: tuple[int, int] = (224, 224),
+                  layers: tuple[int, ...] | None = None) -> Backbone:
+    """A pretrained backbone in eval mode: Lite0's weights from its package, DINOv2's see train/dinov2.py, others from `weights`.
+
+    `size` and `layers` matter to the ViT only: its position embeddings are set for the
+    input size, and `layers` are the blocks its patch features come from."""
+    if name == dinov2.NAME:
+        return dinov2.load_dinov2(size, weights, layers or dinov2.DEFAULT_LAYERS)
+    if layers:
+        raise CoftError(f"--layers applies to {dinov2.NAME} only; {name} uses its stride-8 and stride-16 stages")
     if weights is None and name != "efficientnet_lite0":
         raise CoftError(f"{name} needs its ImageNet weights: pass --weights PATH to a torchvision .pth file (no download here)")
     path = Path(weights) if weights else _lite0_weights_path()
@@ -205,9 +239,22 @@ def load_backbone(name: str, weights: str | Path | None = None) -> Backbone:
     return wrap(net).eval()
 
 
-def restore_backbone(name: str, weights_file: Path) -> Backbone:
+def restore_backbone(name: str, weights_file: Path, size: tuple[int, int] = (224, 224),
+                     layers: tuple[int, ...] | None = None) -> Backbone:
     """A backbone as a bundle saved it (possibly fine-tuned), in eval mode."""
+    if name == dinov2.NAME:
+        backbone = dinov2.build(size, None, layers or dinov2.DEFAULT_LAYERS)
+        _load_strict(backbone, _load_state(weights_file), weights_file, name)
+        return backbone.eval()
     net, wrap = _architecture(name)
     backbone = wrap(net)
     _load_strict(backbone, _load_state(weights_file), weights_file, name)
     return backbone.eval()
+
+
+def restore_bundle_backbone(bundle) -> Backbone:
+    """A bundle's backbone (runtime.bundle.Bundle), at its input size and with its patch layers."""
+    m = bundle.manifest
+    layers = m["backbone"].get("layers")
+    return restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"], bundle.input_size,
+                            tuple(layers) if layers else None)

@@ -83,7 +83,7 @@ def finetune(backbone: Backbone, pixels: torch.Tensor, config: FinetuneConfig, a
     def project(features: torch.Tensor) -> torch.Tensor:
         for stage in trained:
             features = stage(features)
-        return F.normalize(head(features.mean(dim=(2, 3))).float(), dim=1)
+        return F.normalize(head(backbone.pool(features)).float(), dim=1)
 
     def make_defects(x: torch.Tensor) -> torch.Tensor:
         return synthesise(augment(x, augment_config, generator), generator)

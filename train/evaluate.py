@@ -18,12 +18,12 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from runtime.bundle import Bundle, load_bundle, update_manifest
+from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
 from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
 from runtime.scoring import pool
-from train.backbones import restore_backbone
+from train.backbones import restore_bundle_backbone
 from train.embed import embed, to_pixels
 from train.metrics import detection_metrics, per_type_auroc, rates_at
 from train.patches import patch_features
@@ -61,13 +61,13 @@ def labelled_images(data_dir: str | Path) -> LabelledSet:
 class Scored:
     scores: np.ndarray  # [n] image scores of the readable images
     kept: list[int]  # their indices in the list given
-    patch_maps: np.ndarray | None  # [n, h, w] patch scores (patch scorer only)
+    patch_maps: np.ndarray | None  # [n, h, w] patch scores (patch and knn scorers)
 
 
 def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> Scored:
     """Score images with a bundle (torch backbone, numpy scoring), as the exported graph will."""
     m = bundle.manifest
-    backbone = restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"])
+    backbone = restore_bundle_backbone(bundle)
     scores, maps, kept = [], [], []
     for start in tqdm(range(0, len(paths), batch), desc="scoring", unit="batch", disable=not progress):
         frames, idx = [], []
@@ -79,8 +79,8 @@ def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batc
         if not frames:
             continue
         pixels = to_pixels(frames, bundle.input_size)
-        if m["scorer"] == "patch":
-            patch_scores = bundle.gaussian.score(patch_features(backbone, pixels, m["patch"]["stride"]).numpy())
+        if bundle.scores_patches:
+            patch_scores = bundle.scoring.score(patch_features(backbone, pixels).numpy())
             scores.append(pool(patch_scores, m["patch"]["pooling"]))
             maps.append(patch_scores.reshape(len(frames), *m["patch"]["grid"]))
         else:
@@ -220,13 +220,13 @@ def _markdown(report: dict) -> str:
         f"| escape rate at threshold | {r['escape_rate']:.4f} |",
     ]
     if report.get("pixel"):
-        lines.append(f"| pixel AUROC (patch scorer) | {report['pixel']['pixel_auroc']:.4f} |")
-        lines.append(f"| PRO up to 30% FPR (patch scorer) | {report['pixel']['pro']:.4f} |")
+        lines.append(f"| pixel AUROC (patch map) | {report['pixel']['pixel_auroc']:.4f} |")
+        lines.append(f"| PRO up to 30% FPR (patch map) | {report['pixel']['pro']:.4f} |")
     if report["per_type"]:
         lines += ["", "| defect type | images | AUROC vs good |", "|---|---|---|"]
         lines += [f"| {t} | {v['count']} | {v['auroc']:.4f} |" for t, v in report["per_type"].items()]
     lines += ["", "![ROC](roc.png)", "", "![Score histogram](histogram.png)", ""]
-    if report["scorer"] == "patch":
+    if report["scorer"] in PATCH_SCORERS:
         lines += ["![Worst misses and best catches](gallery.png)", ""]
     return "\n".join(lines)
 

@@ -20,7 +20,6 @@ from train.gaussian import fit_gaussian
 from train.patches import patch_features
 from train.threshold import Fit
 
-PATCH_STRIDE = 8
 BLUR_SIGMA = 4.0  # pixels of Gaussian smoothing of the upsampled map at the model input
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast
 
@@ -30,7 +29,7 @@ def patch_views(backbone: Backbone, pixels: torch.Tensor, n_views: int, augment_
     """Patch features of `n_views` views per image, [k, V, P, C]; view 0 is the image itself."""
     views = [pixels] + [augment(pixels, augment_config, generator) for _ in range(n_views - 1)]
     stacked = torch.stack(views, dim=1).flatten(0, 1)
-    features = patch_features(backbone, stacked, PATCH_STRIDE).numpy()
+    features = patch_features(backbone, stacked).numpy()
     return features.reshape(len(pixels), n_views, *features.shape[1:])
 
 

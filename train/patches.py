@@ -1,6 +1,6 @@
 """Mid-level patch features: what patch scorers (kNN, FUN-AD) compare between images.
 
-Stride-8 and stride-16 stage outputs, each averaged over its 3x3 neighbourhood (so a
+A ViT's are its chosen blocks' patch tokens (train/dinov2.py). A CNN's: stride-8 and stride-16 stage outputs, each averaged over its 3x3 neighbourhood (so a
 patch sees a little context), brought to one grid and concatenated: 152 dimensions per
 patch for EfficientNet-Lite0.
 """
@@ -24,8 +24,12 @@ def patch_features_from_maps(maps: list[torch.Tensor], stride: int = 8) -> torch
 
 
 @torch.inference_mode()
-def patch_features(backbone: Backbone, pixels: torch.Tensor, stride: int = 8, batch: int = 32) -> torch.Tensor:
+def patch_features(backbone: Backbone, pixels: torch.Tensor, stride: int | None = None, batch: int = 32) -> torch.Tensor:
+    """[N, P, C] on the backbone's own patch grid, or (CNNs, FUN-AD) on a coarser `stride` of 16."""
     device = next(backbone.parameters()).device
-    out = [patch_features_from_maps(backbone.feature_maps(pixels[i:i + batch].to(device)), stride).cpu()
-           for i in range(0, len(pixels), batch)]
-    return torch.cat(out)
+
+    def one(chunk: torch.Tensor) -> torch.Tensor:
+        if stride in (None, backbone.patch_stride):
+            return backbone.patch_features(chunk)
+        return patch_features_from_maps(backbone.feature_maps(chunk), stride)
+    return torch.cat([one(pixels[i:i + batch].to(device)).cpu() for i in range(0, len(pixels), batch)])

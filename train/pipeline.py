@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from runtime.bundle import GAUSSIAN, new_bundle
+from runtime.bundle import BANK, GAUSSIAN, new_bundle
 from runtime.errors import CoftError
 from runtime.images import load_folder
 from runtime.scoring import pool
@@ -23,8 +23,8 @@ from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.patch_scorer import (BLUR_SIGMA, PATCH_STRIDE, calibration_views, fit_patch_gaussian, patch_fit,
-                                 patch_views)
+from train.knn_scorer import DEFAULT_CAP, bank_views, fit_bank, knn_fit
+from train.patch_scorer import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
 from train.threshold import global_fit, good_only_threshold
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ BACKBONE_WEIGHTS = "backbone.pt"
 CALIBRATION = "calibration.npz"  # frames for INT8 calibration of a TensorRT engine
 CALIBRATION_FRAMES = 64
 METHODS = ("coftad", "frozen")
-SCORERS = ("global", "patch", "auto")
+SCORERS = ("global", "patch", "knn", "auto")
+POOLING = {"patch": "max", "knn": "top1pct"}  # image score from patch scores, unless --pooling says otherwise
 
 
 @dataclass
@@ -42,8 +43,10 @@ class TrainOptions:
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
     size: tuple[int, int] = (224, 224)  # model input (height, width)
     method: str = "frozen"  # see README: the few-shot benchmark decides this default
-    scorer: str = "patch"  # patch | global | auto (self-check on synthetic defects); see README, Accuracy
-    pooling: str = "max"  # patch scorer: image score from the worst patch, or top1pct
+    scorer: str = "patch"  # patch | knn | global | auto (self-check on synthetic defects); see README, Accuracy
+    pooling: str | None = None  # patch scorers: worst patch (max) or mean of the worst 1% (top1pct); None: POOLING
+    layers: tuple[int, ...] | None = None  # ViT blocks whose patch tokens are compared; None: the backbone's default
+    coreset: int = DEFAULT_CAP  # knn: most patches kept in the memory bank (0: all)
     shots: int | None = None  # train on k images of the folder chosen with the seed; None = all
     seed: int = 0
     views: int = 16  # N_A: augmented views per good image for the Gaussian
@@ -104,7 +107,7 @@ def scorer_self_check(backbone, pixels: torch.Tensor, options: TrainOptions,
         embed_views(backbone, test, 1, options.augment, generator)[:, 0])
     patch_train = patch_views(backbone, pixels, options.views, options.augment, generator)
     patch_scores = pool(fit_patch_gaussian(patch_train, options.shrinkage).score(
-        patch_views(backbone, test, 1, options.augment, generator)[:, 0]), options.pooling)
+        patch_views(backbone, test, 1, options.augment, generator)[:, 0]), options.pooling or POOLING["patch"])
     return {"global": round(float(roc_auc_score(labels, global_scores)), 4),
             "patch": round(float(roc_auc_score(labels, patch_scores)), 4)}
 
@@ -138,9 +141,10 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     device = resolve_device(options.device)
-    backbone = load_backbone(options.backbone, options.weights).to(device)
-    pixels = to_pixels(images, options.size).to(device)
-    log.info("training on %d good images at %dx%d with %s on %s", len(images), *options.size, options.backbone, device)
+    backbone = load_backbone(options.backbone, options.weights, options.size, options.layers).to(device)
+    size = getattr(backbone, "size", options.size)  # a ViT rounds it to its patch size
+    pixels = to_pixels(images, size).to(device)
+    log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
 
     history: list[dict[str, float]] = []
     if options.method == "coftad" and options.finetune.steps > 0:
@@ -151,31 +155,40 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         scorer = max(self_check, key=self_check.get)
         log.info("scorer self-check (AUROC, good views vs synthetic defects): %s -> %s", self_check, scorer)
     held = None  # views scored for the threshold, where they differ from the fitted ones
-    if scorer == "patch":
+    pooling = options.pooling or POOLING.get(scorer)
+    if scorer == "knn":
+        views = bank_views(backbone, pixels, options.augment)
+        scoring, file = fit_bank(views, options.coreset, options.seed), BANK
+        fit = knn_fit(options.coreset, pooling)
+    elif scorer == "patch":
         views = patch_views(backbone, pixels, options.views, options.augment, generator)
-        gaussian = fit_patch_gaussian(views, options.shrinkage)
-        fit = patch_fit(options.shrinkage, options.pooling)
+        scoring, file = fit_patch_gaussian(views, options.shrinkage), GAUSSIAN
+        fit = patch_fit(options.shrinkage, pooling)
         held = calibration_views(backbone, pixels, options.views, options.augment, generator)
     else:
         views = embed_views(backbone, pixels, options.views, options.augment, generator)
-        gaussian = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage)
+        scoring, file = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage), GAUSSIAN
         fit = global_fit(options.shrinkage)
     threshold = good_only_threshold(views, options.target_false_reject_rate, fit, held)
+    stride = backbone.patch_stride
     data_hash = fingerprint(paths)
     created = datetime.now(timezone.utc)
     manifest = {
         "model_id": f"{options.backbone}-k{len(paths)}-{data_hash[:8]}-{created:%Y%m%dT%H%M%SZ}",
         "created": created.isoformat(timespec="seconds"),
-        "backbone": {"name": options.backbone, "weights": BACKBONE_WEIGHTS},
-        "input": {"height": options.size[0], "width": options.size[1], "colour_order": "BGR",
+        "backbone": {"name": options.backbone, "weights": BACKBONE_WEIGHTS,
+                     **({"layers": list(backbone.layers), "pretrained": backbone.pretrained}
+                        if hasattr(backbone, "layers") else {})},
+        "input": {"height": size[0], "width": size[1], "colour_order": "BGR",
                   "dtype": "uint8", "layout": "NHWC"},
         "normalisation": {"colour_order": "RGB", "mean": backbone.mean.flatten().tolist(),
                           "std": backbone.std.flatten().tolist()},
-        "embedding_dim": gaussian.dim,
+        "embedding_dim": scoring.dim,
         "scorer": scorer,
-        **({"patch": {"stride": PATCH_STRIDE, "stages": [1, 2], "pooling": options.pooling,
-                      "grid": [options.size[0] // PATCH_STRIDE, options.size[1] // PATCH_STRIDE], "blur_sigma": BLUR_SIGMA}}
-           if scorer == "patch" else {}),
+        **({"patch": {"stride": stride, "pooling": pooling, "grid": [size[0] // stride, size[1] // stride],
+                      "blur_sigma": BLUR_SIGMA}} if scorer in POOLING else {}),
+        **({"knn": {"bank": BANK, "bank_size": len(scoring), "coreset_cap": options.coreset, "metric": "cosine",
+                    "poses": views.shape[1]}} if scorer == "knn" else {}),
         "threshold": threshold,
         "training": {
             "method": options.method,
@@ -196,7 +209,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     }
     calibration = calibration_frames(pixels, options.augment, generator)
     with new_bundle(out, manifest) as staging:
-        gaussian.save(staging / GAUSSIAN)
+        scoring.save(staging / file)
         np.savez(staging / CALIBRATION, frames=calibration)
         torch.save(backbone.cpu().state_dict(), staging / BACKBONE_WEIGHTS)
     log.info("wrote bundle %s (threshold %.4f by %s)", out, threshold["value"], threshold["method"])

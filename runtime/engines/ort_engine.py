@@ -29,7 +29,7 @@ class OnnxRuntimeEngine:
 
     def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
-        names = ["score", "embedding"] + (["anomaly_map"] if self.bundle.manifest["scorer"] == "patch" else [])
+        names = ["score", "embedding"] + (["anomaly_map"] if self.bundle.scores_patches else [])
         chunks = [self.session.run(names, {"frame": frames[i:i + self.max_batch]})
                   for i in range(0, len(frames), self.max_batch)]
         joined = [np.concatenate(parts) for parts in zip(*chunks)]

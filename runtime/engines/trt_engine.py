@@ -1,4 +1,7 @@
-"""TensorRT backend: the bundle's engine computes embeddings, the fused CUDA kernel scores them.
+"""TensorRT backend: the bundle's engine computes embeddings, a fused CUDA kernel scores them.
+
+The kernel fits the scorer: Mahalanobis (export/kernels/mahalanobis.cu) for the Gaussian
+scorers, nearest neighbour against the memory bank (export/kernels/nearest.cu) for knn.
 
 For a patch bundle the engine outputs every image's patch features [N, P, D]; one kernel
 launch scores all N x P patches and writes each image's worst patch, and the anomaly
@@ -18,6 +21,7 @@ import numpy as np
 
 from runtime.bundle import Bundle, sha256
 from runtime.engines import Inference, check_frames, concatenate, patch_inference
+from runtime.engines.fused_nearest import FusedNearest
 from runtime.engines.fused_scoring import FusedScorer
 from runtime.errors import CoftError
 
@@ -46,8 +50,8 @@ def check_engine_matches(engine: dict, tensorrt_version: str, gpu: str, onnx_sha
 
 
 def patches_per_image(bundle: Bundle) -> int:
-    """Rows of patch features per image for a patch bundle, 0 for a global one."""
-    if bundle.manifest["scorer"] != "patch":
+    """Rows of patch features per image for a patch or knn bundle, 0 for a global one."""
+    if not bundle.scores_patches:
         return 0
     rows, cols = bundle.manifest["patch"]["grid"]
     return rows * cols
@@ -78,6 +82,13 @@ def gpu_name() -> str:
     return cuda.Device(0).name()
 
 
+def scoring_kernel(bundle: Bundle, max_batch: int, half: bool) -> FusedScorer | FusedNearest:
+    """The fused kernel for the bundle's scorer; `half` stores its factor or bank in fp16."""
+    if bundle.manifest["scorer"] == "knn":
+        return FusedNearest(bundle.scoring, max_batch, patches_per_image(bundle), bundle.manifest["patch"]["pooling"], half)
+    return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=patches_per_image(bundle))
+
+
 class TensorRTEngine:
     name = "tensorrt"
 
@@ -105,8 +116,7 @@ class TensorRTEngine:
         self.image_scores = cuda.mem_alloc(self.max_batch * 4) if self.patches else None
         self.context.set_tensor_address("frame", int(self.frames))
         self.context.set_tensor_address("embedding", int(self.embeddings))
-        self.scorer = FusedScorer(bundle.gaussian, self.max_batch, half_factor=meta.get("half_factor", False),
-                                  patches=self.patches)
+        self.scorer = scoring_kernel(bundle, self.max_batch, meta.get("half_factor", False))
         self.host_scores = cuda.pagelocked_empty(rows, np.float32)
         self.host_image_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
         self.host_embeddings = cuda.pagelocked_empty(shapes["embedding"], np.float32)

