@@ -1,6 +1,7 @@
 """Few-shot benchmark on a real defect set, with the protocol of shared/datasets/README.md.
 
     python bench/fewshot.py ../shared/datasets/magnetic_tile [--shots 1 5 10] [--seeds 0 1 2 3 4]
+    python bench/fewshot.py elpv ...        (the elpv-dataset package's cells: 0 good, 1.0 defective)
 
 For each k and seed: k good training images chosen by
 `np.random.default_rng(seed).choice(n_good, k, replace=False)` over the sorted good paths;
@@ -81,8 +82,22 @@ DINO_DIM = 384  # one DINOv2 layer's share of the patch feature
 PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid": slice(0, 40), "patch-deep": slice(40, None)}
 
 
+def elpv_layout(work: Path) -> Path:
+    """The elpv-dataset package's cells as good/ and defect/<cell type>/ (links; probability 0 good, 1 defective)."""
+    from train.demo import _link, elpv_cells
+    paths, probability, cell_type = elpv_cells()
+    for path, q, kind in zip(paths, probability, cell_type):
+        if q in (0.0, 1.0):
+            target = work / ("good" if q == 0.0 else f"defect/{kind}") / path.name
+            if not target.exists():
+                _link(path, target)
+    return work
+
+
 def find_category(root: Path) -> Path:
-    """Accept the category folder itself or a set folder holding exactly one category."""
+    """Accept the category folder itself or a set folder holding exactly one category ('elpv': the pip package)."""
+    if str(root) == "elpv":
+        return elpv_layout(Path("bench-out/elpv"))
     if (root / "good").is_dir():
         return root
     categories = [p for p in sorted(root.iterdir()) if (p / "good").is_dir()]
@@ -129,11 +144,21 @@ def knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, fp32: bool = Fals
     return torch.cat(out).numpy()
 
 
-def knn_variant(method: str, args) -> tuple[bool, slice, int]:
-    """(poses on, feature slice, coreset cap) of a knn method."""
+def knn_variant(method: str, args, model_layers: tuple[int, ...]):
+    """(poses on, feature columns, coreset cap) of a knn method; knn@8+9 keeps blocks 8 and 9 of --layers."""
     cap = {"knn-full": 0, "knn-cap1024": 1024, "knn-cap4096": 4096}.get(method, args.cap)
-    layers = slice(0, DINO_DIM) if method == "knn-l1" else slice(None)
-    return method != "knn-norot", layers, cap
+    columns = slice(0, DINO_DIM) if method == "knn-l1" else slice(None)
+    if method.startswith("knn@"):
+        chosen = [int(b) for b in method[4:].split("+")]
+        columns = np.concatenate([np.arange(DINO_DIM) + DINO_DIM * model_layers.index(b) for b in chosen])
+    return method != "knn-norot", columns, cap
+
+
+def method_name(text: str) -> str:
+    """A known method, or knn@B[+B...] for a subset of the ViT's --layers."""
+    if text in METHODS or (text.startswith("knn@") and all(b.isdigit() for b in text[4:].split("+"))):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(METHODS)}, or knn@9, knn@8+9, ...")
 
 
 @torch.inference_mode()
@@ -271,7 +296,7 @@ def main() -> None:
     parser.add_argument("dataset_root", type=Path)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["frozen", "coftad", "coftad-no-pp",
+    parser.add_argument("--methods", nargs="+", type=method_name, default=["frozen", "coftad", "coftad-no-pp",
                                                                           "coftad-no-np", "patch-knn", "patch"])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default=None)
@@ -313,8 +338,8 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(seed)
                 started = time.perf_counter()
                 pixel = at_threshold = None
-                if method.startswith("knn") or method == "coftad-knn":
-                    use_poses, layers, cap = knn_variant(method, args)
+                if method.startswith("knn") or method == "coftad-knn":  # the memory-bank scorer
+                    use_poses, layers, cap = knn_variant(method, args, getattr(backbone, "layers", ()))
                     augment_poses = AugmentConfig() if use_poses else AugmentConfig(hflip=False, vflip=False, rot90=False)
                     model, test_patches = backbone, patch_feats[test]
                     if method == "coftad-knn":
@@ -326,7 +351,7 @@ def main() -> None:
                     flat = views.reshape(-1, views.shape[-1])
                     bank = torch.from_numpy(flat[greedy_coreset(flat, cap, seed)])
                     train_seconds = time.perf_counter() - started
-                    test_patches = test_patches[..., layers].float()
+                    test_patches = test_patches[..., torch.as_tensor(layers) if isinstance(layers, np.ndarray) else layers].float()
                     test_patches = test_patches / test_patches.norm(dim=-1, keepdim=True)
                     patch_scores = knn_scores(bank, test_patches, args.fp32_knn)
                     scores = pool(patch_scores, "top1pct")

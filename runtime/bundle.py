@@ -137,7 +137,7 @@ class Bundle:
 
     @property
     def scores_patches(self) -> bool:
-        return self.manifest["scorer"] in PATCH_SCORERS
+        return self.manifest.get("scorer", "global") in PATCH_SCORERS
 
     @property
     def model_id(self) -> str:
@@ -156,7 +156,7 @@ def load_bundle(path: str | Path) -> Bundle:
     """Verify and load a bundle directory (see `unpack` for an archive)."""
     path = Path(path)
     manifest = read_manifest(path)
-    scoring = MemoryBank.load(path / BANK) if manifest["scorer"] == "knn" else Gaussian.load(path / GAUSSIAN)
+    scoring = MemoryBank.load(path / BANK) if manifest.get("scorer") == "knn" else Gaussian.load(path / GAUSSIAN)
     if scoring.dim != manifest["embedding_dim"]:
         raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
     return Bundle(path, manifest, scoring)

@@ -103,7 +103,7 @@ def test_coreset_keeps_one_patch_of_every_cluster():
 def test_a_bank_too_large_for_the_box_names_the_cap(monkeypatch):
     from train import knn_scorer
     monkeypatch.setattr(knn_scorer, "BANK_BYTES_LIMIT", 1000)
-    with pytest.raises(CoftError, match="cap it with --coreset 16384"):
+    with pytest.raises(CoftError, match=r"cap it with --coreset 31 \(at most 31\)"):
         fit_bank(np.ones((10, 64, 8), np.float32), cap=0)
 
 

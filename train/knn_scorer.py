@@ -79,9 +79,11 @@ def greedy_coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
 def fit_bank(views: np.ndarray, cap: int = DEFAULT_CAP, seed: int = 0) -> MemoryBank:
     """A memory bank from patch-feature views [..., P, C], capped by a greedy coreset."""
     flat = views.reshape(-1, views.shape[-1]).astype(np.float32)
-    if cap <= 0 and flat.nbytes > BANK_BYTES_LIMIT:
-        raise CoftError(f"a bank of {len(flat)} patches ({flat.nbytes / 2**30:.1f} GiB) will not fit an edge box; "
-                        f"cap it with --coreset {DEFAULT_CAP}")
+    rows = len(flat) if cap <= 0 else min(cap, len(flat))
+    if rows * flat.shape[1] * 4 > BANK_BYTES_LIMIT:
+        fits = BANK_BYTES_LIMIT // (flat.shape[1] * 4)
+        raise CoftError(f"a bank of {rows} patches ({rows * flat.shape[1] * 4 / 2**30:.1f} GiB) will not fit an edge box; "
+                        f"cap it with --coreset {min(DEFAULT_CAP, fits)} (at most {fits})")
     keep = greedy_coreset(flat, cap, seed)
     if len(keep) < len(flat):
         log.info("memory bank: %d patches, coreset of %d kept", len(flat), len(keep))
