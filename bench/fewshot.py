@@ -24,7 +24,8 @@ every other good image and every defective one is the test set. Methods:
                 every pose (rotations/flips), greedy coreset to --cap rows, cosine distance
                 to the nearest, image score = mean of the worst 1% of patches; ablations:
                 knn-norot (the shots as they are), knn-l1 (first of --layers only),
-                knn-full (no cap), knn-cap1024 / knn-cap4096 (smaller caps)
+                knn-full (no cap), knn-cap1024 / knn-cap4096 (smaller caps), knn-shift
+                (each pose also shifted by half a patch right, down and both)
 - coftad-knn:   COFT-AD fine-tuning of the last --trainable stages, then knn on its features
 
 Nearest-neighbour similarities are computed in bfloat16 here (AMX makes that 4x faster on
@@ -75,7 +76,7 @@ from train.threshold import calibration_scores, global_fit, good_only_threshold 
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
            "patch-deep", "patch+global", "knn", "knn-norot", "knn-l1", "knn-full", "knn-cap1024", "knn-cap4096",
-           "coftad-knn")
+           "knn-shift", "coftad-knn")
 TARGET_FRR = 0.01  # training's default --target-frr
 # Channels of the concatenated patch feature that each layer ablation keeps (Lite0: 40 at stride 8, 112 at 16).
 DINO_DIM = 384  # one DINOv2 layer's share of the patch feature
@@ -346,7 +347,8 @@ def main() -> None:
                         model = copy.deepcopy(backbone)
                         finetune(model, train_pixels, finetune_config(method, args), augment_config, generator, progress=False)
                         test_patches = finetuned_patches(model, trunk_maps[test], patch_feats[test], args.trainable)
-                    views = bank_views(model, train_pixels, augment_poses)[..., layers]
+                    shift = backbone.patch_stride // 2 if method == "knn-shift" else 0
+                    views = bank_views(model, train_pixels, augment_poses, shift)[..., layers]
                     views = views / np.linalg.norm(views, axis=-1, keepdims=True)
                     flat = views.reshape(-1, views.shape[-1])
                     bank = torch.from_numpy(flat[greedy_coreset(flat, cap, seed)])

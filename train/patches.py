@@ -24,12 +24,12 @@ def patch_features_from_maps(maps: list[torch.Tensor], stride: int = 8) -> torch
 
 
 @torch.inference_mode()
-def patch_features(backbone: Backbone, pixels: torch.Tensor, stride: int | None = None, batch: int = 32) -> torch.Tensor:
-    """[N, P, C] on the backbone's own patch grid, or (CNNs, FUN-AD) on a coarser `stride` of 16."""
+def patch_features(backbone: Backbone, pixels: torch.Tensor, coarse: bool = False, batch: int = 32) -> torch.Tensor:
+    """[N, P, C] on the backbone's own patch grid; `coarse` (FUN-AD) takes a CNN's stride-16 grid instead of 8."""
     device = next(backbone.parameters()).device
 
     def one(chunk: torch.Tensor) -> torch.Tensor:
-        if stride in (None, backbone.patch_stride):
+        if not coarse or backbone.patch_stride != 8:
             return backbone.patch_features(chunk)
-        return patch_features_from_maps(backbone.feature_maps(chunk), stride)
+        return patch_features_from_maps(backbone.feature_maps(chunk), 16)
     return torch.cat([one(pixels[i:i + batch].to(device)).cpu() for i in range(0, len(pixels), batch)])

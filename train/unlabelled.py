@@ -60,8 +60,9 @@ def train_unlabelled(folder: str | Path, out: str | Path, options: TrainOptions,
             raise CoftError(f"{path}: already exists; choose another --out or remove it first")
     config = config or FunadConfig()
     paths, images = load_folder(folder)
-    backbone = load_backbone(options.backbone, options.weights).to(resolve_device(options.device))
-    features = patch_features(backbone, to_pixels(images, options.size), stride=16)
+    backbone = load_backbone(options.backbone, options.weights, options.size, options.layers)
+    size = getattr(backbone, "size", options.size)  # a ViT rounds it to its patch size
+    features = patch_features(backbone.to(resolve_device(options.device)), to_pixels(images, size), coarse=True)
     result = find_suspects(features, config, options.seed, options.progress)
     kept = np.flatnonzero(~result.suspects)
     if len(kept) < 3:
