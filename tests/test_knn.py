@@ -29,7 +29,7 @@ VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
 def knn_bundle(masked_set, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("knn") / "k.bundle"
     train_bundle(masked_set / "train/good", out, TrainOptions(backbone="dinov2_vits14", size=VIT_SIZE, scorer="knn",
-                                                              coreset=256, progress=False))
+                                                              layers=(9, 12), coreset=256, progress=False))
     export_onnx(out, max_batch=8)
     return out
 

@@ -39,11 +39,11 @@ POOLING = {"patch": "max", "knn": "top1pct"}  # image score from patch scores, u
 
 @dataclass
 class TrainOptions:
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "dinov2_vits14"  # see README, Accuracy: the few-shot benchmark decides this default
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
     size: tuple[int, int] = (224, 224)  # model input (height, width)
     method: str = "frozen"  # see README: the few-shot benchmark decides this default
-    scorer: str = "patch"  # patch | knn | global | auto (self-check on synthetic defects); see README, Accuracy
+    scorer: str = "knn"  # knn | patch | global | auto (self-check on synthetic defects); see README, Accuracy
     pooling: str | None = None  # patch scorers: worst patch (max) or mean of the worst 1% (top1pct); None: POOLING
     layers: tuple[int, ...] | None = None  # ViT blocks whose patch tokens are compared; None: the backbone's default
     coreset: int = DEFAULT_CAP  # knn: most patches kept in the memory bank (0: all)
