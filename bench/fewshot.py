@@ -62,7 +62,7 @@ from train.embed import embed_views, to_pixels  # noqa: E402
 from train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from train.gaussian import fit_gaussian  # noqa: E402
 from train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E402
-from train.knn_scorer import DEFAULT_CAP, bank_views, greedy_coreset, knn_fit  # noqa: E402
+from train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, greedy_coreset, knn_fit  # noqa: E402
 from train.patch_scorer import (  # noqa: E402
     BLUR_SIGMA,
     calibration_views,
@@ -72,7 +72,7 @@ from train.patch_scorer import (  # noqa: E402
 )
 from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
-from train.threshold import calibration_scores, global_fit, good_only_threshold  # noqa: E402
+from train.threshold import calibration_scores, global_fit, good_only_threshold, threshold_from_scores  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
            "patch-deep", "patch+global", "knn", "knn-norot", "knn-l1", "knn-full", "knn-cap1024", "knn-cap4096",
@@ -358,8 +358,10 @@ def main() -> None:
                     patch_scores = knn_scores(bank, test_patches, args.fp32_knn)
                     scores = pool(patch_scores, "top1pct")
                     if method == "knn":  # the shipped scorer's good-only threshold, calibrated as training does
-                        at_threshold = rates_at(labels, scores, good_only_threshold(
-                            views, TARGET_FRR, knn_fit(cap))["value"])
+                        _, loo = fit_and_calibrate(views, cap, "top1pct", seed)
+                        value = (threshold_from_scores(loo, "leave-one-out", TARGET_FRR) if loo is not None
+                                 else good_only_threshold(views, TARGET_FRR, knn_fit(cap)))["value"]
+                        at_threshold = rates_at(labels, scores, value)
                     if args.pixel and method == "knn":
                         pixel = pixel_metrics(category, [data.paths[i] for i in test], labels,
                                               patch_scores.reshape(len(test), *grid), size, BLUR_SIGMA)

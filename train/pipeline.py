@@ -23,9 +23,9 @@ from train.backbones import load_backbone
 from train.coftad import FinetuneConfig, finetune
 from train.embed import embed_views, to_pixels
 from train.gaussian import fit_gaussian
-from train.knn_scorer import DEFAULT_CAP, bank_views, fit_bank, knn_fit
+from train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
 from train.patch_scorer import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from train.threshold import global_fit, good_only_threshold
+from train.threshold import global_fit, good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,13 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         log.info("scorer self-check (AUROC, good views vs synthetic defects): %s -> %s", self_check, scorer)
     held = None  # views scored for the threshold, where they differ from the fitted ones
     pooling = options.pooling or POOLING.get(scorer)
+    threshold = None
     if scorer == "knn":
         views = bank_views(backbone, pixels, options.augment)
-        scoring, file = fit_bank(views, options.coreset, options.seed), BANK
-        fit = knn_fit(options.coreset, pooling)
+        scoring, loo = fit_and_calibrate(views, options.coreset, pooling, options.seed)
+        file, fit = BANK, knn_fit(options.coreset, pooling)
+        if loo is not None:
+            threshold = threshold_from_scores(loo, "leave-one-out", options.target_false_reject_rate)
     elif scorer == "patch":
         views = patch_views(backbone, pixels, options.views, options.augment, generator)
         scoring, file = fit_patch_gaussian(views, options.shrinkage), GAUSSIAN
@@ -169,7 +172,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         views = embed_views(backbone, pixels, options.views, options.augment, generator)
         scoring, file = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage), GAUSSIAN
         fit = global_fit(options.shrinkage)
-    threshold = good_only_threshold(views, options.target_false_reject_rate, fit, held)
+    threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
     stride = backbone.patch_stride
     data_hash = fingerprint(paths)
     created = datetime.now(timezone.utc)

@@ -45,14 +45,24 @@ def calibration_scores(views: np.ndarray, fit: Fit, scored: np.ndarray | None = 
 def good_only_threshold(views: np.ndarray, target_false_reject_rate: float, fit: Fit,
                         scored: np.ndarray | None = None) -> dict:
     """Threshold at a target false-reject rate, from `calibration_scores` of good views."""
-    if not 0 < target_false_reject_rate < 1:
-        raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
+    _check_rate(target_false_reject_rate)
     scores, method = calibration_scores(views, fit, scored)
     if method == "held-out-views":
         log.warning("threshold set from views of only %d image(s): it cannot see how parts differ, so it will reject "
                     "far more good parts than the %.1f%% target (magnetic tiles, 1 image: about half); train on 3 or "
                     "more images, or set it from labelled parts with 'coft eval --recalibrate'",
                     len(views), 100 * target_false_reject_rate)
+    return threshold_from_scores(scores, method, target_false_reject_rate)
+
+
+def _check_rate(target_false_reject_rate: float) -> None:
+    if not 0 < target_false_reject_rate < 1:
+        raise CoftError(f"target false-reject rate {target_false_reject_rate} must lie between 0 and 1, e.g. 0.01")
+
+
+def threshold_from_scores(scores: np.ndarray, method: str, target_false_reject_rate: float) -> dict:
+    """The quantile of good parts' held-out scores that rejects the target share of them."""
+    _check_rate(target_false_reject_rate)
     value = float(np.quantile(scores, 1 - target_false_reject_rate, method="higher"))
     return {
         "value": value,
