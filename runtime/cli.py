@@ -59,7 +59,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     f.add_argument("--lambda-pp", type=float, default=1.0, help="weight of the cross-instance positive pairs")
     f.add_argument("--lambda-np", type=float, default=1.0, help="weight of the synthetic-defect negative pairs")
     f.add_argument("--negatives", action="store_true", help="synthesise defects (CutPaste, scars, blobs) as negatives")
-    f.add_argument("--trainable-stages", type=int, default=1, help="how many of the backbone's last stages train")
+    f.add_argument("--trainable-stages", type=int, default=None,
+                   help="how many of the backbone's last stages train (default: 1 for CNNs; for dinov2_vits14 "
+                        "the blocks from the first of --layers on, 4 for block 9)")
     f.add_argument("--l2sp", type=float, default=0.0, help="pull toward the pretrained weights")
     a = p.add_argument_group("augmentation (what the part allows)")
     a.add_argument("--no-hflip", action="store_true")

@@ -125,6 +125,7 @@ class Backbone(nn.Module):
         return self.pool(self.feature_maps(pixels)[-1])
 
     patch_stride = 8
+    default_trainable = 1  # COFT-AD trains the last stage (the patch scorer reads stages 2-3: see README)
 
     @property
     def patch_dim(self) -> int:

@@ -31,7 +31,7 @@ class FinetuneConfig:
     lambda_pp: float = 1.0
     lambda_np: float = 1.0
     negatives: bool = False  # synthesise defects for L_NP; only where such defects are plausible
-    trainable_stages: int = 1  # how many of the backbone's last stages train
+    trainable_stages: int | None = None  # how many of the backbone's last stages train; None: its default_trainable
     l2sp: float = 0.0  # weight of the pull toward the pretrained weights
     view_pool: int = 32  # views per image sent once through the frozen stages; 0 = fresh views every step
 
@@ -58,7 +58,7 @@ def finetune(backbone: Backbone, pixels: torch.Tensor, config: FinetuneConfig, a
     the same losses, several times faster on a CPU.
     """
     device = pixels.device
-    n_train = max(1, min(config.trainable_stages, len(backbone.stages)))
+    n_train = max(1, min(config.trainable_stages or backbone.default_trainable, len(backbone.stages)))
     frozen, trained = backbone.stages[:-n_train], backbone.stages[-n_train:]
     backbone.eval()  # BatchNorm statistics stay as pretrained
     for p in backbone.parameters():

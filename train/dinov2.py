@@ -205,6 +205,11 @@ class ViTBackbone(nn.Module):
         return DIM
 
     @property
+    def default_trainable(self) -> int:
+        """COFT-AD trains the blocks from the first patch layer on, so fine-tuning reaches the patch features."""
+        return BLOCKS - min(self.layers) + 1
+
+    @property
     def patch_dim(self) -> int:
         return DIM * len(self.layers)
 

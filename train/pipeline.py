@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -147,6 +147,8 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
 
     history: list[dict[str, float]] = []
+    if options.finetune.trainable_stages is None:
+        options.finetune = replace(options.finetune, trainable_stages=backbone.default_trainable)
     if options.method == "coftad" and options.finetune.steps > 0:
         history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
     scorer, self_check = options.scorer, None
