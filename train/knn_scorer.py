@@ -102,21 +102,23 @@ def greedy_coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
     return np.sort(torch.cat(picked).numpy())
 
 
-def _check_fits(rows: int, dim: int) -> None:
+def _capped(views: np.ndarray, cap: int, seed: int) -> tuple[MemoryBank, np.ndarray]:
+    """The bank of views [..., P, C] capped by a greedy coreset, and the flat indices of the rows it kept."""
+    flat = views.reshape(-1, views.shape[-1]).astype(np.float32)
+    rows, dim = (len(flat) if cap <= 0 else min(cap, len(flat))), flat.shape[1]
     if rows * dim * 4 > BANK_BYTES_LIMIT:
         fits = BANK_BYTES_LIMIT // (dim * 4)
         raise CoftError(f"a bank of {rows} patches ({rows * dim * 4 / 2**30:.1f} GiB) will not fit an edge box; "
                         f"cap it with --coreset {min(DEFAULT_CAP, fits)} (at most {fits})")
+    keep = greedy_coreset(flat, cap, seed)
+    if len(keep) < len(flat):
+        log.info("memory bank: %d patches, coreset of %d kept", len(flat), len(keep))
+    return MemoryBank(np.ascontiguousarray(flat[keep])), keep
 
 
 def fit_bank(views: np.ndarray, cap: int = DEFAULT_CAP, seed: int = 0) -> MemoryBank:
     """A memory bank from patch-feature views [..., P, C], capped by a greedy coreset."""
-    flat = views.reshape(-1, views.shape[-1]).astype(np.float32)
-    _check_fits(len(flat) if cap <= 0 else min(cap, len(flat)), flat.shape[1])
-    keep = greedy_coreset(flat, cap, seed)
-    if len(keep) < len(flat):
-        log.info("memory bank: %d patches, coreset of %d kept", len(flat), len(keep))
-    return MemoryBank(np.ascontiguousarray(flat[keep]))
+    return _capped(views, cap, seed)[0]
 
 
 def knn_fit(cap: int = DEFAULT_CAP, pooling: str = "top1pct") -> Fit:
@@ -134,15 +136,10 @@ def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = 
     The coreset is chosen once over all images; image i's scores come from the bank minus
     the rows it contributed (what the coreset would have kept without it, near enough), so
     calibration costs one coreset, not k + 1. None for fewer than 3 images (see threshold.py)."""
-    k, n_views = views.shape[:2]
-    flat = views.reshape(-1, views.shape[-1]).astype(np.float32)
-    _check_fits(len(flat) if cap <= 0 else min(cap, len(flat)), flat.shape[1])
-    keep = greedy_coreset(flat, cap, seed)
-    bank = MemoryBank(np.ascontiguousarray(flat[keep]))
-    if len(keep) < len(flat):
-        log.info("memory bank: %d patches, coreset of %d kept", len(flat), len(keep))
+    k = len(views)
+    bank, keep = _capped(views, cap, seed)
     if k < 3:
         return bank, None
-    owner = (keep // (len(flat) // k))
-    scores = [pool(MemoryBank(bank.features[owner != i]).score(views[i]), pooling) for i in range(k)]
-    return bank, np.concatenate(scores)
+    owner = keep // (views[0].size // views.shape[-1])  # each image contributed V * P consecutive rows
+    return bank, np.concatenate([pool(MemoryBank(bank.features[owner != i]).score(views[i]), pooling)
+                                 for i in range(k)])
