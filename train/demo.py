@@ -88,7 +88,7 @@ class Plc:
         elif message.topic.endswith("/reject"):
             reject = json.loads(message.payload)
             truth = "defective" if "-defect-" in (reject["part_id"] or "") else "GOOD (false reject)"
-            tqdm.write(f"  PLC: reject seq {reject['seq']:4d}  part {reject['part_id']}  score {reject['score']:.1f}  [{truth}]")
+            tqdm.write(f"  PLC: reject seq {reject['seq']:4d}  part {reject['part_id']}  score {reject['score']:.3g}  [{truth}]")
 
     def wait_for(self, count: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -168,7 +168,7 @@ def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_ma
                 frame = resize_to_input(read_image(paths[i]), size)
                 shown = overlay(frame, anomaly_map(patch_maps[i], size, sigma), threshold)
                 ax.imshow(shown[..., ::-1])
-                ax.set_title(f"{paths[i].name[:16]}\n{scores[i]:.1f}", fontsize=7)
+                ax.set_title(f"{paths[i].name[:16]}\n{scores[i]:.3g}", fontsize=7)
         axes[r, 0].text(-0.1, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
