@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.engines.fused_nearest import FusedNearest  # noqa: E402
 from runtime.engines.fused_scoring import FusedScorer  # noqa: E402
-from runtime.scoring import Gaussian, MemoryBank, pool  # noqa: E402
+from runtime.scoring import Gaussian, MemoryBank, pool, pooled_patches  # noqa: E402
 
 HOLD_CYCLES = 400_000_000  # about 0.2 s of GPU sleep at 2 GHz: longer than queueing the calls takes
 PATCH_DIM, PATCHES = 152, 784  # Lite0 patch features at 224 px: 28 x 28 stride-8 patches
@@ -137,7 +137,7 @@ def bench_knn_case(bank: MemoryBank, n: int, half: bool, repeats: int, rng) -> d
     error = float(np.max(np.abs(scores.cpu().numpy() - reference)))
     error = max(error, float(np.max(np.abs(image_scores.cpu().numpy() - pool(reference.reshape(n, -1), "top1pct")))))
     bank_t = torch.from_numpy(bank.features).cuda().T.contiguous()
-    top = max(1, KNN_PATCHES // 100)
+    top = pooled_patches(KNN_PATCHES, "top1pct")
 
     def unfused_knn():
         d = 1 - (x @ bank_t).amax(dim=1)

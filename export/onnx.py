@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
 from runtime.errors import CoftError
-from runtime.scoring import Gaussian, MemoryBank
+from runtime.scoring import Gaussian, MemoryBank, pooled_patches
 from train.backbones import Backbone, restore_bundle_backbone
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class PatchInspectionModel(nn.Module):
         if self.pooling == "max":
             score = patch_scores.amax(dim=1)
         else:
-            score = patch_scores.topk(max(1, patch_scores.shape[1] // 100), dim=1).values.mean(dim=1)
+            score = patch_scores.topk(pooled_patches(patch_scores.shape[1], self.pooling), dim=1).values.mean(dim=1)
         grid = patch_scores.view(-1, 1, *self.grid)
         full = F.interpolate(grid, size=self.size, mode="bilinear", align_corners=False)
         r = self.radius  # separable Gaussian blur with mirrored borders, as cv2.GaussianBlur does
@@ -117,12 +117,9 @@ class PatchInspectionModel(nn.Module):
 def inspection_model(bundle: Bundle) -> nn.Module:
     m = bundle.manifest
     backbone = restore_bundle_backbone(bundle)
-    if m["scorer"] == "knn":
-        return PatchInspectionModel(backbone, NearestNeighbourPatches(bundle.scoring), m["input"]["colour_order"],
-                                    m["patch"], bundle.input_size).eval()
-    if m["scorer"] == "patch":
-        return PatchInspectionModel(backbone, MahalanobisPatches(bundle.gaussian), m["input"]["colour_order"],
-                                    m["patch"], bundle.input_size).eval()
+    if bundle.scores_patches:
+        scoring = NearestNeighbourPatches(bundle.scoring) if m["scorer"] == "knn" else MahalanobisPatches(bundle.gaussian)
+        return PatchInspectionModel(backbone, scoring, m["input"]["colour_order"], m["patch"], bundle.input_size).eval()
     return InspectionModel(backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"]).eval()
 
 

@@ -15,11 +15,16 @@ import numpy as np
 from runtime.errors import CoftError
 
 
+def pooled_patches(patches: int, pooling: str) -> int:
+    """How many of an image's worst patches its score averages: 1 (max) or 1% of them (top1pct)."""
+    return 1 if pooling == "max" else max(1, patches // 100)
+
+
 def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
     """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
     if pooling == "max":
         return patch_scores.max(axis=1)
-    top = max(1, patch_scores.shape[1] // 100)
+    top = pooled_patches(patch_scores.shape[1], pooling)
     return np.sort(patch_scores, axis=1)[:, -top:].mean(axis=1)
 
 

@@ -11,9 +11,9 @@ import torch
 from export.onnx import export_onnx, inspection_model
 from runtime.bundle import load_bundle
 from runtime.engines import open_engine, patch_inference
-from runtime.engines.fused_nearest import kernel_options, launch_grid, pooled_patches
+from runtime.engines.fused_nearest import kernel_options, launch_grid
 from runtime.errors import CoftError
-from runtime.scoring import MemoryBank, pool
+from runtime.scoring import MemoryBank, pool, pooled_patches
 from tests.conftest import CUDA_MISSING
 from tests.test_patch import masked_set  # noqa: F401  (fixture)
 from train import dinov2

@@ -13,7 +13,7 @@ from importlib import resources
 import numpy as np
 
 from runtime.errors import CoftError
-from runtime.scoring import MemoryBank
+from runtime.scoring import MemoryBank, pooled_patches
 
 KERNEL_FILE = "nearest.cu"
 KERNEL_NAME = "nearest_fused"
@@ -23,11 +23,6 @@ BLOCK = (16, 16, 1)
 
 def kernel_source() -> str:
     return resources.files("export.kernels").joinpath(KERNEL_FILE).read_text()
-
-
-def pooled_patches(patches: int, pooling: str) -> int:
-    """How many of an image's worst patches its score averages: 1 (max) or 1% of them (top1pct), as runtime.scoring.pool."""
-    return 1 if pooling == "max" else max(1, patches // 100)
 
 
 def kernel_options(dim: int, patches: int, topk: int, half_bank: bool) -> list[str]:
