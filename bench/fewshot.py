@@ -125,11 +125,12 @@ def cached_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
     """frozen_features, kept on disk between runs of the benchmark (the ViT takes minutes per pass)."""
     path = cache / f"{key}.pt" if cache else None
     if path and path.is_file():
-        return tuple(torch.load(path, weights_only=False).values())
+        cached = torch.load(path, weights_only=True)
+        return cached["globals"].numpy(), cached["patches"], cached["trunk"]
     out = frozen_features(backbone, frames, size, trainable)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"globals": out[0], "patches": out[1], "trunk": out[2]}, path)
+        torch.save({"globals": torch.from_numpy(out[0]), "patches": out[1], "trunk": out[2]}, path)
     return out
 
 
@@ -163,17 +164,17 @@ def method_name(text: str) -> str:
 
 
 @torch.inference_mode()
-def finetuned_patches(model: Backbone, trunk: torch.Tensor, cached: torch.Tensor, trainable: int, batch: int = 16):
+def finetuned_patches(model: Backbone, trunk: torch.Tensor, trainable: int, batch: int = 16):
     """Patch features of a model whose last `trainable` stages were fine-tuned, from the cached maps entering them."""
     first = len(model.stages) - trainable
+    if any(layer - 1 < first - 1 for layer in model.layers):
+        raise SystemExit(f"--trainable {trainable} would change layers below the first of {model.layers}")
     out = []
     for i in range(0, len(trunk), batch):
         maps: list = [None] * len(model.stages)
         x = maps[first - 1] = trunk[i:i + batch].float()
         for j in range(first, len(model.stages)):
             x = maps[j] = model.stages[j](x)
-        if any(layer - 1 < first - 1 for layer in model.layers):
-            raise SystemExit(f"--trainable {trainable} would change layers below the first of {model.layers}")
         out.append(model.patches_from_maps(maps).half())
     return torch.cat(out)
 
@@ -346,7 +347,7 @@ def main() -> None:
                     if method == "coftad-knn":
                         model = copy.deepcopy(backbone)
                         finetune(model, train_pixels, finetune_config(method, args), augment_config, generator, progress=False)
-                        test_patches = finetuned_patches(model, trunk_maps[test], patch_feats[test], args.trainable)
+                        test_patches = finetuned_patches(model, trunk_maps[test], args.trainable)
                     shift = backbone.patch_stride // 2 if method == "knn-shift" else 0
                     views = bank_views(model, train_pixels, augment_poses, shift)[..., layers]
                     views = views / np.linalg.norm(views, axis=-1, keepdims=True)
