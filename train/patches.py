@@ -1,8 +1,9 @@
 """Mid-level patch features: what patch scorers (kNN, FUN-AD) compare between images.
 
-A ViT's are its chosen blocks' patch tokens (train/dinov2.py). A CNN's: stride-8 and stride-16 stage outputs, each averaged over its 3x3 neighbourhood (so a
-patch sees a little context), brought to one grid and concatenated: 152 dimensions per
-patch for EfficientNet-Lite0.
+A ViT's are its chosen blocks' patch tokens (train/dinov2.py). A CNN's: stride-8 and
+stride-16 stage outputs, each averaged over its 3x3 neighbourhood (so a patch sees a
+little context), brought to one grid and concatenated: 152 dimensions per patch for
+EfficientNet-Lite0.
 """
 
 from __future__ import annotations
