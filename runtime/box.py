@@ -5,6 +5,7 @@ Layout under the root (default /opt/coft):
     current -> models/X  what the runtime loads (line.yaml: bundle: /opt/coft/current)
     previous -> models/Y what `coft rollback` returns to
     incoming/            archives as `coft flash` copies them
+    trusted-keys/*.pub   when present, only bundles signed by one of these keys install
 
 A bundle is verified (every checksum) before anything changes; the switch is a symlink
 renamed over the old one, so the runtime sees either the old model or the new one.
@@ -64,15 +65,19 @@ def build_engine_if_possible(bundle_dir: Path, mode: str) -> str:
     return f"built {build_engine(bundle_dir, fp16=True)}"
 
 
+def trusted_keys(root: Path, extra: list[Path] | tuple = ()) -> list[Path]:
+    return sorted((root / "trusted-keys").glob("*.pub")) + list(extra)
+
+
 def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = "auto",
-            service: str | None = None) -> dict:
+            service: str | None = None, trust: list[Path] | tuple = ()) -> dict:
     """Verify and unpack an archive, build its engine where TensorRT exists, make it current."""
     root = Path(root)
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models))
     try:
-        bundle = unpack(archive, staging)  # refuses a bad archive before anything changes
+        bundle = unpack(archive, staging, trusted_keys(root, trust))  # refuses a bad archive before anything changes
         target = models / bundle.path.name
         if target.exists():
             raise CoftError(f"{target}: a bundle of that name is installed already; rename the bundle or remove it")

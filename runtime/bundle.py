@@ -1,17 +1,22 @@
 """The model bundle: the one contract between training, export and the runtime.
 
 A bundle is a directory with `manifest.json` (what the model is, how to feed it, its
-threshold, how it was trained, and the SHA-256 of every other file) beside the files it
-names. Training writes it into a hidden temporary directory and renames it into place,
-so a crash never leaves a half-written bundle; the runtime refuses any bundle whose
-files do not match their checksums. A single-file tar archive carries it to the edge.
+threshold, how it was trained, the SHA-256 of every other file, and a digest of itself)
+beside the files it names, and optionally `manifest.sig` (see runtime.manifest).
+Training writes it into a hidden temporary directory and renames it into place, so a
+crash never leaves a half-written bundle; the runtime refuses any bundle whose files or
+manifest do not match their checksums. A single-file tar archive carries it to the edge.
+A bundle is never changed in place once a box may have seen it: a new threshold makes a
+new revision with a new model id (`revise`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -20,11 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from runtime import manifest as manifests
 from runtime.errors import CoftError
 from runtime.scoring import Gaussian, MemoryBank
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: the manifest carries its own digest
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 GAUSSIAN = "gaussian.npz"
 BANK = "bank.npz"
 SCORERS = ("global", "patch", "knn")
@@ -41,13 +50,26 @@ def sha256(path: Path) -> str:
 
 
 def _checksums(directory: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {p.name: sha256(p) for p in sorted(directory.iterdir())
+            if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")}
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _seal(directory: Path, manifest: dict[str, Any]) -> None:
+    """List every file's checksum, digest the manifest and write it; an old signature no longer applies."""
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = _checksums(directory)
+    manifest[manifests.DIGEST_KEY] = manifests.digest(manifest)
+    _write_json_atomically(directory / MANIFEST, manifest)
+    if (directory / SIGNATURE).exists():
+        (directory / SIGNATURE).unlink()
+        log.warning("%s: its signature was removed because the manifest changed; sign it again with 'coft sign'",
+                    directory)
 
 
 @contextmanager
@@ -64,9 +86,7 @@ def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
-        manifest["format_version"] = FORMAT_VERSION
-        manifest["files"] = _checksums(staging)
-        _write_json_atomically(staging / MANIFEST, manifest)
+        _seal(staging, manifest)
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         os.rename(staging, out)
     except BaseException:
@@ -75,19 +95,58 @@ def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
 
 
 def update_manifest(bundle_dir: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
-    """Merge top-level `changes` into a verified bundle's manifest and re-seal its checksums."""
+    """Add what export derives from the model (ONNX graph, engine) and re-seal; the model and its threshold stay."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     manifest.update(changes)
-    manifest["files"] = _checksums(bundle_dir)
-    _write_json_atomically(bundle_dir / MANIFEST, manifest)
+    _seal(bundle_dir, manifest)
     return manifest
 
 
-def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    """Read and verify a bundle's manifest: known format, required keys, every file present and intact."""
+def next_revision(bundle_dir: Path, model_id: str) -> tuple[Path, str]:
+    """Where the next revision of a bundle goes and its model id: NAME-r2, NAME-r3, ..."""
+    match = re.fullmatch(r"(.*)-r(\d+)", model_id)
+    base_id, number = (match.group(1), int(match.group(2)) + 1) if match else (model_id, 2)
+    base_dir = re.sub(r"-r\d+$", "", bundle_dir.name)
+    while (bundle_dir.parent / f"{base_dir}-r{number}").exists():
+        number += 1
+    return bundle_dir.parent / f"{base_dir}-r{number}", f"{base_id}-r{number}"
+
+
+def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None) -> Path:
+    """A new bundle revision beside the old one: the same files, `changes` applied, a new model id.
+
+    The old bundle stays as it was, so a box running it (and the live threshold it saved
+    for that model id) is never changed behind its back, and `coft rollback` still has it.
+    """
+    bundle_dir = Path(bundle_dir)
+    old = read_manifest(bundle_dir)
+    default_out, model_id = next_revision(bundle_dir, old["model_id"])
+    out = Path(out or default_out)
+    manifest = {k: v for k, v in old.items() if k not in ("files", manifests.DIGEST_KEY)}
+    manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
+    with new_bundle(out, manifest) as staging:
+        for name in old["files"]:
+            shutil.copy2(bundle_dir / name, staging / name)
+    return out
+
+
+def sign(bundle_dir: str | Path, key: str | Path) -> str:
+    """Write manifest.sig with an Ed25519 key; returns the key id a box will see."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    signature = manifests.signature_for(manifest, Path(key))
+    _write_json_atomically(bundle_dir / SIGNATURE, signature)
+    return signature["key_id"]
+
+
+def read_manifest(bundle_dir: str | Path, trusted_keys: list[Path] | tuple = ()) -> dict[str, Any]:
+    """Read and verify a bundle's manifest: known format, its own digest, valid fields, every file present
+    and intact, and a trusted signature where the box has trusted keys."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST
+    if not bundle_dir.exists():
+        raise CoftError(f"{bundle_dir}: no such file or directory; check the path")
     if not bundle_dir.is_dir():
         raise CoftError(f"{bundle_dir}: not a model bundle directory; train one with 'coft train' or unpack its archive")
     if not path.is_file():
@@ -100,10 +159,21 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise CoftError(f"{path}: expected a JSON object; copy the bundle again")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise CoftError(f"{bundle_dir}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION}); upgrade coft or re-export the bundle")
+        fix = "retrain it with this coft" if isinstance(version, int) and version < FORMAT_VERSION else "upgrade coft"
+        raise CoftError(f"{bundle_dir}: bundle format version {version!r} is not supported (this runtime reads "
+                        f"{FORMAT_VERSION}); {fix}")
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise CoftError(f"{path}: missing keys {', '.join(missing)}; retrain or re-export the bundle")
+    manifests.validate(manifest, bundle_dir)
+    signature = None
+    if (bundle_dir / SIGNATURE).is_file():
+        try:
+            signature = json.loads((bundle_dir / SIGNATURE).read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise CoftError(f"{bundle_dir}: {SIGNATURE} is not valid JSON; sign the bundle again") from None
+    manifests.check_signature(manifest, signature if isinstance(signature, dict) else None, list(trusted_keys),
+                              bundle_dir)
     for name, expected in manifest["files"].items():
         file = bundle_dir / name
         if not file.is_file():
@@ -152,10 +222,10 @@ class Bundle:
         return float(self.manifest["threshold"]["value"])
 
 
-def load_bundle(path: str | Path) -> Bundle:
+def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bundle:
     """Verify and load a bundle directory (see `unpack` for an archive)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, trusted_keys)
     scoring = MemoryBank.load(path / BANK) if manifest.get("scorer") == "knn" else Gaussian.load(path / GAUSSIAN)
     if scoring.dim != manifest["embedding_dim"]:
         raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
@@ -163,35 +233,53 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def pack(bundle_dir: str | Path, archive: str | Path) -> Path:
-    """Write a verified bundle as one tar file for flashing to a box."""
+    """Write a verified bundle as one tar file for flashing to a box (never over an existing file)."""
     bundle_dir, archive = Path(bundle_dir), Path(archive)
+    if archive.exists():
+        raise CoftError(f"{archive}: already exists; remove it or choose another --out")
     manifest = read_manifest(bundle_dir)
     tmp = archive.with_name(f".{archive.name}.tmp")
+    extra = [SIGNATURE] if (bundle_dir / SIGNATURE).is_file() else []
     with tarfile.open(tmp, "w") as tar:
-        for name in [MANIFEST, *manifest["files"]]:
+        for name in [MANIFEST, *extra, *manifest["files"]]:
             tar.add(bundle_dir / name, arcname=f"{bundle_dir.name}/{name}")
     os.replace(tmp, archive)
     return archive
 
 
-def unpack(archive: str | Path, dest_dir: str | Path) -> Bundle:
+def _bundle_root(archive: Path, names: list[str]) -> tuple[str, str]:
+    """(folder inside the archive holding manifest.json, name to give the bundle): 'coft pack' archives hold
+    one folder; 'tar -C bundle -cf x.tar .' ones hold the files themselves, named after the archive."""
+    parts = [Path(n).parts for n in names if Path(n).parts]
+    if (MANIFEST,) in parts:
+        return "", archive.name.split(".")[0]
+    tops = {p[0] for p in parts}
+    if len(tops) != 1:
+        raise CoftError(f"{archive}: expected one bundle directory in the archive, found {len(tops)}; pack it with 'coft pack'")
+    top = tops.pop()
+    return top, top
+
+
+def unpack(archive: str | Path, dest_dir: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bundle:
     """Extract a bundle archive under `dest_dir` and verify it; a bad archive leaves nothing behind."""
     archive, dest_dir = Path(archive), Path(dest_dir)
+    if not archive.is_file():
+        raise CoftError(f"{archive}: no such file; check the path")
     try:
         with tarfile.open(archive) as tar:
-            tops = {Path(m.name).parts[0] for m in tar.getmembers()}
-            if len(tops) != 1:
-                raise CoftError(f"{archive}: expected one bundle directory in the archive, found {len(tops)}; pack it with 'coft pack'")
-            target = dest_dir / tops.pop()
+            inside, name = _bundle_root(archive, tar.getnames())
+            target = dest_dir / name
             if target.exists():
-                raise CoftError(f"{target}: already exists; remove it or unpack elsewhere")
+                raise CoftError(f"{target}: already exists; remove it or unpack elsewhere (--unpack-to)")
             staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
             try:
                 tar.extractall(staging, filter="data")
-                load_bundle(staging / target.name)
-                os.rename(staging / target.name, target)
+                extracted = staging / inside
+                load_bundle(extracted, trusted_keys)
+                extracted.chmod(0o755)
+                os.rename(extracted, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except (tarfile.TarError, OSError) as exc:
         raise CoftError(f"{archive}: not a readable bundle archive ({exc}); copy it again") from exc
-    return load_bundle(target)
+    return load_bundle(target, trusted_keys)

@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     report_dir = args.report or Path(args.bundle).with_name(Path(args.bundle).name + ".report")
     report = _train_module("evaluate").evaluate(args.bundle, args.data_dir, report_dir, args.recalibrate,
-                                                progress=not args.quiet)
+                                                progress=not args.quiet, revision_out=args.out)
     m, r = report["metrics"], report["at_threshold"]
     print(f"AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}  "
           f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}  "
@@ -134,6 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for t, v in report["per_type"].items():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
     print(f"report: {report_dir}/report.md")
+    if report["revision"]:
+        print(f"new bundle revision with this threshold: {report['revision']} (the original is unchanged)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -184,7 +186,7 @@ def cmd_flash(args: argparse.Namespace) -> None:
 
 def cmd_install(args: argparse.Namespace) -> None:
     from runtime.box import install
-    print(json.dumps(install(args.archive, args.root, args.engine, args.service or None)))
+    print(json.dumps(install(args.archive, args.root, args.engine, args.service or None, args.trust)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -198,18 +200,40 @@ def cmd_pack(args: argparse.Namespace) -> None:
     print(f"archive written: {pack(args.bundle, archive)}")
 
 
+def cmd_sign(args: argparse.Namespace) -> None:
+    from runtime.bundle import sign
+    print(f"{args.bundle}: signed with key {sign(args.bundle, args.key)}; boxes that trust its .pub accept it")
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from runtime.manifest import keygen
+    private, public = keygen(args.name)
+    print(f"private key {private} (keep it where bundles are signed, never on a box)\n"
+          f"public key  {public} (copy to each box: /opt/coft/trusted-keys/, or trusted_keys in line.yaml)")
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
-    from runtime.bundle import load_bundle, unpack
+    import tempfile
+
+    from runtime.bundle import SIGNATURE, load_bundle, unpack
     path = Path(args.bundle)
+
+    def report(bundle) -> None:
+        m = bundle.manifest
+        signed = (bundle.path / SIGNATURE).is_file()
+        print(json.dumps({"bundle": str(args.unpack_to and bundle.path or path), "model_id": bundle.model_id,
+                          "backbone": m["backbone"]["name"], "input": m["input"], "threshold": m["threshold"]["value"],
+                          "threshold_method": m["threshold"]["method"], "files": len(m["files"]),
+                          "signed": signed, "signature_checked": bool(args.trust), "ok": True}, indent=2))
+
     if path.is_file():
-        dest = args.unpack_to or path.parent
-        bundle = unpack(path, dest)
+        if args.unpack_to:
+            report(unpack(path, args.unpack_to, args.trust))
+        else:
+            with tempfile.TemporaryDirectory(prefix=".verify-", dir=path.parent) as tmp:
+                report(unpack(path, tmp, args.trust))
     else:
-        bundle = load_bundle(path)
-    m = bundle.manifest
-    print(json.dumps({"bundle": str(bundle.path), "model_id": bundle.model_id, "backbone": m["backbone"]["name"],
-                      "input": m["input"], "threshold": m["threshold"]["value"],
-                      "threshold_method": m["threshold"]["method"], "files": len(m["files"]), "ok": True}, indent=2))
+        report(load_bundle(path, args.trust))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", help="folder with good/ and defect folders (e.g. defect/crack/)")
     p.add_argument("--report", type=Path, help="report folder (default: <bundle>.report)")
     p.add_argument("--recalibrate", metavar="RULE",
-                   help="reset the bundle's threshold from these labels: 'f1' or 'escape=RATE' (e.g. escape=0.01)")
+                   help="write a new bundle revision whose threshold comes from these labels: 'f1' or 'escape=RATE' "
+                        "(e.g. escape=0.01); the original bundle is not changed")
+    p.add_argument("--out", type=Path, help="with --recalibrate: the new revision's folder (default: <bundle>-r2, -r3 ...)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
@@ -278,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="on the box: verify an archive, build its engine, make it the active model")
     p.add_argument("archive")
     p.add_argument("--root", default="/opt/coft")
+    p.add_argument("--trust", type=Path, action="append", default=[], metavar="KEY.pub",
+                   help="demand a signature by this key, besides those in ROOT/trusted-keys/ (repeatable)")
     p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--service", help="systemd service to restart")
     p.set_defaults(func=cmd_install)
@@ -292,10 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="archive path (default: <bundle>.tar)")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("verify", help="check a bundle's checksums (directory, or archive to unpack)")
+    p = sub.add_parser("verify", help="check a bundle's checksums, manifest and signature (directory or archive)")
     p.add_argument("bundle", help="bundle directory or .tar archive")
-    p.add_argument("--unpack-to", type=Path, help="where to unpack an archive (default: beside it)")
+    p.add_argument("--unpack-to", type=Path, help="also unpack a verified archive into this folder")
+    p.add_argument("--trust", type=Path, action="append", default=[], metavar="KEY.pub",
+                   help="demand a signature by this public key (repeatable)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("sign", help="sign a bundle's manifest with an Ed25519 key, for boxes that only run signed bundles")
+    p.add_argument("bundle")
+    p.add_argument("--key", required=True, type=Path, help="private key from 'coft keygen' or 'ssh-keygen -t ed25519'")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("name", type=Path, help="writes NAME.key (private) and NAME.pub (public)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("demo", help="the whole flow on real solar-cell images from the elpv-dataset package")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default: demo-out)")

@@ -8,8 +8,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from runtime.bundle import GAUSSIAN, MANIFEST, load_bundle, new_bundle, pack, unpack, update_manifest
+from runtime.bundle import GAUSSIAN, MANIFEST, SIGNATURE, load_bundle, new_bundle, pack, revise, sign, unpack, update_manifest
 from runtime.errors import CoftError
+from runtime.manifest import digest, keygen
 from runtime.scoring import Gaussian
 
 
@@ -31,7 +32,7 @@ def test_written_bundle_loads_and_lists_checksums(tmp_path):
     bundle = load_bundle(_write(tmp_path / "b"))
     assert bundle.model_id == "test-model" and bundle.threshold == 1.5 and bundle.input_size == (32, 32)
     assert set(bundle.manifest["files"]) == {GAUSSIAN, "backbone.pt"}
-    assert bundle.manifest["format_version"] == 1
+    assert bundle.manifest["format_version"] == 2 and bundle.manifest["digest"].startswith("sha256:")
     assert list(tmp_path.iterdir()) == [tmp_path / "b"]  # no staging directory left behind
 
 
@@ -59,7 +60,7 @@ def test_missing_file_and_missing_manifest_are_refused(tmp_path):
     (out / MANIFEST).unlink()
     with pytest.raises(CoftError, match="no manifest.json"):
         load_bundle(out)
-    with pytest.raises(CoftError, match="not a model bundle directory"):
+    with pytest.raises(CoftError, match="no such file or directory"):
         load_bundle(tmp_path / "nowhere")
 
 
@@ -108,8 +109,87 @@ def test_tampered_archive_is_refused_and_leaves_nothing(tmp_path):
 
 def test_update_manifest_reseals(tmp_path):
     out = _write(tmp_path / "b")
-    update_manifest(out, {"threshold": {"value": 2.0, "method": "labelled-f1-max"}})
-    assert load_bundle(out).threshold == 2.0
+    update_manifest(out, {"onnx": {"file": "backbone.pt"}})
+    assert load_bundle(out).manifest["onnx"] == {"file": "backbone.pt"}
+
+
+def test_a_new_threshold_is_a_new_revision_and_the_old_bundle_is_untouched(tmp_path):
+    out = _write(tmp_path / "b")
+    before = (out / MANIFEST).read_bytes()
+    r2 = revise(out, {"threshold": {"value": 2.0, "method": "labelled-f1-max"}})
+    r3 = revise(r2, {"threshold": {"value": 3.0, "method": "labelled-f1-max"}})
+    assert (r2.name, r3.name) == ("b-r2", "b-r3") and (out / MANIFEST).read_bytes() == before
+    new = load_bundle(r3)
+    assert new.threshold == 3.0 and new.model_id == "test-model-r3" and new.manifest["revision_of"] == "test-model-r2"
+
+
+def _edit(out, change, reseal: bool) -> None:
+    """Edit the manifest as someone with a text editor would (reseal: and recompute its digest too)."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    change(manifest)
+    if reseal:
+        manifest["digest"] = digest(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, reseal, message", [
+    (lambda m: m["threshold"].update(value=1e9), False, "manifest digest does not match"),
+    (lambda m: m["files"].pop("backbone.pt"), False, "manifest digest does not match"),
+    (lambda m: m["threshold"].update(value=float("nan")), False, "number JSON cannot carry"),
+    (lambda m: m["threshold"].update(value=1e-300 * 0), True, "threshold.value: Input should be greater than 0"),
+    (lambda m: m["threshold"].update(value="1.5"), True, "threshold.value: Input should be a valid number"),
+    (lambda m: m["input"].update(height="32"), True, "input.height: Input should be a valid integer"),
+    (lambda m: m.update(onnx={"file": "../../etc/passwd"}), True, "onnx.file: String should match pattern"),
+    (lambda m: m.update(onnx={"file": "model.onnx"}), True, "names model.onnx but does not list its checksum"),
+    (lambda m: m["files"].update({"../x": "0" * 64}), True, "not a plain name inside the bundle"),
+])
+def test_edited_or_impossible_manifest_is_refused_in_one_line(tmp_path, change, reseal, message):
+    out = _write(tmp_path / "b")
+    _edit(out, change, reseal)
+    with pytest.raises(CoftError, match=message) as error:
+        load_bundle(out)
+    assert "\n" not in str(error.value)
+
+
+def test_signed_bundles_on_a_box_that_trusts_keys(tmp_path):
+    out = _write(tmp_path / "b")
+    vendor_key, vendor_pub = keygen(tmp_path / "vendor")
+    _, stranger_pub = keygen(tmp_path / "stranger")
+    assert vendor_key.stat().st_mode & 0o777 == 0o600
+    load_bundle(out)  # no trusted keys: nothing demanded
+    with pytest.raises(CoftError, match="bundle is not signed"):
+        load_bundle(out, [vendor_pub])
+    key_id = sign(out, vendor_key)
+    assert load_bundle(out, [stranger_pub, vendor_pub]).model_id == "test-model"
+    with pytest.raises(CoftError, match=f"signed by key '{key_id}', which is not among this box's 1 trusted"):
+        load_bundle(out, [stranger_pub])
+    archive = pack(out, tmp_path / "b.tar")  # the signature travels in the archive
+    (tmp_path / "box").mkdir()
+    assert unpack(archive, tmp_path / "box", [vendor_pub]).model_id == "test-model"
+    _edit(out, lambda m: m["threshold"].update(value=2.0), reseal=True)  # digest recomputed: only the key can tell
+    with pytest.raises(CoftError, match="signature does not match the manifest"):
+        load_bundle(out, [vendor_pub])
+    r2 = revise(tmp_path / "box" / "b", {"threshold": {"value": 2.0, "method": "x"}})
+    assert not (r2 / SIGNATURE).exists()  # a new revision must be signed again
+
+
+def test_archive_of_the_bundle_folder_contents_unpacks(tmp_path):
+    out = _write(tmp_path / "b")
+    archive = tmp_path / "x.tar"
+    subprocess.run(["tar", "-C", str(out), "-cf", str(archive), "."], check=True)
+    (tmp_path / "box").mkdir()
+    assert unpack(archive, tmp_path / "box").path == tmp_path / "box" / "x"
+
+
+def test_pack_never_overwrites_and_verify_names_a_missing_file(tmp_path):
+    out = _write(tmp_path / "b")
+    pack(out, tmp_path / "b.tar")
+    with pytest.raises(CoftError, match="b.tar: already exists"):
+        pack(out, tmp_path / "b.tar")
+    with pytest.raises(CoftError, match="no such file"):
+        unpack(tmp_path / "missing.tar", tmp_path)
+    with pytest.raises(CoftError, match="no such file or directory"):
+        load_bundle(tmp_path / "missing")
 
 
 def test_runtime_never_imports_torch(tmp_path):

@@ -35,15 +35,18 @@ def test_eval_separates_defects_and_writes_the_report(frozen_bundle, parts, tmp_
     assert json.loads((tmp_path / "report/report.json").read_text())["model_id"] == report["model_id"]
 
 
-def test_recalibration_from_labels_updates_the_bundle(frozen_bundle, parts, tmp_path):
+def test_recalibration_from_labels_writes_a_new_revision(frozen_bundle, parts, tmp_path):
     copy = tmp_path / "b"
     import shutil
     shutil.copytree(frozen_bundle, copy)
+    original = load_bundle(copy).manifest
     report = evaluate(copy, parts / "test", tmp_path / "r", recalibrate="escape=0", progress=False)
-    assert report["at_threshold"]["escape_rate"] == 0.0
-    assert load_bundle(copy).manifest["threshold"]["method"] == "labelled-escape-rate"
-    report = evaluate(copy, parts / "test", tmp_path / "r2", recalibrate="f1", progress=False)
-    assert load_bundle(copy).threshold == pytest.approx(report["metrics"]["f1_max_threshold"])
+    assert report["at_threshold"]["escape_rate"] == 0.0 and report["revision"] == str(tmp_path / "b-r2")
+    revised = load_bundle(report["revision"])
+    assert revised.manifest["threshold"]["method"] == "labelled-escape-rate"
+    assert revised.model_id == original["model_id"] + "-r2" and load_bundle(copy).manifest == original
+    report = evaluate(revised.path, parts / "test", tmp_path / "r2", recalibrate="f1", progress=False)
+    assert load_bundle(tmp_path / "b-r3").threshold == pytest.approx(report["metrics"]["f1_max_threshold"])
 
 
 def test_coftad_is_deterministic_with_a_seed(parts, tmp_path):

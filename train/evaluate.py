@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
+from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
 from runtime.errors import CoftError
 from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
@@ -232,8 +232,9 @@ def _markdown(report: dict) -> str:
 
 
 def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Path,
-             recalibrate: str | None = None, progress: bool = True) -> dict:
-    """Score a labelled folder, write the report folder, optionally reset the bundle's threshold."""
+             recalibrate: str | None = None, progress: bool = True, revision_out: str | Path | None = None) -> dict:
+    """Score a labelled folder, write the report folder; with `recalibrate`, write a new bundle revision
+    with the threshold these labels give (the bundle itself never changes)."""
     bundle = load_bundle(bundle_dir)
     data = labelled_images(data_dir)
     if not data.paths:
@@ -243,11 +244,11 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     if not kept:
         raise CoftError(f"{data_dir}: none of the {len(data.paths)} images could be read")
     labels, types, paths = data.labels[kept], [data.types[i] for i in kept], [data.paths[i] for i in kept]
-    threshold = bundle.manifest["threshold"]
+    threshold, revision = bundle.manifest["threshold"], None
     if recalibrate:
         threshold = labelled_threshold(labels, scores, recalibrate)
-        update_manifest(bundle.path, {"threshold": threshold})
-        log.info("bundle threshold set to %.4g by %s", threshold["value"], threshold["method"])
+        revision = revise(bundle.path, {"threshold": threshold}, revision_out)
+        log.info("threshold %.4g by %s written as a new revision: %s", threshold["value"], threshold["method"], revision)
     metrics = detection_metrics(labels, scores)
     per_type = {t: {"count": types.count(t), "auroc": auroc}
                 for t, auroc in per_type_auroc(labels, scores, types).items()}
@@ -261,6 +262,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         "at_threshold": rates_at(labels, scores, threshold["value"]),
         "per_type": per_type,
         "scorer": bundle.manifest["scorer"],
+        "revision": str(revision) if revision else None,
     }
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
