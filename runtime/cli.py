@@ -28,6 +28,19 @@ def _size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`, or a one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least {minimum}")
+        return value
+    return parse
+
+
 def _train_module(name: str):
     """Import a training module, or explain which extra is missing."""
     try:
@@ -48,12 +61,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_size, default=(224, 224),
                    help="model input, e.g. 224 or 320x480 (default 224; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
-    g.add_argument("--shots", type=int, help="use only K images of the folder, chosen with --seed (default: all)")
+    g.add_argument("--shots", type=_at_least(1), help="use only K images of the folder, chosen with --seed (default: all)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
     f = p.add_argument_group("COFT-AD fine-tuning")
-    f.add_argument("--steps", type=int, default=150)
-    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--steps", type=_at_least(0), default=150)
+    f.add_argument("--batch", type=_at_least(2), default=8)
     f.add_argument("--lr", type=float, default=1e-4)
     f.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     f.add_argument("--lambda-pp", type=float, default=1.0, help="weight of the cross-instance positive pairs")
@@ -78,9 +91,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--pooling", choices=("max", "top1pct"),
                    help="patch scorers: image score = worst patch or mean of the worst 1%% (default: max for patch, "
                         "top1pct for knn)")
-    s.add_argument("--coreset", type=int, default=None,
+    s.add_argument("--coreset", type=_at_least(0), default=None,
                    help="knn: most patches kept in the memory bank, chosen by greedy coreset (0: all; default 16384)")
-    s.add_argument("--views", type=int, default=16, help="N_A: augmented views per image for the Gaussian")
+    s.add_argument("--views", type=_at_least(2), default=16, help="N_A: augmented views per image for the Gaussian")
     s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf")
     s.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate the threshold aims at (default 0.01)")
 
@@ -164,7 +177,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.check:
         from runtime.bundle import load_bundle
-        bundle = load_bundle(config.bundle)
+        from runtime.sources import source_kind
+        for camera in config.cameras:
+            if source_kind(camera) in ("file", "folder") and not Path(str(camera.source)).exists():
+                raise CoftError(f"{args.config}: camera {camera.name}: {camera.source} does not exist; give the path "
+                                "of a video file or image folder on this box")
+        bundle = load_bundle(config.bundle, config.trusted_keys)
         print(f"{args.config}: OK ({len(config.cameras)} camera(s), model {bundle.model_id}, "
               f"broker {config.broker.host}:{config.broker.port})")
         return
@@ -266,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
     p.add_argument("bundle")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch the graph accepts (default 64)")
+    p.add_argument("--max-batch", type=_at_least(1), default=64, help="largest batch the graph accepts (default 64)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.set_defaults(func=cmd_export)
 
@@ -274,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
     p.add_argument("--int8", action="store_true", help="INT8 with entropy calibration on the bundle's good frames")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--workspace-mb", type=int, default=1024)
+    p.add_argument("--max-batch", type=_at_least(1), default=16)
+    p.add_argument("--workspace-mb", type=_at_least(64), default=1024)
     p.add_argument("--half-factor", action="store_true", help="store the fused kernel's Cholesky factor (Gaussian scorers) or memory bank (knn) in FP16")
     p.set_defaults(func=cmd_build_engine)
 
@@ -338,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole flow on real solar-cell images from the elpv-dataset package")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default: demo-out)")
-    p.add_argument("--test-limit", type=int, help="score at most N good and N defective held-out cells")
-    p.add_argument("--stream", type=int, default=200, help="held-out cells streamed through the runtime (default 200)")
+    p.add_argument("--test-limit", type=_at_least(1), help="score at most N good and N defective held-out cells")
+    p.add_argument("--stream", type=_at_least(0), default=200, help="held-out cells streamed through the runtime (default 200)")
     p.add_argument("--broker", metavar="HOST:PORT", help="use this MQTT broker instead of the embedded one")
     _add_training_options(p)
     p.set_defaults(func=cmd_demo, shots=10)

@@ -40,7 +40,7 @@ class CameraConfig(Strict):
 
 
 class TlsConfig(Strict):
-    ca: Path | None = None
+    ca: Path | None = Field(None, description="CA certificate that signed the broker's (default: the system's)")
     cert: Path | None = None
     key: Path | None = None
     insecure: bool = Field(False, description="skip hostname verification (test benches only)")
@@ -55,7 +55,8 @@ class BrokerConfig(Strict):
     password_file: Path | None = Field(None, description="file holding the password (e.g. a Docker or systemd secret)")
     tls: TlsConfig | None = None
     keepalive_s: int = Field(30, ge=5)
-    prefix: str = "coft"
+    prefix: str = Field("coft", pattern=r"^[^#+/\x00]([^#+\x00]*[^#+/\x00])?$",
+                        description="topic prefix: no MQTT wildcards (# +), no leading or trailing /")
     line: str = Field("line1", pattern=r"^[A-Za-z0-9_-]+$")
 
     @model_validator(mode="after")
@@ -82,6 +83,7 @@ class BrokerConfig(Strict):
 class OutboxConfig(Strict):
     path: Path = Path("/var/lib/coft/outbox.db")
     max_messages: int = Field(100_000, ge=100, description="when full, the oldest accept verdicts go first; rejects last")
+    max_mb: float = Field(256, gt=0, description="the same rule once the messages waiting hold this many megabytes")
     fsync: bool = Field(True, description="fsync every verdict: survives power loss; false: survives crashes and "
                                           "restarts but not power loss, and saves a disk flush per verdict")
 
@@ -91,6 +93,14 @@ class EvidenceConfig(Strict):
     save_rejects: bool = True
     every_nth_pass: int = Field(0, ge=0, description="also keep every Nth accepted frame (0: none)")
     max_mb: float = Field(500, gt=0, description="disk budget; the oldest evidence is deleted beyond it")
+
+
+class ControlConfig(Strict):
+    """What the broker may change at the line: every change is an AUDIT line in the log."""
+    threshold: bool = Field(True, description="accept <prefix>/<line>/<camera>/set/threshold")
+    threshold_factor: float = Field(4.0, gt=1, description="a new threshold must lie within the bundle's "
+                                                             "threshold divided or multiplied by this")
+    trigger_max_bytes: int = Field(256, ge=8, le=4096, description="longest part id a trigger may carry")
 
 
 class RuntimeConfig(Strict):
@@ -104,8 +114,14 @@ class RuntimeConfig(Strict):
     outbox: OutboxConfig = OutboxConfig()
     evidence: EvidenceConfig | None = None
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
+    metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(10.0, gt=0)
+    stall_s: float = Field(60.0, ge=1, description="a broker link that is connected but has had no acknowledgement "
+                                                   "for this long, or inspection failing this long, ends the process "
+                                                   "so systemd restarts it")
     state_file: Path | None = Field(None, description="live threshold changes persist here (default: beside the outbox)")
+    control: ControlConfig = ControlConfig()
+    trusted_keys: list[Path] = Field([], description="public keys (.pub) of which one must have signed the bundle")
 
     @model_validator(mode="after")
     def _unique_cameras(self):
@@ -160,11 +176,19 @@ def load_config(path: str | Path) -> RuntimeConfig:
             problems.append(f"{where}{key}: {error['msg']}")
         raise CoftError(f"{path}: {'; '.join(problems)}") from None
     base = path.resolve().parent
-    for holder, attr in [(config, "bundle"), (config.outbox, "path"), (config, "state_file")] + \
-            ([(config.evidence, "dir")] if config.evidence else []):
+    tls = config.broker.tls
+    for holder, attr in [(config, "bundle"), (config.outbox, "path"), (config, "state_file"),
+                         (config.broker, "password_file")] + \
+            ([(config.evidence, "dir")] if config.evidence else []) + \
+            ([(tls, "ca"), (tls, "cert"), (tls, "key")] if tls else []):
         value = getattr(holder, attr)
         if value is not None and not value.is_absolute():
             setattr(holder, attr, base / value)
+    config.trusted_keys = [key if key.is_absolute() else base / key for key in config.trusted_keys]
+    for key, value in [(f"broker.tls.{a}", getattr(tls, a)) for a in ("ca", "cert", "key") if tls] + \
+            [(f"trusted_keys.{i}", k) for i, k in enumerate(config.trusted_keys)]:
+        if value is not None and not value.is_file():
+            raise CoftError(f"{path}: {key}: file {value} does not exist; give the path of the file on this box")
     for camera in config.cameras:  # files and folders, not devices, URLs or pipelines
         source = str(camera.source)
         if camera.kind in ("auto", "file", "folder") and not source.isdigit() and "://" not in source \

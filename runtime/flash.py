@@ -1,7 +1,9 @@
 """`coft flash BUNDLE user@host`: copy a bundle to a box over SSH and make it the active model.
 
-Uses the OpenSSH client (`ssh`, `scp`) in batch mode, so it works with the keys and
-~/.ssh/config an integrator already has. On the box, `coft install` verifies the archive,
+Uses the OpenSSH client in batch mode, so it works with the keys and ~/.ssh/config an
+integrator already has. The archive travels on ssh's stdin into `cat > PATH`, with the
+path quoted for the remote shell (scp's remote path is shell-parsed by OpenSSH before
+9.0 and with `scp -O`, so a folder with a space or `;` in it would break or run code). On the box, `coft install` verifies the archive,
 builds the TensorRT engine where TensorRT exists, switches atomically and restarts the
 service; if any step fails, the box keeps the model it had.
 """
@@ -32,7 +34,6 @@ def flash(bundle_dir: str | Path, target: str, root: str = "/opt/coft", port: in
     bundle_dir = Path(bundle_dir)
     options = _ssh_options(port, identity, ssh_options or [])
     ssh = ["ssh", *options, *(["-p", str(port)] if port else []), target]
-    scp = ["scp", "-q", *options, *(["-P", str(port)] if port else [])]
     incoming = f"{root}/incoming"
     with tempfile.TemporaryDirectory() as tmp:
         archive = pack(bundle_dir, Path(tmp) / f"{bundle_dir.name}.tar")
@@ -41,7 +42,9 @@ def flash(bundle_dir: str | Path, target: str, root: str = "/opt/coft", port: in
             raise CoftError(f"cannot reach {target} over SSH: {step.stderr.strip() or step.stdout.strip()}; "
                             "check the address, the key (--identity) and that sshd runs on the box")
         remote_archive = f"{incoming}/{archive.name}"
-        step = subprocess.run([*scp, str(archive), f"{target}:{remote_archive}"], capture_output=True, text=True)
+        with open(archive, "rb") as data:
+            step = subprocess.run([*ssh, f"cat > {shlex.quote(remote_archive)}"], stdin=data, capture_output=True,
+                                  text=True)
         if step.returncode != 0:
             raise CoftError(f"copying to {target} failed: {step.stderr.strip()}; the box keeps its previous model")
     command = [remote_coft, "install", remote_archive, "--root", root, "--engine", engine]

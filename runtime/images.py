@@ -2,19 +2,27 @@
 
 Everything becomes 8-bit, 3-channel BGR (OpenCV's order): grayscale line-scan cameras,
 RGBA exports and 16-bit sensors all end up in the one format the model bundle expects.
+Images and frames above MAX_PIXELS are refused before they are decoded (a 20000x20000
+PNG of a few hundred kilobytes would otherwise take gigabytes).
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
+
+MAX_PIXELS = int(os.environ.get("COFT_MAX_PIXELS", 100_000_000))  # 100 MP: above the largest area-scan sensors
+Image.MAX_IMAGE_PIXELS = None  # the limit is ours, checked on the header below
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -26,6 +34,21 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         raise CoftError(f"{folder}: not a folder of images; give the path of a folder that holds .png/.jpg files")
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def check_pixels(height: int, width: int, source: str) -> None:
+    if height * width > MAX_PIXELS:
+        raise CoftError(f"{source}: {width}x{height} is above the {MAX_PIXELS / 1e6:.0f} megapixel limit; "
+                        "scale it down (or raise COFT_MAX_PIXELS)")
+
+
+def header_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, without decoding it; None when Pillow cannot tell."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
 
 
 def to_bgr8(image: np.ndarray, source: str = "image") -> np.ndarray:
@@ -54,14 +77,20 @@ def read_image(path: str | Path) -> np.ndarray | None:
     except OSError as exc:
         log.warning("skipping %s: cannot read it (%s)", path, exc)
         return None
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        log.warning("skipping %s: not a readable image (corrupt or not an image file)", path)
-        return None
     try:
+        size = header_size(data) if data.size else None
+        if size:
+            check_pixels(*size, str(path))
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if image is None:
+            log.warning("skipping %s: not a readable image (corrupt or not an image file)", path)
+            return None
         return to_bgr8(image, str(path))
     except CoftError as exc:
         log.warning("skipping %s", exc)
+        return None
+    except cv2.error as exc:
+        log.warning("skipping %s: OpenCV cannot decode it (%s)", path, str(exc).strip().splitlines()[-1])
         return None
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from runtime.errors import CoftError
+
 
 class Metrics:
     def __init__(self):
@@ -20,6 +22,17 @@ class Metrics:
         self.outbox_depth = Gauge("coft_outbox_depth", "Messages waiting for the broker's ack", registry=r)
         self.broker_up = Gauge("coft_broker_connected", "1 while connected to the broker", ["camera"], registry=r)
         self.camera_up = Gauge("coft_camera_connected", "1 while the camera delivers frames", ["camera"], registry=r)
+        self.camera_ended = Gauge("coft_camera_ended", "1 once a file or folder source has no more frames",
+                                  ["camera"], registry=r)
+        self.verdicts_refused = Counter("coft_verdicts_refused_total", "Verdicts the outbox could not store (disk full)",
+                                        ["camera"], registry=r)
+        self.outbox_refusing = Gauge("coft_outbox_refusing", "1 while the outbox cannot store verdicts", registry=r)
+        self.inspection_failures = Counter("coft_inspection_failures_total", "Batches that could not be scored",
+                                           registry=r)
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise CoftError(f"metrics_port {port} on {address}: cannot listen ({exc.strerror}); another process "
+                            "uses it, or the address is not this box's: change metrics_port or metrics_bind") from None

@@ -8,16 +8,20 @@ Topics under `<prefix>/<line>/<camera>/`:
   state          retained: current threshold and model, echoed after every change
   heartbeat      QoS 0 every heartbeat_s: counters and outbox depth
   error          QoS 1: a command that was refused, and why
-  set/threshold  subscribed: a new threshold (a positive number)
-  trigger        subscribed: a part id; the newest frame is inspected for it
+  set/threshold  subscribed unless control.threshold is false: a new threshold for this camera
+  trigger        subscribed: a part id (at most control.trigger_max_bytes); the newest frame is inspected for it
 
-One paho client per camera, callbacks kept thin: acks go through a queue to the sender
-thread, which alone touches the outbox bookkeeping (paho calls on_publish while
-holding its own locks, so doing more there could deadlock with publish()).
+One paho client per camera, driven by a network thread of ours (so a refused or failed
+connection, TLS included, is logged with its cause, and the thread's life is ours to
+check). Callbacks are kept thin and guarded: paho re-raises what a callback raises and
+its network thread dies with it, while heartbeats would go on saying all is well.
+Acks go through a queue to the sender thread, which alone touches the outbox
+bookkeeping (paho calls on_publish while holding its own locks).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -29,6 +33,8 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from runtime.config import BrokerConfig
+from runtime.errors import CoftError
+from runtime.logs import Throttled
 from runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -40,32 +46,61 @@ def camera_topic(broker: BrokerConfig, camera: str, leaf: str) -> str:
     return f"{broker.prefix}/{broker.line}/{camera}/{leaf}"
 
 
+def connect_failure(exc: OSError, broker: BrokerConfig) -> str:
+    """Why a connection attempt failed, and what to check."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({getattr(exc, 'verify_message', None) or exc.reason or exc}); check broker.tls"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused; is the broker running and listening on that port?"
+    return f"{exc.strerror or exc}; check broker.host and the network"
+
+
+def _guarded(callback):
+    """Run a paho callback; anything it raises is logged and reported on the error topic, and the link lives on."""
+    @functools.wraps(callback)
+    def guarded(self, *args):
+        try:
+            return callback(self, *args)
+        except Exception as exc:
+            self.throttled.log(logging.ERROR, callback.__name__, "mqtt %s: %s failed: %s: %s; the link keeps running",
+                               self.camera, callback.__name__.lstrip("_"), type(exc).__name__, exc, exc_info=exc)
+            self.report(callback.__name__.lstrip("_"), f"{type(exc).__name__}: {exc}")
+    return guarded
+
+
 class CameraLink:
     def __init__(self, broker: BrokerConfig, camera: str, outbox: Outbox,
-                 on_threshold: Callable[[bytes], dict], on_trigger: Callable[[str], None],
-                 on_connection: Callable[[str, bool], None] = lambda camera, up: None):
+                 on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str], None],
+                 on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256):
         self.broker, self.camera, self.outbox = broker, camera, outbox
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
+        self.trigger_max_bytes = trigger_max_bytes
+        self.throttled = Throttled(log)
         self.connected = threading.Event()
         self.wake = threading.Event()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # the sender stops
+        self.closing = threading.Event()  # the network thread stops
         self.acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.reconnected = threading.Event()
+        self.connected_at = self.last_ack_at = 0.0
         self.client_id = f"{broker.client_id}-{camera}" if broker.client_id else f"coft-{broker.line}-{camera}"
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True)
         client.will_set(self.topic("status"), "offline", qos=1, retain=True)
         if broker.username:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
-            client.tls_set(ca_certs=broker.tls.ca and str(broker.tls.ca), certfile=broker.tls.cert and str(broker.tls.cert),
-                           keyfile=broker.tls.key and str(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                client.tls_set(ca_certs=broker.tls.ca and str(broker.tls.ca), certfile=broker.tls.cert and str(broker.tls.cert),
+                               keyfile=broker.tls.key and str(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ValueError) as exc:
+                raise CoftError(f"broker.tls: cannot load the certificates ({exc}); check tls.ca, tls.cert and tls.key") from None
             client.tls_insecure_set(broker.tls.insecure)
         client.max_inflight_messages_set(INFLIGHT_WINDOW)
         client.max_queued_messages_set(INFLIGHT_WINDOW * 4)  # the outbox, not paho's memory, holds the backlog
-        client.reconnect_delay_set(min_delay=1, max_delay=8)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
         self.client = client
+        self.network = threading.Thread(target=self._network_loop, name=f"mqtt-net-{camera}", daemon=True)
         self.sender = threading.Thread(target=self._send_loop, name=f"mqtt-{camera}", daemon=True)
 
     def topic(self, leaf: str) -> str:
@@ -75,35 +110,76 @@ class CameraLink:
     def start(self) -> None:
         log.info("mqtt %s: connecting to %s:%d as %s", self.camera, self.broker.host, self.broker.port, self.client_id)
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
-        self.client.loop_start()
+        self.network.start()
         self.sender.start()
 
     def stop(self, drain_s: float = 5.0) -> None:
         """Give the outbox up to `drain_s` to reach the broker (reconnecting if need be), say 'stopped', disconnect."""
         deadline = time.monotonic() + drain_s
-        while self.outbox.depth(self.camera) and time.monotonic() < deadline:
+        while self.outbox.depth(self.camera) and time.monotonic() < deadline and self.network.is_alive():
             time.sleep(0.05)
         self.stopping.set()
         self.wake.set()
         self.sender.join(timeout=2)
         if self.connected.is_set():
             self.client.publish(self.topic("status"), "stopped", qos=1, retain=True).wait_for_publish(timeout=2)
+        self.closing.set()
         self.client.disconnect()
-        self.client.loop_stop()
+        self.network.join(timeout=3)
+
+    def health(self, stall_s: float) -> str | None:
+        """Why this link cannot be trusted to deliver, or None while it is alive and making progress."""
+        for thread in (self.network, self.sender):
+            if not thread.is_alive():
+                return f"mqtt {self.camera}: thread {thread.name} died"
+        if not self.connected.is_set():
+            return None  # the broker is away: verdicts wait in the outbox, and the broker gauge says so
+        oldest = self.outbox.oldest_created(self.camera)
+        if oldest is None:
+            return None
+        waited = time.time() - max(oldest, self.connected_at, self.last_ack_at)
+        if waited > stall_s:
+            return (f"mqtt {self.camera}: connected but no acknowledgement for {waited:.0f}s with "
+                    f"{self.outbox.depth(self.camera)} messages waiting")
+        return None
+
+    def _network_loop(self) -> None:
+        """Connect, run paho's loop until the connection drops, reconnect with backoff; until stop()."""
+        delay = 1.0
+        while not self.closing.is_set():
+            try:
+                self.client.reconnect()
+            except OSError as exc:
+                self.throttled.log(logging.WARNING, "connect", "mqtt %s: cannot connect to %s:%d: %s; retrying",
+                                   self.camera, self.broker.host, self.broker.port, connect_failure(exc, self.broker))
+                self.closing.wait(delay)
+                delay = min(delay * 2, 8.0)
+                continue
+            rc = mqtt.MQTT_ERR_SUCCESS
+            while rc == mqtt.MQTT_ERR_SUCCESS:
+                rc = self.client.loop(timeout=0.5)
+            if self.connected.is_set():
+                delay = 1.0
+            self.closing.wait(delay)
 
     # -- paho callbacks (network thread): kept thin --------------------------------------------
+    @_guarded
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            log.error("mqtt %s: broker refused the connection: %s; check broker credentials", self.camera, reason_code)
+            self.throttled.log(logging.ERROR, "connect", "mqtt %s: broker refused the connection: %s; check broker "
+                               "credentials and its ACL", self.camera, reason_code)
             return
+        self.throttled.clear("connect")
         log.info("mqtt %s: connected", self.camera)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
-        client.subscribe([(self.topic("set/threshold"), 1), (self.topic("trigger"), 1)])
+        client.subscribe([(self.topic("trigger"), 1)] + ([(self.topic("set/threshold"), 1)] if self.on_threshold else []))
+        self.connected_at = time.time()
         self.reconnected.set()
         self.connected.set()
         self.on_connection(self.camera, True)
         self.wake.set()
 
+    @_guarded
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self.stopping.is_set():
             log.info("mqtt %s: disconnected", self.camera)
@@ -112,21 +188,40 @@ class CameraLink:
         self.connected.clear()
         self.on_connection(self.camera, False)
 
+    @_guarded
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.acks.put(mid)
         self.wake.set()
 
+    @_guarded
     def _on_message(self, client, userdata, message):
-        if message.topic.endswith("/set/threshold"):
-            state = self.on_threshold(message.payload)
-            if "error" in state:
-                client.publish(self.topic("error"), json.dumps({"command": "set/threshold", **state}), qos=1)
-            else:
-                self.publish_state(state)
-        elif message.topic.endswith("/trigger"):
-            self.on_trigger(message.payload.decode(errors="replace").strip())
+        command = "set/threshold" if message.topic.endswith("/set/threshold") else "trigger"
+        try:
+            if command == "set/threshold" and self.on_threshold:
+                self.publish_state(self.on_threshold(message.payload))
+            elif command == "trigger":
+                self.on_trigger(self.part_id(message.payload))
+        except CoftError as exc:
+            log.warning("mqtt %s: %s refused: %s", self.camera, command, exc)
+            self.report(command, str(exc))
+
+    def part_id(self, payload: bytes) -> str:
+        if len(payload) > self.trigger_max_bytes:
+            raise CoftError(f"part id of {len(payload)} bytes is longer than control.trigger_max_bytes "
+                            f"({self.trigger_max_bytes})")
+        try:
+            part = payload.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CoftError("part id is not UTF-8 text") from None
+        if not part.isprintable():
+            raise CoftError("part id holds control characters")
+        return part
 
     # -- sending -------------------------------------------------------------------------------
+    def report(self, command: str, error: str) -> None:
+        """A refused command or a fault, on the error topic for whoever watches the line."""
+        self.client.publish(self.topic("error"), json.dumps({"command": command, "error": error}), qos=1)
+
     def publish_state(self, state: dict) -> None:
         self.client.publish(self.topic("state"), json.dumps(state), qos=1, retain=True)
 
@@ -148,20 +243,33 @@ class CameraLink:
                 self.reconnected.clear()
                 inflight.clear()
                 last_sent = 0
-            while True:
-                try:
-                    mid = self.acks.get_nowait()
-                except queue.Empty:
-                    break
-                message_id = inflight.pop(mid, None)
-                if message_id is not None:
-                    self.outbox.ack(message_id)
-            if not self.connected.is_set():
-                continue
-            room = INFLIGHT_WINDOW - len(inflight)
-            for message in self.outbox.pending(self.camera, after_id=last_sent, limit=room) if room > 0 else []:
-                info = self.client.publish(message.topic, message.payload, qos=1)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break  # not connected any more: the reconnect resends from the outbox
-                inflight[info.mid] = message.id
-                last_sent = message.id
+            try:
+                last_sent = self._send_pending(inflight, last_sent)
+            except Exception as exc:  # the outbox's disk, most likely: say so, keep trying
+                self.throttled.log(logging.ERROR, "send", "mqtt %s: sending from the outbox failed: %s: %s; retrying",
+                                   self.camera, type(exc).__name__, exc)
+                self.stopping.wait(1.0)
+            else:
+                self.throttled.clear("send")
+
+    def _send_pending(self, inflight: dict[int, int], last_sent: int) -> int:
+        """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
+        while True:
+            try:
+                mid = self.acks.get_nowait()
+            except queue.Empty:
+                break
+            message_id = inflight.pop(mid, None)
+            if message_id is not None:
+                self.outbox.ack(message_id)
+                self.last_ack_at = time.time()
+        if not self.connected.is_set():
+            return last_sent
+        room = INFLIGHT_WINDOW - len(inflight)
+        for message in self.outbox.pending(self.camera, after_id=last_sent, limit=room) if room > 0 else []:
+            info = self.client.publish(message.topic, message.payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # not connected any more: the reconnect resends from the outbox
+            inflight[info.mid] = message.id
+            last_sent = message.id
+        return last_sent

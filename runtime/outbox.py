@@ -6,13 +6,17 @@ off (synchronous=NORMAL) it still survives crashes, SIGKILL and restarts, not a 
 gets its sequence number here, from a counter stored in the same transaction, so numbers
 keep increasing across restarts and a subscriber recognises duplicates by them.
 
-When full (`max_messages`), the oldest *accept* messages are dropped first, then, only
-if nothing else is left, the oldest rejects; every drop is counted and logged, never silent.
+When full (`max_messages`, or `max_bytes` of payload), the oldest *accept* messages are
+dropped first, then, only if nothing else is left, the oldest rejects; every drop is
+counted and logged, never silent. When the disk itself is full, a verdict cannot be
+stored: `put_verdict` raises `OutboxRefused` (nothing already stored is touched) and the
+next one that fits is stored again. The file is readable by its owner only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -37,6 +41,10 @@ CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NUL
 """
 
 
+class OutboxRefused(CoftError):
+    """A verdict could not be stored (disk full, or the file is unwritable); nothing stored before is lost."""
+
+
 @dataclass(frozen=True)
 class Message:
     id: int
@@ -46,17 +54,20 @@ class Message:
 
 
 class Outbox:
-    def __init__(self, path: str | Path, max_messages: int = 100_000, fsync: bool = True):
+    def __init__(self, path: str | Path, max_messages: int = 100_000, fsync: bool = True, max_bytes: int = 256 << 20):
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(path, 0o600)  # verdicts are the line's business; also fixes a file made by an older version
             self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self.db.executescript(SCHEMA)
+            self.bytes = self.db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM message").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             raise CoftError(f"outbox {path}: cannot open ({exc}); check outbox.path and that the folder is writable") from exc
-        self.path, self.max_messages = path, max_messages
+        self.path, self.max_messages, self.max_bytes = path, max_messages, max_bytes
         self.lock = threading.Lock()
         self.dropped = 0
 
@@ -69,34 +80,51 @@ class Outbox:
         """Assign the camera's next sequence number, let `build(seq)` make [(topic, payload)], store all atomically."""
         with self.lock:
             cursor = self.db.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
+            added = 0
             try:
+                cursor.execute("BEGIN IMMEDIATE")
                 seq = self.next_seq(camera, cursor)
                 now = time.time()
                 for topic, payload in build(seq):
                     cursor.execute("INSERT INTO message (camera, topic, payload, reject, created) VALUES (?, ?, ?, ?, ?)",
                                    (camera, topic, payload, int(reject), now))
-                self._enforce_limit(cursor)
+                    added += len(payload)
+                removed = self._enforce_limit(cursor, self.bytes + added)
                 cursor.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.db.in_transaction:  # SQLite may have rolled back already (disk full): don't mask its error
+                    self.db.execute("ROLLBACK")
+                raise OutboxRefused(f"outbox {self.path}: cannot store a verdict ({exc}); free disk space or check "
+                                    "the disk; verdicts stored before are kept") from exc
             except BaseException:
-                cursor.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
+            self.bytes += added - removed
         return seq
 
-    def _enforce_limit(self, cursor: sqlite3.Cursor) -> None:
+    def _enforce_limit(self, cursor: sqlite3.Cursor, total_bytes: int) -> int:
+        """Drop the oldest accepts (then rejects) until both limits hold; returns the payload bytes dropped."""
         excess = cursor.execute("SELECT COUNT(*) FROM message").fetchone()[0] - self.max_messages
-        if excess <= 0:
-            return
+        excess_bytes = total_bytes - self.max_bytes
+        removed = 0
         for reject in (0, 1):
-            if excess <= 0:
+            if excess <= 0 and excess_bytes <= 0:
                 break
-            ids = [row[0] for row in cursor.execute(
-                "SELECT id FROM message WHERE reject = ? ORDER BY id LIMIT ?", (reject, excess))]
-            cursor.executemany("DELETE FROM message WHERE id = ?", [(i,) for i in ids])
-            excess -= len(ids)
-            self.dropped += len(ids)
-            log.error("outbox full (%d messages): dropped the %d oldest %s messages; is the broker reachable?",
-                      self.max_messages, len(ids), "reject" if reject else "accept")
+            dropped = []
+            for message_id, size in self.db.execute(  # read lazily: only as far as needed
+                    "SELECT id, LENGTH(payload) FROM message WHERE reject = ? ORDER BY id", (reject,)):
+                if excess <= 0 and excess_bytes <= 0:
+                    break
+                dropped.append((message_id,))
+                excess, excess_bytes, removed = excess - 1, excess_bytes - size, removed + size
+            cursor.executemany("DELETE FROM message WHERE id = ?", dropped)
+            self.dropped += len(dropped)
+            if dropped:
+                log.error("outbox full (%d messages or %.0f MB): dropped the %d oldest %s messages; is the broker "
+                          "reachable?", self.max_messages, self.max_bytes / 2**20, len(dropped),
+                          "reject" if reject else "accept")
+        return removed
 
     def pending(self, camera: str, after_id: int = 0, limit: int = 100) -> list[Message]:
         with self.lock:
@@ -106,13 +134,20 @@ class Outbox:
 
     def ack(self, message_id: int) -> None:
         with self.lock:
-            self.db.execute("DELETE FROM message WHERE id = ?", (message_id,))
+            row = self.db.execute("DELETE FROM message WHERE id = ? RETURNING LENGTH(payload)", (message_id,)).fetchone()
+            self.bytes -= row[0] if row else 0
 
     def depth(self, camera: str | None = None) -> int:
         with self.lock:
             if camera is None:
                 return self.db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
             return self.db.execute("SELECT COUNT(*) FROM message WHERE camera = ?", (camera,)).fetchone()[0]
+
+    def oldest_created(self, camera: str) -> float | None:
+        """When the camera's oldest unacknowledged message was stored (time.time()), or None."""
+        with self.lock:
+            row = self.db.execute("SELECT created FROM message WHERE camera = ? ORDER BY id LIMIT 1", (camera,)).fetchone()
+        return row[0] if row else None
 
     def oldest_age_s(self) -> float | None:
         with self.lock:

@@ -4,12 +4,17 @@ One capture thread per camera feeds one bounded queue; when inference falls behi
 the oldest frames are dropped and counted. The inference thread scores every frame that
 is waiting in one batch, writes each verdict (and, for a reject, the PLC message) to the
 outbox before anything is published, and wakes the camera's MQTT sender.
+
+The main loop is also the supervisor: it feeds the systemd watchdog only while every
+camera thread and MQTT link is alive and making progress, and otherwise ends the process
+with a non-zero status and the reason, so systemd restarts it; nothing stalls silently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,15 +26,17 @@ import cv2
 import numpy as np
 
 from runtime.bundle import load_bundle
-from runtime.config import RuntimeConfig, valid_threshold
+from runtime.config import RuntimeConfig
+from runtime.control import ThresholdState
 from runtime.engines import open_engine
 from runtime.errors import CoftError
 from runtime.evidence import Evidence
 from runtime.heatmap import defect_box, overlay
 from runtime.images import resize_to_input
+from runtime.logs import Throttled
 from runtime.metrics import Metrics
 from runtime.mqtt import CameraLink, camera_topic
-from runtime.outbox import Outbox
+from runtime.outbox import Outbox, OutboxRefused
 from runtime.sources import CameraThread, Frame
 from runtime.watchdog import Watchdog
 
@@ -58,61 +65,44 @@ class FrameQueue:
             return [self.frames.popleft() for _ in range(min(max_frames, len(self.frames)))]
 
 
-class ThresholdState:
-    """The live threshold: starts from the bundle, changed over MQTT, persisted across restarts."""
-
-    def __init__(self, path: Path, bundle_threshold: float, model_id: str):
-        self.path, self.model_id = path, model_id
-        self.value = bundle_threshold
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("model_id") == model_id:
-                    self.value = valid_threshold(str(saved["threshold"]))
-                    log.info("threshold %.6g restored from %s", self.value, path)
-            except (ValueError, KeyError, CoftError) as exc:
-                log.warning("ignoring %s (%s); using the bundle's threshold", path, exc)
-
-    def set(self, payload: bytes) -> dict:
-        try:
-            value = valid_threshold(payload.decode(errors="replace").strip())
-        except CoftError as exc:
-            log.warning("set/threshold refused: %s", exc)
-            return {"error": str(exc)}
-        self.value = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"threshold": value, "model_id": self.model_id}))
-        tmp.replace(self.path)
-        log.info("threshold set to %.6g over MQTT", value)
-        return self.describe("mqtt")
-
-    def describe(self, source: str) -> dict:
-        return {"threshold": self.value, "model_id": self.model_id, "source": source}
+class Unhealthy(CoftError):
+    """A part of the runtime stopped working; the process ends so that systemd restarts it."""
 
 
 class Runtime:
     def __init__(self, config: RuntimeConfig):
+        os.umask(0o077)  # outbox, state and evidence: readable by the service's user only
         self.config = config
-        self.bundle = load_bundle(config.bundle)
+        self.bundle = load_bundle(config.bundle, config.trusted_keys)
         self.engine = open_engine(self.bundle, config.backend, config.threads)
         log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
-        self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id)
+        names = [c.name for c in config.cameras]
+        self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id, names,
+                                        config.control)
+        if not config.control.threshold:
+            log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
         self.metrics = Metrics()
-        self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync)
+        self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
+                             int(config.outbox.max_mb * 2**20))
         self.evidence = Evidence(config.evidence) if config.evidence else None
         self.stop_event = threading.Event()
         self.queue = FrameQueue(config.queue_size, self._dropped)
         self.latest: dict[str, Frame] = {}  # trigger mode: the newest frame of each camera
         self.latest_lock = threading.Lock()
-        self.links = {c.name: CameraLink(config.broker, c.name, self.outbox, self.threshold.set,
-                                         lambda part, cam=c.name: self._trigger(cam, part), self._broker_state)
-                      for c in config.cameras}
+        self.links = {name: CameraLink(config.broker, name, self.outbox,
+                                       (lambda payload, cam=name: self.threshold.set(cam, payload))
+                                       if config.control.threshold else None,
+                                       lambda part, cam=name: self._trigger(cam, part), self._broker_state,
+                                       config.control.trigger_max_bytes)
+                      for name in names}
         self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                         for c in config.cameras]
         self.started = time.time()
         self.watchdog = Watchdog()
         self.rois = {c.name: c.roi for c in config.cameras}
+        self.throttled = Throttled(log)
+        self.refusing = False  # the outbox cannot store verdicts (disk full)
+        self.last_inspection_ok = time.monotonic()
 
     # -- frames in ---------------------------------------------------------------------------
     def _deliver(self, camera: str, triggered: bool):
@@ -140,6 +130,8 @@ class Runtime:
 
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
+        self.metrics.camera_ended.labels(camera).set(int(any(c.ended.is_set() for c in self.cameras
+                                                             if c.camera.name == camera)))
 
     def _broker_state(self, camera: str, up: bool) -> None:
         self.metrics.broker_up.labels(camera).set(int(up))
@@ -150,10 +142,9 @@ class Runtime:
         started = time.perf_counter()
         result = self.engine.infer(batch)
         self.metrics.inference.observe(time.perf_counter() - started)
-        threshold = self.threshold.value
         maps = result.maps if result.maps is not None else [None] * len(frames)
         for frame, score, score_map in zip(frames, result.scores, maps):
-            self._verdict(frame, float(score), threshold, score_map)
+            self._verdict(frame, float(score), self.threshold.value(frame.camera), score_map)
         self.metrics.outbox_depth.set(self.outbox.depth())
 
     def defect(self, frame: Frame, score_map: np.ndarray, threshold: float) -> dict:
@@ -193,7 +184,8 @@ class Runtime:
                 out.append((camera_topic(broker, frame.camera, "reject"), json.dumps(plc).encode()))
             return out
 
-        self.outbox.put_verdict(frame.camera, messages, reject)
+        if not self._store(frame, messages, reject):
+            return
         self.metrics.latency.observe(time.time() - frame.captured_at)
         self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
         self.links[frame.camera].notify()
@@ -203,40 +195,83 @@ class Runtime:
                 image = overlay(image, cv2.resize(score_map, image.shape[1::-1]), threshold)
             self.evidence.save(image, verdict)
 
+    def _store(self, frame: Frame, messages, reject: bool) -> bool:
+        """Put a verdict in the outbox; while the disk refuses, count what is lost and say so loudly."""
+        try:
+            self.outbox.put_verdict(frame.camera, messages, reject)
+        except OutboxRefused as exc:
+            self.metrics.verdicts_refused.labels(frame.camera).inc()
+            self.metrics.outbox_refusing.set(1)
+            self.throttled.log(logging.ERROR, "outbox", "verdicts are NOT being recorded: %s", exc)
+            if not self.refusing:
+                self.refusing = True
+                for link in self.links.values():
+                    link.report("outbox", f"verdicts are not being recorded: {exc}")
+            return False
+        if self.refusing:
+            self.refusing = False
+            self.metrics.outbox_refusing.set(0)
+            self.throttled.clear("outbox")
+            log.warning("outbox accepts verdicts again (%.0f verdicts were refused in all)",
+                        sum(self.metrics.registry.get_sample_value("coft_verdicts_refused_total", {"camera": c}) or 0
+                            for c in self.links))
+        return True
+
     # -- lifecycle ---------------------------------------------------------------------------
     def counters(self, camera: str) -> dict:
         def value(name: str, **labels) -> float:
             return self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0.0
+        state = next(c.state for c in self.cameras if c.camera.name == camera)
         return {"frames": value("coft_frames_total"), "dropped": value("coft_frames_dropped_total"),
                 "rejects": value("coft_verdicts_total", verdict="reject"),
                 "accepts": value("coft_verdicts_total", verdict="accept"),
+                "refused": value("coft_verdicts_refused_total"), "camera": state,
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
+
+    def health(self) -> str | None:
+        """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
+        for camera in self.cameras:
+            if not camera.is_alive() and not camera.ended.is_set():
+                return f"camera {camera.camera.name}: its capture thread died"
+        for link in self.links.values():
+            problem = link.health(self.config.stall_s)
+            if problem:
+                return problem
+        failing = time.monotonic() - self.last_inspection_ok
+        if failing > self.config.stall_s:
+            return f"inspection has failed for {failing:.0f}s"
+        return None
 
     def run(self, until_sources_end: bool = False) -> None:
         """Run until SIGTERM/SIGINT (or, for replay, until every source has ended and all is scored)."""
         if self.config.metrics_port:
-            self.metrics.serve(self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         for link in self.links.values():
             link.start()
-            link.publish_state(self.threshold.describe("start"))
+            link.publish_state(self.threshold.describe(link.camera, "start"))
         for camera in self.cameras:
             camera.start()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
-        next_heartbeat = time.monotonic()
+        next_heartbeat = next_check = time.monotonic()
         self.watchdog.ready(f"inspecting {len(self.cameras)} camera(s) with {self.bundle.model_id}")
+        unhealthy = None
         try:
             while not self.stop_event.is_set():
-                self.watchdog.feed()
+                if time.monotonic() >= next_check:
+                    unhealthy = self.health()
+                    if unhealthy:
+                        break
+                    self.watchdog.feed()
+                    next_check = time.monotonic() + 1.0
                 frames = self.queue.take(self.config.max_batch, timeout=0.2)
                 if frames:
-                    try:
-                        self.inspect(frames)
-                    except CoftError as exc:
-                        log.error("inspection failed for %d frames: %s", len(frames), exc)
-                elif until_sources_end and all(c.ended.is_set() for c in self.cameras):
-                    break
+                    self._inspect_guarded(frames)
+                else:
+                    self.last_inspection_ok = time.monotonic()  # nothing to inspect is not a failure
+                    if until_sources_end and all(c.ended.is_set() for c in self.cameras):
+                        break
                 if time.monotonic() >= next_heartbeat:
                     for name, link in self.links.items():
                         link.heartbeat(self.counters(name))
@@ -244,6 +279,21 @@ class Runtime:
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
         finally:
             self.shutdown(drain_s=30.0 if until_sources_end else 5.0)
+        if unhealthy:
+            raise Unhealthy(f"{unhealthy}; the runtime stopped so that systemd restarts it (verdicts not yet "
+                            "acknowledged stay in the outbox)")
+
+    def _inspect_guarded(self, frames: list[Frame]) -> None:
+        try:
+            self.inspect(frames)
+        except Exception as exc:  # an engine or image fault must not end the loop, nor pass unseen
+            self.throttled.log(logging.ERROR, "inspect", "inspection failed for %d frame(s) of %s: %s: %s",
+                               len(frames), ", ".join(sorted({f.camera for f in frames})), type(exc).__name__, exc,
+                               exc_info=None if isinstance(exc, CoftError) else exc)
+            self.metrics.inspection_failures.inc()
+        else:
+            self.last_inspection_ok = time.monotonic()
+            self.throttled.clear("inspect")
 
     def shutdown(self, drain_s: float) -> None:
         """Stop the cameras, give the outbox `drain_s` to reach the broker, close everything."""
@@ -252,7 +302,10 @@ class Runtime:
         for camera in self.cameras:
             camera.join(timeout=2)
         for link in self.links.values():
-            link.stop(drain_s)
+            try:
+                link.stop(drain_s)
+            except Exception as exc:  # one broken link must not keep the others from closing
+                log.error("mqtt %s: could not stop cleanly: %s", link.camera, exc)
         left = self.outbox.depth()
         if left:
             log.warning("stopping with %d messages not yet acknowledged; they go out at the next start", left)

@@ -2,8 +2,10 @@
 
 Every frame leaves here with its camera, a per-camera frame id and the wall-clock time
 it was captured, so a verdict can always be traced back and its latency measured. A
-source that fails or disconnects is reopened with exponential backoff, and each
-attempt is logged once.
+source that fails, disconnects or raises anything at all is reopened with exponential
+backoff; a looping file or folder is reopened when it ends; a finite one that ends says
+so. Each state change reaches `on_state` (the camera gauge and `coft status`), and
+repeated identical errors are logged once, then counted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from runtime.config import CameraConfig
 from runtime.errors import CoftError
-from runtime.images import list_images, read_image, to_bgr8
+from runtime.images import check_pixels, list_images, read_image, to_bgr8
+from runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +63,27 @@ class FolderReader:
     """Replays an image folder as a camera (sorted order); each file's name is its part id."""
 
     def __init__(self, folder: str, loop: bool):
-        self.paths, self.loop, self.index = list_images(folder), loop, 0
+        if not Path(folder).is_dir():
+            raise OSError(f"folder {folder} does not exist")
+        self.folder, self.paths, self.loop, self.index = folder, list_images(folder), loop, 0
         if not self.paths:
             raise OSError(f"no images in {folder}")
 
     def read(self) -> tuple[np.ndarray | None, str | None]:
-        while True:
-            if self.index == len(self.paths):
+        """The next readable image; an unreadable one is dropped from the replay (read_image said why, once)."""
+        while self.paths:
+            if self.index >= len(self.paths):
                 if not self.loop:
                     raise SourceEnded
                 self.index = 0
             path = self.paths[self.index]
-            self.index += 1
             image = read_image(path)
-            if image is not None:
-                return image, path.stem
+            if image is None:
+                del self.paths[self.index]
+                continue
+            self.index += 1
+            return image, path.stem
+        raise OSError(f"none of the images in {self.folder} can be read (any more)")
 
     def release(self) -> None:
         pass
@@ -107,11 +116,7 @@ class CaptureReader:
         if ok and image is not None:
             return to_bgr8(image), None
         if self.kind == "file":
-            if self.loop and self.capture.set(cv2.CAP_PROP_POS_FRAMES, 0):
-                ok, image = self.capture.read()
-                if ok:
-                    return to_bgr8(image), None
-            raise SourceEnded
+            raise SourceEnded  # the camera thread reopens it when it loops
         return None, None  # a live source hiccuped: the caller reconnects
 
     def release(self) -> None:
@@ -134,7 +139,10 @@ def crop(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray
 
 
 class CameraThread(threading.Thread):
-    """Reads one camera forever, reconnecting with backoff, and hands each frame to `deliver`."""
+    """Reads one camera forever, reconnecting with backoff, and hands each frame to `deliver`.
+
+    `state` says what the camera is doing, in words, for `coft status` and the heartbeat.
+    """
 
     def __init__(self, camera: CameraConfig, deliver: Callable[[Frame], None], stop: threading.Event,
                  on_state: Callable[[str, bool], None] | None = None):
@@ -143,51 +151,84 @@ class CameraThread(threading.Thread):
         self.on_state = on_state or (lambda name, up: None)
         self.frame_id = 0
         self.ended = threading.Event()
+        self.state = "starting"
+        self.throttled = Throttled(log)
+        self.replay = source_kind(camera) in ("file", "folder")  # replays are paced; live cameras skip frames
+
+    def _down(self, why: str, backoff: float) -> None:
+        self.state = f"reconnecting: {why}"
+        self.on_state(self.camera.name, False)
+        self.throttled.log(logging.WARNING, "down", "camera %s: %s; retrying in %.1fs", self.camera.name, why, backoff)
+        self.stop_event.wait(backoff)
 
     def run(self) -> None:
         backoff = 0.5
-        min_interval = 1.0 / self.camera.fps if self.camera.fps else 0.0
-        replay = source_kind(self.camera) in ("file", "folder")  # replays are paced; live cameras skip frames
         while not self.stop_event.is_set():
             try:
                 reader = open_reader(self.camera)
-            except OSError as exc:
-                log.warning("camera %s: cannot open (%s); retrying in %.1fs", self.camera.name, exc, backoff)
-                self.on_state(self.camera.name, False)
-                self.stop_event.wait(backoff)
+            except Exception as exc:  # OSError, CoftError, cv2.error: any of them means not now
+                self._down(f"cannot open ({exc})", backoff)
                 backoff = min(backoff * 2, self.camera.reconnect_max_s)
                 continue
             log.info("camera %s: opened %s source", self.camera.name, source_kind(self.camera))
+            self.state = "delivering"
             self.on_state(self.camera.name, True)
-            backoff, last = 0.5, 0.0
+            first_frame = self.frame_id + 1
             try:
-                while not self.stop_event.is_set():
-                    try:
-                        image, part_id = reader.read()
-                    except CoftError as exc:  # a frame OpenCV decoded into something we cannot use
-                        log.error("camera %s: %s; skipping the frame", self.camera.name, exc)
-                        continue
-                    if image is None:
-                        log.warning("camera %s: lost the stream; reconnecting", self.camera.name)
-                        self.on_state(self.camera.name, False)
-                        break
-                    now = time.time()
-                    if min_interval and now - last < min_interval:
-                        if not replay:
-                            continue
-                        self.stop_event.wait(min_interval - (now - last))
-                        now = time.time()
-                    last = now
-                    try:
-                        image = crop(image, self.camera.roi)
-                    except ValueError as exc:
-                        log.error("camera %s: %s; fix cameras.roi in the config", self.camera.name, exc)
-                        continue
-                    self.frame_id += 1
-                    self.deliver(Frame(self.camera.name, self.frame_id, now, image, part_id))
+                delivered = self._read_frames(reader)
             except SourceEnded:
+                delivered = self.frame_id >= first_frame
+                if self.camera.loop and delivered:
+                    log.info("camera %s: reached the end; starting again (loop: true)", self.camera.name)
+                    backoff = 0.5
+                    continue
+                if self.camera.loop:
+                    self._down("the source ended without a single frame", backoff)
+                    backoff = min(backoff * 2, self.camera.reconnect_max_s)
+                    continue
                 log.info("camera %s: source ended after %d frames", self.camera.name, self.frame_id)
+                self.state = f"ended after {self.frame_id} frames (the file or folder has no more)"
+                self.on_state(self.camera.name, False)
                 self.ended.set()
                 return
+            except Exception as exc:  # whatever OpenCV or a reader raises: log it, reopen the source
+                delivered = False
+                self._down(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
+                           backoff)
             finally:
                 reader.release()
+            backoff = 0.5 if delivered else min(backoff * 2, self.camera.reconnect_max_s)
+
+    def _read_frames(self, reader) -> bool:
+        """Deliver frames until the stream is lost (returns whether any was delivered) or the source ends."""
+        min_interval = 1.0 / self.camera.fps if self.camera.fps else 0.0
+        last, delivered = 0.0, False
+        while not self.stop_event.is_set():
+            try:
+                image, part_id = reader.read()
+                if image is not None:
+                    check_pixels(*image.shape[:2], f"camera {self.camera.name}")
+                    image = crop(image, self.camera.roi)
+            except (CoftError, ValueError) as exc:  # a frame we cannot use: skip it, say so once
+                self.throttled.log(logging.ERROR, "frame", "camera %s: %s; skipping such frames (fix the camera or "
+                                   "cameras.roi)", self.camera.name, exc)
+                self.stop_event.wait(0.01 if self.replay else 0)
+                continue
+            if image is None:
+                self.throttled.log(logging.WARNING, "lost", "camera %s: lost the stream; reconnecting", self.camera.name)
+                self.on_state(self.camera.name, False)
+                return delivered
+            self.throttled.clear("frame")
+            now = time.time()
+            if min_interval and now - last < min_interval:
+                if not self.replay:
+                    continue
+                self.stop_event.wait(min_interval - (now - last))
+                now = time.time()
+            last = now
+            self.frame_id += 1
+            self.deliver(Frame(self.camera.name, self.frame_id, now, image, part_id))
+            if not delivered:
+                self.throttled.clear("down")
+                delivered = True
+        return delivered

@@ -92,7 +92,7 @@ def free_port() -> int:
 class Mosquitto:
     """A real Mosquitto broker on loopback, with persistence so queued QoS 1 messages survive a restart."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, settings: str = "allow_anonymous true\n"):
         import shutil
 
         if shutil.which("mosquitto") is None:
@@ -101,7 +101,7 @@ class Mosquitto:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{settings}persistence true\n"
                              f"persistence_location {workdir}/\nmax_queued_messages 100000\n")
         self.process = None
 
@@ -132,3 +132,40 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path / "broker").start()
     yield broker
     broker.stop()
+
+
+class Tmpfs:
+    """Small real filesystems for disk faults: one that fills up, one that turns read-only (needs root)."""
+
+    def __init__(self, root: Path):
+        self.root, self.mounts = root, []
+
+    def __call__(self, size_mb: float) -> Path:
+        import subprocess
+
+        path = self.root / f"fs{len(self.mounts)}"
+        path.mkdir(parents=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs to inject disk faults ({result.stderr.strip()}); run the tests as root")
+        self.mounts.append(path)
+        return path
+
+    def read_only(self, path: Path) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    def unmount_all(self) -> None:
+        import subprocess
+
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounts = Tmpfs(tmp_path / "mounts")
+    yield mounts
+    mounts.unmount_all()

@@ -182,13 +182,16 @@ def test_threshold_commands_and_trigger_mode(tmp_path, exported_bundle, mosquitt
         errors = plc.wait_for("error", 1)
         assert "is not a number" in errors[0]["error"]
         plc.client.publish("coft/l1/cam1/set/threshold", "1e6", qos=1)
+        assert "outside the allowed" in plc.wait_for("error", 2)[1]["error"]  # bounded around the bundle's
+        raised = 3 * json.loads((exported_bundle / "manifest.json").read_text())["threshold"]["value"]
+        plc.client.publish("coft/l1/cam1/set/threshold", str(raised), qos=1)
         states = plc.wait_for("state", 2)
-        assert states[-1]["threshold"] == 1e6 and states[-1]["source"] == "mqtt"
-        assert json.loads((tmp_path / "state.json").read_text())["threshold"] == 1e6
+        assert states[-1]["threshold"] == raised and states[-1]["source"] == "mqtt"
+        assert json.loads((tmp_path / "state.json").read_text())["cameras"]["cam1"] == raised
         assert plc.payloads("verdict") == []  # trigger mode: nothing inspected without a trigger
         plc.client.publish("coft/l1/cam1/trigger", "part-42", qos=1)
         verdict = plc.wait_for("verdict", 1)[0]
-        assert verdict["part_id"] == "part-42" and verdict["threshold"] == 1e6 and verdict["verdict"] == "accept"
+        assert verdict["part_id"] == "part-42" and verdict["threshold"] == raised and verdict["verdict"] == "accept"
     finally:
         runtime.send_signal(signal.SIGTERM)
         assert runtime.wait(timeout=20) == 0

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from runtime.config import EvidenceConfig, load_config, valid_threshold
+from runtime.config import ControlConfig, EvidenceConfig, load_config, valid_threshold
+from runtime.control import ThresholdState
 from runtime.errors import CoftError
 from runtime.evidence import Evidence
-from runtime.outbox import Outbox
-from runtime.pipeline import FrameQueue, ThresholdState
+from runtime.outbox import Outbox, OutboxRefused
+from runtime.pipeline import FrameQueue
 from runtime.sources import Frame, crop, source_kind
 from runtime.config import CameraConfig
 
@@ -93,16 +94,51 @@ def test_source_kinds_and_roi(tmp_path):
         crop(image, (15, 0, 10, 4))
 
 
-def test_threshold_commands_are_validated_and_persisted(tmp_path):
-    state = ThresholdState(tmp_path / "state.json", 5.0, "m1")
-    assert "not a number" in state.set(b"abc")["error"]
-    assert "positive" in state.set(b"-1")["error"]
-    assert "positive" in state.set(b"nan")["error"]
-    assert state.set(b"7.5")["threshold"] == 7.5
-    assert ThresholdState(tmp_path / "state.json", 5.0, "m1").value == 7.5
-    assert ThresholdState(tmp_path / "state.json", 5.0, "another-model").value == 5.0  # new model, new threshold
+def test_threshold_commands_are_validated_bounded_per_camera_persisted_and_audited(tmp_path, caplog):
+    caplog.set_level("INFO")
+    path = tmp_path / "state.json"
+    state = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"], ControlConfig(threshold_factor=2))
+    for payload, message in [(b"abc", "not a number"), (b"-1", "positive"), (b"nan", "positive"),
+                             (b"1e-300", "outside the allowed 2.5 .. 10"), (b"11", "outside the allowed")]:
+        with pytest.raises(CoftError, match=message):
+            state.set("cam1", payload)
+    assert state.set("cam1", b"7.5")["threshold"] == 7.5
+    assert state.value("cam2") == 5.0  # one camera's command leaves the others alone
+    assert "AUDIT threshold camera=cam1 previous=5 new=7.5 model=m1" in caplog.text
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"])
+    assert (again.value("cam1"), again.value("cam2")) == (7.5, 5.0)
+    assert ThresholdState(path, 5.0, "another-model", ["cam1"]).value("cam1") == 5.0  # new model, new threshold
+    path.write_text("{not json")
+    assert ThresholdState(path, 5.0, "m1", ["cam1"]).value("cam1") == 5.0 and "ignoring" in caplog.text
     with pytest.raises(CoftError):
         valid_threshold("inf")
+
+
+def test_unwritable_state_file_refuses_the_change_and_keeps_the_old_value(tmpfs):
+    folder = tmpfs(1)
+    state = ThresholdState(folder / "state.json", 5.0, "m1", ["cam1"])
+    state.set("cam1", b"6")
+    tmpfs.read_only(folder)
+    with pytest.raises(CoftError, match="cannot save the threshold .*Read-only file system.* the threshold is unchanged"):
+        state.set("cam1", b"7")
+    assert state.value("cam1") == 6.0
+
+
+def test_outbox_bounded_in_bytes_and_disk_full_loses_nothing_stored(tmp_path):
+    outbox = Outbox(tmp_path / "o.db", max_bytes=2000)
+    for i in range(50):
+        outbox.put_verdict("cam1", lambda seq: [("t", b"x" * 100)], reject=i < 5)
+    assert outbox.bytes <= 2000 and outbox.depth() == 20 and outbox.dropped == 30
+    assert (tmp_path / "o.db").stat().st_mode & 0o777 == 0o600
+    pages = outbox.db.execute("PRAGMA page_count").fetchone()[0]
+    outbox.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page can be added
+    with pytest.raises(OutboxRefused, match="database or disk is full.*verdicts stored before are kept"):
+        for _ in range(200):
+            outbox.put_verdict("cam1", lambda seq: [("t", b"y" * 4000)], reject=True)
+    assert outbox.depth() >= 20  # what was accepted before is still there
+    outbox.db.execute("PRAGMA max_page_count = 1073741823")  # space returns
+    outbox.put_verdict("cam1", lambda seq: [("t", b"z")], reject=True)
 
 
 def test_evidence_keeps_rejects_every_nth_pass_within_budget(tmp_path):

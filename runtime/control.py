@@ -1,0 +1,88 @@
+"""What the broker may change at the line: each camera's live threshold, within bounds, audited.
+
+A threshold arrives on `<prefix>/<line>/<camera>/set/threshold`, is checked (a finite
+number within `control.threshold_factor` of the bundle's threshold), saved to the state
+file before it takes effect (a change that cannot survive a restart is refused, not
+half-applied), and logged as an AUDIT line with the previous value. The saved values
+belong to one model id: a new bundle (or revision) starts from its own threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from runtime.config import ControlConfig, valid_threshold
+from runtime.errors import CoftError
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("coft.audit")
+
+
+class ThresholdState:
+    def __init__(self, path: Path, bundle_threshold: float, model_id: str, cameras: list[str],
+                 control: ControlConfig = ControlConfig()):
+        self.path, self.model_id, self.bundle_threshold = path, model_id, bundle_threshold
+        factor = control.threshold_factor
+        self.low, self.high = bundle_threshold / factor, bundle_threshold * factor
+        self.values = {camera: bundle_threshold for camera in cameras}
+        self.lock = threading.Lock()
+        for camera, value in self._saved().items():
+            if camera in self.values:
+                try:
+                    self.values[camera] = self._in_bounds(valid_threshold(str(value)))
+                    log.info("camera %s: threshold %.6g restored from %s", camera, value, path)
+                except CoftError as exc:
+                    log.warning("camera %s: ignoring the saved threshold (%s); using the bundle's", camera, exc)
+
+    def _saved(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text())
+            cameras = saved["cameras"] if saved.get("model_id") == self.model_id else {}
+            if not isinstance(cameras, dict):
+                raise ValueError("'cameras' is not a mapping")
+            return cameras
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring %s (%s); every camera uses the bundle's threshold", self.path, exc)
+            return {}
+
+    def _in_bounds(self, value: float) -> float:
+        if not self.low <= value <= self.high:
+            raise CoftError(f"threshold {value:.6g} is outside the allowed {self.low:.6g} .. {self.high:.6g} "
+                            f"(control.threshold_factor around the bundle's {self.bundle_threshold:.6g})")
+        return value
+
+    def value(self, camera: str) -> float:
+        return self.values[camera]
+
+    def set(self, camera: str, payload: bytes) -> dict:
+        """Apply a threshold command for one camera, or raise a one-line CoftError and change nothing."""
+        value = self._in_bounds(valid_threshold(payload[:64].decode(errors="replace").strip()))
+        with self.lock:
+            previous = self.values[camera]
+            values = {**self.values, camera: value}
+            self._save(values)
+            self.values = values
+        audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=mqtt", camera, previous, value,
+                   self.model_id)
+        return self.describe(camera, "mqtt")
+
+    def _save(self, values: dict[str, float]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                json.dump({"model_id": self.model_id, "cameras": values}, f)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise CoftError(f"cannot save the threshold to {self.path} ({exc.strerror}); the threshold is unchanged; "
+                            "make state_file's folder writable") from None
+
+    def describe(self, camera: str, source: str) -> dict:
+        return {"threshold": self.values[camera], "model_id": self.model_id, "source": source,
+                "bounds": [self.low, self.high]}
