@@ -48,8 +48,12 @@ def camera_topic(broker: BrokerConfig, camera: str, leaf: str) -> str:
 
 def connect_failure(exc: OSError, broker: BrokerConfig) -> str:
     """Why a connection attempt failed, and what to check."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed (certificate verify failed: {exc.verify_message}); check broker.tls.ca and broker.host"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed ({getattr(exc, 'verify_message', None) or exc.reason or exc}); check broker.tls"
+        return f"TLS handshake failed ({exc.reason or exc}); check broker.tls"
+    if isinstance(exc, ConnectionResetError) and broker.tls:
+        return f"connection reset during the TLS handshake; is port {broker.port} the broker's TLS listener?"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused; is the broker running and listening on that port?"
     return f"{exc.strerror or exc}; check broker.host and the network"

@@ -273,15 +273,21 @@ class Runtime:
                     if until_sources_end and all(c.ended.is_set() for c in self.cameras):
                         break
                 if time.monotonic() >= next_heartbeat:
-                    for name, link in self.links.items():
-                        link.heartbeat(self.counters(name))
-                    self.metrics.outbox_depth.set(self.outbox.depth())
+                    self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
         finally:
             self.shutdown(drain_s=30.0 if until_sources_end else 5.0)
         if unhealthy:
             raise Unhealthy(f"{unhealthy}; the runtime stopped so that systemd restarts it (verdicts not yet "
                             "acknowledged stay in the outbox)")
+
+    def _heartbeat(self) -> None:
+        try:
+            for name, link in self.links.items():
+                link.heartbeat(self.counters(name))
+            self.metrics.outbox_depth.set(self.outbox.depth())
+        except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
+            self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
 
     def _inspect_guarded(self, frames: list[Frame]) -> None:
         try:

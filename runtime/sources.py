@@ -77,6 +77,8 @@ class FolderReader:
                     raise SourceEnded
                 self.index = 0
             path = self.paths[self.index]
+            if not Path(self.folder).is_dir():
+                raise OSError(f"folder {self.folder} has gone")
             image = read_image(path)
             if image is None:
                 del self.paths[self.index]
@@ -123,8 +125,7 @@ class CaptureReader:
         self.capture.release()
 
 
-def open_reader(camera: CameraConfig):
-    kind = source_kind(camera)
+def open_reader(camera: CameraConfig, kind: str):
     return FolderReader(str(camera.source), camera.loop) if kind == "folder" else CaptureReader(camera, kind)
 
 
@@ -153,7 +154,8 @@ class CameraThread(threading.Thread):
         self.ended = threading.Event()
         self.state = "starting"
         self.throttled = Throttled(log)
-        self.replay = source_kind(camera) in ("file", "folder")  # replays are paced; live cameras skip frames
+        self.kind = source_kind(camera)  # once: a folder that vanishes is still a folder
+        self.replay = self.kind in ("file", "folder")  # replays are paced; live cameras skip frames
 
     def _down(self, why: str, backoff: float) -> None:
         self.state = f"reconnecting: {why}"
@@ -165,12 +167,12 @@ class CameraThread(threading.Thread):
         backoff = 0.5
         while not self.stop_event.is_set():
             try:
-                reader = open_reader(self.camera)
+                reader = open_reader(self.camera, self.kind)
             except Exception as exc:  # OSError, CoftError, cv2.error: any of them means not now
                 self._down(f"cannot open ({exc})", backoff)
                 backoff = min(backoff * 2, self.camera.reconnect_max_s)
                 continue
-            log.info("camera %s: opened %s source", self.camera.name, source_kind(self.camera))
+            self.throttled.log(logging.INFO, "open", "camera %s: opened %s source", self.camera.name, self.kind)
             self.state = "delivering"
             self.on_state(self.camera.name, True)
             first_frame = self.frame_id + 1
@@ -179,7 +181,8 @@ class CameraThread(threading.Thread):
             except SourceEnded:
                 delivered = self.frame_id >= first_frame
                 if self.camera.loop and delivered:
-                    log.info("camera %s: reached the end; starting again (loop: true)", self.camera.name)
+                    self.throttled.log(logging.INFO, "loop", "camera %s: reached the end; starting again (loop: true)",
+                                       self.camera.name)
                     backoff = 0.5
                     continue
                 if self.camera.loop:
@@ -188,8 +191,8 @@ class CameraThread(threading.Thread):
                     continue
                 log.info("camera %s: source ended after %d frames", self.camera.name, self.frame_id)
                 self.state = f"ended after {self.frame_id} frames (the file or folder has no more)"
-                self.on_state(self.camera.name, False)
                 self.ended.set()
+                self.on_state(self.camera.name, False)
                 return
             except Exception as exc:  # whatever OpenCV or a reader raises: log it, reopen the source
                 delivered = False

@@ -101,7 +101,10 @@ class Mosquitto:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\n{settings}persistence true\n"
+        import os
+
+        stay = "user root\n" if os.geteuid() == 0 else ""  # as root it would drop to 'mosquitto', locked out of tmp
+        self.conf.write_text(f"{stay}listener {self.port} 127.0.0.1\n{settings}persistence true\n"
                              f"persistence_location {workdir}/\nmax_queued_messages 100000\n")
         self.process = None
 

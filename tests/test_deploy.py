@@ -64,7 +64,7 @@ def _copy_bundle(source: Path, name: str, tmp_path: Path) -> Path:
 
 
 def test_flash_switches_atomically_and_rolls_back(exported_bundle, sshd, tmp_path):
-    box = tmp_path / "box"
+    box = Path(f"{tmp_path}/box; touch {tmp_path}/pwned; x")  # a root the remote shell must not parse
     first = json.loads(_flash(_copy_bundle(exported_bundle, "line3-v1", tmp_path), sshd, box))
     assert first["active"] == "line3-v1" and first["previous"] is None
     assert first["engine"].startswith("skipped (TensorRT backend not available")
@@ -75,6 +75,7 @@ def test_flash_switches_atomically_and_rolls_back(exported_bundle, sshd, tmp_pat
     assert result.returncode == 0 and json.loads(result.stdout)["active"] == "line3-v1"
     assert (box / "current").resolve() == box / "models" / "line3-v1"
     assert not list((box / "incoming").iterdir())  # the archive is cleaned up on the box
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_a_corrupt_bundle_leaves_the_box_on_its_previous_model(exported_bundle, sshd, tmp_path):

@@ -26,10 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 class Subscriber:
     """A PLC-like subscriber with a persistent session, so QoS 1 messages wait for it across broker restarts."""
 
-    def __init__(self, port: int, topic: str = "coft/#"):
+    def __init__(self, port: int, topic: str = "coft/#", username: str | None = None, password: str | None = None):
         self.messages: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"plc-{port}", clean_session=False)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{username or 'plc'}-{port}",
+                                  clean_session=False)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.2, 1)
