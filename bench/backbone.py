@@ -40,9 +40,18 @@ def demo_bundle(work: Path, scorer: str = "global") -> Path:
 
     train_dir, _ = prepare_folders(work, shots=10, seed=0, test_limit=1)
     bundle = train_bundle(train_dir, work / f"bundle-{scorer}",
-                          TrainOptions(method="frozen", scorer=scorer, progress=False))
+                          TrainOptions(backbone="efficientnet_lite0", method="frozen", scorer=scorer, progress=False))
     export_onnx(bundle)
     return bundle
+
+
+def runtime_bundle(given: Path | None, work: Path) -> Path:
+    """What a runtime benchmark runs: the bundle given (exported first if it has no graph), or the demo one."""
+    if given is None:
+        return demo_bundle(work / "demo", "global")
+    if "onnx" not in load_bundle(given).manifest:
+        export_onnx(given)
+    return given
 
 
 def measure(run, frames: np.ndarray, seconds: float) -> dict:

@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backbone import demo_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from backbone import runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.engines import open_engine  # noqa: E402
@@ -158,10 +158,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
-    bundle = args.bundle or demo_bundle(work / "demo", "global")
-    if "onnx" not in load_bundle(bundle).manifest:
-        from export.onnx import export_onnx
-        export_onnx(bundle)
+    bundle = runtime_bundle(args.bundle, work)
     video = write_video(work / "line.avi")
     inference_ms = bare_inference_ms(bundle, video, args.threads)
     broker = Mosquitto(work / "broker").start()
