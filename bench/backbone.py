@@ -45,6 +45,19 @@ def demo_bundle(work: Path, scorer: str = "global") -> Path:
     return bundle
 
 
+def elpv_video(path: Path, frames: int = 200) -> Path:
+    """The package's first ELPV cells (good and defective, as they come) as a 640x480 MJPG video at 30 fps."""
+    import cv2
+
+    from train.demo import elpv_cells
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
+    for cell in elpv_cells()[0][:frames]:
+        writer.write(cv2.resize(cv2.imread(str(cell)), (640, 480)))
+    writer.release()
+    return path
+
+
 def runtime_bundle(given: Path | None, work: Path) -> Path:
     """What a runtime benchmark runs: the bundle given (exported first if it has no graph), or the demo one."""
     if given is None:

@@ -9,7 +9,8 @@ broker back, then --kills SIGKILLs of the runtime, each restarted a second later
 systemd unit's Restart=), then SIGTERM. Measured per camera: verdicts numbered (the
 outbox's seq), received, missing, duplicated (allowed: QoS 1, recognisable by seq), out
 of order; the backlog's drain time after the outage; the largest outbox depth; and any
-traceback in the runtime's log. Without BUNDLE, a Lite0 bundle is trained on 10 ELPV cells.
+traceback in the runtime's log. Without BUNDLE, a Lite0 bundle is trained on 10 ELPV cells,
+and the cameras replay 200 cells of the package.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backbone import runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from tests.conftest import Mosquitto  # noqa: E402
-from tests.test_runtime import Subscriber, write_video  # noqa: E402
+from tests.test_runtime import Subscriber  # noqa: E402
 
 
 def outbox_depth(path: Path) -> int:
@@ -82,7 +83,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="coft-chaos-"))
     bundle = runtime_bundle(args.bundle, work)
-    video = write_video(work / "line.avi", 200)
+    video = elpv_video(work / "line.avi")
     broker = Mosquitto(work / "broker").start()
     outbox = work / "outbox.db"
     config = work / "line.yaml"

@@ -70,7 +70,6 @@ from train.patch_scorer import (  # noqa: E402
     patch_fit,
     patch_views,
 )
-from train.patches import patch_features_from_maps  # noqa: E402
 from train.pipeline import resolve_device  # noqa: E402
 from train.threshold import calibration_scores, global_fit, good_only_threshold, threshold_from_scores  # noqa: E402
 

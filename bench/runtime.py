@@ -37,23 +37,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backbone import runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.engines import open_engine  # noqa: E402
 from runtime.images import resize_to_input  # noqa: E402
 from tests.conftest import Mosquitto  # noqa: E402
-
-
-def write_video(path: Path, frames: int = 200) -> Path:
-    from train.demo import elpv_cells
-
-    paths = elpv_cells()[0][:frames]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
-    for p in paths:
-        writer.write(cv2.resize(cv2.imread(str(p)), (640, 480)))
-    writer.release()
-    return path
 
 
 def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int = 200) -> float:
@@ -159,7 +148,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
     bundle = runtime_bundle(args.bundle, work)
-    video = write_video(work / "line.avi")
+    video = elpv_video(work / "line.avi")
     inference_ms = bare_inference_ms(bundle, video, args.threads)
     broker = Mosquitto(work / "broker").start()
     rows = []

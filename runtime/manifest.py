@@ -96,7 +96,7 @@ class ManifestSchema(Loose):
     input: InputSpec
     normalisation: Normalisation
     embedding_dim: int = Field(ge=1, le=65536)
-    scorer: Literal["global", "patch", "knn"] = "global"
+    scorer: str = "global"  # which ones this runtime knows is checked by runtime.bundle, with an upgrade hint
     patch: PatchSpec | None = None
     knn: KnnSpec | None = None
     threshold: ThresholdSpec

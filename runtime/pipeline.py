@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -162,15 +162,19 @@ class Runtime:
         return {"box": box, "peak": round(float(score_map.max()), 4)}
 
     def _verdict(self, frame: Frame, score: float, threshold: float, score_map: np.ndarray | None = None) -> None:
-        reject = score > threshold
+        judged = math.isfinite(score)
+        if not judged:  # a part the model could not judge is not a good part
+            self.throttled.log(logging.ERROR, "score", "camera %s: the model returned a score of %s; rejecting such "
+                               "parts (check the bundle and the engine)", frame.camera, score)
+        reject = not judged or score > threshold
         broker = self.config.broker
         verdict = {
             "camera": frame.camera, "line": broker.line, "frame_id": frame.frame_id, "part_id": frame.part_id,
             "captured_at": datetime.fromtimestamp(frame.captured_at, timezone.utc).isoformat(timespec="milliseconds"),
-            "capture_ts": frame.captured_at, "score": round(score, 6), "threshold": threshold,
+            "capture_ts": frame.captured_at, "score": round(score, 6) if judged else None, "threshold": threshold,
             "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
         }
-        if score_map is not None:
+        if score_map is not None and judged:
             verdict["defect"] = self.defect(frame, score_map, threshold)
 
         def messages(seq: int) -> list[tuple[str, bytes]]:

@@ -22,7 +22,7 @@ def test_help_lists_the_stages():
 @pytest.mark.parametrize("args,message", [
     (["train", "/no/such/folder"], "not a folder of images"),
     (["eval", "/no/such/bundle", "/tmp"], "not a model bundle directory"),
-    (["verify", "/no/such/bundle"], "not a model bundle directory"),
+    (["verify", "/no/such/bundle"], "no such file or directory"),
 ])
 def test_errors_are_one_line(args, message):
     result = _coft("-q", *args)

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import urllib.request
 import zlib
@@ -111,7 +110,6 @@ def test_an_exception_in_any_callback_is_reported_and_the_link_lives_on(tmp_path
 
 INJECT = """
 import sys
-import threading
 import runtime.mqtt
 from runtime.cli import main
 

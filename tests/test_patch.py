@@ -15,6 +15,7 @@ from runtime.config import load_config
 from runtime.engines import open_engine, patch_inference, tensorrt_unavailable
 from runtime.engines.trt_engine import io_shapes
 from runtime.errors import CoftError
+from runtime.manifest import digest
 from runtime.heatmap import defect_box
 from runtime.pipeline import Runtime
 from tests.conftest import CUDA_MISSING, SIZE, good_part
@@ -157,6 +158,7 @@ def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, m
     shutil.copytree(patch_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["scorer"] = "hologram"
+    manifest["digest"] = digest(manifest)  # a newer coft's bundle, sealed properly
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CoftError, match="scorer 'hologram' is unknown to this runtime"):
         load_bundle(copy)

@@ -211,6 +211,7 @@ def test_runtime_never_imports_torch_after_a_full_run(tmp_path, exported_bundle,
     assert result.returncode == 0, result.stderr[-2000:]
     saved = sorted((tmp_path / "evidence" / "cam1").glob("*.jpg"))
     assert len(saved) == 6 and all(p.with_suffix(".json").is_file() for p in saved)  # every 2nd of 12 good parts
+    assert {p.stat().st_mode & 0o777 for p in saved} == {0o600}  # evidence is the line's business only
 
 
 def test_unreachable_camera_keeps_the_runtime_alive(tmp_path, exported_bundle, mosquitto):
