@@ -130,7 +130,11 @@ def digest(manifest: dict[str, Any]) -> str:
 
 def validate(manifest: dict[str, Any], where: Path) -> None:
     """Refuse a manifest that was edited, or names files outside the bundle, or holds impossible values."""
-    if manifest.get(DIGEST_KEY) != digest(manifest):
+    try:
+        expected = digest(manifest)
+    except CoftError as exc:
+        raise CoftError(f"{where}: {exc}") from None
+    if manifest.get(DIGEST_KEY) != expected:
         raise CoftError(f"{where}: manifest digest does not match its content (edited by hand or corrupt); "
                         "change thresholds with 'coft eval --recalibrate', or copy the bundle again")
     try:

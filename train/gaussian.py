@@ -24,7 +24,11 @@ def fit_gaussian(embeddings: np.ndarray, shrinkage: str = "ledoit-wolf", normali
     x = embeddings.astype(np.float64)
     x = l2_normalise(x) if normalise else x
     estimator = SHRINKAGE[shrinkage](assume_centered=False).fit(x)
-    precision = np.linalg.inv(estimator.covariance_)
+    try:
+        precision = np.linalg.inv(estimator.covariance_)
+    except np.linalg.LinAlgError:
+        raise CoftError(f"the {len(x)} embeddings do not vary enough to fit a Gaussian (singular covariance); "
+                        "train on more good images or with more --views") from None
     precision = (precision + precision.T) / 2
     cholesky = np.linalg.cholesky(precision)
     return Gaussian(estimator.location_.astype(np.float32), precision.astype(np.float32), cholesky.astype(np.float32),
