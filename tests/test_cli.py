@@ -21,7 +21,7 @@ def test_help_lists_the_stages():
 
 @pytest.mark.parametrize("args,message", [
     (["train", "/no/such/folder"], "not a folder of images"),
-    (["eval", "/no/such/bundle", "/tmp"], "not a model bundle directory"),
+    (["eval", "/no/such/bundle", "/tmp"], "no such file or directory"),
     (["verify", "/no/such/bundle"], "no such file or directory"),
 ])
 def test_errors_are_one_line(args, message):
