@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -71,7 +70,6 @@ class Unhealthy(CoftError):
 
 class Runtime:
     def __init__(self, config: RuntimeConfig):
-        os.umask(0o077)  # outbox, state and evidence: readable by the service's user only
         self.config = config
         self.bundle = load_bundle(config.bundle, config.trusted_keys)
         self.engine = open_engine(self.bundle, config.backend, config.threads)
