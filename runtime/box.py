@@ -41,6 +41,15 @@ def _resolved(link: Path) -> Path | None:
     return link.resolve() if link.is_symlink() else None
 
 
+def switch(current: Path, target: Path) -> Path | None:
+    """Point `current` at `target` and its sibling `previous` at what `current` pointed to; returns that."""
+    old = _resolved(current)
+    if old is not None:
+        _point(current.with_name("previous"), old)
+    _point(current, target)
+    return old
+
+
 def restart_service(service: str | None) -> str:
     if not service:
         return "not restarted (no service given)"
@@ -85,11 +94,7 @@ def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = 
         bundle.path.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    current, previous = root / "current", root / "previous"
-    old = _resolved(current)
-    if old is not None:
-        _point(previous, old)
-    _point(current, target)
+    old = switch(root / "current", target)
     log.info("active model is now %s (previous: %s)", target.name, old.name if old else "none")
     return {"active": target.name, "previous": old.name if old else None, "engine": engine_note,
             "service": restart_service(service)}

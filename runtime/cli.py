@@ -190,6 +190,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     Runtime(config).run(until_sources_end=args.until_end)
 
 
+def cmd_commission(args: argparse.Namespace) -> None:
+    from runtime.config import CommissioningConfig, load_config
+    from runtime.pipeline import Runtime
+    config = load_config(args.config)
+    try:
+        config.commissioning = CommissioningConfig(frames=args.frames, target_false_reject_rate=args.target_frr,
+                                                   keep_frames=not args.no_frames)
+    except ValueError as exc:
+        raise CoftError(f"commission: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    Runtime(config).run(until_sources_end=args.until_end)
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from runtime.status import print_status
     print_status(args.config)
@@ -302,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config and the bundle, then exit")
     p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("commission", help="at the line: fit the threshold on the first N live frames (no rejects "
+                                          "fired meanwhile), write it as a new bundle revision, then run on")
+    p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
+    p.add_argument("--frames", type=_at_least(1), default=300, help="frames to fit on (at least 100; default 300)")
+    p.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate to aim at (default 0.01)")
+    p.add_argument("--no-frames", action="store_true", help="do not keep the commissioning frames on disk")
+    p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
+    p.set_defaults(func=cmd_commission)
 
     p = sub.add_parser("status", help="one-screen summary of a running line: outbox, threshold, metrics")
     p.add_argument("--config", required=True, type=Path)

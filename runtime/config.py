@@ -103,6 +103,13 @@ class ControlConfig(Strict):
     trigger_max_bytes: int = Field(256, ge=8, le=4096, description="longest part id a trigger may carry")
 
 
+class CommissioningConfig(Strict):
+    """Fit the threshold on the line's own first frames (mostly good, unlabelled) and write a new bundle revision."""
+    frames: int = Field(300, ge=100, description="frames the threshold is fitted on (at least 100)")
+    target_false_reject_rate: float = Field(0.01, gt=0, lt=0.5)
+    keep_frames: bool = Field(True, description="save the frames (JPEG) and their scores beside the outbox")
+
+
 class RuntimeConfig(Strict):
     bundle: Path
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -121,6 +128,8 @@ class RuntimeConfig(Strict):
                                                    "so systemd restarts it")
     state_file: Path | None = Field(None, description="live threshold changes persist here (default: beside the outbox)")
     control: ControlConfig = ControlConfig()
+    commissioning: CommissioningConfig | None = Field(None, description="present: commission at start (no rejects "
+                                                                          "fired until the new threshold is set)")
     trusted_keys: list[Path] = Field([], description="public keys (.pub) of which one must have signed the bundle")
 
     @model_validator(mode="after")

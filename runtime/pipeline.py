@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 import cv2
 import numpy as np
 
-from runtime.bundle import load_bundle
+from runtime.box import switch
+from runtime.bundle import load_bundle, revise
+from runtime.commissioning import Commissioning
 from runtime.config import RuntimeConfig
 from runtime.control import ThresholdState
 from runtime.engines import open_engine
@@ -101,6 +103,13 @@ class Runtime:
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
+        plan = config.commissioning
+        self.commissioning = plan and Commissioning(
+            plan.frames, plan.target_false_reject_rate,
+            config.outbox.path.parent / f"commissioning-{self.bundle.model_id}" if plan.keep_frames else None)
+        if self.commissioning:
+            log.info("commissioning: the first %d frames set the threshold; no reject is fired until then",
+                     plan.frames)
 
     # -- frames in ---------------------------------------------------------------------------
     def _deliver(self, camera: str, triggered: bool):
@@ -165,12 +174,16 @@ class Runtime:
             self.throttled.log(logging.ERROR, "score", "camera %s: the model returned a score of %s; rejecting such "
                                "parts (check the bundle and the engine)", frame.camera, score)
         reject = not judged or score > threshold
+        commissioning = bool(self.commissioning) and not self.commissioning.complete
+        if commissioning:
+            self.commissioning.add(frame.camera, frame.frame_id, frame.image, score)
         broker = self.config.broker
         verdict = {
             "camera": frame.camera, "line": broker.line, "frame_id": frame.frame_id, "part_id": frame.part_id,
             "captured_at": datetime.fromtimestamp(frame.captured_at, timezone.utc).isoformat(timespec="milliseconds"),
             "capture_ts": frame.captured_at, "score": round(score, 6) if judged else None, "threshold": threshold,
             "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
+            **({"commissioning": True} if commissioning else {}),
         }
         if score_map is not None and judged:
             verdict["defect"] = self.defect(frame, score_map, threshold)
@@ -179,7 +192,7 @@ class Runtime:
             verdict["seq"] = seq
             verdict["latency_ms"] = round((time.time() - frame.captured_at) * 1000, 2)
             out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
-            if reject:
+            if reject and not commissioning:  # while commissioning nothing is fired at the line
                 plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"]}
                 if "defect" in verdict:
                     plc["box"] = verdict["defect"]["box"]
@@ -218,6 +231,40 @@ class Runtime:
                         sum(self.metrics.registry.get_sample_value("coft_verdicts_refused_total", {"camera": c}) or 0
                             for c in self.links))
         return True
+
+    def finish_commissioning(self) -> None:
+        """Fit the line's threshold, write it as a new bundle revision, switch to it in place (no restart,
+        no verdict lost) and, where `bundle:` is a box's `current` link, point that at it for the next start."""
+        commissioning, self.commissioning = self.commissioning, None
+        old = self.bundle.manifest["threshold"]
+        try:
+            fitted = commissioning.fit(old)
+        except CoftError as exc:
+            log.error("commissioning: %s", exc)
+            return
+        log.info("commissioning: %d frames, %d suspects dropped, threshold %.6g -> %.6g\n%s", fitted["frames"],
+                 fitted["suspects_dropped"], old["value"], fitted["value"],
+                 commissioning.histogram(old["value"], fitted["value"]))
+        try:
+            revision = revise(self.bundle.path.resolve(), {"threshold": fitted, "commissioning": {
+                "frames": fitted["frames"], "suspects_dropped": fitted["suspects_dropped"],
+                "quantile": 1 - fitted["target_false_reject_rate"], "cameras": sorted(self.links),
+                "frames_folder": str(commissioning.folder) if commissioning.folder else None}})
+        except (CoftError, OSError) as exc:
+            log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
+                      self.bundle.path, exc)
+            return
+        self.bundle = load_bundle(revision, self.config.trusted_keys)  # same model files: the engine stays
+        names = list(self.links)
+        self.threshold = ThresholdState(self.config.state_path, self.bundle.threshold, self.bundle.model_id, names,
+                                        self.config.control)
+        for link in self.links.values():
+            link.publish_state(self.threshold.describe(link.camera, "commissioning"))
+        if self.config.bundle.is_symlink():
+            switch(self.config.bundle, revision)
+        log.warning("commissioning done: now running %s (threshold %.6g); it is in %s%s", self.bundle.model_id,
+                    self.bundle.threshold, revision,
+                    "" if self.config.bundle.is_symlink() else f"; point bundle: in the config at it for the next start")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def counters(self, camera: str) -> dict:
@@ -270,9 +317,13 @@ class Runtime:
                 frames = self.queue.take(self.config.max_batch, timeout=0.2)
                 if frames:
                     self._inspect_guarded(frames)
+                    if self.commissioning and self.commissioning.complete:
+                        self.finish_commissioning()
                 else:
                     self.last_inspection_ok = time.monotonic()  # nothing to inspect is not a failure
                     if until_sources_end and all(c.ended.is_set() for c in self.cameras):
+                        if self.commissioning:  # the replay ended first: fit on what came, or say why not
+                            self.finish_commissioning()
                         break
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()

@@ -65,29 +65,37 @@ class Scored:
 
 
 def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> Scored:
-    """Score images with a bundle (torch backbone, numpy scoring), as the exported graph will."""
-    m = bundle.manifest
-    backbone = restore_bundle_backbone(bundle)
+    """Score image files with a bundle (torch backbone, numpy scoring), as the exported graph will."""
+    score = frame_scorer(bundle)
     scores, maps, kept = [], [], []
     for start in tqdm(range(0, len(paths), batch), desc="scoring", unit="batch", disable=not progress):
-        frames, idx = [], []
+        frames = []
         for i in range(start, min(start + batch, len(paths))):
             image = read_image(paths[i])
             if image is not None:
-                frames.append(resize_to_input(image, bundle.input_size))
-                idx.append(i)
-        if not frames:
-            continue
-        pixels = to_pixels(frames, bundle.input_size)
+                frames.append(image)
+                kept.append(i)
+        if frames:
+            batch_scores, batch_maps = score(frames)
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+    return Scored(np.concatenate(scores) if scores else np.zeros(0, np.float32), kept,
+                  np.concatenate(maps) if maps and maps[0] is not None else None)
+
+
+def frame_scorer(bundle: Bundle):
+    """A function from decoded BGR frames (resized as the runtime does) to scores and, for patch scorers, maps."""
+    m = bundle.manifest
+    backbone = restore_bundle_backbone(bundle)
+
+    def score(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels = to_pixels([resize_to_input(f, bundle.input_size) for f in frames], bundle.input_size)
         if bundle.scores_patches:
             patch_scores = bundle.scoring.score(patch_features(backbone, pixels).numpy())
-            scores.append(pool(patch_scores, m["patch"]["pooling"]))
-            maps.append(patch_scores.reshape(len(frames), *m["patch"]["grid"]))
-        else:
-            scores.append(bundle.gaussian.score(embed(backbone, pixels)))
-        kept.extend(idx)
-    return Scored(np.concatenate(scores) if scores else np.zeros(0, np.float32), kept,
-                  np.concatenate(maps) if maps else None)
+            return (pool(patch_scores, m["patch"]["pooling"]),
+                    patch_scores.reshape(len(frames), *m["patch"]["grid"]))
+        return bundle.gaussian.score(embed(backbone, pixels)), None
+    return score
 
 
 def find_mask(data_dir: Path, path: Path) -> Path | None:

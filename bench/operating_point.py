@@ -1,0 +1,181 @@
+"""Operating point: false-reject and escape at the threshold a line actually runs with.
+
+    python bench/operating_point.py ../shared/datasets/magnetic_tile [--seeds 0 1 2] [--shots 10]
+    python bench/operating_point.py elpv ...
+
+Protocol of shared/datasets/README.md: k good training images per seed, the rest (every
+other good and every defective image) is the line. For each seed a bundle is trained with
+the default options (`coft train`), every test image is scored once (cached), then:
+
+(a) commissioning: N unlabelled frames (100 / 300 / 1000) drawn from the line with its
+    natural share of defects, the threshold fitted on them by `runtime.commissioning`
+    (and the alternatives it was chosen against), false-reject and escape measured on the
+    frames not drawn; against the bundle's good-only threshold and the oracle threshold
+    (the one that rejects the target share of the remaining good frames; its escape is the
+    best any threshold at that false-reject rate can do). 50 draws per N and seed.
+(b) camera pipeline: the good test images resized to the model input as stills, through an
+    MJPG video round trip (OpenCV's VideoWriter and VideoCapture) and as JPEG at 75 / 90:
+    median score shift and false-reject at the stills' own 1% threshold.
+
+Writes operating_point.json and .md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fewshot import find_category  # noqa: E402
+
+from runtime.commissioning import FITS, fit_threshold  # noqa: E402
+from runtime.images import list_images, read_image, resize_to_input  # noqa: E402
+from train.evaluate import frame_scorer  # noqa: E402
+from train.metrics import rates_at  # noqa: E402
+
+DRAWS = 50
+
+
+def split(category: Path, shots: int, seed: int) -> tuple[list[Path], list[Path], np.ndarray]:
+    good = list_images(category / "good")
+    defects = [p for p in list_images(category, recursive=True) if "good" not in p.relative_to(category).parts[:1]
+               and "mask" not in p.relative_to(category).parts]
+    chosen = set(np.random.default_rng(seed).choice(len(good), shots, replace=False).tolist())
+    train = [good[i] for i in sorted(chosen)]
+    test = [p for i, p in enumerate(good) if i not in chosen] + defects
+    labels = np.array([0] * (len(good) - shots) + [1] * len(defects))
+    return train, test, labels
+
+
+def round_trips(frames: list[np.ndarray], work: Path) -> dict[str, list[np.ndarray]]:
+    """The same frames as stills, through an MJPG video file and back, and as JPEG stills."""
+    height, width = frames[0].shape[:2]
+    video = work / "roundtrip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (width, height))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    capture, mjpg = cv2.VideoCapture(str(video)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        mjpg.append(frame)
+    out = {"stills": frames, "mjpg video": mjpg}
+    for quality in (75, 90):
+        out[f"jpeg {quality}"] = [cv2.imdecode(cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, quality])[1],
+                                               cv2.IMREAD_COLOR) for f in frames]
+    return out
+
+
+def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
+    """Train the seed's bundle, score the line and the camera-pipeline variants (cached)."""
+    cache = args.out / f"scores-{category.name}-k{args.shots}-s{seed}.npz"
+    if cache.is_file():
+        return dict(np.load(cache))
+    from runtime.bundle import load_bundle
+    from train.pipeline import TrainOptions, train_bundle
+
+    train, test, labels = split(category, args.shots, seed)
+    shots = work / f"shots-{seed}"
+    shots.mkdir(parents=True)
+    for path in train:
+        os.symlink(path.resolve(), shots / path.name)
+    bundle = load_bundle(train_bundle(shots, work / f"bundle-{seed}", TrainOptions(seed=seed, progress=False)))
+    score = frame_scorer(bundle)
+    frames = [read_image(p) for p in test]
+    scores = np.concatenate([score(frames[i:i + 32])[0] for i in range(0, len(frames), 32)])
+    result = {"labels": labels, "scores": scores, "threshold": bundle.threshold}
+    if seed == args.seeds[0]:
+        goods = [resize_to_input(f, bundle.input_size) for f, label in zip(frames, labels) if label == 0]
+        for name, variant in round_trips(goods, work).items():
+            result[f"camera/{name}"] = np.concatenate([score(variant[i:i + 32])[0] for i in range(0, len(variant), 32)])
+    np.savez(cache, **result)
+    return result
+
+
+def commissioning_rows(runs: list[dict], target: float, sizes: list[int]) -> list[dict]:
+    rows = []
+    for size in sizes:
+        for fit in ["bundle", "oracle", *FITS]:
+            frr, esc = [], []
+            for run in runs:
+                labels, scores = run["labels"], run["scores"]
+                if size >= len(scores) - 50:
+                    continue
+                rng = np.random.default_rng(size)
+                for _ in range(DRAWS):
+                    drawn = np.zeros(len(scores), bool)
+                    drawn[rng.choice(len(scores), size, replace=False)] = True
+                    rest_labels, rest_scores = labels[~drawn], scores[~drawn]
+                    if fit == "bundle":
+                        threshold = float(run["threshold"])
+                    elif fit == "oracle":
+                        threshold = float(np.quantile(rest_scores[rest_labels == 0], 1 - target, method="higher"))
+                    else:
+                        threshold = fit_threshold(scores[drawn], target, fit)["value"]
+                    rates = rates_at(rest_labels, rest_scores, threshold)
+                    frr.append(rates["false_reject_rate"])
+                    esc.append(rates["escape_rate"])
+            if frr:
+                rows.append({"frames": size, "threshold": fit, "false_reject": float(np.mean(frr)),
+                             "false_reject_std": float(np.std(frr)), "escape": float(np.mean(esc)),
+                             "escape_std": float(np.std(esc))})
+    return rows
+
+
+def camera_rows(run: dict, target: float) -> list[dict]:
+    stills = run["camera/stills"]
+    threshold = float(np.quantile(stills, 1 - target, method="higher"))
+    return [{"frames": name.split("/", 1)[1], "median_score": float(np.median(run[name])),
+             "median_shift": float(np.median(run[name]) - np.median(stills)),
+             "false_reject_at_stills_1pct": float((run[name] > threshold).mean())}
+            for name in run if name.startswith("camera/")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="a category folder (good/, defect/<type>/) or 'elpv'")
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--target-frr", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/operating_point"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    category = find_category(Path(args.dataset))
+    work = Path(tempfile.mkdtemp(prefix="coft-op-"))
+    runs = [seed_scores(category, seed, args, work) for seed in args.seeds]
+    commissioning = commissioning_rows(runs, args.target_frr, args.frames)
+    camera = camera_rows(runs[0], args.target_frr)
+    name = "elpv" if args.dataset == "elpv" else category.name
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    lines = [f"Operating point on {name}, k={args.shots}, seeds {args.seeds}, target false-reject "
+             f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); line share of defects "
+             f"{np.mean([r['labels'].mean() for r in runs]):.0%}", "",
+             "| commissioning frames | threshold | false-reject | escape |", "|---|---|---|---|"]
+    lines += [f"| {r['frames']} | {r['threshold']} | {r['false_reject']:.2%} ± {r['false_reject_std']:.2%} | "
+              f"{r['escape']:.3f} ± {r['escape_std']:.3f} |" for r in commissioning]
+    lines += ["", f"Camera pipeline (seed {args.seeds[0]}, good test images at the model input):", "",
+              "| frames | median score | shift vs stills | false-reject at the stills' 1% threshold |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['frames']} | {r['median_score']:.4g} | {r['median_shift']:+.4g} | "
+              f"{r['false_reject_at_stills_1pct']:.2%} |" for r in camera]
+    (args.out / f"operating_point-{name}.json").write_text(json.dumps(
+        {"dataset": name, "machine": machine, "commissioning": commissioning, "camera": camera}, indent=2) + "\n")
+    (args.out / f"operating_point-{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

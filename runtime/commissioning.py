@@ -1,0 +1,169 @@
+"""A threshold fitted on the line's own frames, unlabelled and mostly good (FUN-AD's premise).
+
+Good parts' scores are tight, defects' spread to the right, and a line may well have a
+quarter of its parts defective. The good parts are described by a robust centre and
+spread (median and MAD) that is refitted on the frames within TRIM_Z spreads of the
+centre until it settles, so the defects to the right stop pulling it; the threshold is
+where a normal with that centre and spread leaves the target share of good parts above
+it. Frames beyond the trim are the suspects. Scores are positive distances with a long
+right tail, so all of this is done on their logs. (Chosen on bench/operating_point.py
+against the plain median/MAD fit and the trimmed empirical quantile, kept as FITS.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+from runtime.errors import CoftError
+
+MIN_FRAMES = 100  # below this a 1% tail is a guess
+TRIM_Z = 2.5
+MAD_TO_SIGMA = 1.4826
+TRUNCATED_MAD = 0.9926  # 1.4826 x MAD of a normal cut at +2.5 sigma, in sigmas
+
+
+def _robust(log_scores: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(log_scores))
+    spread = MAD_TO_SIGMA * float(np.median(np.abs(log_scores - centre)))
+    return centre, max(spread, 1e-6)
+
+
+def _trimmed(log_scores: np.ndarray) -> tuple[float, float]:
+    """Median and MAD refitted on the scores within TRIM_Z spreads above the centre, until they settle."""
+    centre, spread = _robust(log_scores)
+    for _ in range(20):
+        kept = log_scores[log_scores <= centre + TRIM_Z * spread]
+        new_centre, new_spread = _robust(kept)
+        new_spread /= TRUNCATED_MAD
+        if abs(new_centre - centre) < 1e-9 and abs(new_spread - spread) < 1e-9:
+            break
+        centre, spread = new_centre, new_spread
+    return centre, spread
+
+
+def _normal(centre_spread: tuple[float, float], target: float) -> float:
+    centre, spread = centre_spread
+    return float(np.exp(centre + NormalDist().inv_cdf(1 - target) * spread))
+
+
+def _trimmed_quantile(scores: np.ndarray, target: float) -> float:
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    return float(np.quantile(scores[logs <= centre + TRIM_Z * spread], 1 - target, method="higher"))
+
+
+FITS = {"trimmed-normal": lambda scores, target: _normal(_trimmed(np.log(scores)), target),
+        "median-mad-normal": lambda scores, target: _normal(_robust(np.log(scores)), target),
+        "trimmed-quantile": _trimmed_quantile}
+
+
+def fit_threshold(scores: np.ndarray, target: float, fit: str = "trimmed-normal") -> dict:
+    """The commissioning threshold and what it was fitted on (recorded in the new revision's manifest)."""
+    scores = np.asarray(scores, np.float64)
+    scores = scores[np.isfinite(scores)]
+    if len(scores) < MIN_FRAMES:
+        raise CoftError(f"commissioning needs at least {MIN_FRAMES} frames to set a {target:.0%} false-reject "
+                        f"threshold, got {len(scores)}; run it longer (--frames)")
+    if (scores <= 0).any():
+        raise CoftError("commissioning expects positive scores (distances); this bundle's scorer gives others")
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    suspects = int((logs > centre + TRIM_Z * spread).sum())
+    return {"value": FITS[fit](scores, target), "method": f"commissioning-{fit}", "target_false_reject_rate": target,
+            "frames": int(len(scores)), "suspects_dropped": suspects, "score_median": float(np.exp(centre))}
+
+
+def spread_ratio(scores: np.ndarray, threshold: dict) -> float | None:
+    """How much wider the frames' scores spread than the good parts' did at training (log scale), or None
+    when the bundle's threshold does not say where its good scores lay."""
+    median = threshold.get("calibration_score_median") or threshold.get("score_median")
+    if not median or threshold["value"] <= median:
+        return None
+    trained = np.log(threshold["value"] / median) / NormalDist().inv_cdf(1 - threshold.get("target_false_reject_rate", 0.01))
+    return _trimmed(np.log(scores))[1] / trained
+
+
+class Commissioning:
+    """Collects the scores (and frames) of the first `frames` inspected parts, then fits the line's threshold.
+
+    Premise check: the line's frames must be mostly good. When more than half of them score
+    above the old threshold, or their scores spread more than PREMISE_SPREAD times wider
+    than the good parts' did at training, the stream is likely mostly defective (or the
+    camera's images no longer look like training): the old threshold is kept.
+    """
+
+    PREMISE_SPREAD = 3.0
+
+    def __init__(self, frames: int, target: float, folder: Path | None):
+        self.wanted, self.target, self.folder = frames, target, folder
+        self.scores: list[float] = []
+        self.rows: list[str] = ["file,camera,frame_id,score"]
+        if folder:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.scores) >= self.wanted
+
+    def add(self, camera: str, frame_id: int, image: np.ndarray, score: float) -> None:
+        if self.complete or not np.isfinite(score):
+            return
+        self.scores.append(score)
+        name = ""
+        if self.folder:
+            import cv2
+
+            name = f"{len(self.scores):06d}-{camera}-{frame_id}.jpg"
+            cv2.imwrite(str(self.folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        self.rows.append(f"{name},{camera},{frame_id},{score:.6g}")
+
+    def fit(self, bundle_threshold: dict) -> dict:
+        """The new threshold, or a one-line CoftError saying why the old one stays."""
+        scores = np.array(self.scores)
+        if self.folder:
+            (self.folder / "scores.csv").write_text("\n".join(self.rows) + "\n")
+        fitted = fit_threshold(scores, self.target)
+        ratio = spread_ratio(scores, bundle_threshold)
+        share_above = float((scores > bundle_threshold["value"]).mean())
+        fitted.update(spread_vs_training=ratio and round(ratio, 2), share_above_old_threshold=round(share_above, 4),
+                      previous=bundle_threshold["value"])
+        if share_above > 0.5 or (ratio is not None and ratio > self.PREMISE_SPREAD):
+            where = f"; look at the frames in {self.folder}" if self.folder else ""
+            raise CoftError(f"{share_above:.0%} of the {len(scores)} commissioning frames score above the old threshold "
+                            f"and they spread {ratio or float('nan'):.1f}x as wide as the good parts at training: the "
+                            "stream does not look mostly good (a defective batch, another product, or a camera whose "
+                            f"images differ from training){where}; keeping the old threshold")
+        return fitted
+
+    def histogram(self, old: float, new: float, bins: int = 12) -> str:
+        """A text histogram of the scores with both thresholds marked (for the log), and a PNG where matplotlib is."""
+        scores = np.array(self.scores)
+        edges = np.geomspace(scores.min(), scores.max(), bins + 1)
+        counts, _ = np.histogram(scores, edges)
+        lines = []
+        for count, low, high in zip(counts, edges, edges[1:]):
+            marks = "".join(m for m, t in (("  <- old threshold", old), ("  <- new threshold", new)) if low <= t < high)
+            lines.append(f"{low:10.4g} .. {high:<10.4g} {'#' * int(40 * count / counts.max())} {count}{marks}")
+        if self.folder:
+            try:
+                import matplotlib
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+            except ImportError:
+                pass
+            else:
+                figure, axis = plt.subplots(figsize=(7, 3.5))
+                axis.hist(scores, bins=np.geomspace(scores.min(), scores.max(), 40), color="#888")
+                axis.set_xscale("log")
+                for value, label, colour in ((old, "old threshold", "#c33"), (new, "new threshold", "#393")):
+                    axis.axvline(value, color=colour, label=f"{label} {value:.4g}")
+                axis.set_xlabel("score")
+                axis.set_ylabel("frames")
+                axis.legend()
+                figure.tight_layout()
+                figure.savefig(self.folder / "histogram.png", dpi=110)
+                plt.close(figure)
+        return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Commissioning: the threshold fitted on the line's own unlabelled frames, while nothing is fired."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from runtime.bundle import load_bundle
+from runtime.commissioning import Commissioning, fit_threshold
+from runtime.errors import CoftError
+from tests.conftest import Mosquitto
+from tests.test_runtime import Subscriber, start_runtime, write_config, write_video
+
+
+def _line(rng, frames: int, defect_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores as a line gives them: good ones log-normal and tight, defects spread far to the right."""
+    labels = rng.random(frames) < defect_share
+    scores = np.where(labels, np.exp(rng.normal(1.0, 0.6, frames)), np.exp(rng.normal(0.0, 0.1, frames)))
+    return scores, labels
+
+
+@pytest.mark.parametrize("defect_share", [0.0, 0.3])
+def test_fit_holds_the_target_on_a_contaminated_line(defect_share):
+    rng = np.random.default_rng(0)
+    fresh_good = np.exp(rng.normal(0.0, 0.1, 100_000))
+    rates = []
+    for _ in range(20):
+        fitted = fit_threshold(_line(rng, 300, defect_share)[0], 0.01)
+        rates.append((fresh_good > fitted["value"]).mean())
+    assert 0.005 <= np.mean(rates) <= 0.02
+    assert fitted["frames"] == 300 and (fitted["suspects_dropped"] > 50) == (defect_share > 0)
+
+
+def test_too_few_frames_and_a_mostly_defective_stream_keep_the_old_threshold(tmp_path):
+    with pytest.raises(CoftError, match="at least 100 frames .* got 40"):
+        fit_threshold(np.ones(40), 0.01)
+    rng = np.random.default_rng(1)
+    commissioning = Commissioning(200, 0.01, tmp_path)
+    for i, score in enumerate(_line(rng, 200, defect_share=0.8)[0]):
+        commissioning.add("cam1", i, np.zeros((8, 8, 3), np.uint8), float(score))
+    old = {"value": float(np.exp(0.25)), "calibration_score_median": 1.0, "target_false_reject_rate": 0.01}
+    with pytest.raises(CoftError, match="does not look mostly good .* keeping the old threshold"):
+        commissioning.fit(old)
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 201
+
+
+def test_commissioning_on_the_live_stream_fires_nothing_then_switches_without_losing_a_verdict(
+        tmp_path, exported_bundle, mosquitto):
+    models = tmp_path / "box/models"
+    models.mkdir(parents=True)
+    bundle = shutil.copytree(exported_bundle, models / "line3")
+    (tmp_path / "box/current").symlink_to(bundle)
+    video = write_video(tmp_path / "line.avi", 150, defect_every=10)
+    config = write_config(tmp_path, tmp_path / "box/current", mosquitto.port,
+                          [{"name": "cam1", "source": str(video), "fps": 50}], commissioning={"frames": 100})
+    plc = Subscriber(mosquitto.port)
+    runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
+    assert runtime.wait(timeout=180) == 0
+    plc.wait_for("verdict", 150)
+    plc.close()
+    verdicts = plc.payloads("verdict")
+    assert sorted({v["seq"] for v in verdicts}) == list(range(1, 151))  # none lost across the switch
+    during = [v for v in verdicts if v.get("commissioning")]
+    after = [v for v in verdicts if not v.get("commissioning")]
+    assert len({v["seq"] for v in during}) == 100
+    assert {v["model_id"] for v in after} == {load_bundle(bundle).model_id + "-r2"}
+    fired = {r["seq"] for r in plc.payloads("reject")}
+    assert not fired & {v["seq"] for v in during}  # nothing fired while commissioning
+    assert fired == {v["seq"] for v in after if v["verdict"] == "reject"}
+    revision = load_bundle(models / "line3-r2")
+    assert revision.manifest["commissioning"]["frames"] == 100 and revision.threshold != load_bundle(bundle).threshold
+    assert (tmp_path / "box/current").resolve() == models / "line3-r2"
+    assert (tmp_path / "box/previous").resolve() == bundle
+    folder = tmp_path / f"commissioning-{load_bundle(bundle).model_id}"
+    assert len(list(folder.glob("*.jpg"))) == 100 and (folder / "scores.csv").is_file()
+    log = (tmp_path / "runtime.log").read_text()
+    assert "<- new threshold" in log and "commissioning done: now running" in log
+
+
+def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported_bundle, mosquitto, parts):
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, exported_bundle, mosquitto.port,
+                          [{"name": "cam1", "source": str(parts / "test/good")}])
+    result = subprocess.run([sys.executable, "-m", "runtime.cli", "commission", "--config", str(config),
+                             "--frames", "20"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "frames: Input should be greater than or equal to 100" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "runtime.cli", "commission", "--config", str(config),
+                             "--frames", "100", "--until-end"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "commissioning needs at least 100 frames" in result.stderr and "got 12" in result.stderr
+    assert not list(exported_bundle.parent.glob("*-r2"))
+    assert json.loads((exported_bundle / "manifest.json").read_text())["model_id"]
