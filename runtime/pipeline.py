@@ -264,7 +264,7 @@ class Runtime:
             switch(self.config.bundle, revision)
         log.warning("commissioning done: now running %s (threshold %.6g); it is in %s%s", self.bundle.model_id,
                     self.bundle.threshold, revision,
-                    "" if self.config.bundle.is_symlink() else f"; point bundle: in the config at it for the next start")
+                    "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def counters(self, camera: str) -> dict:

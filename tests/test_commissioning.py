@@ -11,7 +11,6 @@ import pytest
 from runtime.bundle import load_bundle
 from runtime.commissioning import Commissioning, fit_threshold
 from runtime.errors import CoftError
-from tests.conftest import Mosquitto
 from tests.test_runtime import Subscriber, start_runtime, write_config, write_video
 
 
