@@ -146,6 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"(threshold {report['threshold']['value']:.4g}, {report['threshold']['method']})")
     for t, v in report["per_type"].items():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
+    if report["drift"] and report["drift"]["warning"]:
+        print(f"warning: {report['drift']['warning']}")
     print(f"report: {report_dir}/report.md")
     if report["revision"]:
         print(f"new bundle revision with this threshold: {report['revision']} (the original is unchanged)")

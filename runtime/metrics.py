@@ -27,6 +27,8 @@ class Metrics:
         self.verdicts_refused = Counter("coft_verdicts_refused_total", "Verdicts the outbox could not store (disk full)",
                                         ["camera"], registry=r)
         self.outbox_refusing = Gauge("coft_outbox_refusing", "1 while the outbox cannot store verdicts", registry=r)
+        self.score_median = Gauge("coft_score_median", "Median score of the camera's last 200 frames (drift)",
+                                  ["camera"], registry=r)
         self.inspection_failures = Counter("coft_inspection_failures_total", "Batches that could not be scored",
                                            registry=r)
 

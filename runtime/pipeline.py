@@ -28,6 +28,7 @@ from runtime.box import switch
 from runtime.bundle import load_bundle, revise
 from runtime.commissioning import Commissioning
 from runtime.config import RuntimeConfig
+from runtime.drift import DriftWatch
 from runtime.control import ThresholdState
 from runtime.engines import open_engine
 from runtime.errors import CoftError
@@ -103,6 +104,7 @@ class Runtime:
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
+        self.drift = DriftWatch(self.bundle.manifest["threshold"])
         plan = config.commissioning
         self.commissioning = plan and Commissioning(
             plan.frames, plan.target_false_reject_rate,
@@ -174,6 +176,10 @@ class Runtime:
             self.throttled.log(logging.ERROR, "score", "camera %s: the model returned a score of %s; rejecting such "
                                "parts (check the bundle and the engine)", frame.camera, score)
         reject = not judged or score > threshold
+        if judged:
+            median = self.drift.add(frame.camera, score)
+            if median is not None:
+                self.metrics.score_median.labels(frame.camera).set(median)
         commissioning = bool(self.commissioning) and not self.commissioning.complete
         if commissioning:
             self.commissioning.add(frame.camera, frame.frame_id, frame.image, score)
@@ -255,6 +261,7 @@ class Runtime:
                       self.bundle.path, exc)
             return
         self.bundle = load_bundle(revision, self.config.trusted_keys)  # same model files: the engine stays
+        self.drift = DriftWatch(self.bundle.manifest["threshold"])
         names = list(self.links)
         self.threshold = ThresholdState(self.config.state_path, self.bundle.threshold, self.bundle.model_id, names,
                                         self.config.control)

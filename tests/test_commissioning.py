@@ -94,3 +94,20 @@ def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported
     assert "commissioning needs at least 100 frames" in result.stderr and "got 12" in result.stderr
     assert not list(exported_bundle.parent.glob("*-r2"))
     assert json.loads((exported_bundle / "manifest.json").read_text())["model_id"]
+
+
+def test_drift_of_good_scores_is_one_warning_with_the_figures(caplog):
+    from runtime.drift import WINDOW, DriftWatch
+    from train.evaluate import good_drift
+
+    threshold = {"value": 2.0, "calibration_score_median": 1.0, "target_false_reject_rate": 0.01}
+    watch = DriftWatch(threshold)
+    for _ in range(WINDOW):
+        watch.add("cam1", 1.1)
+    assert "drift" not in caplog.text
+    medians = [watch.add("cam1", 1.6) for _ in range(WINDOW)]
+    assert medians[-1] == pytest.approx(1.6) and caplog.text.count("camera cam1: drift: the median score") == 1
+    assert "is 1.6, good parts scored 1 when the threshold (2) was set, and 0% are above it" in caplog.text
+    assert good_drift(threshold, np.full(100, 1.2))["warning"] is None
+    warning = good_drift(threshold, np.r_[np.full(90, 1.2), np.full(10, 2.5)])["warning"]
+    assert warning.startswith("10.0% of the 100 good images score above the threshold (target 1%)")

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
+from runtime.drift import reference_median
 from runtime.errors import CoftError
 from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
@@ -96,6 +97,25 @@ def frame_scorer(bundle: Bundle):
                     patch_scores.reshape(len(frames), *m["patch"]["grid"]))
         return bundle.gaussian.score(embed(backbone, pixels)), None
     return score
+
+
+def good_drift(threshold: dict, good_scores: np.ndarray) -> dict | None:
+    """How the known-good images score against what the bundle expected of good parts, and a one-line
+    warning when too many of them are above the threshold for it to be chance (3x the target, 3 at least)."""
+    if not len(good_scores):
+        return None
+    target = threshold.get("target_false_reject_rate", 0.01)
+    above = int((good_scores > threshold["value"]).sum())
+    reference = reference_median(threshold)
+    drift = {"good_median": float(np.median(good_scores)), "trained_good_median": reference,
+             "good_above_threshold": above / len(good_scores), "target_false_reject_rate": target, "warning": None}
+    if above >= 3 and above / len(good_scores) > 3 * target:
+        drift["warning"] = (f"{above / len(good_scores):.1%} of the {len(good_scores)} good images score above the "
+                            f"threshold (target {target:.0%}); their median score is {drift['good_median']:.4g}"
+                            + (f" against {reference:.4g} at training" if reference else "")
+                            + ": these images differ from what the bundle was trained on (camera, lighting, video "
+                            "path?), or the threshold is too tight: commission on the line or recalibrate")
+    return drift
 
 
 def find_mask(data_dir: Path, path: Path) -> Path | None:
@@ -280,6 +300,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         if (labels == 1).any() and (labels == 0).any():
             _gallery(paths, labels, scores, scored.patch_maps, bundle.input_size, sigma, threshold["value"],
                      report_dir / "gallery.png")
+    report["drift"] = good_drift(bundle.manifest["threshold"], scores[labels == 0])
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (report_dir / "report.md").write_text(_markdown(report))
     with open(report_dir / "scores.csv", "w", newline="") as f:
