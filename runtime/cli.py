@@ -153,6 +153,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"new bundle revision with this threshold: {report['revision']} (the original is unchanged)")
 
 
+def cmd_retrain(args: argparse.Namespace) -> None:
+    out = _train_module("retrain").retrain(args.bundle, args.harvest, args.out, args.camera, args.recalibrate,
+                                           args.weights, progress=not args.quiet)
+    print(f"retrained bundle written: {out} (FUN-AD's suspects: {out}.funad/ where present)")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     try:
         from export.onnx import export_onnx
@@ -295,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. escape=0.01); the original bundle is not changed")
     p.add_argument("--out", type=Path, help="with --recalibrate: the new revision's folder (default: <bundle>-r2, -r3 ...)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("retrain", help="fit a new bundle on frames the line kept (harvest:), FUN-AD leaving out "
+                                       "the defects that passed")
+    p.add_argument("bundle", help="the bundle the line ran (or a revision of it)")
+    p.add_argument("harvest", help="the harvest folder; frames sorted into good/ and defect/ in it count as labelled")
+    p.add_argument("--out", type=Path, help="new bundle (default: <bundle>-harvest)")
+    p.add_argument("--camera", help="use only this camera's frames (needed when the harvest holds several)")
+    p.add_argument("--recalibrate", metavar="RULE", help="threshold from the sorted frames: 'f1' or 'escape=RATE'")
+    p.add_argument("--weights", help="pretrained weights file, for backbones that need one (see coft train)")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
     p.add_argument("bundle")

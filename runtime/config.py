@@ -120,6 +120,8 @@ class RuntimeConfig(Strict):
     broker: BrokerConfig = BrokerConfig()
     outbox: OutboxConfig = OutboxConfig()
     evidence: EvidenceConfig | None = None
+    harvest: EvidenceConfig | None = Field(None, description="frames kept to retrain on (coft retrain): raw, with "
+                                                             "their verdicts; every_nth_pass accepts and all rejects")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(10.0, gt=0)

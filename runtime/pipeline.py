@@ -86,6 +86,7 @@ class Runtime:
         self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
                              int(config.outbox.max_mb * 2**20))
         self.evidence = Evidence(config.evidence) if config.evidence else None
+        self.harvest = Evidence(config.harvest) if config.harvest else None
         self.stop_event = threading.Event()
         self.queue = FrameQueue(config.queue_size, self._dropped)
         self.latest: dict[str, Frame] = {}  # trigger mode: the newest frame of each camera
@@ -210,6 +211,8 @@ class Runtime:
         self.metrics.latency.observe(time.time() - frame.captured_at)
         self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
         self.links[frame.camera].notify()
+        if self.harvest and self.harvest.wanted(reject):
+            self.harvest.save(frame.image, verdict)  # as the camera gave it: what retraining needs
         if self.evidence and self.evidence.wanted(reject):
             image = frame.image
             if score_map is not None:
