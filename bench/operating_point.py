@@ -80,7 +80,7 @@ def round_trips(frames: list[np.ndarray], work: Path) -> dict[str, list[np.ndarr
 
 def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
     """Train the seed's bundle, score the line and the camera-pipeline variants (cached)."""
-    cache = args.out / f"scores-{category.name}-k{args.shots}-s{seed}.npz"
+    cache = args.out / f"scores-{category.name}-{args.backbone}-{args.scorer}-k{args.shots}-s{seed}.npz"
     if cache.is_file():
         return dict(np.load(cache))
     from runtime.bundle import load_bundle
@@ -91,7 +91,8 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
     shots.mkdir(parents=True)
     for path in train:
         os.symlink(path.resolve(), shots / path.name)
-    bundle = load_bundle(train_bundle(shots, work / f"bundle-{seed}", TrainOptions(seed=seed, progress=False)))
+    bundle = load_bundle(train_bundle(shots, work / f"bundle-{seed}", TrainOptions(
+        backbone=args.backbone, scorer=args.scorer, seed=seed, progress=False)))
     score = frame_scorer(bundle)
     frames = [read_image(p) for p in test]
     scores = np.concatenate([score(frames[i:i + 32])[0] for i in range(0, len(frames), 32)])
@@ -147,6 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="a category folder (good/, defect/<type>/) or 'elpv'")
     parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--backbone", default="dinov2_vits14", help="as coft train's (default: its default)")
+    parser.add_argument("--scorer", default="knn", help="as coft train's (default: its default)")
+    parser.add_argument("--camera-only", action="store_true", help="(b) only: one seed, no commissioning table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--target-frr", type=float, default=0.01)
@@ -155,12 +159,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     category = find_category(Path(args.dataset))
     work = Path(tempfile.mkdtemp(prefix="coft-op-"))
-    runs = [seed_scores(category, seed, args, work) for seed in args.seeds]
-    commissioning = commissioning_rows(runs, args.target_frr, args.frames)
+    runs = [seed_scores(category, seed, args, work) for seed in args.seeds[:1 if args.camera_only else None]]
+    commissioning = [] if args.camera_only else commissioning_rows(runs, args.target_frr, args.frames)
     camera = camera_rows(runs[0], args.target_frr)
-    name = "elpv" if args.dataset == "elpv" else category.name
+    name = f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    lines = [f"Operating point on {name}, k={args.shots}, seeds {args.seeds}, target false-reject "
+    lines = [f"Operating point on {name} (backbone-scorer), k={args.shots}, seeds {args.seeds}, target false-reject "
              f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); line share of defects "
              f"{np.mean([r['labels'].mean() for r in runs]):.0%}", "",
              "| commissioning frames | threshold | false-reject | escape |", "|---|---|---|---|"]

@@ -42,7 +42,7 @@ def test_train_pack_verify_from_the_command_line(parts, tmp_path, capsys):
 
 def test_demo_runs_end_to_end_on_real_solar_cells(tmp_path, capsys):
     rc = main(["-q", "demo", "--out", str(tmp_path / "demo"), "--test-limit", "15", "--method", "coftad",
-               "--steps", "2", "--views", "4", "--size", "96", "--stream", "12"])
+               "--steps", "2", "--views", "4", "--size", "96", "--stream", "12", "--commission", "0"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "image AUROC" in out and "15 good + 15 defective" in out

@@ -132,8 +132,11 @@ def line_pace(bundle: Path, most: float = 20.0, load: float = 0.7) -> float:
     return round(min(most, load / float(np.median(times))), 1)
 
 
-def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | None, count: int) -> dict:
-    """Run the edge runtime (ONNX Runtime, no torch) on the line folder, with a PLC listening."""
+def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | None, count: int,
+                           commission: int = 0) -> dict:
+    """Run the edge runtime (ONNX Runtime, no torch) on the line folder, with a PLC listening; with `commission`,
+    the first that many cells set the threshold (nothing fired meanwhile) before the rest are judged by it."""
+    from runtime.bundle import load_bundle
     from runtime.config import RuntimeConfig
     from runtime.pipeline import Runtime
     from train.broker import EmbeddedBroker
@@ -146,7 +149,8 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
             "bundle": str(bundle), "backend": "onnxruntime", "queue_size": count + 1,
             "cameras": [{"name": "cam1", "source": str(line), "kind": "folder", "fps": fps}],
             "broker": {"host": host, "port": port, "line": "demo", "client_id": "coft-demo"},
-            "outbox": {"path": str(work / "outbox.db")}})
+            "outbox": {"path": str(work / "outbox.db")},
+            **({"commissioning": {"frames": commission}} if commission else {})})
         plc = Plc(host, port, f"{config.broker.prefix}/demo")
         started = time.time()
         Runtime(config).run(until_sources_end=True)
@@ -155,15 +159,32 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
     verdicts = [v for _, v in plc.verdicts]
     latencies = np.array([(t - v["capture_ts"]) * 1000 for t, v in plc.verdicts])
     elapsed = max(t for t, _ in plc.verdicts) - started if plc.verdicts else float("nan")
+    judged = [v for v in verdicts if not v.get("commissioning")]
     return {"verdicts": len({v["seq"] for v in verdicts}), "frames_per_s": len(verdicts) / elapsed, "paced_fps": fps,
+            "commissioned": len(verdicts) - len(judged), "after": after_commissioning(judged, load_bundle(bundle)),
             "latency_p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
             "latency_p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
             "rejects": sum(v["verdict"] == "reject" for v in verdicts),
             "true_rejects": sum(v["verdict"] == "reject" and "-defect-" in v["part_id"] for v in verdicts)}
 
 
-def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 200,
-             broker: str | None = None) -> dict:
+def after_commissioning(verdicts: list[dict], bundle) -> dict:
+    """False-reject and escape of the cells judged after commissioning, at the bundle's threshold and at theirs."""
+    good = np.array(["-good-" in (v["part_id"] or "") for v in verdicts])
+    scores = np.array([v["score"] if v["score"] is not None else np.inf for v in verdicts])
+    used = np.array([v["threshold"] for v in verdicts])
+
+    def rates(threshold) -> dict:
+        rejected = scores > threshold
+        return {"false_reject_rate": float(rejected[good].mean()) if good.any() else float("nan"),
+                "escape_rate": float((~rejected[~good]).mean()) if (~good).any() else float("nan")}
+    return {"cells": len(verdicts), "threshold_before": bundle.threshold,
+            "threshold_after": float(used[-1]) if len(used) else bundle.threshold,
+            "before": rates(bundle.threshold), "after": rates(used)}
+
+
+def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 600,
+             broker: str | None = None, commission: int = 300) -> dict:
     """Train, evaluate, export, then run the line: held-out cells through the runtime to a PLC over MQTT."""
     from export.onnx import export_onnx
 
@@ -183,8 +204,13 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
     steps.update()
     line = line_folder(work, test_dir, stream, options.seed)
     count = len(list(line.iterdir()))
-    tqdm.write(f"streaming {count} held-out cells through the runtime; rejects as the PLC sees them:")
-    run = stream_through_runtime(bundle, line, work, broker, count)
+    if commission and count < commission + 50:
+        raise CoftError(f"commissioning on {commission} cells needs at least {commission + 50} streamed: "
+                        f"{count} are available; lower --commission (0: none) or raise --stream")
+    tqdm.write(f"streaming {count} held-out cells through the runtime"
+               + (f", the first {commission} to commission the threshold (no rejects fired)" if commission else "")
+               + "; rejects as the PLC sees them:")
+    run = stream_through_runtime(bundle, line, work, broker, count, commission)
     steps.update()
     steps.close()
     report["line"] = run
@@ -199,5 +225,11 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
           f"(parts paced at {run['paced_fps']}/s, 70% of this machine's inference rate), "
           f"capture-to-verdict at the PLC p50 {run['latency_p50_ms']:.0f} ms, p99 {run['latency_p99_ms']:.0f} ms; "
           f"{run['rejects']} rejects ({run['true_rejects']} truly defective)")
+    if run["commissioned"]:
+        a = run["after"]
+        print(f"  commissioning on {run['commissioned']} streamed cells: threshold {a['threshold_before']:.4g} -> "
+              f"{a['threshold_after']:.4g}; on the {a['cells']} cells after it: false-reject "
+              f"{a['before']['false_reject_rate']:.2%} -> {a['after']['false_reject_rate']:.2%}, escape "
+              f"{a['before']['escape_rate']:.2%} -> {a['after']['escape_rate']:.2%}")
     print(f"  bundle: {bundle}\n  report: {work / 'report' / 'report.md'}")
     return report
