@@ -16,6 +16,9 @@ the default options (`coft train`), every test image is scored once (cached), th
 (b) camera pipeline: the good test images resized to the model input as stills, through an
     MJPG video round trip (OpenCV's VideoWriter and VideoCapture) and as JPEG at 75 / 90:
     median score shift and false-reject at the stills' own 1% threshold.
+(c) with --harvest N ...: the line's frames split in two halves; from one, N frames with 5%
+    defects are "harvested" and `coft retrain`'s FUN-AD training fits a new bundle on them;
+    image AUROC of it and of the k-shot bundle on the other half (first seed only).
 
 Writes operating_point.json and .md under --out.
 """
@@ -41,7 +44,7 @@ from fewshot import find_category  # noqa: E402
 from runtime.commissioning import FITS, fit_threshold  # noqa: E402
 from runtime.images import list_images, read_image, resize_to_input  # noqa: E402
 from train.evaluate import frame_scorer  # noqa: E402
-from train.metrics import rates_at  # noqa: E402
+from train.metrics import detection_metrics, rates_at  # noqa: E402
 
 DRAWS = 50
 
@@ -78,21 +81,30 @@ def round_trips(frames: list[np.ndarray], work: Path) -> dict[str, list[np.ndarr
     return out
 
 
+def seed_bundle(category: Path, seed: int, args, work: Path) -> Path:
+    """The seed's k-shot bundle, trained with coft train's defaults (once per run)."""
+    from train.pipeline import TrainOptions, train_bundle
+
+    out = work / f"bundle-{seed}"
+    if out.is_dir():
+        return out
+    shots = work / f"shots-{seed}"
+    shots.mkdir(parents=True)
+    for path in split(category, args.shots, seed)[0]:
+        os.symlink(path.resolve(), shots / path.name)
+    return train_bundle(shots, out, TrainOptions(backbone=args.backbone, scorer=args.scorer, seed=seed,
+                                                 progress=False))
+
+
 def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
     """Train the seed's bundle, score the line and the camera-pipeline variants (cached)."""
     cache = args.out / f"scores-{category.name}-{args.backbone}-{args.scorer}-k{args.shots}-s{seed}.npz"
     if cache.is_file():
         return dict(np.load(cache))
     from runtime.bundle import load_bundle
-    from train.pipeline import TrainOptions, train_bundle
 
-    train, test, labels = split(category, args.shots, seed)
-    shots = work / f"shots-{seed}"
-    shots.mkdir(parents=True)
-    for path in train:
-        os.symlink(path.resolve(), shots / path.name)
-    bundle = load_bundle(train_bundle(shots, work / f"bundle-{seed}", TrainOptions(
-        backbone=args.backbone, scorer=args.scorer, seed=seed, progress=False)))
+    _, test, labels = split(category, args.shots, seed)
+    bundle = load_bundle(seed_bundle(category, seed, args, work))
     score = frame_scorer(bundle)
     frames = [read_image(p) for p in test]
     scores = np.concatenate([score(frames[i:i + 32])[0] for i in range(0, len(frames), 32)])
@@ -103,6 +115,41 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
             result[f"camera/{name}"] = np.concatenate([score(variant[i:i + 32])[0] for i in range(0, len(variant), 32)])
     np.savez(cache, **result)
     return result
+
+
+def harvest_rows(category: Path, args, work: Path) -> list[dict]:
+    """AUROC of bundles retrained on N harvested frames (5% defects) against the k-shot bundle, on held-out frames."""
+    from runtime.bundle import load_bundle
+    from train.pipeline import TrainOptions
+    from train.unlabelled import train_unlabelled
+
+    seed = args.seeds[0]
+    _, test, labels = split(category, args.shots, seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(test))
+    pool, held = order[: len(order) // 2], order[len(order) // 2:]
+    held_frames = [read_image(test[i]) for i in held]
+
+    def auroc(bundle_dir: Path) -> float:
+        score = frame_scorer(load_bundle(bundle_dir))
+        scores = np.concatenate([score(held_frames[i:i + 32])[0] for i in range(0, len(held_frames), 32)])
+        return detection_metrics(labels[held], scores)["auroc"]
+
+    rows = [{"frames": 0, "auroc": auroc(seed_bundle(category, seed, args, work)), "what": f"k={args.shots} bundle"}]
+    goods, defects = pool[labels[pool] == 0], pool[labels[pool] == 1]
+    for size in args.harvest:
+        n_defects = round(0.05 * size)
+        if size - n_defects > len(goods) or n_defects > len(defects):
+            continue
+        chosen = np.r_[rng.choice(goods, size - n_defects, replace=False), rng.choice(defects, n_defects, replace=False)]
+        folder = work / f"harvest-{size}"
+        folder.mkdir()
+        for i in chosen:
+            os.symlink(test[i].resolve(), folder / f"{i:05d}{test[i].suffix}")
+        bundle, _ = train_unlabelled(folder, work / f"retrained-{size}", TrainOptions(
+            backbone=args.backbone, scorer=args.scorer, seed=seed, progress=False))
+        rows.append({"frames": size, "auroc": auroc(bundle), "what": f"retrained on {size} harvested (5% defects)"})
+    return rows
 
 
 def commissioning_rows(runs: list[dict], target: float, sizes: list[int]) -> list[dict]:
@@ -151,6 +198,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="dinov2_vits14", help="as coft train's (default: its default)")
     parser.add_argument("--scorer", default="knn", help="as coft train's (default: its default)")
     parser.add_argument("--camera-only", action="store_true", help="(b) only: one seed, no commissioning table")
+    parser.add_argument("--harvest", type=int, nargs="*", default=[], help="(c): harvested frames to retrain on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--target-frr", type=float, default=0.01)
@@ -162,6 +210,7 @@ def main() -> None:
     runs = [seed_scores(category, seed, args, work) for seed in args.seeds[:1 if args.camera_only else None]]
     commissioning = [] if args.camera_only else commissioning_rows(runs, args.target_frr, args.frames)
     camera = camera_rows(runs[0], args.target_frr)
+    harvest = harvest_rows(category, args, work) if args.harvest else []
     name = f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [f"Operating point on {name} (backbone-scorer), k={args.shots}, seeds {args.seeds}, target false-reject "
@@ -175,8 +224,13 @@ def main() -> None:
               "|---|---|---|---|"]
     lines += [f"| {r['frames']} | {r['median_score']:.4g} | {r['median_shift']:+.4g} | "
               f"{r['false_reject_at_stills_1pct']:.2%} |" for r in camera]
+    if harvest:
+        lines += ["", f"Harvest (seed {args.seeds[0]}; image AUROC on the half of the line not harvested):", "",
+                  "| bundle | image AUROC |", "|---|---|"]
+        lines += [f"| {r['what']} | {r['auroc']:.4f} |" for r in harvest]
     (args.out / f"operating_point-{name}.json").write_text(json.dumps(
-        {"dataset": name, "machine": machine, "commissioning": commissioning, "camera": camera}, indent=2) + "\n")
+        {"dataset": name, "machine": machine, "commissioning": commissioning, "camera": camera, "harvest": harvest},
+        indent=2) + "\n")
     (args.out / f"operating_point-{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -116,12 +116,12 @@ def test_drift_of_good_scores_is_one_warning_with_the_figures(caplog):
 def test_harvest_then_retrain_makes_a_new_model_of_the_same_kind(tmp_path, exported_bundle, mosquitto):
     from train.retrain import retrain
 
-    video = write_video(tmp_path / "line.avi", 60, defect_every=10)
+    video = write_video(tmp_path / "line.avi", 40, defect_every=10)
     config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 50}],
                           harvest={"dir": str(tmp_path / "harvest"), "every_nth_pass": 1})
     assert start_runtime(config, tmp_path / "runtime.log", "--until-end").wait(timeout=120) == 0
     frames = sorted((tmp_path / "harvest/cam1").glob("*.jpg"))
-    assert len(frames) == 60 and all(p.with_suffix(".json").is_file() for p in frames)
+    assert len(frames) == 40 and all(p.with_suffix(".json").is_file() for p in frames)
     (tmp_path / "harvest/cam1/defect").mkdir()  # an operator sorts a reject out: never trained on
     reject = next(p for p in frames if p.name.endswith("-reject.jpg"))
     for path in (reject, reject.with_suffix(".json")):
@@ -129,7 +129,7 @@ def test_harvest_then_retrain_makes_a_new_model_of_the_same_kind(tmp_path, expor
     new = load_bundle(retrain(exported_bundle, tmp_path / "harvest", tmp_path / "retrained", progress=False))
     old = load_bundle(exported_bundle)
     assert new.manifest["revision_of"] == old.model_id and new.model_id != old.model_id
-    assert new.manifest["harvest"] == {**new.manifest["harvest"], "camera": "cam1", "frames": 60, "trained_pool": 59,
+    assert new.manifest["harvest"] == {**new.manifest["harvest"], "camera": "cam1", "frames": 40, "trained_pool": 39,
                                        "sorted_defects": 1}
     assert (new.manifest["backbone"]["name"], new.input_size, new.manifest["scorer"]) == \
         (old.manifest["backbone"]["name"], old.input_size, old.manifest["scorer"])
