@@ -1,8 +1,10 @@
 """Augmentations for industrial parts: poses and lighting that a line really shows.
 
 Flips and quarter turns (a tile or a cell looks the same from either side), mild
-brightness and contrast drift, a small shift with mirrored borders. No random crops and
-no zoom: a crop could cut the very defect away, and a zoom changes the scale a defect is
+brightness and contrast drift, a small shift with mirrored borders, and what a camera's
+video path does to a frame: a JPEG round trip (MJPG streams are JPEG frames; quality
+and 4:2:0 chroma subsampling vary) and a small gamma change. No random crops and no
+zoom: a crop could cut the very defect away, and a zoom changes the scale a defect is
 judged at. All operations act on RGB pixels in 0..255, shape [N, 3, H, W].
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import cv2
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -22,6 +26,8 @@ class AugmentConfig:
     brightness: float = 0.1  # relative, +-
     contrast: float = 0.1  # relative, +-
     shift: float = 0.03  # fraction of the side, +-
+    codec: float = 1.0  # share of views sent through a JPEG round trip at quality 50..95 (camera video paths)
+    gamma: float = 0.1  # +- on the exponent of a gamma change (camera and encoder transfer curves)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,4 +60,19 @@ def augment(pixels: torch.Tensor, config: AugmentConfig, generator: torch.Genera
     gain = 1 + _uniform(n, config.contrast, generator, out.device).view(n, 1, 1, 1)
     offset = _uniform(n, config.brightness, generator, out.device).view(n, 1, 1, 1) * 255
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * gain + mean + offset).clamp(0, 255)
+    out = ((out - mean) * gain + mean + offset).clamp(0, 255)
+    exponent = (1 + _uniform(n, config.gamma, generator, out.device)).view(n, 1, 1, 1)
+    out = 255 * (out / 255) ** exponent
+    coded = (torch.rand(n, generator=generator) < config.codec).tolist()
+    qualities = torch.randint(50, 96, (n,), generator=generator).tolist()
+    for i in (i for i in range(n) if coded[i]):
+        out[i] = jpeg_round_trip(out[i], qualities[i])
+    return out
+
+
+def jpeg_round_trip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
+    """One RGB image [3, H, W] in 0..255 encoded and decoded as a camera's MJPG stream would (4:2:0 chroma)."""
+    bgr = pixels.detach().round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()[..., ::-1]
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].copy()
+    return torch.from_numpy(decoded).permute(2, 0, 1).to(pixels)
