@@ -84,6 +84,10 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
     bundle = load_bundle(bundle_dir)
     harvest = Path(harvest)
     frames, labels, camera = harvested_frames(harvest, bundle.model_id, camera)
+    commissioned = bundle.manifest.get("commissioning", {}).get("cameras")
+    if commissioned and camera not in commissioned:
+        raise CoftError(f"{harvest}: frames of camera {camera}, but {bundle.model_id} was commissioned on "
+                        f"{', '.join(commissioned)}; retrain that camera's bundle")
     trainable = [p for p, label in zip(frames, labels) if label != "defect"]
     out = Path(out) if out else bundle.path.resolve().with_name(f"{lineage(bundle.path.resolve().name)}-harvest")
     with tempfile.TemporaryDirectory(prefix=".retrain-", dir=out.parent) as work:
