@@ -17,7 +17,8 @@ the default options (`coft train`), every test image is scored once (cached), th
     MJPG video round trip (OpenCV's VideoWriter and VideoCapture) and as JPEG at 75 / 90:
     median score shift and false-reject at the stills' own 1% threshold.
 (c) with --harvest N ...: the line's frames split in two halves; from one, N frames with 5%
-    defects are "harvested" and `coft retrain`'s FUN-AD training fits a new bundle on them;
+    defects are "harvested" and `coft retrain`'s filtering (the k-shot bundle's scores,
+    then FUN-AD) and training fit a new bundle on them;
     image AUROC of it and of the k-shot bundle on the other half (first seed only).
 
 Writes operating_point.json and .md under --out.
@@ -45,6 +46,7 @@ from runtime.commissioning import FITS, fit_threshold  # noqa: E402
 from runtime.images import list_images, read_image, resize_to_input  # noqa: E402
 from train.evaluate import frame_scorer  # noqa: E402
 from train.metrics import detection_metrics, rates_at  # noqa: E402
+from train.retrain import trainable_frames  # noqa: E402
 
 DRAWS = 50
 
@@ -144,7 +146,8 @@ def harvest_rows(category: Path, args, work: Path) -> list[dict]:
         chosen = np.r_[rng.choice(goods, size - n_defects, replace=False), rng.choice(defects, n_defects, replace=False)]
         folder = work / f"harvest-{size}"
         folder.mkdir()
-        for i in chosen:
+        scores = seed_scores(category, seed, args, work)["scores"]
+        for i in trainable_frames(list(chosen), [""] * len(chosen), scores[chosen]):
             os.symlink(test[i].resolve(), folder / f"{i:05d}{test[i].suffix}")
         bundle, _ = train_unlabelled(folder, work / f"retrained-{size}", TrainOptions(
             backbone=args.backbone, scorer=args.scorer, seed=seed, progress=False))

@@ -82,6 +82,13 @@ FITS = {"trimmed-normal": lambda scores, target: _normal(_trimmed(np.log(scores)
         "trimmed-quantile": _trimmed_quantile}
 
 
+def suspects(scores: np.ndarray) -> np.ndarray:
+    """Which frames lie beyond the trim of the good parts' fit: the ones not to learn from."""
+    logs = np.log(np.asarray(scores, np.float64))
+    centre, spread = _trimmed(logs)
+    return logs > centre + TRIM_Z * spread
+
+
 def fit_threshold(scores: np.ndarray, target: float, fit: str = "trimmed-normal") -> dict:
     """The commissioning threshold and what it was fitted on (recorded in the new revision's manifest)."""
     scores = np.asarray(scores, np.float64)

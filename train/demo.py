@@ -202,6 +202,10 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
     steps.update()
     export_onnx(bundle)
     steps.update()
+    if test_limit and commission:
+        log.warning("demo: --test-limit balances the held-out cells 50/50, and commissioning assumes a line of mostly "
+                    "good parts; commissioning is off (run without --test-limit to see it)")
+        commission = 0
     line = line_folder(work, test_dir, stream, options.seed)
     count = len(list(line.iterdir()))
     if commission and count < commission + 50:

@@ -2,8 +2,9 @@
 
 The runtime's `harvest:` keeps every Nth accepted frame and every reject, each with its
 verdict JSON (camera, model id, score). Retraining fits a new bundle with the same
-settings on those frames, FUN-AD leaving out the suspects (whatever defects passed, and
-the rejects), and records where it came from (`revision_of`, `harvest`). Operators may
+settings on those frames, leaving out first the frames the line's own scores mark as
+suspects (runtime.commissioning's trimmed fit), then FUN-AD's, and records where it came
+from (`revision_of`, `harvest`). Operators may
 sort frames into `good/` and `defect/` folders inside the harvest: sorted defects are
 never trained on, and with `--recalibrate` the labelled frames set the threshold.
 Frames of another camera or another model's line are refused: their JSON says whose they are.
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import load_bundle, revise, update_manifest
+from runtime.commissioning import MIN_FRAMES, suspects
 from runtime.errors import CoftError
 from runtime.images import list_images
 from train.augment import AugmentConfig
@@ -61,6 +63,18 @@ def harvested_frames(harvest: Path, bundle_model: str, camera: str | None) -> tu
     return frames, labels, cameras.pop()
 
 
+def trainable_frames(frames: list[Path], labels: list[str], scores: np.ndarray) -> list[Path]:
+    """Sorted-good frames, and unsorted ones the line's own scores do not mark as suspects (FUN-AD then looks
+    again at what is left); never a sorted defect."""
+    finite = np.isfinite(scores) & (scores > 0)
+    suspect = np.ones(len(frames), bool)
+    if finite.sum() >= MIN_FRAMES:
+        suspect[finite] = suspects(scores[finite])
+    else:
+        suspect[finite] = False
+    return [p for p, label, s in zip(frames, labels, suspect) if label == "good" or (label == "" and not s)]
+
+
 def options_of(manifest: dict, progress: bool, weights: str | None) -> TrainOptions:
     """The training options a bundle was made with, so the retrained model is the same kind of model."""
     training = manifest["training"]
@@ -88,7 +102,8 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
     if commissioned and camera not in commissioned:
         raise CoftError(f"{harvest}: frames of camera {camera}, but {bundle.model_id} was commissioned on "
                         f"{', '.join(commissioned)}; retrain that camera's bundle")
-    trainable = [p for p, label in zip(frames, labels) if label != "defect"]
+    scores = np.array([float(json.loads(p.with_suffix(".json").read_text()).get("score") or np.inf) for p in frames])
+    trainable = trainable_frames(frames, labels, scores)
     out = Path(out) if out else bundle.path.resolve().with_name(f"{lineage(bundle.path.resolve().name)}-harvest")
     with tempfile.TemporaryDirectory(prefix=".retrain-", dir=out.parent) as work:
         pool = Path(work) / "pool"
