@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coft",
         description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
-        epilog="Stages: train -> eval -> export -> flash (or pack, then install on the box) -> run; rollback if need be. Try 'coft demo' for the whole flow on real solar cells.",
+        epilog="Stages: train -> eval -> export -> (sign) -> flash (or pack, then install on the box) -> commission -> run; "
+               "retrain from what the line harvested; rollback if need be. Try 'coft demo' for the whole flow on real "
+               "solar cells.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
