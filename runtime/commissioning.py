@@ -17,6 +17,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from runtime.drift import reference_median
 from runtime.errors import CoftError
 
 MIN_FRAMES = 100  # below this a 1% tail is a guess
@@ -108,8 +109,8 @@ def fit_threshold(scores: np.ndarray, target: float, fit: str = "trimmed-normal"
 def spread_ratio(scores: np.ndarray, threshold: dict) -> float | None:
     """How much wider the frames' scores spread than the good parts' did at training (log scale), or None
     when the bundle's threshold does not say where its good scores lay."""
-    median = threshold.get("calibration_score_median") or threshold.get("score_median")
-    if not median or threshold["value"] <= median:
+    median = reference_median(threshold)
+    if median is None:
         return None
     trained = np.log(threshold["value"] / median) / NormalDist().inv_cdf(1 - threshold.get("target_false_reject_rate", 0.01))
     return _trimmed(np.log(scores))[1] / trained

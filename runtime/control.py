@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")
 
 
+STATE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)  # what a spoilt state file raises
+
+
+def read_state(path: Path) -> tuple[str, dict]:
+    """(model id, {camera: threshold}) saved in a state file; raises one of STATE_ERRORS when it is spoilt."""
+    saved = json.loads(path.read_text())
+    cameras = saved["cameras"]
+    if not isinstance(cameras, dict):
+        raise ValueError("'cameras' is not a mapping")
+    return saved["model_id"], cameras
+
+
 class ThresholdState:
     def __init__(self, path: Path, bundle_threshold: float, model_id: str, cameras: list[str],
                  control: ControlConfig = ControlConfig()):
@@ -42,12 +54,9 @@ class ThresholdState:
         if not self.path.is_file():
             return {}
         try:
-            saved = json.loads(self.path.read_text())
-            cameras = saved["cameras"] if saved.get("model_id") == self.model_id else {}
-            if not isinstance(cameras, dict):
-                raise ValueError("'cameras' is not a mapping")
-            return cameras
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            model_id, cameras = read_state(self.path)
+            return cameras if model_id == self.model_id else {}
+        except STATE_ERRORS as exc:
             log.warning("ignoring %s (%s); every camera uses the bundle's threshold", self.path, exc)
             return {}
 

@@ -153,41 +153,41 @@ def validate(manifest: dict[str, Any], where: Path) -> None:
 
 
 # -- signatures ------------------------------------------------------------------------------
+def _parsed_key(path: Path, loaders, unreadable: str):
+    """The first key one of `loaders` makes of the file, or None; a file that cannot be read is a one-line error."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CoftError(f"{path}: cannot read the {unreadable.format(exc.strerror)}") from None
+    for loader in loaders:
+        try:
+            return loader(data)
+        except (ValueError, TypeError):
+            continue
+    return None
+
+
 def _load_private_key(path: Path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CoftError(f"{path}: cannot read the signing key ({exc.strerror})") from None
-    for loader in (load_pem_private_key, load_ssh_private_key):
-        try:
-            key = loader(data, password=None)
-        except (ValueError, TypeError):
-            continue
-        if isinstance(key, Ed25519PrivateKey):
-            return key
+    key = _parsed_key(path, (lambda data: load_pem_private_key(data, password=None),
+                             lambda data: load_ssh_private_key(data, password=None)), "signing key ({})")
+    if key is None:
+        raise CoftError(f"{path}: not a readable unencrypted private key (PEM or OpenSSH); make one with 'coft keygen'")
+    if not isinstance(key, Ed25519PrivateKey):
         raise CoftError(f"{path}: not an Ed25519 key; make one with 'coft keygen' or 'ssh-keygen -t ed25519'")
-    raise CoftError(f"{path}: not a readable unencrypted private key (PEM or OpenSSH); make one with 'coft keygen'")
+    return key
 
 
 def load_public_key(path: Path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
 
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CoftError(f"{path}: cannot read the trusted key ({exc.strerror}); check trusted_keys") from None
-    for loader in (load_pem_public_key, load_ssh_public_key):
-        try:
-            key = loader(data)
-        except (ValueError, TypeError):
-            continue
-        if isinstance(key, Ed25519PublicKey):
-            return key
-    raise CoftError(f"{path}: not an Ed25519 public key (PEM or OpenSSH .pub); use the .pub from 'coft keygen'")
+    key = _parsed_key(path, (load_pem_public_key, load_ssh_public_key), "trusted key ({}); check trusted_keys")
+    if not isinstance(key, Ed25519PublicKey):
+        raise CoftError(f"{path}: not an Ed25519 public key (PEM or OpenSSH .pub); use the .pub from 'coft keygen'")
+    return key
 
 
 def key_id(public_key) -> str:

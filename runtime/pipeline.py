@@ -78,8 +78,7 @@ class Runtime:
         self.engine = open_engine(self.bundle, config.backend, config.threads)
         log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
         names = [c.name for c in config.cameras]
-        self.threshold = ThresholdState(config.state_path, self.bundle.threshold, self.bundle.model_id, names,
-                                        config.control)
+        self._adopt(self.bundle, names)
         if not config.control.threshold:
             log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
         self.metrics = Metrics()
@@ -105,7 +104,6 @@ class Runtime:
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
-        self.drift = DriftWatch(self.bundle.manifest["threshold"])
         plan = config.commissioning
         self.commissioning = plan and Commissioning(
             plan.frames, plan.target_false_reject_rate,
@@ -113,6 +111,13 @@ class Runtime:
         if self.commissioning:
             log.info("commissioning: the first %d frames set the threshold; no reject is fired until then",
                      plan.frames)
+
+    def _adopt(self, bundle, cameras: list[str]) -> None:
+        """Judge with this bundle from now on: its threshold (or the live ones saved for it) and its drift reference."""
+        self.bundle = bundle
+        self.threshold = ThresholdState(self.config.state_path, bundle.threshold, bundle.model_id, cameras,
+                                        self.config.control)
+        self.drift = DriftWatch(bundle.manifest["threshold"])
 
     # -- frames in ---------------------------------------------------------------------------
     def _deliver(self, camera: str, triggered: bool):
@@ -263,11 +268,7 @@ class Runtime:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.bundle.path, exc)
             return
-        self.bundle = load_bundle(revision, self.config.trusted_keys)  # same model files: the engine stays
-        self.drift = DriftWatch(self.bundle.manifest["threshold"])
-        names = list(self.links)
-        self.threshold = ThresholdState(self.config.state_path, self.bundle.threshold, self.bundle.model_id, names,
-                                        self.config.control)
+        self._adopt(load_bundle(revision, self.config.trusted_keys), list(self.links))  # same model: same engine
         for link in self.links.values():
             link.publish_state(self.threshold.describe(link.camera, "commissioning"))
         if self.config.bundle.is_symlink():

@@ -179,21 +179,18 @@ class CameraThread(threading.Thread):
             try:
                 delivered = self._read_frames(reader)
             except SourceEnded:
+                if not self.camera.loop:
+                    log.info("camera %s: source ended after %d frames", self.camera.name, self.frame_id)
+                    self.state = f"ended after {self.frame_id} frames (the file or folder has no more)"
+                    self.ended.set()
+                    self.on_state(self.camera.name, False)
+                    return
                 delivered = self.frame_id >= first_frame
-                if self.camera.loop and delivered:
+                if delivered:
                     self.throttled.log(logging.INFO, "loop", "camera %s: reached the end; starting again (loop: true)",
                                        self.camera.name)
-                    backoff = 0.5
-                    continue
-                if self.camera.loop:
+                else:
                     self._down("the source ended without a single frame", backoff)
-                    backoff = min(backoff * 2, self.camera.reconnect_max_s)
-                    continue
-                log.info("camera %s: source ended after %d frames", self.camera.name, self.frame_id)
-                self.state = f"ended after {self.frame_id} frames (the file or folder has no more)"
-                self.ended.set()
-                self.on_state(self.camera.name, False)
-                return
             except Exception as exc:  # whatever OpenCV or a reader raises: log it, reopen the source
                 delivered = False
                 self._down(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from pathlib import Path
 
 from runtime.config import load_config
+from runtime.control import STATE_ERRORS, read_state
 from runtime.outbox import Outbox
 
 WATCHED = ("coft_frames_total", "coft_frames_dropped_total", "coft_verdicts_total", "coft_broker_connected",
@@ -19,10 +19,9 @@ def live_thresholds(state: Path) -> str:
     if not state.is_file():
         return "bundle's (never changed live)"
     try:
-        saved = json.loads(state.read_text())
-        cameras = saved["cameras"]
-        return ", ".join(f"{camera} {value:.6g}" for camera, value in cameras.items()) + f" (model {saved['model_id']})"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        model_id, cameras = read_state(state)
+        return ", ".join(f"{camera} {value:.6g}" for camera, value in cameras.items()) + f" (model {model_id})"
+    except STATE_ERRORS as exc:
         return f"unreadable {state} ({type(exc).__name__}: {exc}); the runtime ignores it and uses the bundle's"
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from runtime.errors import CoftError
 from train.evaluate import evaluate
+from train.metrics import rates_at
 from train.pipeline import TrainOptions, train_bundle
 
 log = logging.getLogger(__name__)
@@ -170,17 +171,12 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
 
 def after_commissioning(verdicts: list[dict], bundle) -> dict:
     """False-reject and escape of the cells judged after commissioning, at the bundle's threshold and at theirs."""
-    good = np.array(["-good-" in (v["part_id"] or "") for v in verdicts])
+    labels = np.array([int("-good-" not in (v["part_id"] or "")) for v in verdicts])
     scores = np.array([v["score"] if v["score"] is not None else np.inf for v in verdicts])
     used = np.array([v["threshold"] for v in verdicts])
-
-    def rates(threshold) -> dict:
-        rejected = scores > threshold
-        return {"false_reject_rate": float(rejected[good].mean()) if good.any() else float("nan"),
-                "escape_rate": float((~rejected[~good]).mean()) if (~good).any() else float("nan")}
     return {"cells": len(verdicts), "threshold_before": bundle.threshold,
             "threshold_after": float(used[-1]) if len(used) else bundle.threshold,
-            "before": rates(bundle.threshold), "after": rates(used)}
+            "before": rates_at(labels, scores, bundle.threshold), "after": rates_at(labels, scores, used)}
 
 
 def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 600,

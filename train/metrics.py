@@ -14,8 +14,8 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
 
 
-def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
-    """False-reject rate (good parts rejected) and escape rate (defects passed) at a threshold."""
+def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
+    """False-reject rate (good parts rejected) and escape rate (defects passed) at a threshold (or one per part)."""
     rejected = scores > threshold
     good, bad = labels == 0, labels == 1
     return {

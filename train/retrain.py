@@ -35,9 +35,11 @@ def lineage(model_id: str) -> str:
     return re.sub(r"(-r\d+)+$", "", model_id)
 
 
-def harvested_frames(harvest: Path, bundle_model: str, camera: str | None) -> tuple[list[Path], list[str], str]:
-    """The harvest's frames, each with its label ('good', 'defect' or '' when unsorted), and the camera."""
-    frames, labels, cameras = [], [], set()
+def harvested_frames(harvest: Path, bundle_model: str,
+                     camera: str | None) -> tuple[list[Path], list[str], np.ndarray, str]:
+    """The harvest's frames, each with its label ('good', 'defect' or '' when unsorted) and the score the line
+    gave it, and the camera."""
+    frames, labels, scores, cameras = [], [], [], set()
     for path in list_images(harvest, recursive=True):
         sidecar = path.with_suffix(".json")
         try:
@@ -54,24 +56,23 @@ def harvested_frames(harvest: Path, bundle_model: str, camera: str | None) -> tu
         parts = path.relative_to(harvest).parts[:-1]
         frames.append(path)
         labels.append("defect" if "defect" in parts else "good" if "good" in parts else "")
+        scores.append(float(verdict.get("score") or np.inf))
     if len(cameras) > 1:
         raise CoftError(f"{harvest}: frames of cameras {', '.join(sorted(map(str, cameras)))}; a bundle serves one "
                         "view of a part: give --camera")
     if not frames:
         raise CoftError(f"{harvest}: no harvested frames{f' of camera {camera}' if camera else ''}; "
                         "set harvest: in line.yaml and let the line run")
-    return frames, labels, cameras.pop()
+    return frames, labels, np.array(scores), cameras.pop()
 
 
 def trainable_frames(frames: list[Path], labels: list[str], scores: np.ndarray) -> list[Path]:
     """Sorted-good frames, and unsorted ones the line's own scores do not mark as suspects (FUN-AD then looks
     again at what is left); never a sorted defect."""
     finite = np.isfinite(scores) & (scores > 0)
-    suspect = np.ones(len(frames), bool)
+    suspect = ~finite
     if finite.sum() >= MIN_FRAMES:
         suspect[finite] = suspects(scores[finite])
-    else:
-        suspect[finite] = False
     return [p for p, label, s in zip(frames, labels, suspect) if label == "good" or (label == "" and not s)]
 
 
@@ -97,14 +98,15 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
 
     bundle = load_bundle(bundle_dir)
     harvest = Path(harvest)
-    frames, labels, camera = harvested_frames(harvest, bundle.model_id, camera)
+    frames, labels, scores, camera = harvested_frames(harvest, bundle.model_id, camera)
     commissioned = bundle.manifest.get("commissioning", {}).get("cameras")
     if commissioned and camera not in commissioned:
         raise CoftError(f"{harvest}: frames of camera {camera}, but {bundle.model_id} was commissioned on "
                         f"{', '.join(commissioned)}; retrain that camera's bundle")
-    scores = np.array([float(json.loads(p.with_suffix(".json").read_text()).get("score") or np.inf) for p in frames])
     trainable = trainable_frames(frames, labels, scores)
     out = Path(out) if out else bundle.path.resolve().with_name(f"{lineage(bundle.path.resolve().name)}-harvest")
+    if out.exists():  # before minutes of training, not after
+        raise CoftError(f"{out}: already exists; choose another --out or remove it first")
     with tempfile.TemporaryDirectory(prefix=".retrain-", dir=out.parent) as work:
         pool = Path(work) / "pool"
         pool.mkdir()
@@ -126,8 +128,6 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
         if threshold:
             revise(staged, {"threshold": threshold}, out)
         else:
-            if out.exists():
-                raise CoftError(f"{out}: already exists; choose another --out or remove it first")
             shutil.move(str(staged), out)
             shutil.move(str(Path(work) / "bundle.funad"), out.with_name(out.name + ".funad"))
     return out
