@@ -12,6 +12,7 @@ met 3 of the 4 targets, the most of the fits kept in FITS); the README gives the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from statistics import NormalDist
 
@@ -19,6 +20,8 @@ import numpy as np
 
 from runtime.drift import reference_median
 from runtime.errors import CoftError
+
+log = logging.getLogger(__name__)
 
 MIN_FRAMES = 100  # below this a 1% tail is a guess
 TRIM_Z = 2.0
@@ -132,7 +135,11 @@ class Commissioning:
         self.scores: list[float] = []
         self.rows: list[str] = ["file,camera,frame_id,score"]
         if folder:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CoftError(f"commissioning: cannot create {folder} ({exc.strerror}); make the outbox's folder "
+                                "writable or set commissioning.keep_frames: false") from None
 
     @property
     def complete(self) -> bool:
@@ -147,14 +154,20 @@ class Commissioning:
             import cv2
 
             name = f"{len(self.scores):06d}-{camera}-{frame_id}.jpg"
-            cv2.imwrite(str(self.folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not cv2.imwrite(str(self.folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                log.error("commissioning: could not write %s (disk full?); its score is kept", self.folder / name)
+                name = ""
         self.rows.append(f"{name},{camera},{frame_id},{score:.6g}")
 
     def fit(self, bundle_threshold: dict) -> dict:
         """The new threshold, or a one-line CoftError saying why the old one stays."""
         scores = np.array(self.scores)
         if self.folder:
-            (self.folder / "scores.csv").write_text("\n".join(self.rows) + "\n")
+            try:
+                (self.folder / "scores.csv").write_text("\n".join(self.rows) + "\n")
+            except OSError as exc:
+                log.error("commissioning: could not write %s (%s); fitting on the scores in memory",
+                          self.folder / "scores.csv", exc.strerror)
         fitted = fit_threshold(scores, self.target)
         ratio = spread_ratio(scores, bundle_threshold)
         share_above = float((scores > bundle_threshold["value"]).mean())
@@ -194,6 +207,9 @@ class Commissioning:
                 axis.set_ylabel("frames")
                 axis.legend()
                 figure.tight_layout()
-                figure.savefig(self.folder / "histogram.png", dpi=110)
+                try:
+                    figure.savefig(self.folder / "histogram.png", dpi=110)
+                except OSError as exc:
+                    log.error("commissioning: could not write %s (%s)", self.folder / "histogram.png", exc.strerror)
                 plt.close(figure)
         return "\n".join(lines)

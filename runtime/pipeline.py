@@ -272,7 +272,11 @@ class Runtime:
         for link in self.links.values():
             link.publish_state(self.threshold.describe(link.camera, "commissioning"))
         if self.config.bundle.is_symlink():
-            switch(self.config.bundle, revision)
+            try:
+                switch(self.config.bundle, revision)
+            except OSError as exc:
+                log.error("commissioning: cannot point %s at %s (%s); the next start runs the old bundle",
+                          self.config.bundle, revision, exc.strerror)
         log.warning("commissioning done: now running %s (threshold %.6g); it is in %s%s", self.bundle.model_id,
                     self.bundle.threshold, revision,
                     "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")

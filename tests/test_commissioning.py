@@ -138,3 +138,16 @@ def test_harvest_then_retrain_makes_a_new_model_of_the_same_kind(tmp_path, expor
     frames[1].with_suffix(".json").write_text(json.dumps(stranger))
     with pytest.raises(CoftError, match="was inspected by model another-line-model, not by"):
         retrain(exported_bundle, tmp_path / "harvest", tmp_path / "again", progress=False)
+
+
+def test_a_commissioning_folder_that_goes_away_is_logged_not_fatal(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    commissioning = Commissioning(120, 0.01, tmp_path / "frames")
+    scores = _line(rng, 120, defect_share=0.1)[0]
+    commissioning.add("cam1", 0, np.zeros((8, 8, 3), np.uint8), float(scores[0]))
+    shutil.rmtree(tmp_path / "frames")  # the disk went away under it
+    for i, score in enumerate(scores[1:], 1):
+        commissioning.add("cam1", i, np.zeros((8, 8, 3), np.uint8), float(score))
+    fitted = commissioning.fit({"value": 10.0, "target_false_reject_rate": 0.01})
+    assert fitted["frames"] == 120 and "commissioning: could not write" in caplog.text
+    assert "<- new threshold" in commissioning.histogram(10.0, fitted["value"])
