@@ -1,4 +1,5 @@
-"""Evidence on disk: rejected frames (and every Nth accepted one) as JPEG beside their verdict JSON.
+"""Evidence on disk: rejected frames (and every Nth accepted one) as JPEG beside their verdict JSON,
+each as the camera gave it and, for evidence, annotated (map, box, verdict) as an operator reads it.
 
 Kept within a disk budget: once the folder grows past it, the oldest evidence goes first.
 Readable by the service's user only: frames of a line's parts are its owner's business.
@@ -18,6 +19,7 @@ import numpy as np
 from runtime.config import EvidenceConfig
 
 log = logging.getLogger(__name__)
+ANNOTATED = "-annotated.jpg"
 
 
 class Evidence:
@@ -37,24 +39,43 @@ class Evidence:
         n = self.config.every_nth_pass
         return bool(n) and self.passes % n == 0
 
-    def save(self, image: np.ndarray, verdict: dict) -> None:
+    def save(self, image: np.ndarray, verdict: dict, annotated: np.ndarray | None = None) -> None:
         stem = f"{verdict['camera']}-{verdict['seq']:09d}-{verdict['verdict']}"
         folder = self.config.dir / verdict["camera"]
         folder.mkdir(mode=0o700, exist_ok=True)
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        if not ok:
-            log.warning("evidence: could not encode frame %s", stem)
-            return
-        for path, data in ((folder / f"{stem}.jpg", jpeg.tobytes()), (folder / f"{stem}.json", json.dumps(verdict).encode())):
-            try:
-                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                    f.write(data)
-            except OSError as exc:
-                log.error("evidence: cannot write %s (%s); check evidence.dir", path, exc.strerror)
+        files = [(folder / f"{stem}.jpg", image)] + ([(folder / f"{stem}{ANNOTATED}", annotated)]
+                                                       if annotated is not None else [])
+        for path, picture in files:
+            ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            if not ok:
+                log.warning("evidence: could not encode frame %s", stem)
                 return
-            self.files.append((path, len(data)))
-            self.total += len(data)
+            if not self._write(path, jpeg.tobytes()):
+                return
+        if not self._write(folder / f"{stem}.json", json.dumps(verdict).encode()):
+            return
         while self.total > self.budget and self.files:
             path, size = self.files.popleft()
             path.unlink(missing_ok=True)
             self.total -= size
+
+    def _write(self, path: Path, data: bytes) -> bool:
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            log.error("evidence: cannot write %s (%s); check evidence.dir", path, exc.strerror)
+            return False
+        self.files.append((path, len(data)))
+        self.total += len(data)
+        return True
+
+    def rejects(self, camera: str | None = None, limit: int = 24) -> list[Path]:
+        """Verdict files of rejected frames, newest first."""
+        def written(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:  # deleted for the disk budget since the listing
+                return 0.0
+        found = self.config.dir.glob(f"{camera or '*'}/*-reject.json")
+        return sorted(found, key=written, reverse=True)[:limit]

@@ -150,7 +150,17 @@ def test_verdict_carries_the_defect_box_in_frame_pixels(patch_bundle, masked_set
     x, y, w, h = verdict["defect"]["box"]  # in the 128 px frame, not the 96 px model input
     assert x <= STAIN[0] <= x + w and y <= STAIN[1] <= y + h
     assert w < 100 and h < 100 and verdict["defect"]["peak"] > verdict["threshold"]
-    assert len(list((tmp_path / "evidence/cam1").glob("*.jpg"))) == 1  # saved with the heatmap overlaid
+    annotated, raw = sorted((tmp_path / "evidence/cam1").glob("*.jpg"))  # as the camera gave it, and annotated
+    assert annotated.name.endswith("-reject-annotated.jpg") and raw.name == annotated.name.replace("-annotated", "")
+    assert cv2.imread(str(raw)).shape == cv2.imread(str(annotated)).shape == (128, 128, 3)
+
+
+def test_defect_box_bounds_the_hottest_region_only():
+    score_map = np.zeros((100, 100), np.float32)
+    score_map[10:20, 10:20] = 5.0  # the defect
+    score_map[70:90, 60:95] = 2.0  # a weaker blob above the threshold elsewhere
+    assert defect_box(score_map, 1.0) == [10, 10, 10, 10]  # not [10, 10, 85, 80] around both
+    assert defect_box(score_map, 6.0) is None
 
 
 def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, mosquitto):
@@ -169,5 +179,5 @@ def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, m
     from runtime.sources import Frame
     frame = Frame("cam1", 1, 0.0, np.zeros((128, 128, 3), np.uint8))
     with pytest.raises(CoftError, match="does not match the model input"):
-        runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0)
+        runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0, True)
     runtime.outbox.close()
