@@ -68,16 +68,21 @@ class BrokerConfig(Strict):
         return self
 
     def password(self) -> str | None:
-        if self.password_env:
-            if self.password_env not in os.environ:
-                raise CoftError(f"broker.password_env: environment variable {self.password_env} is not set")
-            return os.environ[self.password_env]
-        if self.password_file:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise CoftError(f"broker.password_file: cannot read {self.password_file} ({exc.strerror})") from exc
-        return None
+        return secret(self.password_env, self.password_file, "broker.password")
+
+
+def secret(env: str | None, file: Path | None, key: str) -> str | None:
+    """A password or token from an environment variable or a file (a Docker or systemd secret), never the config."""
+    if env:
+        if env not in os.environ:
+            raise CoftError(f"{key}_env: environment variable {env} is not set")
+        return os.environ[env]
+    if file:
+        try:
+            return file.read_text().strip()
+        except OSError as exc:
+            raise CoftError(f"{key}_file: cannot read {file} ({exc.strerror})") from exc
+    return None
 
 
 class OutboxConfig(Strict):
@@ -110,6 +115,26 @@ class CommissioningConfig(Strict):
     keep_frames: bool = Field(True, description="save the frames (JPEG) and their scores beside the outbox")
 
 
+class WebConfig(Strict):
+    """The live view: frames with the anomaly map, verdicts, counters, the evidence gallery, operator actions."""
+    port: int = Field(8080, ge=1, le=65535)
+    bind: str = Field("127.0.0.1", description="address the page listens on (0.0.0.0: every interface; put TLS "
+                                                "and a login in front of it then)")
+    token_env: str | None = Field(None, description="environment variable holding the operator token")
+    token_file: Path | None = Field(None, description="file holding the operator token; without a token the "
+                                                      "page is read-only")
+    live_fps: float = Field(4.0, gt=0, le=30, description="most live frames per second sent to each viewer")
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if self.token_env and self.token_file:
+            raise ValueError("give token_env or token_file, not both")
+        return self
+
+    def token(self) -> str | None:
+        return secret(self.token_env, self.token_file, "web.token")
+
+
 class RuntimeConfig(Strict):
     bundle: Path
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -122,6 +147,7 @@ class RuntimeConfig(Strict):
     evidence: EvidenceConfig | None = None
     harvest: EvidenceConfig | None = Field(None, description="frames kept to retrain on (coft retrain): raw, with "
                                                              "their verdicts; every_nth_pass accepts and all rejects")
+    web: WebConfig | None = Field(None, description="present: serve the live view and /api/status")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(10.0, gt=0)
@@ -190,7 +216,8 @@ def load_config(path: str | Path) -> RuntimeConfig:
     tls = config.broker.tls
     for holder, attr in [(config, "bundle"), (config.outbox, "path"), (config, "state_file"),
                          (config.broker, "password_file")] + \
-            ([(config.evidence, "dir")] if config.evidence else []) + \
+            [(folder, "dir") for folder in (config.evidence, config.harvest) if folder] + \
+            ([(config.web, "token_file")] if config.web else []) + \
             ([(tls, "ca"), (tls, "cert"), (tls, "key")] if tls else []):
         value = getattr(holder, attr)
         if value is not None and not value.is_absolute():

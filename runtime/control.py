@@ -41,11 +41,13 @@ class ThresholdState:
         factor = control.threshold_factor
         self.low, self.high = bundle_threshold / factor, bundle_threshold * factor
         self.values = {camera: bundle_threshold for camera in cameras}
+        self.sources = {camera: "bundle" for camera in cameras}  # where each camera's threshold came from
         self.lock = threading.Lock()
         for camera, value in self._saved().items():
             if camera in self.values:
                 try:
                     self.values[camera] = self._in_bounds(valid_threshold(str(value)))
+                    self.sources[camera] = "saved"
                     log.info("camera %s: threshold %.6g restored from %s", camera, value, path)
                 except CoftError as exc:
                     log.warning("camera %s: ignoring the saved threshold (%s); using the bundle's", camera, exc)
@@ -69,17 +71,19 @@ class ThresholdState:
     def value(self, camera: str) -> float:
         return self.values[camera]
 
-    def set(self, camera: str, payload: bytes) -> dict:
-        """Apply a threshold command for one camera, or raise a one-line CoftError and change nothing."""
+    def set(self, camera: str, payload: bytes, via: str = "mqtt") -> dict:
+        """Apply a threshold command for one camera, or raise a one-line CoftError and change nothing.
+        `via` says who asked (mqtt, or web with the operator's address) in the AUDIT line."""
         value = self._in_bounds(valid_threshold(payload[:64].decode(errors="replace").strip()))
         with self.lock:
             previous = self.values[camera]
             values = {**self.values, camera: value}
             self._save(values)
             self.values = values
-        audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=mqtt", camera, previous, value,
-                   self.model_id)
-        return self.describe(camera, "mqtt")
+            self.sources[camera] = via
+        audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=%s", camera, previous, value,
+                   self.model_id, via)
+        return self.describe(camera, via)
 
     def _save(self, values: dict[str, float]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")

@@ -42,3 +42,21 @@ class Throttled:
         run = self.runs.pop(key, None)
         if run is not None and run[2]:
             self.logger.log(run[0], "%s (%d more times)", run[1], run[2])
+
+
+class LastProblems(logging.Handler):
+    """The last warning or error about each camera (and about the runtime as a whole), for the live view and
+    `coft status`: what an integrator would otherwise grep the journal for."""
+
+    def __init__(self, cameras: list[str]):
+        super().__init__(logging.WARNING)
+        self.cameras = cameras
+        self.last: dict[str, dict] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not break logging itself
+            return
+        about = next((c for c in self.cameras if f"camera {c}:" in message or f"mqtt {c}:" in message), "runtime")
+        self.last[about] = {"time": record.created, "level": record.levelname, "message": message.splitlines()[0]}

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 
-import cv2
 import numpy as np
 
 from runtime.box import switch
@@ -33,9 +32,9 @@ from runtime.control import ThresholdState
 from runtime.engines import open_engine
 from runtime.errors import CoftError
 from runtime.evidence import Evidence
-from runtime.heatmap import defect_box, overlay
+from runtime.heatmap import annotate, defect_box
 from runtime.images import resize_to_input
-from runtime.logs import Throttled
+from runtime.logs import LastProblems, Throttled
 from runtime.metrics import Metrics
 from runtime.mqtt import CameraLink, camera_topic
 from runtime.outbox import Outbox, OutboxRefused
@@ -43,6 +42,7 @@ from runtime.sources import CameraThread, Frame
 from runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+RECENT = 300  # verdicts per camera kept for the live view, its chart and latency percentiles
 
 
 class FrameQueue:
@@ -101,6 +101,13 @@ class Runtime:
         self.started = time.time()
         self.watchdog = Watchdog()
         self.rois = {c.name: c.roi for c in config.cameras}
+        self.recent = {name: deque(maxlen=RECENT) for name in names}
+        self.views: dict[str, tuple] = {}  # camera -> (frame, anomaly map, verdict) last scored: the live image
+        self.problems = LastProblems(names)
+        self.web = None
+        if config.web:
+            from runtime.web import WebServer  # aiohttp only on boxes that serve the page
+            self.web = WebServer(self, config.web)
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
@@ -162,16 +169,18 @@ class Runtime:
             self._verdict(frame, float(score), self.threshold.value(frame.camera), score_map)
         self.metrics.outbox_depth.set(self.outbox.depth())
 
-    def defect(self, frame: Frame, score_map: np.ndarray, threshold: float) -> dict:
-        """Where the defect is, in the camera frame's pixels: the box around the hottest region of the map
-        (above the threshold and above half the peak, since receptive fields spread a strong defect wide)."""
+    def defect(self, frame: Frame, score_map: np.ndarray, threshold: float, reject: bool) -> dict:
+        """Where the defect is, in the camera frame's pixels: the box around the hottest connected region of
+        the map above the threshold and above half the peak (receptive fields spread a strong defect wide).
+        A rejected frame whose smoothed map stays below the threshold gets the box of its hottest 10%."""
         if score_map.shape != self.bundle.input_size:
             raise CoftError(f"anomaly map of {score_map.shape} does not match the model input {self.bundle.input_size}; "
                             "re-export the bundle with 'coft export'")
-        box = defect_box(score_map, max(threshold, 0.5 * float(score_map.max())))
+        peak = float(score_map.max())
+        box = defect_box(score_map, max(threshold, 0.5 * peak) if peak > threshold or not reject else 0.9 * peak)
         if box is not None:
             (ih, iw), (fh, fw) = self.bundle.input_size, frame.image.shape[:2]
-            x0, y0 = self.rois[frame.camera][:2] if self.rois[frame.camera] else (0, 0)
+            x0, y0 = self.origin(frame.camera)
             box = [round(box[0] * fw / iw) + x0, round(box[1] * fh / ih) + y0,
                    round(box[2] * fw / iw), round(box[3] * fh / ih)]
         return {"box": box, "peak": round(float(score_map.max()), 4)}
@@ -198,7 +207,7 @@ class Runtime:
             **({"commissioning": True} if commissioning else {}),
         }
         if score_map is not None and judged:
-            verdict["defect"] = self.defect(frame, score_map, threshold)
+            verdict["defect"] = self.defect(frame, score_map, threshold, reject)
 
         def messages(seq: int) -> list[tuple[str, bytes]]:
             verdict["seq"] = seq
@@ -216,13 +225,17 @@ class Runtime:
         self.metrics.latency.observe(time.time() - frame.captured_at)
         self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
         self.links[frame.camera].notify()
+        self.recent[frame.camera].append(verdict)
+        self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
             self.harvest.save(frame.image, verdict)  # as the camera gave it: what retraining needs
         if self.evidence and self.evidence.wanted(reject):
-            image = frame.image
-            if score_map is not None:
-                image = overlay(image, cv2.resize(score_map, image.shape[1::-1]), threshold)
-            self.evidence.save(image, verdict)
+            self.evidence.save(frame.image, verdict, annotate(frame.image, verdict, score_map, self.origin(frame.camera)))
+
+    def origin(self, camera: str) -> tuple[int, int]:
+        """Where the camera's frames start in its full picture (the ROI's corner): verdict boxes are given in those pixels."""
+        roi = self.rois[camera]
+        return (roi[0], roi[1]) if roi else (0, 0)
 
     def _store(self, frame: Frame, messages, reject: bool) -> bool:
         """Put a verdict in the outbox; while the disk refuses, count what is lost and say so loudly."""
@@ -292,6 +305,39 @@ class Runtime:
                 "refused": value("coft_verdicts_refused_total"), "camera": state,
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
 
+    def status(self) -> dict:
+        """Everything the live view and `coft status` show: the model, and per camera its state, threshold and
+        where it came from, counters, latency percentiles of the recent verdicts and the last problem."""
+        cameras = {}
+        for name, link in self.links.items():
+            recent = list(self.recent[name])
+            latencies = [v["latency_ms"] for v in recent]
+            oldest = self.outbox.oldest_created(name)
+            cameras[name] = {
+                **self.counters(name), "broker_connected": link.connected.is_set(),
+                "ended": any(c.ended.is_set() for c in self.cameras if c.camera.name == name),
+                **self.threshold.describe(name, self.threshold.sources[name]),
+                "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
+                "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+                "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+                "last_verdict": recent[-1] if recent else None,
+                "last_problem": self.problems.last.get(name),
+            }
+        manifest = self.bundle.manifest
+        return {"model_id": self.bundle.model_id, "revision_of": manifest.get("revision_of"),
+                "threshold_method": manifest["threshold"]["method"], "engine": self.engine.name,
+                "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
+                "commissioning": bool(self.commissioning) and not self.commissioning.complete,
+                "outbox_refusing": self.refusing, "last_problem": self.problems.last.get("runtime"),
+                "web_actions": bool(self.web and self.web.token), "cameras": cameras}
+
+    def set_threshold(self, camera: str, value: str, via: str) -> dict:
+        """An operator's threshold change from the web page: the same guards and AUDIT line as over MQTT, and
+        the new state published on the camera's state topic."""
+        state = self.threshold.set(camera, value.encode(), via)
+        self.links[camera].publish_state(state)
+        return state
+
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
         for camera in self.cameras:
@@ -301,6 +347,8 @@ class Runtime:
             problem = link.health(self.config.stall_s)
             if problem:
                 return problem
+        if self.web and not self.web.alive():
+            return "the live view's web server stopped"
         failing = time.monotonic() - self.last_inspection_ok
         if failing > self.config.stall_s:
             return f"inspection has failed for {failing:.0f}s"
@@ -310,6 +358,9 @@ class Runtime:
         """Run until SIGTERM/SIGINT (or, for replay, until every source has ended and all is scored)."""
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
+        logging.getLogger().addHandler(self.problems)
+        if self.web:
+            self.web.start()
         for link in self.links.values():
             link.start()
             link.publish_state(self.threshold.describe(link.camera, "start"))
@@ -380,6 +431,9 @@ class Runtime:
                 link.stop(drain_s)
             except Exception as exc:  # one broken link must not keep the others from closing
                 log.error("mqtt %s: could not stop cleanly: %s", link.camera, exc)
+        if self.web:
+            self.web.stop()
+        logging.getLogger().removeHandler(self.problems)
         left = self.outbox.depth()
         if left:
             log.warning("stopping with %d messages not yet acknowledged; they go out at the next start", left)

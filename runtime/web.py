@@ -1,0 +1,282 @@
+"""The live view: a small web page served by the runtime (aiohttp, on its own thread and event loop).
+
+Per camera it shows the last scored frame with the anomaly map and defect box, the last
+verdicts, a score chart with the threshold, counters and states; below, the evidence
+gallery. Frames are rendered here, at most `live_fps` a second and only while someone
+watches, so the inspection loop only stores a reference to its last frame.
+Anything that changes the line (threshold, marking a reject as a good part) needs the
+operator token in an `Authorization: Bearer` header and leaves an AUDIT log line; the
+token itself is never logged. `/api/status` and `/api/verdicts` are what the page and
+`coft status` read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+from aiohttp import web
+
+from runtime.config import WebConfig
+from runtime.errors import CoftError
+from runtime.evidence import ANNOTATED
+from runtime.heatmap import annotate
+from runtime.logs import Throttled
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("coft.audit")
+STATIC = Path(__file__).with_name("static")
+EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
+STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
+LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
+
+
+class WebServer:
+    def __init__(self, runtime, config: WebConfig):
+        self.runtime, self.config = runtime, config
+        self.token = config.token()
+        self.rendered: dict[str, tuple[dict, bytes]] = {}  # camera -> (verdict shown, its JPEG), shared by viewers
+        self.stopping = threading.Event()
+        self.throttled = Throttled(log)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.add_routes([
+            web.get("/", self.index), web.static("/static", STATIC),
+            web.get("/api/status", self.status), web.get("/api/verdicts", self.verdicts),
+            web.get("/api/cameras/{camera}/live.mjpg", self.live_stream),
+            web.get("/api/cameras/{camera}/live.jpg", self.live_frame),
+            web.post("/api/cameras/{camera}/threshold", self.set_threshold),
+            web.get("/api/evidence", self.evidence_list),
+            web.get("/api/evidence/{camera}/{name}", self.evidence_file),
+            web.post("/api/evidence/{camera}/{stem}/good", self.mark_good),
+        ])
+        return app
+
+    def start(self) -> None:
+        """Listen, or raise a one-line CoftError (port taken, address not this box's) before inspection starts."""
+        ready, failure = threading.Event(), []
+
+        def serve() -> None:
+            self.loop = asyncio.new_event_loop()
+            runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2)
+            try:
+                self.loop.run_until_complete(runner.setup())
+                self.loop.run_until_complete(web.TCPSite(runner, self.config.bind, self.config.port).start())
+            except OSError as exc:
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(runner.cleanup())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=serve, name="web", daemon=True)
+        self.thread.start()
+        ready.wait(30)
+        if failure:
+            raise CoftError(f"web.port {self.config.port} on {self.config.bind}: cannot listen "
+                            f"({failure[0].strerror or failure[0]}); another process uses it, or the address is not "
+                            "this box's: change web.port or web.bind")
+        log.info("live view on http://%s:%d/ (operator actions %s)", self.config.bind, self.config.port,
+                 "need the token" if self.token else "off: no web.token_file or web.token_env")
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.loop and self.alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(self.runtime.status))
+
+    def camera(self, request: web.Request) -> str:
+        camera = request.match_info.get("camera") or request.query.get("camera")
+        if camera is not None and camera not in self.runtime.links:
+            raise _error(web.HTTPNotFound, f"no camera named {camera!r}; cameras: {', '.join(self.runtime.links)}")
+        return camera
+
+    async def verdicts(self, request: web.Request) -> web.Response:
+        """The recent verdicts of one camera (or all), oldest first; `after=SEQ` gives only newer ones."""
+        camera, after, limit = self.camera(request), _number(request, "after", -1), _number(request, "limit", 50)
+        chosen = [camera] if camera else list(self.runtime.recent)
+        found = [v for name in chosen for v in tuple(self.runtime.recent[name]) if v["seq"] > after]
+        found.sort(key=lambda v: v["capture_ts"])
+        return web.json_response({"verdicts": found[-min(max(limit, 1), 300):]})
+
+    async def live_jpeg(self, camera: str) -> bytes | None:
+        view = self.runtime.views.get(camera)
+        if view is None:
+            return None
+        frame, score_map, verdict = view
+        cached = self.rendered.get(camera)
+        if cached and cached[0] is verdict:
+            return cached[1]
+        picture = await asyncio.to_thread(annotate, frame.image, verdict, score_map, self.runtime.origin(camera),
+                                          LIVE_WIDTH)
+        ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        if not ok:
+            return None
+        self.rendered[camera] = (verdict, jpeg.tobytes())
+        return self.rendered[camera][1]
+
+    async def live_frame(self, request: web.Request) -> web.Response:
+        jpeg = await self.live_jpeg(self.camera(request))
+        if jpeg is None:
+            raise _error(web.HTTPServiceUnavailable, "no frame has been scored yet on this camera")
+        return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def live_stream(self, request: web.Request) -> web.StreamResponse:
+        """MJPEG: a new picture whenever a new verdict is in, at most live_fps a second."""
+        camera = self.camera(request)
+        response = web.StreamResponse(headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame",
+                                               "Cache-Control": "no-store"})
+        await response.prepare(request)
+        shown = None
+        try:
+            while not self.stopping.is_set():
+                view = self.runtime.views.get(camera)
+                if view is not None and view[2] is not shown:
+                    shown = view[2]
+                    jpeg = await self.live_jpeg(camera)
+                    if jpeg:
+                        await response.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                             % (len(jpeg), jpeg))
+                await asyncio.sleep(1 / self.config.live_fps)
+        except (ConnectionError, RuntimeError):  # the viewer went away
+            pass
+        return response
+
+    def gallery(self):
+        evidence = self.runtime.evidence
+        if evidence is None:
+            raise _error(web.HTTPNotFound, "evidence is off: add an evidence: block to line.yaml to keep rejected frames")
+        return evidence
+
+    async def evidence_list(self, request: web.Request) -> web.Response:
+        """Rejected frames, newest first, each with its verdict and whether an operator marked it a good part."""
+        camera, evidence = self.camera(request), self.gallery()
+        items = []
+        for path in await asyncio.to_thread(evidence.rejects, camera, min(_number(request, "limit", 24), 200)):
+            try:
+                verdict = json.loads(path.read_text())
+            except (OSError, ValueError):  # deleted for the budget, or half-written: not worth a tile
+                continue
+            stem, folder = path.stem, path.parent.name
+            items.append({"camera": folder, "stem": stem, "verdict": verdict,
+                          "raw": f"/api/evidence/{folder}/{stem}.jpg",
+                          "annotated": f"/api/evidence/{folder}/{stem}{ANNOTATED}"
+                          if path.with_name(stem + ANNOTATED).is_file() else None,
+                          "marked_good": (self.feedback_folder() / f"{stem}.json").is_file()})
+        return web.json_response({"evidence": items})
+
+    async def evidence_file(self, request: web.Request) -> web.FileResponse:
+        camera, name = self.camera(request), request.match_info["name"]
+        path = self.gallery().config.dir / camera / name
+        if not EVIDENCE_FILE.match(name) or not path.is_file():
+            raise _error(web.HTTPNotFound, f"no evidence file {name} for camera {camera} (deleted for the disk budget?)")
+        return web.FileResponse(path)
+
+    # -- operator actions --------------------------------------------------------------------
+    def authorise(self, request: web.Request, action: str) -> str:
+        """Who is acting (for the AUDIT line), or an HTTP error; the token is compared in constant time."""
+        if not self.token:
+            raise _error(web.HTTPForbidden, "operator actions are off: set web.token_file or web.token_env in line.yaml")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            self.throttled.log(logging.WARNING, "token", "web: %s from %s refused: operator token missing or wrong",
+                               action, request.remote)
+            raise _error(web.HTTPUnauthorized, "operator token missing or wrong")
+        return f"web:{request.remote}"
+
+    async def read_json(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise _error(web.HTTPBadRequest, 'send a JSON object, e.g. {"threshold": 0.42}')
+        return body
+
+    async def set_threshold(self, request: web.Request) -> web.Response:
+        camera = self.camera(request)
+        who = self.authorise(request, f"threshold change for camera {camera}")
+        value = (await self.read_json(request)).get("threshold")
+        if not self.runtime.config.control.threshold:
+            raise _error(web.HTTPForbidden, "threshold changes are off (control.threshold: false in line.yaml)")
+        try:
+            state = await asyncio.to_thread(self.runtime.set_threshold, camera, str(value), who)
+        except CoftError as exc:
+            log.warning("web: threshold for camera %s refused: %s", camera, exc)
+            raise _error(web.HTTPBadRequest, str(exc)) from None
+        return web.json_response(state)
+
+    def feedback_folder(self) -> Path:
+        """Where frames an operator calls good go: the harvest's good/ (coft retrain trains on them), else feedback/."""
+        harvest = self.runtime.harvest
+        return harvest.config.dir / "good" if harvest else self.runtime.evidence.config.dir / "feedback"
+
+    async def mark_good(self, request: web.Request) -> web.Response:
+        camera, stem = self.camera(request), request.match_info["stem"]
+        who = self.authorise(request, f"marking {stem} good")
+        evidence = self.gallery()
+        if not STEM.match(stem) or not (evidence.config.dir / camera / f"{stem}.json").is_file():
+            raise _error(web.HTTPNotFound, f"no rejected frame {stem} for camera {camera} (deleted for the disk budget?)")
+        try:
+            target = await asyncio.to_thread(self._file_as_good, camera, stem, who)
+        except OSError as exc:
+            log.error("web: cannot keep %s as a good part (%s); check the folder %s", stem, exc, self.feedback_folder())
+            raise _error(web.HTTPInternalServerError, f"cannot write to {self.feedback_folder()}: {exc}") from None
+        audit.info("AUDIT feedback camera=%s frame=%s verdict=reject operator=good to=%s via=%s", camera, stem, target, who)
+        return web.json_response({"stem": stem, "saved_to": str(target)})
+
+    def _file_as_good(self, camera: str, stem: str, who: str) -> Path:
+        """The raw frame and its verdict, with the operator's word, in the feedback folder. A frame the harvest
+        kept too is moved, so that retraining sees it once, as good."""
+        folder = self.feedback_folder()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        source = self.runtime.evidence.config.dir / camera
+        harvested = self.runtime.harvest.config.dir / camera if self.runtime.harvest else None
+        verdict = json.loads((source / f"{stem}.json").read_text())
+        verdict["operator"] = {"verdict": "good", "by": who,
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if harvested and (harvested / f"{stem}.jpg").is_file():
+            shutil.move(harvested / f"{stem}.jpg", folder / f"{stem}.jpg")
+            (harvested / f"{stem}.json").unlink(missing_ok=True)
+        else:
+            shutil.copyfile(source / f"{stem}.jpg", folder / f"{stem}.jpg")
+        with open(os.open(folder / f"{stem}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(verdict, f)
+        return folder / f"{stem}.jpg"
+
+
+def _number(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, default))
+    except ValueError:
+        raise _error(web.HTTPBadRequest, f"{name} must be a whole number") from None
+
+
+def _error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+    """An HTTP error whose body says, in one line of JSON, what is wrong and how to fix it."""
+    return kind(text=json.dumps({"error": message}), content_type="application/json")
