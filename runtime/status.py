@@ -1,21 +1,26 @@
-"""`coft status`: what an integrator checks first at a line, on one screen."""
+"""`coft status`: what an integrator checks first at a line, on one screen.
+
+Live figures come from the runtime's own `/api/status` (the live view's, `web:` in
+line.yaml); what lies on disk (bundle, saved thresholds, outbox) is read directly, so
+the screen says something useful, and says plainly so, when the runtime is not running.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 import urllib.request
 from pathlib import Path
 
-from runtime.config import load_config
+from runtime.config import RuntimeConfig, load_config
 from runtime.control import STATE_ERRORS, read_state
 from runtime.outbox import Outbox
 
-WATCHED = ("coft_frames_total", "coft_frames_dropped_total", "coft_verdicts_total", "coft_broker_connected",
-           "coft_camera_connected", "coft_camera_ended", "coft_outbox_depth", "coft_outbox_refusing",
-           "coft_verdicts_refused_total", "coft_inspection_failures_total")
+NOT_RUNNING = 3  # exit status, as systemctl's for an inactive unit
 
 
 def live_thresholds(state: Path) -> str:
-    """The thresholds changed over MQTT, per camera, or why there are none."""
+    """The thresholds changed live, per camera, or why there are none."""
     if not state.is_file():
         return "bundle's (never changed live)"
     try:
@@ -25,12 +30,67 @@ def live_thresholds(state: Path) -> str:
         return f"unreadable {state} ({type(exc).__name__}: {exc}); the runtime ignores it and uses the bundle's"
 
 
-def print_status(config_path: str | Path) -> None:
+def fetch_status(config: RuntimeConfig) -> dict:
+    """The running runtime's /api/status; raises OSError when nothing answers."""
+    host = "127.0.0.1" if config.web.bind in ("0.0.0.0", "::") else config.web.bind
+    with urllib.request.urlopen(f"http://{host}:{config.web.port}/api/status", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def duration(seconds: float) -> str:
+    minutes, hours = int(seconds // 60) % 60, int(seconds // 3600)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {int(seconds) % 60:02d}s"
+
+
+def camera_lines(name: str, c: dict, method: str) -> list[str]:
+    broker = "connected" if c["broker_connected"] else "DISCONNECTED"
+    source = {"bundle": f"the bundle ({method})", "saved": "the state file (changed live before a restart)"}.get(
+        c["source"], c["source"])
+    lines = [f"camera {name}: {c['camera']}; broker {broker}",
+             f"  threshold   {c['threshold']:.6g} from {source} (allowed {c['bounds'][0]:.4g} .. {c['bounds'][1]:.4g})",
+             f"  counted     {int(c['frames'])} frames, {int(c['dropped'])} dropped, {int(c['accepts'])} accepts, "
+             f"{int(c['rejects'])} rejects" + (f", {int(c['refused'])} NOT RECORDED (disk)" if c["refused"] else ""),
+             f"  outbox      {c['outbox_depth']} waiting for the broker" +
+             (f", oldest {c['outbox_oldest_s']:.0f}s" if c["outbox_oldest_s"] else "")]
+    if c["latency_p50_ms"] is not None:
+        lines.append(f"  latency     p50 {c['latency_p50_ms']:.1f} ms, p99 {c['latency_p99_ms']:.1f} ms "
+                     "(capture to outbox, recent verdicts)")
+    problem = c["last_problem"]
+    lines.append(f"  last error  {time.strftime('%H:%M:%S', time.localtime(problem['time']))} {problem['level']} "
+                 f"{problem['message']}" if problem else "  last error  none")
+    return lines
+
+
+def print_status(config_path: str | Path) -> int:
+    """Print the summary; returns NOT_RUNNING when the runtime does not answer, else 0."""
     config = load_config(config_path)
     print(f"config      {config_path}")
+    running = None
+    if config.web is None:
+        print("runtime     unknown: add a web: block to the config for live figures (coft status reads /api/status)")
+    else:
+        try:
+            running = fetch_status(config)
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            print(f"runtime     NOT RUNNING: nothing answers on port {config.web.port} ({reason}); "
+                  "start it (systemctl start coft-runtime) and read its log (journalctl -u coft-runtime)")
+    if running:
+        revision = f" (revision of {running['revision_of']})" if running["revision_of"] else ""
+        print(f"runtime     running for {duration(running['uptime_s'])}, line {running['line']}, "
+              f"{running['engine']}" + (", COMMISSIONING (no rejects fired yet)" if running["commissioning"] else ""))
+        print(f"model       {running['model_id']}{revision}, threshold set by {running['threshold_method']}")
+        if running["outbox_refusing"]:
+            print("outbox      REFUSING VERDICTS (disk full?): see the log")
+        if running["last_problem"]:
+            problem = running["last_problem"]
+            print(f"last error  {time.strftime('%H:%M:%S', time.localtime(problem['time']))} {problem['level']} "
+                  f"{problem['message']}")
+        for name, camera in running["cameras"].items():
+            print("\n".join(camera_lines(name, camera, running["threshold_method"])))
+        return 0
     print(f"bundle      {config.bundle}")
-    state = config.state_path
-    print(f"threshold   {live_thresholds(state)}")
+    print(f"threshold   {live_thresholds(config.state_path)}")
     if config.outbox.path.is_file():
         outbox = Outbox(config.outbox.path, config.outbox.max_messages)
         age = outbox.oldest_age_s()
@@ -38,19 +98,4 @@ def print_status(config_path: str | Path) -> None:
         outbox.close()
     else:
         print("outbox      not created yet (the runtime has not run)")
-    if not config.metrics_port:
-        print("metrics     off (set metrics_port to see live counters)")
-        return
-    try:
-        host = "127.0.0.1" if config.metrics_bind in ("0.0.0.0", "::") else config.metrics_bind
-        with urllib.request.urlopen(f"http://{host}:{config.metrics_port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError as exc:
-        print(f"metrics     runtime not answering on port {config.metrics_port} ({exc})")
-        return
-    for line in text.splitlines():
-        if line.startswith(WATCHED):
-            print(f"  {line}")
-        if line.startswith("coft_camera_ended{") and line.endswith(" 1.0"):
-            camera = line.split('"')[1]
-            print(f"camera      {camera}: its file or folder source ended; no more frames come from it")
+    return NOT_RUNNING if config.web else 0

@@ -168,7 +168,8 @@ def test_camera_faults_are_contained_rate_limited_and_visible(tmp_path, exported
         {"name": "loopfile", "source": str(video), "loop": True, "fps": 50},
         {"name": "huge", "source": str(huge), "loop": True, "fps": 20},
     ]
-    config = write_config(tmp_path, exported_bundle, mosquitto.port, cameras, metrics_port=metrics_port)
+    config = write_config(tmp_path, exported_bundle, mosquitto.port, cameras, metrics_port=metrics_port,
+                          web={"port": free_port()})
     log_path = tmp_path / "runtime.log"
     runtime = start_runtime(config, log_path)
     try:
@@ -183,7 +184,10 @@ def test_camera_faults_are_contained_rate_limited_and_visible(tmp_path, exported
         assert metric(metrics_port, "coft_frames_total", "huge") > 12  # the good images go on
         assert not metric(metrics_port, "coft_frames_total", "roi")
         status = subprocess.run([COFT, "status", "--config", str(config)], capture_output=True, text=True)
-        assert "camera      ends: its file or folder source ended" in status.stdout
+        assert "camera ends: ended after 12 frames (the file or folder has no more)" in status.stdout
+        assert "camera vanish: reconnecting: cannot open (folder" in status.stdout
+        vanish = status.stdout.partition("\ncamera vanish:")[2].split("\ncamera ")[0]
+        assert "last error" in vanish and "WARNING camera vanish: cannot open (folder" in vanish
     finally:
         assert stop(runtime) == 0
     log = log_path.read_text().splitlines()
@@ -393,6 +397,7 @@ def test_corrupt_state_file_in_status_and_archive_checks(tmp_path, exported_bund
     (tmp_path / "state.json").write_text("{truncated")
     result = subprocess.run([COFT, "status", "--config", str(config)], capture_output=True, text=True)
     assert result.returncode == 0 and "unreadable" in result.stdout and "uses the bundle's" in result.stdout
+    assert "runtime     unknown: add a web: block" in result.stdout
     archive = tmp_path / "b.tar"
     with tarfile.open(archive, "w") as tar:  # what `tar -C bundle -cf b.tar .` makes
         tar.add(exported_bundle, arcname=".")

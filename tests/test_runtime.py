@@ -209,8 +209,9 @@ def test_runtime_never_imports_torch_after_a_full_run(tmp_path, exported_bundle,
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    saved = sorted((tmp_path / "evidence" / "cam1").glob("*.jpg"))
+    saved = sorted((tmp_path / "evidence" / "cam1").glob("*-accept.jpg"))  # raw frames; each also annotated
     assert len(saved) == 6 and all(p.with_suffix(".json").is_file() for p in saved)  # every 2nd of 12 good parts
+    assert all(p.with_name(p.stem + "-annotated.jpg").is_file() for p in saved)
     assert {p.stat().st_mode & 0o777 for p in saved} == {0o600}  # evidence is the line's business only
 
 
@@ -260,7 +261,7 @@ def test_real_rtsp_stream_and_camera_reconnect(tmp_path, exported_bundle, mosqui
     server = _start_rtsp(port)
     config = write_config(tmp_path, exported_bundle, mosquitto.port,
                           [{"name": "cam1", "source": f"rtsp://127.0.0.1:{port}/line", "open_timeout_s": 2,
-                            "reconnect_max_s": 1}], metrics_port=free_port())
+                            "reconnect_max_s": 1}], web={"port": free_port()})
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, tmp_path / "runtime.log")
     try:
@@ -273,12 +274,16 @@ def test_real_rtsp_stream_and_camera_reconnect(tmp_path, exported_bundle, mosqui
         assert len(plc.wait_for("verdict", before + 5, timeout=60)) >= before + 5
         status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--config", str(config)],
                                 cwd=ROOT, capture_output=True, text=True)
-        assert 'coft_camera_connected{camera="cam1"} 1.0' in status.stdout
+        assert status.returncode == 0 and "camera cam1: delivering; broker connected" in status.stdout
+        assert "  last error  " in status.stdout and "WARNING camera cam1: " in status.stdout  # the outage, still shown
     finally:
         runtime.send_signal(signal.SIGTERM)
         runtime.wait(timeout=20)
         server.kill()
     plc.close()
+    stopped = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--config", str(config)], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert stopped.returncode == 3 and "runtime     NOT RUNNING: nothing answers on port" in stopped.stdout
     log = (tmp_path / "runtime.log").read_text()
     assert "camera cam1: lost the stream; reconnecting" in log
     assert_complete_and_ordered(plc.payloads("verdict"))
