@@ -50,10 +50,11 @@ def _link(source: Path, target: Path) -> None:
 
 
 def prepare_folders(work: Path, shots: int, seed: int, test_limit: int | None) -> tuple[Path, Path]:
-    """Lay the cells out as a user would: train/good, and test/good + test/defect/<cell type>."""
+    """Lay the cells out as a user would: train/good, and test/good + test/defect (ELPV rates cells as defective,
+    without a defect type; mono/poly is the cell's type, not the defect's)."""
     paths, probability, cell_type = elpv_cells()
     good = sorted((p for p, q in zip(paths, probability) if q == 0.0))
-    defect = [(p, t) for p, q, t in zip(paths, probability, cell_type) if q == 1.0]
+    defect = [p for p, q in zip(paths, probability) if q == 1.0]
     rng = np.random.default_rng(seed)
     train_idx = set(rng.choice(len(good), shots, replace=False).tolist())
     held_good = [p for i, p in enumerate(good) if i not in train_idx]
@@ -65,8 +66,8 @@ def prepare_folders(work: Path, shots: int, seed: int, test_limit: int | None) -
         _link(good[i], train_dir / good[i].name)
     for p in held_good:
         _link(p, test_dir / "good" / p.name)
-    for p, t in defect:
-        _link(p, test_dir / "defect" / t / p.name)
+    for p in defect:
+        _link(p, test_dir / "defect" / p.name)
     return train_dir, test_dir
 
 
@@ -180,13 +181,18 @@ def after_commissioning(verdicts: list[dict], bundle) -> dict:
 
 
 def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 600,
-             broker: str | None = None, commission: int = 300) -> dict:
+             broker: str | None = None, commission: int = 300, force: bool = False) -> dict:
     """Train, evaluate, export, then run the line: held-out cells through the runtime to a PLC over MQTT."""
     from export.onnx import export_onnx
 
     work = Path(work)
     if work.exists():
-        raise CoftError(f"{work}: already exists; remove it or pass --out with a new folder")
+        if not force:
+            raise CoftError(f"{work}: already exists; pass --force to replace it, or --out with a new folder")
+        if not (work / "data").is_dir() and not (work / "bundle").is_dir() and any(work.iterdir()):
+            raise CoftError(f"{work}: --force replaces only an earlier demo's folder, and this one holds something "
+                            "else; pass --out with a new folder")
+        shutil.rmtree(work)
     shots = options.shots or 10
     steps = tqdm(total=4, desc="demo", unit="stage", disable=not options.progress)
     train_dir, test_dir = prepare_folders(work, shots, options.seed, test_limit)

@@ -24,6 +24,7 @@ from runtime.errors import CoftError
 from runtime.heatmap import anomaly_map, overlay
 from runtime.images import list_images, read_image, resize_to_input
 from runtime.scoring import pool
+from train import progress as bars
 from train.backbones import restore_bundle_backbone
 from train.embed import embed, to_pixels
 from train.metrics import detection_metrics, per_type_auroc, rates_at
@@ -175,18 +176,32 @@ def pixel_metrics(data_dir: Path, paths: list[Path], labels: np.ndarray, patch_m
             "pro": pro_score(truth, predicted)}
 
 
-def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_maps: np.ndarray,
-             size: tuple[int, int], sigma: float, threshold: float, out: Path) -> None:
-    """Worst misses (defects scored lowest, good parts scored highest) and best catches, with heatmaps."""
+SCORE_NAMES = {"global": "anomaly score (Mahalanobis distance of the pooled embedding)",
+               "patch": "anomaly score (Mahalanobis distance of the worst patch)",
+               "knn": "anomaly score (distance to the nearest good patch)"}
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_maps: np.ndarray,
+             size: tuple[int, int], sigma: float, threshold: float, out: Path) -> None:
+    """The hardest cases and the clearest catches, each tile with its score, the threshold and its verdict
+    (red when the verdict is wrong), and the colour scale of the anomaly map."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    plt = _pyplot()
     good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    rows = [("defects scored lowest (escapes)", bad[np.argsort(scores[bad])][:6]),
-            ("good parts scored highest (false rejects)", good[np.argsort(-scores[good])][:6]),
-            ("defects scored highest (catches)", bad[np.argsort(-scores[bad])][:6])]
-    fig, axes = plt.subplots(3, 6, figsize=(13, 7.5), squeeze=False)
+    rows = [("defects, lowest scores\n(accepted: escapes)", bad[np.argsort(scores[bad])][:6]),
+            ("good parts, highest scores\n(rejected: false rejects)", good[np.argsort(-scores[good])][:6]),
+            ("defects, highest scores\n(clearest catches)", bad[np.argsort(-scores[bad])][:6])]
+    fig, axes = plt.subplots(3, 6, figsize=(13, 8), squeeze=False)
     for r, (title, idx) in enumerate(rows):
         for c in range(6):
             ax = axes[r, c]
@@ -194,39 +209,62 @@ def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_ma
             if c < len(idx):
                 i = idx[c]
                 frame = resize_to_input(read_image(paths[i]), size)
-                shown = overlay(frame, anomaly_map(patch_maps[i], size, sigma), threshold)
-                ax.imshow(shown[..., ::-1])
-                ax.set_title(f"{paths[i].name[:16]}\n{scores[i]:.3g}", fontsize=7)
-        axes[r, 0].text(-0.1, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-    fig.tight_layout()
+                ax.imshow(overlay(frame, anomaly_map(patch_maps[i], size, sigma), threshold)[..., ::-1])
+                reject = scores[i] > threshold
+                wrong = reject != bool(labels[i])
+                ax.set_title(f"{paths[i].name[:18]}\nscore {scores[i]:.3g} / {threshold:.3g}: "
+                             f"{'REJECT' if reject else 'accept'}", fontsize=7, color="#b3261e" if wrong else "black")
+        axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    scale = fig.add_axes((0.945, 0.15, 0.012, 0.7))
+    fig.colorbar(ScalarMappable(Normalize(0, 2 * threshold), colormaps["jet"]), cax=scale,
+                 label=f"anomaly map (threshold {threshold:.3g} in the middle)")
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def _plot(labels: np.ndarray, scores: np.ndarray, threshold: float, auroc: float, report_dir: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(labels: np.ndarray, scores: np.ndarray, threshold: dict, bundle_threshold: dict, auroc: float,
+          scorer: str, report_dir: Path) -> None:
+    """ROC on a log false-reject axis (lines run at 0.1-1%) with the operating point(s), and the score
+    histogram in whole images with the threshold(s)."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
     from sklearn.metrics import roc_curve
 
+    plt = _pyplot()
+    marks = [(threshold, "k")] + ([(bundle_threshold, "grey")] if bundle_threshold["value"] != threshold["value"]
+                                  else [])
     if len(np.unique(labels)) == 2:
         fpr, tpr, _ = roc_curve(labels, scores)
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.plot(fpr, tpr, label=f"AUROC {auroc:.3f}")
-        ax.plot([0, 1], [0, 1], ls=":", c="grey")
-        ax.set(xlabel="false-reject rate (good parts rejected)", ylabel="detection rate (defects rejected)", title="ROC")
-        ax.legend(loc="lower right")
+        floor = min(1e-3, 0.5 / (labels == 0).sum())
+        fig, ax = plt.subplots(figsize=(6, 5))
+        ax.plot(np.maximum(fpr, floor), tpr, label=f"AUROC {auroc:.3f}", drawstyle="steps-post")
+        for mark, colour in marks:
+            rates = rates_at(labels, scores, mark["value"])
+            ax.plot(max(rates["false_reject_rate"], floor), 1 - rates["escape_rate"], "o", color=colour,
+                    label=f"threshold {mark['value']:.3g} ({mark['method']}): false-reject "
+                          f"{rates['false_reject_rate']:.2%}, detection {1 - rates['escape_rate']:.2%}")
+        ax.set_xscale("log")
+        ax.set_xlim(floor, 1)
+        ax.axvspan(1e-3, 1e-2, color="#2e7d32", alpha=0.08, label="where lines run (0.1-1%)")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set(xlabel="false-reject rate (good parts rejected, log scale)", ylabel="detection rate (defects rejected)",
+               title="ROC")
+        ax.legend(loc="lower right", fontsize=7)
         fig.tight_layout()
         fig.savefig(report_dir / "roc.png", dpi=120)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.histogram_bin_edges(scores, bins=40)
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="good")
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good ({(labels == 0).sum()})")
     if (labels == 1).any():
-        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="defect")
-    ax.axvline(threshold, c="k", ls="--", label=f"threshold {threshold:.3g}")
-    ax.set(xlabel="anomaly score (Mahalanobis distance)", ylabel="images", title="Score distribution")
-    ax.legend()
+        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defect ({(labels == 1).sum()})")
+    for mark, colour in marks:
+        ax.axvline(mark["value"], c=colour, ls="--", label=f"threshold {mark['value']:.3g} ({mark['method']})")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel=SCORE_NAMES.get(scorer, "anomaly score"), ylabel="images", title="Score distribution")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(report_dir / "histogram.png", dpi=120)
     plt.close(fig)
@@ -244,18 +282,21 @@ def _markdown(report: dict) -> str:
         f"| average precision | {m['ap']:.4f} |",
         f"| F1-max | {m['f1_max']:.4f} |",
         f"| threshold ({report['threshold']['method']}) | {report['threshold']['value']:.4g} |",
-        f"| false-reject rate at threshold | {r['false_reject_rate']:.4f} |",
-        f"| escape rate at threshold | {r['escape_rate']:.4f} |",
+        f"| false-reject rate at threshold | {r['false_reject_rate']:.2%} |",
+        f"| escape rate at threshold | {r['escape_rate']:.2%} |",
     ]
     if report.get("pixel"):
         lines.append(f"| pixel AUROC (patch map) | {report['pixel']['pixel_auroc']:.4f} |")
         lines.append(f"| PRO up to 30% FPR (patch map) | {report['pixel']['pro']:.4f} |")
-    if report["per_type"]:
+    if len(report["per_type"]) > 1:  # one folder of defects is no breakdown
         lines += ["", "| defect type | images | AUROC vs good |", "|---|---|---|"]
         lines += [f"| {t} | {v['count']} | {v['auroc']:.4f} |" for t, v in report["per_type"].items()]
+    if report["revision"]:
+        lines += ["", f"New bundle revision with this threshold: `{report['revision']}` (the evaluated bundle's "
+                      f"own threshold is drawn in grey)."]
     lines += ["", "![ROC](roc.png)", "", "![Score histogram](histogram.png)", ""]
     if report["scorer"] in PATCH_SCORERS:
-        lines += ["![Worst misses and best catches](gallery.png)", ""]
+        lines += ["![Hardest cases and clearest catches](gallery.png)", ""]
     return "\n".join(lines)
 
 
@@ -264,6 +305,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     """Score a labelled folder, write the report folder; with `recalibrate`, write a new bundle revision
     with the threshold these labels give (the bundle itself never changes)."""
     bundle = load_bundle(bundle_dir)
+    bars.shown = False  # the scoring bar below covers every batch
     data = labelled_images(data_dir)
     if not data.paths:
         raise CoftError(f"{data_dir}: no images found under good/ or the defect folders")
@@ -308,5 +350,5 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         writer.writerow(["path", "type", "label", "score", "verdict"])
         for path, t, label, score in zip(paths, types, labels, scores):
             writer.writerow([path, t, int(label), f"{score:.6g}", "reject" if score > threshold["value"] else "accept"])
-    _plot(labels, scores, threshold["value"], metrics["auroc"], report_dir)
+    _plot(labels, scores, threshold, bundle.manifest["threshold"], metrics["auroc"], report["scorer"], report_dir)
     return report
