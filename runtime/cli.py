@@ -7,6 +7,7 @@ import torch only when they run, and say which extra to install when it is missi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -15,6 +16,23 @@ from pathlib import Path
 from runtime.errors import CoftError
 
 log = logging.getLogger("coft")
+OUR_LOGGERS = ("coft", "runtime", "train", "export")
+
+
+def _bars_kept_whole():
+    """Log lines printed through tqdm where training's progress bars may be on screen, so neither tears the other."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # a runtime-only box: no bars to keep whole
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line that says where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -41,6 +59,29 @@ def _at_least(minimum: int):
     return parse
 
 
+def _folder(text: str) -> Path:
+    """An argparse type: a folder that exists, checked before anything slow (torch) is imported."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {'not a folder' if path.exists() else 'no such folder'}")
+    return path
+
+
+def _existing(text: str) -> Path:
+    """An argparse type: a file or folder that exists."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file or folder")
+    return Path(text)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("coft")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _train_module(name: str):
     """Import a training module, or explain which extra is missing."""
     try:
@@ -53,7 +94,8 @@ def _train_module(name: str):
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("coftad", "frozen"), default=None,
-                   help="coftad: contrastive fine-tuning; frozen: pretrained features only (default: see README)")
+                   help="frozen: pretrained features only (the default: it measured best with few shots, see README, "
+                        "Accuracy); coftad: contrastive fine-tuning first (COFT-AD)")
     g.add_argument("--backbone", default=None,
                    help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: see README, Accuracy)")
     g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
@@ -62,12 +104,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="model input, e.g. 224 or 320x480 (default 224; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
     g.add_argument("--shots", type=_at_least(1), help="use only K images of the folder, chosen with --seed (default: all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed for --shots, augmentation and fine-tuning "
+                                                        "(default 0; the same seed gives the same bundle)")
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1")
-    f = p.add_argument_group("COFT-AD fine-tuning")
-    f.add_argument("--steps", type=_at_least(0), default=150)
-    f.add_argument("--batch", type=_at_least(2), default=8)
-    f.add_argument("--lr", type=float, default=1e-4)
+    f = p.add_argument_group("COFT-AD fine-tuning (only with --method coftad)")
+    f.add_argument("--steps", type=_at_least(0), default=150, help="optimiser steps (default 150)")
+    f.add_argument("--batch", type=_at_least(2), default=8, help="images per step, each with its augmented pair (default 8)")
+    f.add_argument("--lr", type=float, default=1e-4, help="learning rate of the trainable stages (default 1e-4)")
     f.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     f.add_argument("--lambda-pp", type=float, default=1.0, help="weight of the cross-instance positive pairs")
     f.add_argument("--lambda-np", type=float, default=1.0, help="weight of the synthetic-defect negative pairs")
@@ -77,12 +120,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "the blocks from the first of --layers on, 4 for block 9)")
     f.add_argument("--l2sp", type=float, default=0.0, help="pull toward the pretrained weights")
     a = p.add_argument_group("augmentation (what the part allows)")
-    a.add_argument("--no-hflip", action="store_true")
-    a.add_argument("--no-vflip", action="store_true")
+    a.add_argument("--no-hflip", action="store_true", help="no left-right mirroring (parts that are not symmetric)")
+    a.add_argument("--no-vflip", action="store_true", help="no top-bottom mirroring (parts that are not symmetric)")
     a.add_argument("--no-rot90", action="store_true", help="no quarter turns (parts with a fixed orientation)")
-    a.add_argument("--brightness", type=float, default=0.1)
-    a.add_argument("--contrast", type=float, default=0.1)
-    a.add_argument("--shift", type=float, default=0.03)
+    a.add_argument("--brightness", type=float, default=0.1, help="largest brightness change, as a fraction (default 0.1)")
+    a.add_argument("--contrast", type=float, default=0.1, help="largest contrast change, as a fraction (default 0.1)")
+    a.add_argument("--shift", type=float, default=0.03,
+                   help="largest shift, as a fraction of the image: how far a part moves on the line (default 0.03)")
     s = p.add_argument_group("scoring and threshold")
     s.add_argument("--scorer", choices=("knn", "patch", "global", "auto"),
                    help="knn: memory bank of the good patches, nearest neighbour; patch: one Gaussian over patch "
@@ -94,7 +138,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--coreset", type=_at_least(0), default=None,
                    help="knn: most patches kept in the memory bank, chosen by greedy coreset (0: all; default 16384)")
     s.add_argument("--views", type=_at_least(2), default=16, help="N_A: augmented views per image for the Gaussian")
-    s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf")
+    s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf",
+                   help="Gaussian scorers: covariance shrinkage for few samples (default ledoit-wolf)")
     s.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate the threshold aims at (default 0.01)")
 
 
@@ -144,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}  "
           f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}  "
           f"(threshold {report['threshold']['value']:.4g}, {report['threshold']['method']})")
-    for t, v in report["per_type"].items():
+    for t, v in report["per_type"].items() if len(report["per_type"]) > 1 else ():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
     if report["drift"] and report["drift"]["warning"]:
         print(f"warning: {report['drift']['warning']}")
@@ -177,7 +222,7 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     options = _training_options(args)
     _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit, stream=args.stream,
-                                   broker=args.broker, commission=args.commission)
+                                   broker=args.broker, commission=args.commission, force=args.force)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -210,9 +255,9 @@ def cmd_commission(args: argparse.Namespace) -> None:
     Runtime(config).run(until_sources_end=args.until_end)
 
 
-def cmd_status(args: argparse.Namespace) -> None:
+def cmd_status(args: argparse.Namespace) -> int:
     from runtime.status import print_status
-    print_status(args.config)
+    return print_status(args.config)
 
 
 def cmd_flash(args: argparse.Namespace) -> None:
@@ -275,28 +320,29 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="coft",
         description="Few-shot visual inspection: train on a few good parts, evaluate, and ship a model bundle to the line.",
         epilog="Stages: train -> eval -> export -> (sign) -> flash (or pack, then install on the box) -> commission -> run; "
                "retrain from what the line harvested; rollback if need be. Try 'coft demo' for the whole flow on real "
                "solar cells.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune on a folder of good images and write a model bundle")
-    p.add_argument("good_dir", nargs="?", help="folder of good (defect-free) images")
-    p.add_argument("--unlabelled", metavar="FOLDER",
+    p = sub.add_parser("train", help="fit a model on a folder of good images (or an unlabelled one) and write a bundle")
+    p.add_argument("good_dir", nargs="?", type=_folder, help="folder of good (defect-free) images")
+    p.add_argument("--unlabelled", metavar="FOLDER", type=_folder,
                    help="instead: a folder from the line that may hold some defective parts (FUN-AD finds and drops them)")
     p.add_argument("--out", type=Path, help="bundle directory to create (default: <folder name>.bundle)")
     _add_training_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a bundle on labelled images and write a report with plots")
-    p.add_argument("bundle")
-    p.add_argument("data_dir", help="folder with good/ and defect folders (e.g. defect/crack/)")
+    p.add_argument("bundle", type=_folder, help="the bundle directory from coft train")
+    p.add_argument("data_dir", type=_folder, help="folder with good/ and defect folders (e.g. defect/crack/)")
     p.add_argument("--report", type=Path, help="report folder (default: <bundle>.report)")
     p.add_argument("--recalibrate", metavar="RULE",
                    help="write a new bundle revision whose threshold comes from these labels: 'f1' or 'escape=RATE' "
@@ -306,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain", help="fit a new bundle on frames the line kept (harvest:), FUN-AD leaving out "
                                        "the defects that passed")
-    p.add_argument("bundle", help="the bundle the line ran (or a revision of it)")
-    p.add_argument("harvest", help="the harvest folder; frames sorted into good/ and defect/ in it count as labelled")
+    p.add_argument("bundle", type=_folder, help="the bundle the line ran (or a revision of it)")
+    p.add_argument("harvest", type=_folder, help="the harvest folder; frames sorted into good/ and defect/ in it count as labelled")
     p.add_argument("--out", type=Path, help="new bundle (default: <bundle>-harvest)")
     p.add_argument("--camera", help="use only this camera's frames (needed when the harvest holds several)")
     p.add_argument("--recalibrate", metavar="RULE", help="threshold from the sorted frames: 'f1' or 'escape=RATE'")
@@ -315,17 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
-    p.add_argument("bundle")
+    p.add_argument("bundle", type=_folder, help="the bundle directory; the graph is written into it (model.onnx)")
     p.add_argument("--max-batch", type=_at_least(1), default=64, help="largest batch the graph accepts (default 64)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engine", help="on the Jetson: build a TensorRT engine from the bundle's ONNX graph")
-    p.add_argument("bundle")
+    p.add_argument("bundle", type=_folder, help="an exported bundle directory; the engine is written into it")
     p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
     p.add_argument("--int8", action="store_true", help="INT8 with entropy calibration on the bundle's good frames")
-    p.add_argument("--max-batch", type=_at_least(1), default=16)
-    p.add_argument("--workspace-mb", type=_at_least(64), default=1024)
+    p.add_argument("--max-batch", type=_at_least(1), default=16,
+                   help="largest batch the engine is optimised for: frames scored together (default 16)")
+    p.add_argument("--workspace-mb", type=_at_least(64), default=1024,
+                   help="GPU memory TensorRT may use while choosing kernels (default 1024)")
     p.add_argument("--half-factor", action="store_true", help="store the fused kernel's Cholesky factor (Gaussian scorers) or memory bank (knn) in FP16")
     p.set_defaults(func=cmd_build_engine)
 
@@ -344,14 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
     p.set_defaults(func=cmd_commission)
 
-    p = sub.add_parser("status", help="one-screen summary of a running line: outbox, threshold, metrics")
-    p.add_argument("--config", required=True, type=Path)
+    p = sub.add_parser("status", help="one-screen summary of the line: per camera its state, threshold, counts, "
+                                      "outbox, latency, last error (exit status 3: the runtime is not running)")
+    p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("flash", help="copy a bundle to a box over SSH, verify it there and make it the active model")
-    p.add_argument("bundle")
+    p.add_argument("bundle", type=_existing, help="exported bundle directory (or its .tar from coft pack)")
     p.add_argument("target", help="user@host of the box")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=int, help="SSH port of the box (default: ssh's, usually 22)")
     p.add_argument("--identity", help="SSH private key")
     p.add_argument("--ssh-option", action="append", default=[], help="extra ssh -o option (repeatable)")
     p.add_argument("--root", default="/opt/coft", help="model store on the box (default /opt/coft)")
@@ -361,21 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flash)
 
     p = sub.add_parser("install", help="on the box: verify an archive, build its engine, make it the active model")
-    p.add_argument("archive")
-    p.add_argument("--root", default="/opt/coft")
+    p.add_argument("archive", type=_existing, help="the bundle's .tar from coft pack")
+    p.add_argument("--root", default="/opt/coft", help="model store on this box (default /opt/coft)")
     p.add_argument("--trust", type=Path, action="append", default=[], metavar="KEY.pub",
                    help="demand a signature by this key, besides those in ROOT/trusted-keys/ (repeatable)")
-    p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--engine", choices=("auto", "yes", "no"), default="auto",
+                   help="build a TensorRT engine (auto: where TensorRT is installed)")
     p.add_argument("--service", help="systemd service to restart")
     p.set_defaults(func=cmd_install)
 
     p = sub.add_parser("rollback", help="on the box: return to the previous model")
-    p.add_argument("--root", default="/opt/coft")
+    p.add_argument("--root", default="/opt/coft", help="model store on this box (default /opt/coft)")
     p.add_argument("--service", help="systemd service to restart")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="exported bundle directory")
     p.add_argument("--out", type=Path, help="archive path (default: <bundle>.tar)")
     p.set_defaults(func=cmd_pack)
 
@@ -387,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("sign", help="sign a bundle's manifest with an Ed25519 key, for boxes that only run signed bundles")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="bundle directory; manifest.sig is written into it")
     p.add_argument("--key", required=True, type=Path, help="private key from 'coft keygen' or 'ssh-keygen -t ed25519'")
     p.set_defaults(func=cmd_sign)
 
@@ -402,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commission", type=_at_least(0), default=300,
                    help="the first N streamed cells commission the threshold (default 300; 0: none)")
     p.add_argument("--broker", metavar="HOST:PORT", help="use this MQTT broker instead of the embedded one")
+    p.add_argument("--force", action="store_true", help="replace the output of an earlier demo in --out")
     _add_training_options(p)
     p.set_defaults(func=cmd_demo, shots=10)
     return parser
@@ -410,16 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,  # other libraries: warnings only
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for ours in OUR_LOGGERS:
+        logging.getLogger(ours).setLevel(level)
+    logging.getLogger("coft.audit").setLevel(min(level, logging.INFO))  # changes to the line are logged, even with -q
     try:
-        args.func(args)
+        with _bars_kept_whole():
+            code = args.func(args)
     except CoftError as exc:
         print(f"coft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("coft: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -19,9 +19,36 @@ def test_help_lists_the_stages():
         assert stage in result.stdout
 
 
+def test_every_option_says_what_it_does():
+    import argparse
+
+    from runtime.cli import build_parser
+
+    def silent(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from (found for command, sub in action.choices.items() for found in silent(sub, command))
+            elif not action.help and action.dest != "help":
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+    assert list(silent(build_parser(), "coft")) == []
+    version = _coft("--version")
+    assert version.returncode == 0 and version.stdout.startswith("coft ")
+
+
+def test_a_missing_input_is_reported_before_torch_is_loaded():
+    probe = ("import sys\nfrom runtime.cli import main\ntry:\n    main(['train', '/no/such/folder'])\n"
+             "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False"]
+    assert result.stderr == "coft train: error: argument good_dir: '/no/such/folder': no such folder " \
+                            "(see coft train --help)\n"
+
+
 @pytest.mark.parametrize("args,message", [
-    (["train", "/no/such/folder"], "not a folder of images"),
-    (["eval", "/no/such/bundle", "/tmp"], "no such file or directory"),
+    (["train", "/no/such/folder"], "no such folder"),
+    (["train", "--unlabelled", "/no/such/folder"], "no such folder"),
+    (["eval", "/no/such/bundle", "/tmp"], "argument bundle: '/no/such/bundle': no such folder"),
+    (["export", "/no/such/bundle"], "no such folder"),
     (["verify", "/no/such/bundle"], "no such file or directory"),
 ])
 def test_errors_are_one_line(args, message):

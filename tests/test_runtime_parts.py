@@ -96,6 +96,7 @@ def test_source_kinds_and_roi(tmp_path):
 
 def test_threshold_commands_are_validated_bounded_per_camera_persisted_and_audited(tmp_path, caplog):
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="coft.audit")
     path = tmp_path / "state.json"
     state = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"], ControlConfig(threshold_factor=2))
     for payload, message in [(b"abc", "not a number"), (b"-1", "positive"), (b"nan", "positive"),

@@ -8,6 +8,7 @@ import torch
 from runtime.images import resize_to_input
 from train.augment import AugmentConfig, augment
 from train.backbones import Backbone
+from train.progress import bar
 
 
 def to_pixels(images_bgr: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -21,7 +22,7 @@ def embed(backbone: Backbone, pixels: torch.Tensor, batch: int = 32) -> np.ndarr
     """Pooled embeddings [N, D] (not yet L2-normalised; the scorer does that)."""
     device = next(backbone.parameters()).device
     backbone.eval()
-    out = [backbone(pixels[i:i + batch].to(device)).float().cpu() for i in range(0, len(pixels), batch)]
+    out = [backbone(pixels[i:i + batch].to(device)).float().cpu() for i in bar(range(0, len(pixels), batch), "embedding")]
     return torch.cat(out).numpy()
 
 

@@ -20,6 +20,7 @@ from runtime.errors import CoftError
 from runtime.scoring import MemoryBank, pool
 from train.augment import AugmentConfig
 from train.patches import patch_features
+from train.progress import bar
 from train.threshold import Fit
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def greedy_coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
     picked = [torch.randint(len(z), (1,), generator=generator)]
     nearest = torch.full((len(z),), float("inf"))
     count = 1
+    progress = bar(desc="memory bank coreset", total=cap, unit="patch")
     while count < cap:
         centres = picked[-1]
         distances = norms[:, None] + norms[centres][None, :] - 2 * (z @ z[centres].T)
@@ -99,6 +101,8 @@ def greedy_coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
         take = min(per_pass, cap - count)
         picked.append(torch.topk(nearest, take).indices)
         count += take
+        progress.update(take)
+    progress.close()
     return np.sort(torch.cat(picked).numpy())
 
 
@@ -142,4 +146,4 @@ def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = 
         return bank, None
     owner = keep // (views[0].size // views.shape[-1])  # each image contributed V * P consecutive rows
     return bank, np.concatenate([pool(MemoryBank(bank.features[owner != i]).score(views[i]), pooling)
-                                 for i in range(k)])
+                                 for i in bar(range(k), "threshold (leave-one-out)", unit="image")])

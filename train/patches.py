@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from train.backbones import Backbone
+from train.progress import bar
 
 
 def patch_features_from_maps(maps: list[torch.Tensor], stride: int = 8) -> torch.Tensor:
@@ -33,4 +34,5 @@ def patch_features(backbone: Backbone, pixels: torch.Tensor, coarse: bool = Fals
         if not coarse or backbone.patch_stride != 8:
             return backbone.patch_features(chunk)
         return patch_features_from_maps(backbone.feature_maps(chunk), 16)
-    return torch.cat([one(pixels[i:i + batch].to(device)).cpu() for i in range(0, len(pixels), batch)])
+    return torch.cat([one(pixels[i:i + batch].to(device)).cpu()
+                      for i in bar(range(0, len(pixels), batch), "patch features")])

@@ -17,6 +17,7 @@ from runtime.bundle import BANK, GAUSSIAN, new_bundle
 from runtime.errors import CoftError
 from runtime.images import load_folder
 from runtime.scoring import pool
+from train import progress
 from train.anomalies import synthesise
 from train.augment import AugmentConfig, augment
 from train.backbones import load_backbone
@@ -135,6 +136,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     out = Path(out)
     _check_new(out, options)
     started = time.perf_counter()
+    progress.shown = options.progress
     sizes = {image.shape[:2] for image in images}
     if len(sizes) > 1:
         log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *options.size)
