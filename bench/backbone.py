@@ -58,10 +58,10 @@ def elpv_video(path: Path, frames: int = 200) -> Path:
     return path
 
 
-def runtime_bundle(given: Path | None, work: Path) -> Path:
+def runtime_bundle(given: Path | None, work: Path, scorer: str = "global") -> Path:
     """What a runtime benchmark runs: the bundle given (exported first if it has no graph), or the demo one."""
     if given is None:
-        return demo_bundle(work / "demo", "global")
+        return demo_bundle(work / "demo", scorer)
     if "onnx" not in load_bundle(given).manifest:
         export_onnx(given)
     return given

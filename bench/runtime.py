@@ -10,7 +10,9 @@ subscriber that timestamps each verdict on arrival. Measured:
 - max load: unpaced cameras, verdicts/s sustained (frames beyond that are dropped and counted);
 - paced load: cameras at 70% of the max, capture-to-publish latency p50/p99 and the
   runtime's overhead at p50 = (latency p50 - inference p50) / inference p50;
-- soak (optional): resident memory of the runtime process sampled over --soak-s seconds.
+- soak (optional): resident memory of the runtime process sampled over --soak-s seconds;
+- live view (--viewers N): the 1-camera cases again with web: on and N browsers' worth of MJPEG
+  streams open, to show what the page costs the inspection loop (frames/s, latency).
 
 Without BUNDLE, a frozen Lite0 bundle is trained on 10 ELPV cells and exported first.
 """
@@ -42,7 +44,7 @@ from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.engines import open_engine  # noqa: E402
 from runtime.images import resize_to_input  # noqa: E402
-from tests.conftest import Mosquitto  # noqa: E402
+from tests.conftest import Mosquitto, free_port  # noqa: E402
 
 
 def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int = 200) -> float:
@@ -95,21 +97,52 @@ class Collector:
         self.client.disconnect()
 
 
+class Viewer(threading.Thread):
+    """What a browser on the live view costs: reads the camera's MJPEG stream and counts its pictures."""
+
+    def __init__(self, port: int, camera: str):
+        super().__init__(daemon=True)
+        self.url, self.pictures, self.stop = f"http://127.0.0.1:{port}/api/cameras/{camera}/live.mjpg", 0, False
+
+    def run(self) -> None:
+        import urllib.request
+
+        for _ in range(100):  # the page answers once the runtime is up
+            try:
+                stream = urllib.request.urlopen(self.url, timeout=10)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            return
+        with stream:
+            while not self.stop:
+                line = stream.readline()
+                if not line:
+                    return
+                self.pictures += line.startswith(b"--frame")
+
+
 def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | None, seconds: float,
-             work: Path, threads: int, soak: bool = False, fsync: bool = True) -> dict:
+             work: Path, threads: int, soak: bool = False, fsync: bool = True, viewers: int = 0) -> dict:
     work.mkdir(parents=True, exist_ok=True)
+    web_port = free_port() if viewers else None
     config = {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads, "max_batch": 8, "queue_size": 4,
               "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, **({"fps": fps} if fps else {})}
                           for i in range(cameras)],
               "broker": {"port": port, "line": "bench"}, "outbox": {"path": str(work / "outbox.db"), "fsync": fsync},
-              "heartbeat_s": 1}
+              "heartbeat_s": 1, **({"web": {"port": web_port}} if viewers else {})}
     (work / "line.yaml").write_text(yaml.safe_dump(config))
     collector = Collector(port)
     process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")],
                                cwd=ROOT, stdout=open(work / "runtime.log", "w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watching = [Viewer(web_port, f"cam{i % cameras}") for i in range(viewers)]
+    for viewer in watching:
+        viewer.start()
     try:
         time.sleep(8)  # start-up and warm-up
+        pictures_before = sum(v.pictures for v in watching)
         rss = [(0.0, rss_mb(process.pid))]
         start = time.time()
         drops_before = sum(h.get("dropped", 0) for h in collector.heartbeats.values())
@@ -118,7 +151,10 @@ def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | No
             rss.append((time.time() - start, rss_mb(process.pid)))
         end = time.time()
         drops = sum(h.get("dropped", 0) for h in collector.heartbeats.values()) - drops_before
+        pictures = sum(v.pictures for v in watching) - pictures_before
     finally:
+        for viewer in watching:
+            viewer.stop = True
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         collector.close()
@@ -128,7 +164,8 @@ def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | No
               "verdicts_per_s": len(arrivals) / (end - start), "dropped_per_s": drops / (end - start),
               "latency_p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
               "latency_p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
-              "rss_mb_start": rss[0][1], "rss_mb_end": rss[-1][1]}
+              "rss_mb_start": rss[0][1], "rss_mb_end": rss[-1][1], "viewers": viewers,
+              "live_pictures_per_s_per_viewer": pictures / (end - start) / viewers if viewers else None}
     if soak:
         result["rss_samples"] = rss
     return result
@@ -143,11 +180,15 @@ def main() -> None:
     parser.add_argument("--no-fsync", action="store_true", help="outbox.fsync false: crash-safe, not power-loss-safe")
     parser.add_argument("--soak-only", type=float, metavar="FPS",
                         help="skip the speed cases; soak one camera paced at FPS (memory does not need an idle CPU)")
+    parser.add_argument("--viewers", type=int, default=0,
+                        help="also run the 1-camera cases with the live view on and this many MJPEG viewers")
+    parser.add_argument("--scorer", choices=("global", "patch"), default="global",
+                        help="the demo bundle's scorer when no BUNDLE is given (patch: the live view draws maps)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
-    bundle = runtime_bundle(args.bundle, work)
+    bundle = runtime_bundle(args.bundle, work, args.scorer)
     video = elpv_video(work / "line.avi")
     inference_ms = bare_inference_ms(bundle, video, args.threads)
     broker = Mosquitto(work / "broker").start()
@@ -160,6 +201,11 @@ def main() -> None:
             paced_fps = round(0.7 * top["verdicts_per_s"] / cameras, 1)
             rows.append({"load": "70% of max", **run_case(bundle, broker.port, video, cameras, paced_fps, args.seconds,
                                                           work / f"paced{cameras}", args.threads, fsync=not args.no_fsync)})
+            if cameras == 1 and args.viewers:
+                for load, fps in (("max", None), ("70% of max", paced_fps)):
+                    rows.append({"load": load, **run_case(bundle, broker.port, video, 1, fps, args.seconds,
+                                                          work / f"web-{load[:3]}", args.threads,
+                                                          fsync=not args.no_fsync, viewers=args.viewers)})
         soak = None
         if args.soak_s:
             fps = args.soak_only or round(0.7 * rows[0]["verdicts_per_s"], 1)
@@ -170,14 +216,17 @@ def main() -> None:
                f"outbox fsync {'off' if args.no_fsync else 'on'}")
     lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, 224x224 Lite0, frame to score): "
              f"{inference_ms:.1f} ms", "",
-             "| cameras | load | fps/camera | verdicts/s | dropped/s | capture-to-publish p50 ms | p99 ms | overhead at p50 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| cameras | load | live view | fps/camera | verdicts/s | dropped/s | capture-to-publish p50 ms | p99 ms | "
+             "overhead at p50 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["latency_p50_ms"] is None:
             lines.append(f"| {r['cameras']} | {r['load']} | no verdict arrived: see {work}/*/runtime.log |")
             continue
         overhead = f"{(r['latency_p50_ms'] - inference_ms) / inference_ms:.0%}" if r["load"] != "max" else "-"
-        lines.append(f"| {r['cameras']} | {r['load']} | {r['fps_per_camera'] or 'unpaced'} | {r['verdicts_per_s']:.1f} | "
+        view = f"{r['viewers']} viewers, {r['live_pictures_per_s_per_viewer']:.1f} pictures/s each" if r["viewers"] \
+            else "off"
+        lines.append(f"| {r['cameras']} | {r['load']} | {view} | {r['fps_per_camera'] or 'unpaced'} | "
+                     f"{r['verdicts_per_s']:.1f} | "
                      f"{r['dropped_per_s']:.1f} | {r['latency_p50_ms']:.1f} | {r['latency_p99_ms']:.1f} | {overhead} |")
     if soak:
         lines += ["", f"Soak: {args.soak_s:.0f} s at {soak['fps_per_camera']} fps, {soak['verdicts_per_s']:.1f} verdicts/s; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from runtime.errors import CoftError
 from runtime.flash import flash
@@ -152,3 +154,39 @@ def test_runtime_tells_systemd_ready_feeds_the_watchdog_and_says_stopping(export
             break
     assert messages[0].startswith("READY=1")
     assert "STOPPING=1" in messages
+
+
+def test_the_example_config_validates_and_names_every_key():
+    """deploy/line.yaml is where integrators learn the keys: all of them, commented or set."""
+    from pydantic import BaseModel
+
+    from runtime.config import RuntimeConfig
+
+    example = (ROOT / "deploy/line.yaml").read_text()
+    uncommented = yaml.safe_load(example)
+    RuntimeConfig.model_validate(uncommented)  # what is set is valid as it stands
+
+    def keys(model: type[BaseModel]):
+        for name, field in model.model_fields.items():
+            yield name
+            for kind in getattr(field.annotation, "__args__", (field.annotation,)):
+                inner = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__origin__", None) is list else kind
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from keys(inner)
+    missing = sorted({key for key in keys(RuntimeConfig)
+                      if not re.search(rf"(^|[\s{{,#-]){key}:", example, re.MULTILINE)})
+    assert missing == []
+
+
+def test_a_runtime_install_pulls_no_torch_and_no_cuda_wheels(tmp_path):
+    """What `pip install 'coft[runtime]'` would put on a CPU box or a Jetson, resolved by pip against the index."""
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                             "--report", str(tmp_path / "plan.json"), f"{ROOT}[runtime]"],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and ("NewConnectionError" in result.stderr or "No matching distribution" in result.stderr):
+        pytest.skip(f"the package index cannot be reached here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    names = sorted(item["metadata"]["name"].lower() for item in json.loads((tmp_path / "plan.json").read_text())["install"])
+    assert "onnxruntime" in names and "paho-mqtt" in names and "aiohttp" in names
+    heavy = [n for n in names if n in ("torch", "torchvision", "triton") or n.startswith(("nvidia-", "cuda-"))]
+    assert heavy == [], f"a runtime install would pull {heavy}"
