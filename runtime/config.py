@@ -106,6 +106,8 @@ class ControlConfig(Strict):
     threshold_factor: float = Field(4.0, gt=1, description="a new threshold must lie within the bundle's "
                                                              "threshold divided or multiplied by this")
     trigger_max_bytes: int = Field(256, ge=8, le=4096, description="longest part id a trigger may carry")
+    trigger_deadline_ms: int = Field(500, ge=10, le=60_000, description="every triggered part is answered within "
+                                                                         "this: its verdict, or a fail-safe reject")
 
 
 class CommissioningConfig(Strict):
@@ -150,7 +152,8 @@ class RuntimeConfig(Strict):
     web: WebConfig | None = Field(None, description="present: serve the live view and /api/status")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
-    heartbeat_s: float = Field(10.0, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period; its counter is what a PLC watches to "
+                                                       "reject by default when the runtime is gone")
     stall_s: float = Field(60.0, ge=1, description="a broker link that is connected but has had no acknowledgement "
                                                    "for this long, or inspection failing this long, ends the process "
                                                    "so systemd restarts it")

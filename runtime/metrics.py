@@ -29,6 +29,8 @@ class Metrics:
         self.outbox_refusing = Gauge("coft_outbox_refusing", "1 while the outbox cannot store verdicts", registry=r)
         self.score_median = Gauge("coft_score_median", "Median score of the camera's last 200 frames (drift)",
                                   ["camera"], registry=r)
+        self.failsafe_rejects = Counter("coft_failsafe_rejects_total", "Triggered parts rejected because no verdict "
+                                        "was in by the deadline, by reason", ["camera", "reason"], registry=r)
         self.inspection_failures = Counter("coft_inspection_failures_total", "Batches that could not be scored",
                                            registry=r)
 

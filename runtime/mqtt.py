@@ -9,7 +9,11 @@ Topics under `<prefix>/<line>/<camera>/`:
   heartbeat      QoS 0 every heartbeat_s: counters and outbox depth
   error          QoS 1: a command that was refused, and why
   set/threshold  subscribed unless control.threshold is false: a new threshold for this camera
-  trigger        subscribed: a part id (at most control.trigger_max_bytes); the newest frame is inspected for it
+  trigger        subscribed: a part id (at most control.trigger_max_bytes); the next frame is inspected for it,
+                 and the part is answered on `result` within control.trigger_deadline_ms (runtime/failsafe.py)
+  result         QoS 1, triggered parts only: accept or reject, the reason, trigger-to-answer time
+Under `<prefix>/<line>/`: `trigger` takes {"camera": ..., "part_id": ...} for any camera (one PLC
+output for the whole line); a refused one is reported on `<prefix>/<line>/error`.
 
 One paho client per camera, driven by a network thread of ours (so a refused or failed
 connection, TLS included, is logged with its cause, and the thread's life is ours to
@@ -74,9 +78,11 @@ def _guarded(callback):
 
 class CameraLink:
     def __init__(self, broker: BrokerConfig, camera: str, outbox: Outbox,
-                 on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str], None],
-                 on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256):
+                 on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str, str], None],
+                 on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256,
+                 line_trigger: bool = False):
         self.broker, self.camera, self.outbox = broker, camera, outbox
+        self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
         self.throttled = Throttled(log)
@@ -109,6 +115,9 @@ class CameraLink:
 
     def topic(self, leaf: str) -> str:
         return camera_topic(self.broker, self.camera, leaf)
+
+    def line_topic(self, leaf: str) -> str:
+        return f"{self.broker.prefix}/{self.broker.line}/{leaf}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,7 +185,8 @@ class CameraLink:
         self.throttled.clear("connect")
         log.info("mqtt %s: connected", self.camera)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
-        client.subscribe([(self.topic("trigger"), 1)] + ([(self.topic("set/threshold"), 1)] if self.on_threshold else []))
+        client.subscribe([(self.topic("trigger"), 1)] + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
+                         + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
         self.connected_at = time.time()
         self.reconnected.set()
         self.connected.set()
@@ -199,15 +209,37 @@ class CameraLink:
 
     @_guarded
     def _on_message(self, client, userdata, message):
+        if message.topic == self.line_topic("trigger"):
+            try:
+                camera, part = self.line_part(message.payload)
+                self.on_trigger(camera, part)
+            except CoftError as exc:
+                log.warning("mqtt %s: line trigger refused: %s", self.camera, exc)
+                self.client.publish(self.line_topic("error"), json.dumps({"command": "trigger", "error": str(exc)}),
+                                    qos=1)
+            return
         command = "set/threshold" if message.topic.endswith("/set/threshold") else "trigger"
         try:
             if command == "set/threshold" and self.on_threshold:
                 self.publish_state(self.on_threshold(message.payload))
             elif command == "trigger":
-                self.on_trigger(self.part_id(message.payload))
+                self.on_trigger(self.camera, self.part_id(message.payload))
         except CoftError as exc:
             log.warning("mqtt %s: %s refused: %s", self.camera, command, exc)
             self.report(command, str(exc))
+
+    def line_part(self, payload: bytes) -> tuple[str, str]:
+        """(camera, part id) from the line's trigger topic: {"camera": "cam1", "part_id": "A-1017"}."""
+        if len(payload) > self.trigger_max_bytes + 128:
+            raise CoftError(f"line trigger of {len(payload)} bytes is too long (part ids: control.trigger_max_bytes)")
+        try:
+            message = json.loads(payload)
+            camera, part = message["camera"], message["part_id"]
+        except (ValueError, TypeError, KeyError):
+            raise CoftError('a line trigger is JSON like {"camera": "cam1", "part_id": "A-1017"}') from None
+        if not isinstance(camera, str) or not isinstance(part, str):
+            raise CoftError("camera and part_id must be strings")
+        return camera, self.part_id(part.encode())
 
     def part_id(self, payload: bytes) -> str:
         if len(payload) > self.trigger_max_bytes:

@@ -32,6 +32,7 @@ from runtime.control import ThresholdState
 from runtime.engines import open_engine
 from runtime.errors import CoftError
 from runtime.evidence import Evidence
+from runtime.failsafe import FailSafe, Part
 from runtime.heatmap import annotate, defect_box
 from runtime.images import resize_to_input
 from runtime.logs import LastProblems, Throttled
@@ -88,16 +89,17 @@ class Runtime:
         self.harvest = Evidence(config.harvest) if config.harvest else None
         self.stop_event = threading.Event()
         self.queue = FrameQueue(config.queue_size, self._dropped)
-        self.latest: dict[str, Frame] = {}  # trigger mode: the newest frame of each camera
-        self.latest_lock = threading.Lock()
         self.links = {name: CameraLink(config.broker, name, self.outbox,
                                        (lambda payload, cam=name: self.threshold.set(cam, payload))
                                        if config.control.threshold else None,
-                                       lambda part, cam=name: self._trigger(cam, part), self._broker_state,
-                                       config.control.trigger_max_bytes)
+                                       self._trigger, self._broker_state, config.control.trigger_max_bytes,
+                                       line_trigger=name == names[0])
                       for name in names}
         self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                         for c in config.cameras]
+        self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
+                                 self.stop_event) if any(c.trigger for c in config.cameras) else None
+        self.beats = 0  # the heartbeat counter a PLC watches
         self.started = time.time()
         self.watchdog = Watchdog()
         self.rois = {c.name: c.roi for c in config.cameras}
@@ -130,21 +132,56 @@ class Runtime:
     def _deliver(self, camera: str, triggered: bool):
         def deliver(frame: Frame) -> None:
             self.metrics.frames_in.labels(camera).inc()
-            if triggered:
-                with self.latest_lock:
-                    self.latest[camera] = frame
-            else:
-                self.queue.put(frame)
+            if triggered:  # the first frame after a trigger is that part's; others are not inspected
+                frame.part = self.failsafe.frame_for(camera, frame.frame_id)
+                if frame.part is None:
+                    return
+                frame.part_id = frame.part.part_id or None
+            self.queue.put(frame)
         return deliver
 
     def _trigger(self, camera: str, part_id: str) -> None:
-        with self.latest_lock:
-            frame = self.latest.pop(camera, None)
-        if frame is None:
-            log.warning("camera %s: trigger for part %s but no frame has arrived yet", camera, part_id)
-            return
-        frame.part_id = part_id or None
-        self.queue.put(frame)
+        if camera not in self.links:
+            raise CoftError(f"trigger for camera {camera!r}, which this runtime does not have; cameras: "
+                            f"{', '.join(self.links)}")
+        if not self.failsafe or not next(c.camera.trigger for c in self.cameras if c.camera.name == camera):
+            raise CoftError(f"camera {camera} inspects every frame (trigger: false in line.yaml); part {part_id} "
+                            "was not registered")
+        self.failsafe.trigger(camera, part_id)
+
+    def _delivering(self, camera: str) -> bool:
+        return next(c.state == "delivering" for c in self.cameras if c.camera.name == camera)
+
+    def _failsafe_reject(self, part: Part, reason: str) -> None:
+        """A triggered part whose verdict could not be in by its deadline: a reject that says why, stored and
+        published like any verdict (the same seq space, the same outbox)."""
+        broker = self.config.broker
+        verdict = {"camera": part.camera, "line": broker.line, "frame_id": part.frame_id, "part_id": part.part_id,
+                   "captured_at": datetime.fromtimestamp(part.triggered_at, timezone.utc).isoformat(timespec="milliseconds"),
+                   "capture_ts": part.triggered_at, "score": None, "threshold": self.threshold.value(part.camera),
+                   "verdict": "reject", "reason": reason, "failsafe": True, "model_id": self.bundle.model_id}
+
+        def messages(seq: int) -> list[tuple[str, bytes]]:
+            verdict["seq"] = seq
+            verdict["latency_ms"] = round((time.time() - part.triggered_at) * 1000, 2)
+            plc = {"seq": seq, "part_id": part.part_id, "frame_id": part.frame_id, "score": None, "reason": reason}
+            return [(camera_topic(broker, part.camera, "verdict"), json.dumps(verdict).encode()),
+                    (camera_topic(broker, part.camera, "reject"), json.dumps(plc).encode()),
+                    self._result(part, verdict)]
+
+        self.outbox.put_verdict(part.camera, messages, True)
+        self.metrics.failsafe_rejects.labels(part.camera, reason).inc()
+        self.metrics.verdicts.labels(part.camera, "reject").inc()
+        self.recent[part.camera].append(verdict)
+        self.links[part.camera].notify()
+
+    def _result(self, part: Part, verdict: dict) -> tuple[str, bytes]:
+        """The one answer a PLC waits for after a trigger: accept or reject, why, and how long it took."""
+        answer = {"seq": verdict["seq"], "part_id": part.part_id, "frame_id": part.frame_id,
+                  "result": verdict["verdict"], "reason": verdict.get("reason") or
+                  ("score" if verdict["verdict"] == "reject" else None),
+                  "score": verdict["score"], "answered_ms": round((time.time() - part.triggered_at) * 1000, 2)}
+        return camera_topic(self.config.broker, part.camera, "result"), json.dumps(answer).encode()
 
     def _dropped(self, frame: Frame) -> None:
         self.metrics.frames_dropped.labels(frame.camera).inc()
@@ -199,12 +236,14 @@ class Runtime:
         if commissioning:
             self.commissioning.add(frame.camera, frame.frame_id, frame.image, score)
         broker = self.config.broker
+        part = frame.part
+        late = part is not None and not self.failsafe.claim(part)  # the fail-safe answered this part already
         verdict = {
             "camera": frame.camera, "line": broker.line, "frame_id": frame.frame_id, "part_id": frame.part_id,
             "captured_at": datetime.fromtimestamp(frame.captured_at, timezone.utc).isoformat(timespec="milliseconds"),
             "capture_ts": frame.captured_at, "score": round(score, 6) if judged else None, "threshold": threshold,
             "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
-            **({"commissioning": True} if commissioning else {}),
+            **({"commissioning": True} if commissioning else {}), **({"late": True} if late else {}),
         }
         if score_map is not None and judged:
             verdict["defect"] = self.defect(frame, score_map, threshold, reject)
@@ -213,6 +252,10 @@ class Runtime:
             verdict["seq"] = seq
             verdict["latency_ms"] = round((time.time() - frame.captured_at) * 1000, 2)
             out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
+            if late:  # recorded, but the part has its answer: nothing more for the PLC
+                return out
+            if part is not None:
+                out.append(self._result(part, verdict))
             if reject and not commissioning:  # while commissioning nothing is fired at the line
                 plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"]}
                 if "defect" in verdict:
@@ -331,6 +374,13 @@ class Runtime:
                 "outbox_refusing": self.refusing, "last_problem": self.problems.last.get("runtime"),
                 "web_actions": bool(self.web and self.web.token), "cameras": cameras}
 
+    def warm_up(self) -> None:
+        """Score one blank frame before the first camera frame: an engine's first run allocates and plans (ONNX
+        Runtime: hundreds of ms), which the first triggered part would otherwise pay against its deadline."""
+        started = time.perf_counter()
+        self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
+        log.info("engine warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
+
     def set_threshold(self, camera: str, value: str, via: str) -> dict:
         """An operator's threshold change from the web page: the same guards and AUDIT line as over MQTT, and
         the new state published on the camera's state topic."""
@@ -347,6 +397,8 @@ class Runtime:
             problem = link.health(self.config.stall_s)
             if problem:
                 return problem
+        if self.failsafe and not self.failsafe.is_alive():
+            return "the fail-safe thread that answers triggered parts died"
         if self.web and not self.web.alive():
             return "the live view's web server stopped"
         failing = time.monotonic() - self.last_inspection_ok
@@ -359,6 +411,7 @@ class Runtime:
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         logging.getLogger().addHandler(self.problems)
+        self.warm_up()
         if self.web:
             self.web.start()
         for link in self.links.values():
@@ -366,6 +419,8 @@ class Runtime:
             link.publish_state(self.threshold.describe(link.camera, "start"))
         for camera in self.cameras:
             camera.start()
+        if self.failsafe:
+            self.failsafe.start()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
@@ -401,9 +456,10 @@ class Runtime:
                             "acknowledged stay in the outbox)")
 
     def _heartbeat(self) -> None:
+        self.beats += 1  # from the inspection loop: when it stops, so does the counter the PLC watches
         try:
             for name, link in self.links.items():
-                link.heartbeat(self.counters(name))
+                link.heartbeat({"beat": self.beats, **self.counters(name)})
             self.metrics.outbox_depth.set(self.outbox.depth())
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)

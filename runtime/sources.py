@@ -39,6 +39,7 @@ class Frame:
     captured_at: float  # time.time() when OpenCV returned it
     image: np.ndarray  # uint8 BGR, after the ROI crop
     part_id: str | None = None
+    part: object | None = None  # the triggered part (runtime.failsafe.Part) it is inspected for
 
 
 class SourceEnded(Exception):

@@ -88,7 +88,7 @@ def test_read_only_state_file_is_refused_on_the_error_topic_and_verdicts_keep_fl
 
 
 def test_an_exception_in_any_callback_is_reported_and_the_link_lives_on(tmp_path, mosquitto):
-    def broken_trigger(part_id: str) -> None:
+    def broken_trigger(camera: str, part_id: str) -> None:
         raise RuntimeError("injected fault")
     outbox = Outbox(tmp_path / "o.db")
     link = CameraLink(BrokerConfig(port=mosquitto.port, line="l1"), "cam1", outbox, None, broken_trigger)
