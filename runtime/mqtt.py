@@ -39,7 +39,7 @@ import paho.mqtt.client as mqtt
 from runtime.config import BrokerConfig
 from runtime.errors import CoftError
 from runtime.logs import Throttled
-from runtime.outbox import Outbox
+from runtime.outbox import Message, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +71,20 @@ def _guarded(callback):
             return callback(self, *args)
         except Exception as exc:
             self.throttled.log(logging.ERROR, callback.__name__, "mqtt %s: %s failed: %s: %s; the link keeps running",
-                               self.camera, callback.__name__.lstrip("_"), type(exc).__name__, exc, exc_info=exc)
+                               self.name, callback.__name__.lstrip("_"), type(exc).__name__, exc, exc_info=exc)
             self.report(callback.__name__.lstrip("_"), f"{type(exc).__name__}: {exc}")
     return guarded
 
 
-class CameraLink:
-    def __init__(self, broker: BrokerConfig, camera: str, outbox: Outbox,
-                 on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str, str], None],
-                 on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256,
-                 line_trigger: bool = False):
-        self.broker, self.camera, self.outbox = broker, camera, outbox
-        self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
-        self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
-        self.trigger_max_bytes = trigger_max_bytes
+class Link:
+    """One paho client driven by threads of ours: a network thread that connects and reconnects with backoff,
+    and a sender that publishes one channel of the outbox in order, removing each message on its ack.
+
+    Subclasses say what a session starts with (`_on_connect`, `session_started`), how a stored message goes
+    out (`publish_message`) and where refusals are reported (`report`)."""
+
+    def __init__(self, broker: BrokerConfig, name: str, channel: str, outbox: Outbox, client_id: str):
+        self.broker, self.name, self.channel, self.outbox, self.client_id = broker, name, channel, outbox, client_id
         self.throttled = Throttled(log)
         self.connected = threading.Event()
         self.wake = threading.Event()
@@ -93,9 +93,8 @@ class CameraLink:
         self.acks: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.reconnected = threading.Event()
         self.connected_at = self.last_ack_at = 0.0
-        self.client_id = f"{broker.client_id}-{camera}" if broker.client_id else f"coft-{broker.line}-{camera}"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True)
-        client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+        self.on_connection: Callable[[str, bool], None] = lambda name, up: None
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if broker.username:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
@@ -110,18 +109,35 @@ class CameraLink:
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
         self.client = client
-        self.network = threading.Thread(target=self._network_loop, name=f"mqtt-net-{camera}", daemon=True)
-        self.sender = threading.Thread(target=self._send_loop, name=f"mqtt-{camera}", daemon=True)
+        self.network = threading.Thread(target=self._network_loop, name=f"mqtt-net-{name}", daemon=True)
+        self.sender = threading.Thread(target=self._send_loop, name=f"mqtt-{name}", daemon=True)
 
-    def topic(self, leaf: str) -> str:
-        return camera_topic(self.broker, self.camera, leaf)
+    # -- what subclasses decide ------------------------------------------------------------------
+    def connected_now(self) -> None:
+        """The broker accepted the connection (network thread): subscribe, say online."""
 
-    def line_topic(self, leaf: str) -> str:
-        return f"{self.broker.prefix}/{self.broker.line}/{leaf}"
+    def before_connect(self) -> None:
+        """Just before each connection attempt (network thread): e.g. a new Last Will."""
+
+    def session_started(self) -> None:
+        """After each (re)connect, before the outbox is resent (sender thread): e.g. birth certificates."""
+
+    def publish_message(self, message: Message) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(message.topic, message.payload, qos=1)
+
+    def saying_goodbye(self) -> None:
+        """Still connected, about to disconnect on purpose."""
+
+    def report(self, command: str, error: str) -> None:
+        raise NotImplementedError
+
+    @_guarded
+    def _on_message(self, client, userdata, message) -> None:
+        pass  # a link that subscribes to nothing
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        log.info("mqtt %s: connecting to %s:%d as %s", self.camera, self.broker.host, self.broker.port, self.client_id)
+        log.info("mqtt %s: connecting to %s:%d as %s", self.name, self.broker.host, self.broker.port, self.client_id)
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
         self.network.start()
         self.sender.start()
@@ -129,13 +145,13 @@ class CameraLink:
     def stop(self, drain_s: float = 5.0) -> None:
         """Give the outbox up to `drain_s` to reach the broker (reconnecting if need be), say 'stopped', disconnect."""
         deadline = time.monotonic() + drain_s
-        while self.outbox.depth(self.camera) and time.monotonic() < deadline and self.network.is_alive():
+        while self.outbox.depth(self.channel) and time.monotonic() < deadline and self.network.is_alive():
             time.sleep(0.05)
         self.stopping.set()
         self.wake.set()
         self.sender.join(timeout=2)
         if self.connected.is_set():
-            self.client.publish(self.topic("status"), "stopped", qos=1, retain=True).wait_for_publish(timeout=2)
+            self.saying_goodbye()
         self.closing.set()
         self.client.disconnect()
         self.network.join(timeout=3)
@@ -144,16 +160,16 @@ class CameraLink:
         """Why this link cannot be trusted to deliver, or None while it is alive and making progress."""
         for thread in (self.network, self.sender):
             if not thread.is_alive():
-                return f"mqtt {self.camera}: thread {thread.name} died"
+                return f"mqtt {self.name}: thread {thread.name} died"
         if not self.connected.is_set():
             return None  # the broker is away: verdicts wait in the outbox, and the broker gauge says so
-        oldest = self.outbox.oldest_created(self.camera)
+        oldest = self.outbox.oldest_created(self.channel)
         if oldest is None:
             return None
         waited = time.time() - max(oldest, self.connected_at, self.last_ack_at)
         if waited > stall_s:
-            return (f"mqtt {self.camera}: connected but no acknowledgement for {waited:.0f}s with "
-                    f"{self.outbox.depth(self.camera)} messages waiting")
+            return (f"mqtt {self.name}: connected but no acknowledgement for {waited:.0f}s with "
+                    f"{self.outbox.depth(self.channel)} messages waiting")
         return None
 
     def _network_loop(self) -> None:
@@ -161,10 +177,11 @@ class CameraLink:
         delay = 1.0
         while not self.closing.is_set():
             try:
+                self.before_connect()
                 self.client.reconnect()
             except OSError as exc:
                 self.throttled.log(logging.WARNING, "connect", "mqtt %s: cannot connect to %s:%d: %s; retrying",
-                                   self.camera, self.broker.host, self.broker.port, connect_failure(exc, self.broker))
+                                   self.name, self.broker.host, self.broker.port, connect_failure(exc, self.broker))
                 self.closing.wait(delay)
                 delay = min(delay * 2, 8.0)
                 continue
@@ -175,37 +192,116 @@ class CameraLink:
                 delay = 1.0
             self.closing.wait(delay)
 
-    # -- paho callbacks (network thread): kept thin --------------------------------------------
     @_guarded
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             self.throttled.log(logging.ERROR, "connect", "mqtt %s: broker refused the connection: %s; check broker "
-                               "credentials and its ACL", self.camera, reason_code)
+                               "credentials and its ACL", self.name, reason_code)
             return
         self.throttled.clear("connect")
-        log.info("mqtt %s: connected", self.camera)
-        client.publish(self.topic("status"), "online", qos=1, retain=True)
-        client.subscribe([(self.topic("trigger"), 1)] + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
-                         + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
+        log.info("mqtt %s: connected", self.name)
+        self.connected_now()
         self.connected_at = time.time()
         self.reconnected.set()
         self.connected.set()
-        self.on_connection(self.camera, True)
+        self.on_connection(self.name, True)
         self.wake.set()
 
     @_guarded
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self.stopping.is_set():
-            log.info("mqtt %s: disconnected", self.camera)
+            log.info("mqtt %s: disconnected", self.name)
         elif self.connected.is_set():
-            log.warning("mqtt %s: disconnected (%s); verdicts wait in the outbox", self.camera, reason_code)
+            log.warning("mqtt %s: disconnected (%s); verdicts wait in the outbox", self.name, reason_code)
         self.connected.clear()
-        self.on_connection(self.camera, False)
+        self.on_connection(self.name, False)
 
     @_guarded
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self.acks.put(mid)
         self.wake.set()
+
+    def notify(self) -> None:
+        """New messages are in the outbox."""
+        self.wake.set()
+
+    def _send_loop(self) -> None:
+        inflight: dict[int, int] = {}  # paho mid -> outbox message id
+        last_sent = 0
+        while not self.stopping.is_set():
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            if self.reconnected.is_set():  # resend everything unacked, in order (duplicates carry their seq)
+                self.reconnected.clear()
+                inflight.clear()
+                last_sent = 0
+                try:
+                    self.session_started()
+                except Exception as exc:  # the session goes on; what it lacks is said
+                    self.throttled.log(logging.ERROR, "session", "mqtt %s: starting the session failed: %s: %s",
+                                       self.name, type(exc).__name__, exc, exc_info=exc)
+            try:
+                last_sent = self._send_pending(inflight, last_sent)
+            except Exception as exc:  # the outbox's disk, most likely: say so, keep trying
+                self.throttled.log(logging.ERROR, "send", "mqtt %s: sending from the outbox failed: %s: %s; retrying",
+                                   self.name, type(exc).__name__, exc)
+                self.stopping.wait(1.0)
+            else:
+                self.throttled.clear("send")
+
+    def _send_pending(self, inflight: dict[int, int], last_sent: int) -> int:
+        """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
+        while True:
+            try:
+                mid = self.acks.get_nowait()
+            except queue.Empty:
+                break
+            message_id = inflight.pop(mid, None)
+            if message_id is not None:
+                self.outbox.ack(message_id)
+                self.last_ack_at = time.time()
+        if not self.connected.is_set():
+            return last_sent
+        room = INFLIGHT_WINDOW - len(inflight)
+        for message in self.outbox.pending(self.channel, after_id=last_sent, limit=room) if room > 0 else []:
+            info = self.publish_message(message)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # not connected any more: the reconnect resends from the outbox
+            inflight[info.mid] = message.id
+            last_sent = message.id
+        return last_sent
+
+
+class CameraLink(Link):
+    """A camera's verdicts and commands under `<prefix>/<line>/<camera>/`, with a retained status whose Last
+    Will says `offline` the moment the runtime's connection drops."""
+
+    def __init__(self, broker: BrokerConfig, camera: str, outbox: Outbox,
+                 on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str, str], None],
+                 on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256,
+                 line_trigger: bool = False):
+        super().__init__(broker, camera, camera, outbox,
+                         f"{broker.client_id}-{camera}" if broker.client_id else f"coft-{broker.line}-{camera}")
+        self.camera = camera
+        self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
+        self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
+        self.trigger_max_bytes = trigger_max_bytes
+        self.client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+
+    def saying_goodbye(self) -> None:
+        self.client.publish(self.topic("status"), "stopped", qos=1, retain=True).wait_for_publish(timeout=2)
+
+    def topic(self, leaf: str) -> str:
+        return camera_topic(self.broker, self.camera, leaf)
+
+    def line_topic(self, leaf: str) -> str:
+        return f"{self.broker.prefix}/{self.broker.line}/{leaf}"
+
+    def connected_now(self) -> None:
+        self.client.publish(self.topic("status"), "online", qos=1, retain=True)
+        self.client.subscribe([(self.topic("trigger"), 1)]
+                              + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
+                              + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
 
     @_guarded
     def _on_message(self, client, userdata, message):
@@ -253,7 +349,6 @@ class CameraLink:
             raise CoftError("part id holds control characters")
         return part
 
-    # -- sending -------------------------------------------------------------------------------
     def report(self, command: str, error: str) -> None:
         """A refused command or a fault, on the error topic for whoever watches the line."""
         self.client.publish(self.topic("error"), json.dumps({"command": command, "error": error}), qos=1)
@@ -264,48 +359,3 @@ class CameraLink:
     def heartbeat(self, counters: dict) -> None:
         if self.connected.is_set():
             self.client.publish(self.topic("heartbeat"), json.dumps(counters), qos=0)
-
-    def notify(self) -> None:
-        """New messages are in the outbox."""
-        self.wake.set()
-
-    def _send_loop(self) -> None:
-        inflight: dict[int, int] = {}  # paho mid -> outbox message id
-        last_sent = 0
-        while not self.stopping.is_set():
-            self.wake.wait(timeout=0.5)
-            self.wake.clear()
-            if self.reconnected.is_set():  # resend everything unacked, in order (duplicates carry their seq)
-                self.reconnected.clear()
-                inflight.clear()
-                last_sent = 0
-            try:
-                last_sent = self._send_pending(inflight, last_sent)
-            except Exception as exc:  # the outbox's disk, most likely: say so, keep trying
-                self.throttled.log(logging.ERROR, "send", "mqtt %s: sending from the outbox failed: %s: %s; retrying",
-                                   self.camera, type(exc).__name__, exc)
-                self.stopping.wait(1.0)
-            else:
-                self.throttled.clear("send")
-
-    def _send_pending(self, inflight: dict[int, int], last_sent: int) -> int:
-        """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
-        while True:
-            try:
-                mid = self.acks.get_nowait()
-            except queue.Empty:
-                break
-            message_id = inflight.pop(mid, None)
-            if message_id is not None:
-                self.outbox.ack(message_id)
-                self.last_ack_at = time.time()
-        if not self.connected.is_set():
-            return last_sent
-        room = INFLIGHT_WINDOW - len(inflight)
-        for message in self.outbox.pending(self.camera, after_id=last_sent, limit=room) if room > 0 else []:
-            info = self.client.publish(message.topic, message.payload, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                break  # not connected any more: the reconnect resends from the outbox
-            inflight[info.mid] = message.id
-            last_sent = message.id
-        return last_sent

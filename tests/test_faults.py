@@ -110,6 +110,7 @@ def test_an_exception_in_any_callback_is_reported_and_the_link_lives_on(tmp_path
 
 INJECT = """
 import sys
+import threading
 import runtime.mqtt
 from runtime.cli import main
 

@@ -1,0 +1,108 @@
+"""Trigger-to-answer latency of triggered inspection, as a PLC sees it, at line rates.
+
+    python bench/failsafe.py [BUNDLE] [--rates 10 30] [--seconds 30] [--deadline-ms 500]
+
+Runs `python -m runtime` as its own process against a real Mosquitto, with one camera in
+trigger mode replaying ELPV cells (640x480, 60 fps, so every part finds a fresh frame), and the
+simulated PLC of tests/plc.py triggering parts on a fixed schedule. Reports, per rate, the
+distribution of trigger-sent to result-received, how many parts were answered by their
+verdict and how many by a fail-safe reject (and why), and any part left silent.
+Without BUNDLE, a frozen Lite0 bundle is trained on 10 ELPV cells and exported first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from tests.conftest import Mosquitto  # noqa: E402
+from tests.plc import SimulatedPlc  # noqa: E402
+
+
+def run_rate(bundle: Path, broker: Mosquitto, video: Path, rate: float, seconds: float, deadline_ms: int,
+             threads: int, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads,
+              "cameras": [{"name": "cam1", "source": str(video), "loop": True, "fps": 60, "trigger": True}],
+              "broker": {"port": broker.port, "line": "l1"}, "outbox": {"path": str(work / "outbox.db")},
+              "control": {"trigger_deadline_ms": deadline_ms}, "heartbeat_s": 0.2}
+    (work / "line.yaml").write_text(yaml.safe_dump(config))
+    plc = SimulatedPlc(broker.port)
+    process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")], cwd=ROOT,
+                               stdout=open(work / "runtime.log", "w"), stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while len(plc.beats) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        plc.run_line("cam1", rate, 20, "warm")  # the first parts after start are not the line's steady state
+        time.sleep(1)
+        parts = plc.run_line("cam1", rate, int(rate * seconds), f"r{rate:g}")
+        plc.wait_for_answers(parts, timeout=5)
+        judged = plc.judge(parts, deadline_ms / 1000, 0.6)
+        latencies = np.array(plc.latencies_ms(parts))
+        answers = Counter((a[0]["result"], a[0]["reason"]) for a in (plc.answers(p) for p in parts) if a)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        plc.close()
+    return {"rate": rate, "parts": len(parts), "answered_in_time": len(judged["answered"]),
+            "late": len(judged["late"]), "silent": len(judged["silent"]), "defaulted": len(judged["defaulted"]),
+            "p50_ms": float(np.percentile(latencies, 50)), "p90_ms": float(np.percentile(latencies, 90)),
+            "p99_ms": float(np.percentile(latencies, 99)), "max_ms": float(latencies.max()),
+            "answers": {result if reason is None else f"{result} ({reason})": n for (result, reason), n in answers.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", nargs="?", type=Path, help="an exported bundle (default: the demo's Lite0 one)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[10, 30], help="parts per second (default 10 30)")
+    parser.add_argument("--seconds", type=float, default=30, help="how long each rate runs (default 30)")
+    parser.add_argument("--deadline-ms", type=int, default=500, help="control.trigger_deadline_ms (default 500)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/failsafe"), help="where the tables go")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="coft-failsafe-bench-"))
+    bundle = runtime_bundle(args.bundle, work)
+    video = elpv_video(work / "line.avi")
+    broker = Mosquitto(work / "broker").start()
+    try:
+        rows = [run_rate(bundle, broker, video, rate, args.seconds, args.deadline_ms, args.threads,
+                         work / f"rate{rate:g}") for rate in args.rates]
+    finally:
+        broker.stop()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads"
+    lines = [f"Trigger-to-answer at the PLC on {machine}; deadline {args.deadline_ms} ms, camera at 60 fps, "
+             f"{args.seconds:.0f} s per rate", "",
+             "| parts/s | parts | answered in time | silent | p50 ms | p90 ms | p99 ms | max ms | answers |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rate']:g} | {r['parts']} | {r['answered_in_time']} | {r['silent']} | {r['p50_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(r['answers'].items()))} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "failsafe.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    (args.out / "failsafe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
