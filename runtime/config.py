@@ -137,6 +137,15 @@ class WebConfig(Strict):
         return secret(self.token_env, self.token_file, "web.token")
 
 
+class SparkplugConfig(Strict):
+    """Sparkplug B for SCADA hosts (Ignition and others): this box an edge node, each camera a device. It uses
+    the broker: settings, with its own client id."""
+    group_id: str = Field("coft", pattern=r"^[^#+/\x00]+$", description="Sparkplug group id")
+    edge_node_id: str | None = Field(None, pattern=r"^[^#+/\x00]+$", description="default: coft-<line>")
+    data_qos: Literal[0, 1] = Field(0, description="DDATA QoS: 0 as the specification says; 1 has the broker "
+                                                   "acknowledge each verdict before it leaves the outbox")
+
+
 class RuntimeConfig(Strict):
     bundle: Path
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -150,6 +159,7 @@ class RuntimeConfig(Strict):
     harvest: EvidenceConfig | None = Field(None, description="frames kept to retrain on (coft retrain): raw, with "
                                                              "their verdicts; every_nth_pass accepts and all rejects")
     web: WebConfig | None = Field(None, description="present: serve the live view and /api/status")
+    sparkplug: SparkplugConfig | None = Field(None, description="present: also publish as a Sparkplug B edge node")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period; its counter is what a PLC watches to "

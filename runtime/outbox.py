@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NUL
 """
 
 
+SPARKPLUG_CHANNEL = "@sparkplug"  # verdicts for the Sparkplug node (camera names cannot start with @)
+
+
 class OutboxRefused(CoftError):
     """A verdict could not be stored (disk full, or the file is unwritable); nothing stored before is lost."""
 
@@ -77,7 +80,9 @@ class Outbox:
         return cursor.execute("SELECT value FROM counter WHERE name = ?", (camera,)).fetchone()[0]
 
     def put_verdict(self, camera: str, build: "callable", reject: bool) -> int:
-        """Assign the camera's next sequence number, let `build(seq)` make [(topic, payload)], store all atomically."""
+        """Assign the camera's next sequence number, let `build(seq)` make [(topic, payload)], store all atomically.
+        A message may name another channel than the camera's as a third item (`(topic, payload, channel)`): the
+        link that publishes that channel sends it (Sparkplug's, for one)."""
         with self.lock:
             cursor = self.db.cursor()
             added = 0
@@ -85,9 +90,9 @@ class Outbox:
                 cursor.execute("BEGIN IMMEDIATE")
                 seq = self.next_seq(camera, cursor)
                 now = time.time()
-                for topic, payload in build(seq):
+                for topic, payload, *channel in build(seq):
                     cursor.execute("INSERT INTO message (camera, topic, payload, reject, created) VALUES (?, ?, ?, ?, ?)",
-                                   (camera, topic, payload, int(reject), now))
+                                   (channel[0] if channel else camera, topic, payload, int(reject), now))
                     added += len(payload)
                 removed = self._enforce_limit(cursor, self.bytes + added)
                 cursor.execute("COMMIT")

@@ -38,7 +38,7 @@ from runtime.images import resize_to_input
 from runtime.logs import LastProblems, Throttled
 from runtime.metrics import Metrics
 from runtime.mqtt import CameraLink, camera_topic
-from runtime.outbox import Outbox, OutboxRefused
+from runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused
 from runtime.sources import CameraThread, Frame
 from runtime.watchdog import Watchdog
 
@@ -97,6 +97,13 @@ class Runtime:
                       for name in names}
         self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                         for c in config.cameras]
+        self.sparkplug = None
+        if config.sparkplug:
+            from runtime.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
+            self.sparkplug = SparkplugNode(
+                config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
+                lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
+                self.counters, lambda: self.bundle.model_id)
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
                                  self.stop_event) if any(c.trigger for c in config.cameras) else None
         self.beats = 0  # the heartbeat counter a PLC watches
@@ -149,6 +156,13 @@ class Runtime:
                             "was not registered")
         self.failsafe.trigger(camera, part_id)
 
+    def threshold_of(self, camera: str) -> float:
+        return self.threshold.value(camera)  # through self: commissioning replaces the threshold state
+
+    def _sparkplug(self, camera: str, verdict: dict) -> list[tuple[str, bytes, str]]:
+        """The verdict for the Sparkplug node's channel of the outbox (encoded as DDATA when it is sent)."""
+        return [(camera, json.dumps(verdict).encode(), SPARKPLUG_CHANNEL)] if self.sparkplug else []
+
     def _delivering(self, camera: str) -> bool:
         return next(c.state == "delivering" for c in self.cameras if c.camera.name == camera)
 
@@ -167,13 +181,15 @@ class Runtime:
             plc = {"seq": seq, "part_id": part.part_id, "frame_id": part.frame_id, "score": None, "reason": reason}
             return [(camera_topic(broker, part.camera, "verdict"), json.dumps(verdict).encode()),
                     (camera_topic(broker, part.camera, "reject"), json.dumps(plc).encode()),
-                    self._result(part, verdict)]
+                    self._result(part, verdict)] + self._sparkplug(part.camera, verdict)
 
         self.outbox.put_verdict(part.camera, messages, True)
         self.metrics.failsafe_rejects.labels(part.camera, reason).inc()
         self.metrics.verdicts.labels(part.camera, "reject").inc()
         self.recent[part.camera].append(verdict)
         self.links[part.camera].notify()
+        if self.sparkplug:
+            self.sparkplug.notify()
 
     def _result(self, part: Part, verdict: dict) -> tuple[str, bytes]:
         """The one answer a PLC waits for after a trigger: accept or reject, why, and how long it took."""
@@ -252,6 +268,7 @@ class Runtime:
             verdict["seq"] = seq
             verdict["latency_ms"] = round((time.time() - frame.captured_at) * 1000, 2)
             out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
+            out += self._sparkplug(frame.camera, verdict)
             if late:  # recorded, but the part has its answer: nothing more for the PLC
                 return out
             if part is not None:
@@ -268,6 +285,8 @@ class Runtime:
         self.metrics.latency.observe(time.time() - frame.captured_at)
         self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
         self.links[frame.camera].notify()
+        if self.sparkplug:
+            self.sparkplug.notify()
         self.recent[frame.camera].append(verdict)
         self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
@@ -393,7 +412,7 @@ class Runtime:
         for camera in self.cameras:
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
-        for link in self.links.values():
+        for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
             problem = link.health(self.config.stall_s)
             if problem:
                 return problem
@@ -417,6 +436,8 @@ class Runtime:
         for link in self.links.values():
             link.start()
             link.publish_state(self.threshold.describe(link.camera, "start"))
+        if self.sparkplug:
+            self.sparkplug.start()
         for camera in self.cameras:
             camera.start()
         if self.failsafe:
@@ -482,11 +503,11 @@ class Runtime:
         self.stop_event.set()
         for camera in self.cameras:
             camera.join(timeout=2)
-        for link in self.links.values():
+        for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
             try:
                 link.stop(drain_s)
             except Exception as exc:  # one broken link must not keep the others from closing
-                log.error("mqtt %s: could not stop cleanly: %s", link.camera, exc)
+                log.error("mqtt %s: could not stop cleanly: %s", link.name, exc)
         if self.web:
             self.web.stop()
         logging.getLogger().removeHandler(self.problems)

@@ -1,0 +1,245 @@
+"""Sparkplug B (Eclipse Sparkplug 3.0) for SCADA hosts such as Ignition: the box is an edge node, each
+camera a device.
+
+    spBv1.0/<group>/NBIRTH/<node>            bdSeq, Node Control/Rebirth, node info; seq 0
+    spBv1.0/<group>/DBIRTH/<node>/<camera>   every metric with its name, alias and datatype
+    spBv1.0/<group>/DDATA/<node>/<camera>    one per verdict: metrics by alias only
+    spBv1.0/<group>/NDEATH/<node>            the MQTT Last Will (bdSeq of the session it ends)
+    spBv1.0/<group>/NCMD/<node>              Node Control/Rebirth = true: births again
+    spBv1.0/<group>/DCMD/<node>/<camera>     Control/Threshold (Double): the guarded threshold path
+
+`seq` runs 0-255 over every message of a session, wrapping; bdSeq 0-255 grows with each
+connection and survives restarts (a file beside the outbox). Verdicts reach the node through
+the same durable outbox as the plain MQTT topics (channel `@sparkplug`), and a DDATA is
+encoded when it is sent, so an outage or a restart loses none: they go out after the births
+of the next session. DDATA goes at QoS 0 as the specification requires (`data_qos: 1` makes
+the broker acknowledge each). A command with an unknown metric or a wrong type changes
+nothing and says why on `<prefix>/<line>/<camera>/error` (or `<prefix>/<line>/error`).
+Payloads are protobuf, from `sparkplug_b.proto` in this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from runtime.config import BrokerConfig, SparkplugConfig
+from runtime.errors import CoftError
+from runtime.mqtt import Link, _guarded, camera_topic
+from runtime.outbox import SPARKPLUG_CHANNEL, Message, Outbox
+from runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "spBv1.0"
+REBIRTH = "Node Control/Rebirth"
+THRESHOLD = "Control/Threshold"
+# (metric, datatype, from a verdict): what each camera's DBIRTH declares and each DDATA carries
+DEVICE_METRICS = [
+    ("Verdict/Seq", DataType.UInt64, lambda v: v["seq"]),
+    ("Verdict/Part ID", DataType.String, lambda v: v.get("part_id") or ""),
+    ("Verdict/Frame ID", DataType.UInt64, lambda v: v.get("frame_id")),
+    ("Verdict/Reject", DataType.Boolean, lambda v: v["verdict"] == "reject"),
+    ("Verdict/Reason", DataType.String, lambda v: v.get("reason") or ("score" if v["verdict"] == "reject" else "")),
+    ("Verdict/Score", DataType.Double, lambda v: v["score"]),
+    ("Verdict/Threshold", DataType.Double, lambda v: v["threshold"]),
+    ("Verdict/Box", DataType.String, lambda v: json.dumps((v.get("defect") or {}).get("box"))),
+    ("Verdict/Latency ms", DataType.Double, lambda v: v.get("latency_ms")),
+    ("Verdict/Time", DataType.DateTime, lambda v: round(v["capture_ts"] * 1000)),
+]
+NODE_ALIASES = {"bdSeq": 1, REBIRTH: 2, "Node Info/Model ID": 3, "Node Info/Line": 4}
+
+
+def put(metric: Payload.Metric, datatype: int, value) -> None:
+    """A metric's datatype and value, in the field the datatype calls for (is_null for None)."""
+    metric.datatype = datatype
+    if value is None:
+        metric.is_null = True
+    elif datatype in (DataType.Int8, DataType.Int16, DataType.Int32, DataType.UInt8, DataType.UInt16, DataType.UInt32):
+        metric.int_value = int(value)
+    elif datatype in (DataType.Int64, DataType.UInt64, DataType.DateTime):
+        metric.long_value = int(value)
+    elif datatype == DataType.Float:
+        metric.float_value = float(value)
+    elif datatype == DataType.Double:
+        metric.double_value = float(value)
+    elif datatype == DataType.Boolean:
+        metric.boolean_value = bool(value)
+    else:
+        metric.string_value = str(value)
+
+
+class SparkplugNode(Link):
+    def __init__(self, broker: BrokerConfig, config: SparkplugConfig, outbox: Outbox, cameras: list[str],
+                 bdseq_file: Path, on_threshold: Callable[[str, float], dict], threshold: Callable[[str], float],
+                 counters: Callable[[str], dict], model_id: Callable[[], str]):
+        node = config.edge_node_id or f"coft-{broker.line}"
+        super().__init__(broker, f"sparkplug {node}", SPARKPLUG_CHANNEL, outbox,
+                         f"{broker.client_id or 'coft-' + broker.line}-spb")
+        self.config, self.node, self.cameras, self.bdseq_file = config, node, cameras, bdseq_file
+        self.on_threshold, self.threshold, self.counters, self.model_id = on_threshold, threshold, counters, model_id
+        self.aliases = {camera: {name: 100 * (i + 1) + k for k, name in
+                                 enumerate([m[0] for m in DEVICE_METRICS] + ["Counters/Accepts", "Counters/Rejects",
+                                                                             THRESHOLD, "State/Model ID"])}
+                        for i, camera in enumerate(cameras)}
+        self.last: dict[str, dict] = {}  # camera -> last verdict sent, for the values a rebirth declares
+        self.seq = 0
+        self.session_bdseq = self._stored_bdseq()  # the last session's
+        self.bdseq = self.session_bdseq
+        self.sequence = threading.Lock()  # seq numbers and publishes in one order, whichever thread publishes
+
+    def topic(self, kind: str, device: str | None = None) -> str:
+        return f"{NAMESPACE}/{self.config.group_id}/{kind}/{self.node}" + (f"/{device}" if device else "")
+
+    # -- sessions: bdSeq, births, death ------------------------------------------------------------
+    def _stored_bdseq(self) -> int:
+        try:
+            return int(self.bdseq_file.read_text())
+        except (OSError, ValueError):
+            return -1  # the first connection uses 0
+
+    def before_connect(self) -> None:
+        """Each CONNECT starts a new session: the bdSeq after the last session's, in a new NDEATH will. An attempt
+        that never reached the broker (no CONNECT sent) leaves the number for the next one."""
+        self.bdseq = (self.session_bdseq + 1) % 256
+        self.client.will_set(self.topic("NDEATH"), self._death(), qos=1, retain=False)
+
+    def connected_now(self) -> None:
+        self.session_bdseq = self.bdseq
+        try:  # kept on disk, so that a restart goes on counting
+            tmp = self.bdseq_file.with_name(f".{self.bdseq_file.name}.tmp")
+            tmp.write_text(str(self.bdseq))
+            os.replace(tmp, self.bdseq_file)
+        except OSError as exc:  # a host may then see an older bdSeq after a restart: say so, go on
+            self.throttled.log(logging.ERROR, "bdseq", "sparkplug: cannot keep bdSeq in %s (%s)", self.bdseq_file,
+                               exc.strerror)
+        self.client.subscribe([(self.topic("NCMD"), 0), (self.topic("DCMD", "+"), 0)])
+
+    def _death(self) -> bytes:
+        payload = Payload(timestamp=round(time.time() * 1000))
+        metric = payload.metrics.add(name="bdSeq", alias=NODE_ALIASES["bdSeq"])
+        put(metric, DataType.UInt64, self.bdseq)
+        return payload.SerializeToString()
+
+    def session_started(self) -> None:
+        self.births()
+
+    def births(self) -> None:
+        """NBIRTH (seq 0) and each camera's DBIRTH, declaring every metric with its alias and current value."""
+        with self.sequence:
+            now = round(time.time() * 1000)
+            node = Payload(timestamp=now, seq=0)
+            for name, datatype, value in [("bdSeq", DataType.UInt64, self.bdseq), (REBIRTH, DataType.Boolean, False),
+                                          ("Node Info/Model ID", DataType.String, self.model_id()),
+                                          ("Node Info/Line", DataType.String, self.broker.line)]:
+                put(node.metrics.add(name=name, alias=NODE_ALIASES[name], timestamp=now), datatype, value)
+            self.seq = 0
+            self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=0)
+            for camera in self.cameras:
+                birth = self._device_payload(camera, self.last.get(camera), names=True)
+                self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=0)
+        log.info("sparkplug: births published as edge node %s/%s (bdSeq %d)", self.config.group_id, self.node,
+                 self.bdseq)
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) % 256
+        return self.seq
+
+    def _device_payload(self, camera: str, verdict: dict | None, names: bool) -> Payload:
+        """A camera's metrics (every one, for a birth; by alias only, for data) at the next seq."""
+        now = round(time.time() * 1000)
+        payload = Payload(timestamp=now, seq=self._next_seq())
+        aliases = self.aliases[camera]
+        counters = self.counters(camera)
+        values = [(name, datatype, read(verdict) if verdict else None) for name, datatype, read in DEVICE_METRICS]
+        values += [("Counters/Accepts", DataType.UInt64, counters["accepts"]),
+                   ("Counters/Rejects", DataType.UInt64, counters["rejects"]),
+                   (THRESHOLD, DataType.Double, self.threshold(camera)),
+                   ("State/Model ID", DataType.String, self.model_id())]
+        for name, datatype, value in values:
+            metric = payload.metrics.add(alias=aliases[name], timestamp=now)
+            if names:
+                metric.name = name
+            put(metric, datatype, value)
+        return payload
+
+    def publish_message(self, message: Message) -> mqtt.MQTTMessageInfo:
+        """A verdict from the outbox as the camera's DDATA, numbered now (after this session's births)."""
+        camera, verdict = message.topic, json.loads(message.payload)
+        with self.sequence:
+            data = self._device_payload(camera, verdict, names=False)
+            info = self.client.publish(self.topic("DDATA", camera), data.SerializeToString(), qos=self.config.data_qos)
+        self.last[camera] = verdict
+        return info
+
+    def saying_goodbye(self) -> None:
+        self.client.publish(self.topic("NDEATH"), self._death(), qos=1).wait_for_publish(timeout=2)
+
+    def report(self, command: str, error: str, camera: str | None = None) -> None:
+        """A refusal or fault in plain JSON on `<prefix>/<line>/<camera>/error` (or the line's), for people and tools."""
+        topic = camera_topic(self.broker, camera, "error") if camera else f"{self.broker.prefix}/{self.broker.line}/error"
+        self.client.publish(topic, json.dumps({"command": f"sparkplug {command}", "error": error}), qos=1)
+
+    # -- commands -------------------------------------------------------------------------------
+    @_guarded
+    def _on_message(self, client, userdata, message):
+        device = message.topic.split("/")[4] if message.topic.count("/") == 4 else None
+        try:
+            payload = Payload.FromString(message.payload)
+        except Exception:  # protobuf's DecodeError, and whatever a truncated payload raises
+            self._refuse(device, "NCMD" if device is None else "DCMD", "payload is not a Sparkplug B protobuf")
+            return
+        for metric in payload.metrics:
+            try:
+                if device is None:
+                    self._node_command(metric)
+                else:
+                    self._device_command(device, metric)
+            except CoftError as exc:
+                self._refuse(device, "NCMD" if device is None else "DCMD", str(exc))
+
+    def _named(self, metric: Payload.Metric, aliases: dict[str, int]) -> str:
+        if metric.HasField("name") and metric.name:
+            return metric.name
+        by_alias = {alias: name for name, alias in aliases.items()}
+        if metric.alias in by_alias:
+            return by_alias[metric.alias]
+        raise CoftError(f"unknown metric alias {metric.alias}")
+
+    def _node_command(self, metric: Payload.Metric) -> None:
+        name = self._named(metric, NODE_ALIASES)
+        if name != REBIRTH:
+            raise CoftError(f"unknown node metric {name!r}; the node takes {REBIRTH!r}")
+        if metric.WhichOneof("value") != "boolean_value":
+            raise CoftError(f"{REBIRTH} must be a Boolean")
+        if metric.boolean_value:
+            log.info("sparkplug: rebirth requested")
+            self.births()
+
+    def _device_command(self, device: str, metric: Payload.Metric) -> None:
+        if device not in self.aliases:
+            raise CoftError(f"unknown device {device!r}; devices: {', '.join(self.cameras)}")
+        name = self._named(metric, self.aliases[device])
+        if name != THRESHOLD:
+            raise CoftError(f"metric {name!r} is not writable; only {THRESHOLD!r} is")
+        kind = metric.WhichOneof("value")
+        if kind not in ("double_value", "float_value"):
+            raise CoftError(f"{THRESHOLD} must be a Double or Float, got {kind or 'no value'}")
+        self.on_threshold(device, getattr(metric, kind))
+        with self.sequence:  # report by exception: the new threshold, at once
+            data = self._device_payload(device, None, names=False)
+            kept = [m for m in data.metrics if m.alias == self.aliases[device][THRESHOLD]]
+            del data.metrics[:]
+            data.metrics.extend(kept)
+            self.client.publish(self.topic("DDATA", device), data.SerializeToString(), qos=self.config.data_qos)
+
+    def _refuse(self, device: str | None, command: str, error: str) -> None:
+        log.warning("sparkplug: %s%s ignored: %s", command, f" for {device}" if device else "", error)
+        self.report(command, error, device if device in self.aliases else None)
