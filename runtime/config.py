@@ -146,6 +146,28 @@ class SparkplugConfig(Strict):
                                                    "acknowledge each verdict before it leaves the outbox")
 
 
+class OpcUaConfig(Strict):
+    """An OPC UA server for controllers that read one (Siemens S7-1500, Beckhoff ...): verdicts, counters,
+    states and a heartbeat per camera; the threshold and, for trigger cameras, a trigger writable."""
+    port: int = Field(4840, ge=1, le=65535)
+    bind: str = Field("0.0.0.0", description="address to listen on (the PLC is on the network)")
+    security: list[Literal["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign", "None"]] = Field(
+        ["Basic256Sha256_SignAndEncrypt"], min_length=1, description="endpoints offered")
+    certificate: Path = Field(Path("/var/lib/coft/opcua-server.der"),
+                              description="server certificate (DER); made, self-signed, on first start if missing")
+    private_key: Path = Field(Path("/var/lib/coft/opcua-server.pem"), description="its private key (PEM)")
+    username: str | None = Field(None, description="the user a PLC logs in as")
+    password_env: str | None = Field(None, description="environment variable holding that user's password")
+    password_file: Path | None = Field(None, description="file holding that user's password")
+    allow_anonymous: bool = Field(False, description="let clients in without a user (test benches)")
+    trusted_clients: list[Path] = Field([], description="client certificates (DER or PEM) allowed to connect; "
+                                                        "empty: any client that knows the password")
+    threshold_writable: bool = Field(True, description="the Threshold node takes writes (with control.threshold)")
+
+    def password(self) -> str | None:
+        return secret(self.password_env, self.password_file, "opcua.password")
+
+
 class RuntimeConfig(Strict):
     bundle: Path
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
@@ -160,6 +182,7 @@ class RuntimeConfig(Strict):
                                                              "their verdicts; every_nth_pass accepts and all rejects")
     web: WebConfig | None = Field(None, description="present: serve the live view and /api/status")
     sparkplug: SparkplugConfig | None = Field(None, description="present: also publish as a Sparkplug B edge node")
+    opcua: OpcUaConfig | None = Field(None, description="present: also serve verdicts over OPC UA")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period; its counter is what a PLC watches to "
@@ -231,13 +254,17 @@ def load_config(path: str | Path) -> RuntimeConfig:
                          (config.broker, "password_file")] + \
             [(folder, "dir") for folder in (config.evidence, config.harvest) if folder] + \
             ([(config.web, "token_file")] if config.web else []) + \
+            ([(config.opcua, a) for a in ("certificate", "private_key", "password_file")] if config.opcua else []) + \
             ([(tls, "ca"), (tls, "cert"), (tls, "key")] if tls else []):
         value = getattr(holder, attr)
         if value is not None and not value.is_absolute():
             setattr(holder, attr, base / value)
     config.trusted_keys = [key if key.is_absolute() else base / key for key in config.trusted_keys]
+    if config.opcua:
+        config.opcua.trusted_clients = [c if c.is_absolute() else base / c for c in config.opcua.trusted_clients]
     for key, value in [(f"broker.tls.{a}", getattr(tls, a)) for a in ("ca", "cert", "key") if tls] + \
-            [(f"trusted_keys.{i}", k) for i, k in enumerate(config.trusted_keys)]:
+            [(f"trusted_keys.{i}", k) for i, k in enumerate(config.trusted_keys)] + \
+            ([(f"opcua.trusted_clients.{i}", c) for i, c in enumerate(config.opcua.trusted_clients)] if config.opcua else []):
         if value is not None and not value.is_file():
             raise CoftError(f"{path}: {key}: file {value} does not exist; give the path of the file on this box")
     for camera in config.cameras:  # files and folders, not devices, URLs or pipelines

@@ -104,6 +104,10 @@ class Runtime:
                 config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
                 self.counters, lambda: self.bundle.model_id)
+        self.opcua = None
+        if config.opcua:
+            from runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
+            self.opcua = OpcUaServer(self, config.opcua)
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
                                  self.stop_event) if any(c.trigger for c in config.cameras) else None
         self.beats = 0  # the heartbeat counter a PLC watches
@@ -146,6 +150,12 @@ class Runtime:
                 frame.part_id = frame.part.part_id or None
             self.queue.put(frame)
         return deliver
+
+    def trigger_from_plc(self, camera: str, part_id: str) -> None:
+        """A part id from a controller (an OPC UA write): the limits an MQTT trigger has, then the same path."""
+        if len(part_id.encode()) > self.config.control.trigger_max_bytes or not part_id.isprintable():
+            raise CoftError(f"part id must be printable text of at most {self.config.control.trigger_max_bytes} bytes")
+        self._trigger(camera, part_id)
 
     def _trigger(self, camera: str, part_id: str) -> None:
         if camera not in self.links:
@@ -190,6 +200,8 @@ class Runtime:
         self.links[part.camera].notify()
         if self.sparkplug:
             self.sparkplug.notify()
+        if self.opcua:
+            self.opcua.publish(verdict)
 
     def _result(self, part: Part, verdict: dict) -> tuple[str, bytes]:
         """The one answer a PLC waits for after a trigger: accept or reject, why, and how long it took."""
@@ -287,6 +299,8 @@ class Runtime:
         self.links[frame.camera].notify()
         if self.sparkplug:
             self.sparkplug.notify()
+        if self.opcua:
+            self.opcua.publish(verdict)
         self.recent[frame.camera].append(verdict)
         self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
@@ -418,6 +432,8 @@ class Runtime:
                 return problem
         if self.failsafe and not self.failsafe.is_alive():
             return "the fail-safe thread that answers triggered parts died"
+        if self.opcua and not self.opcua.alive():
+            return "the OPC UA server stopped"
         if self.web and not self.web.alive():
             return "the live view's web server stopped"
         failing = time.monotonic() - self.last_inspection_ok
@@ -433,6 +449,8 @@ class Runtime:
         self.warm_up()
         if self.web:
             self.web.start()
+        if self.opcua:
+            self.opcua.start()
         for link in self.links.values():
             link.start()
             link.publish_state(self.threshold.describe(link.camera, "start"))
@@ -481,6 +499,9 @@ class Runtime:
         try:
             for name, link in self.links.items():
                 link.heartbeat({"beat": self.beats, **self.counters(name)})
+            if self.opcua:
+                self.opcua.heartbeat(self.beats, {name: {**self.counters(name), "broker_connected":
+                                                         link.connected.is_set()} for name, link in self.links.items()})
             self.metrics.outbox_depth.set(self.outbox.depth())
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
@@ -510,6 +531,8 @@ class Runtime:
                 log.error("mqtt %s: could not stop cleanly: %s", link.name, exc)
         if self.web:
             self.web.stop()
+        if self.opcua:
+            self.opcua.stop()
         logging.getLogger().removeHandler(self.problems)
         left = self.outbox.depth()
         if left:

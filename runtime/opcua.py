@@ -1,0 +1,265 @@
+"""OPC UA server (asyncua) for controllers that read a server directly (Siemens S7-1500, Beckhoff ...).
+
+Address space, under Objects/<line> (namespace urn:coft:<line>):
+  Heartbeat                 UInt64, +1 per runtime heartbeat: a PLC rejects by default when it stops
+  ModelId                   String
+  <camera>/Verdict/...      Seq, PartId, FrameId, Result, Reject, Reason, Score, Threshold, Box,
+                            LatencyMs, Time, and Json (the whole verdict, one atomic value);
+                            written in order, once per verdict, so a subscription with a queue sees every one
+  <camera>/Counters/...     Frames, Dropped, Accepts, Rejects
+  <camera>/State/...        Camera, BrokerConnected
+  <camera>/Threshold        Double; writable (opcua.threshold_writable and control.threshold) through the
+                            same guards and AUDIT line as MQTT; a refused value is a BadOutOfRange write
+  <camera>/Trigger          String, writable on trigger cameras: a part id, answered like an MQTT trigger
+
+Security: Basic256Sha256 (sign and encrypt by default) with the server's certificate (made, self-signed,
+on first start if the files do not exist), user name and password, anonymous access off unless the config
+says so, and optionally only the client certificates listed in `trusted_clients`. The server runs on its
+own thread and event loop; the inspection loop only hands it each verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+from datetime import datetime, timezone
+
+from asyncua import Server, ua
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.common.utils import ServiceError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from runtime.config import OpcUaConfig
+from runtime.errors import CoftError
+from runtime.logs import Throttled
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("coft.audit")
+
+POLICIES = {"Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+            "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+            "None": ua.SecurityPolicyType.NoSecurity}
+VERDICT_NODES = [  # (browse name, variant type, from a verdict)
+    ("Seq", ua.VariantType.UInt64, lambda v: v["seq"]),
+    ("PartId", ua.VariantType.String, lambda v: v.get("part_id") or ""),
+    ("FrameId", ua.VariantType.UInt64, lambda v: v.get("frame_id") or 0),
+    ("Result", ua.VariantType.String, lambda v: v["verdict"]),
+    ("Reject", ua.VariantType.Boolean, lambda v: v["verdict"] == "reject"),
+    ("Reason", ua.VariantType.String, lambda v: v.get("reason") or ("score" if v["verdict"] == "reject" else "")),
+    ("Score", ua.VariantType.Double, lambda v: float("nan") if v["score"] is None else v["score"]),
+    ("Threshold", ua.VariantType.Double, lambda v: v["threshold"]),
+    ("Box", ua.VariantType.String, lambda v: json.dumps((v.get("defect") or {}).get("box"))),
+    ("LatencyMs", ua.VariantType.Double, lambda v: v.get("latency_ms") or 0.0),
+    ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(v["capture_ts"], timezone.utc)),
+    ("Json", ua.VariantType.String, json.dumps),  # last: a client that sees it has seen the rest
+]
+
+
+def _not_a_refusal(record: logging.LogRecord) -> bool:
+    """asyncua logs every refused request at ERROR; ours say which and why, once: keep asyncua's other errors."""
+    return not record.getMessage().startswith("sending service fault response")
+
+
+class Passwords:
+    """asyncua's user manager: the one configured user name and password (compared in constant time), or
+    anonymous where the config allows it; every refusal is logged once per user name."""
+
+    def __init__(self, username: str | None, password: str | None, anonymous: bool, throttled: Throttled):
+        self.username, self.password, self.anonymous, self.throttled = username, password, anonymous, throttled
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        if username is None and certificate is None:
+            return User(role=UserRole.User) if self.anonymous else None
+        if self.username and username == self.username and \
+                hmac.compare_digest((password or "").encode(), self.password.encode()):
+            return User(role=UserRole.User, name=username)
+        self.throttled.log(logging.WARNING, ("user", username), "opcua: refused user %r: wrong user name or password",
+                           username)
+        return None
+
+
+class OpcUaServer:
+    def __init__(self, runtime, config: OpcUaConfig):
+        self.runtime, self.config = runtime, config
+        self.password = config.password()
+        if not config.allow_anonymous and not (config.username and self.password):
+            raise CoftError("opcua: give username and password_file (or password_env), or allow_anonymous: true")
+        self.trusted = {self._fingerprint(x509.load_der_x509_certificate(p.read_bytes()) if p.suffix == ".der"
+                                          else x509.load_pem_x509_certificate(p.read_bytes()))
+                        for p in config.trusted_clients}
+        self.throttled = Throttled(log)
+        logging.getLogger("asyncua.server.uaprocessor").addFilter(_not_a_refusal)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue | None = None
+        self.nodes: dict[str, dict[str, object]] = {}
+        self.heartbeat_node = None
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def _fingerprint(certificate: x509.Certificate) -> bytes:
+        return certificate.fingerprint(hashes.SHA256())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen, or raise a one-line CoftError (port taken, bad certificate) before inspection starts."""
+        ready, failure = threading.Event(), []
+
+        def serve() -> None:
+            self.loop = asyncio.new_event_loop()
+            try:
+                server = self.loop.run_until_complete(self._setup())
+            except Exception as exc:  # a port in use, a certificate it cannot read, asyncua's own complaints
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            try:
+                self.loop.run_until_complete(self._serve(server))
+            finally:
+                self.loop.run_until_complete(server.stop())
+                self.loop.close()
+
+        self.thread = threading.Thread(target=serve, name="opcua", daemon=True)
+        self.thread.start()
+        ready.wait(60)
+        if failure:
+            exc = failure[0]
+            raise CoftError(f"opcua: cannot serve on {self.config.bind}:{self.config.port} "
+                            f"({getattr(exc, 'strerror', None) or exc}); change opcua.port or opcua.bind, "
+                            "or check opcua.certificate and opcua.private_key")
+        log.info("opcua: serving opc.tcp://%s:%d/ (%s; %s)", self.config.bind, self.config.port,
+                 ", ".join(self.config.security), "anonymous allowed" if self.config.allow_anonymous else
+                 f"user {self.config.username}")
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.alive():
+            self.thread.join(timeout=10)
+
+    async def _setup(self) -> Server:
+        line = self.runtime.config.broker.line
+        uri = f"urn:coft:{line}"
+        server = Server(user_manager=Passwords(self.config.username, self.password, self.config.allow_anonymous,
+                                               self.throttled))
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.config.bind}:{self.config.port}/")
+        server.set_server_name(f"coft {line}")
+        await server.set_application_uri(uri)
+        policies = [POLICIES[p] for p in self.config.security]
+        server.set_security_policy(policies)
+        server.set_identity_tokens([ua.UserNameIdentityToken] +
+                                   ([ua.AnonymousIdentityToken] if self.config.allow_anonymous else []))
+        if any(p != ua.SecurityPolicyType.NoSecurity for p in policies):
+            await setup_self_signed_certificate(self.config.private_key, self.config.certificate, uri,
+                                                socket.gethostname(), [ExtendedKeyUsageOID.SERVER_AUTH],
+                                                {"organizationName": "coft"})
+            await server.load_certificate(str(self.config.certificate))
+            await server.load_private_key(str(self.config.private_key))
+        if self.trusted:
+            server.set_certificate_validator(self._validate)
+        index = await server.register_namespace(uri)
+        root = await server.nodes.objects.add_object(index, line)
+        self.heartbeat_node = await root.add_variable(index, "Heartbeat", 0, ua.VariantType.UInt64)
+        self.model_node = await root.add_variable(index, "ModelId", self.runtime.bundle.model_id, ua.VariantType.String)
+        writable = self.config.threshold_writable and self.runtime.config.control.threshold
+        for camera in self.runtime.config.cameras:
+            node = await root.add_object(index, camera.name)
+            folders = {name: await node.add_object(index, name) for name in ("Verdict", "Counters", "State")}
+            nodes = {f"Verdict/{name}": await folders["Verdict"].add_variable(index, name, "" if kind == ua.VariantType.String
+                                                                              else ua.get_default_value(kind), kind)
+                     for name, kind, _ in VERDICT_NODES}
+            for name in ("Frames", "Dropped", "Accepts", "Rejects"):
+                nodes[f"Counters/{name}"] = await folders["Counters"].add_variable(index, name, 0, ua.VariantType.UInt64)
+            nodes["State/Camera"] = await folders["State"].add_variable(index, "Camera", "starting", ua.VariantType.String)
+            nodes["State/BrokerConnected"] = await folders["State"].add_variable(index, "BrokerConnected", False,
+                                                                                 ua.VariantType.Boolean)
+            threshold = await node.add_variable(index, "Threshold", self.runtime.threshold_of(camera.name),
+                                                ua.VariantType.Double)
+            nodes["Threshold"] = threshold
+            if writable:
+                await threshold.set_writable()
+                server.set_attribute_value_setter(threshold.nodeid, self._threshold_setter(camera.name))
+            if camera.trigger:
+                trigger = await node.add_variable(index, "Trigger", "", ua.VariantType.String)
+                await trigger.set_writable()
+                server.set_attribute_value_setter(trigger.nodeid, self._trigger_setter(camera.name))
+            self.nodes[camera.name] = nodes
+        await server.start()
+        self.queue = asyncio.Queue()
+        return server
+
+    async def _serve(self, server: Server) -> None:
+        """Write verdicts in the order they came, until stop()."""
+        while not self.stopping.is_set():
+            try:
+                camera, verdict = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            nodes = self.nodes[camera]
+            for name, kind, read in VERDICT_NODES:
+                await nodes[f"Verdict/{name}"].write_value(ua.Variant(read(verdict), kind))
+
+    async def _validate(self, certificate: x509.Certificate, description: ua.ApplicationDescription) -> None:
+        if self._fingerprint(certificate) not in self.trusted:
+            self.throttled.log(logging.WARNING, ("certificate", description.ApplicationUri),
+                               "opcua: refused client %s: its certificate is not in opcua.trusted_clients",
+                               description.ApplicationUri)
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+    # -- writes from clients (the server's event loop) -----------------------------------------------
+    def _threshold_setter(self, camera: str):
+        def setter(node, attribute, value: ua.DataValue) -> None:
+            if value.Value.Value == self.runtime.threshold_of(camera):  # the heartbeat showing the value in force
+                node.attributes[attribute].value = value
+                return
+            try:  # the same guards, saving and AUDIT line as MQTT; a refusal changes nothing
+                state = self.runtime.set_threshold(camera, repr(float(value.Value.Value)), "opcua")
+            except (CoftError, TypeError, ValueError) as exc:
+                log.warning("opcua: threshold for camera %s refused: %s", camera, exc)
+                raise ua.uaerrors.BadOutOfRange from None
+            node.attributes[attribute].value = ua.DataValue(ua.Variant(state["threshold"], ua.VariantType.Double))
+        return setter
+
+    def _trigger_setter(self, camera: str):
+        def setter(node, attribute, value: ua.DataValue) -> None:
+            part = str(value.Value.Value or "").strip()
+            try:
+                self.runtime.trigger_from_plc(camera, part)
+            except CoftError as exc:
+                log.warning("opcua: trigger for camera %s refused: %s", camera, exc)
+                raise ua.uaerrors.BadInvalidArgument from None
+            node.attributes[attribute].value = value
+        return setter
+
+    # -- from the runtime's threads ---------------------------------------------------------------------
+    def publish(self, verdict: dict) -> None:
+        """Hand a verdict to the server's loop (in order; nothing here blocks the inspection loop)."""
+        if self.loop and self.queue is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (verdict["camera"], verdict))
+
+    def heartbeat(self, beat: int, status: dict) -> None:
+        if self.loop and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._heartbeat(beat, status), self.loop)
+
+    async def _heartbeat(self, beat: int, counters: dict) -> None:
+        await self.heartbeat_node.write_value(ua.Variant(beat, ua.VariantType.UInt64))
+        await self.model_node.write_value(ua.Variant(self.runtime.bundle.model_id, ua.VariantType.String))
+        for camera, c in counters.items():
+            nodes = self.nodes[camera]
+            for name, key in (("Frames", "frames"), ("Dropped", "dropped"), ("Accepts", "accepts"), ("Rejects", "rejects")):
+                await nodes[f"Counters/{name}"].write_value(ua.Variant(int(c[key]), ua.VariantType.UInt64))
+            await nodes["State/Camera"].write_value(ua.Variant(c["camera"], ua.VariantType.String))
+            await nodes["State/BrokerConnected"].write_value(ua.Variant(c["broker_connected"], ua.VariantType.Boolean))
+            await nodes["Threshold"].write_value(ua.Variant(self.runtime.threshold_of(camera), ua.VariantType.Double))
+
