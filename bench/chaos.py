@@ -47,7 +47,7 @@ def outbox_depth(path: Path) -> int:
 
 
 def start(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(config)], cwd=ROOT,
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -2,7 +2,7 @@
 
     python bench/failsafe.py [BUNDLE] [--rates 10 30] [--seconds 30] [--deadline-ms 500]
 
-Runs `python -m runtime` as its own process against a real Mosquitto, with one camera in
+Runs `python -m coft.runtime` as its own process against a real Mosquitto, with one camera in
 trigger mode replaying ELPV cells (640x480, 60 fps, so every part finds a fresh frame), and the
 simulated PLC of tests/plc.py triggering parts on a fixed schedule. Reports, per rate, the
 distribution of trigger-sent to result-received, how many parts were answered by their
@@ -45,7 +45,7 @@ def run_rate(bundle: Path, broker: Mosquitto, video: Path, rate: float, seconds:
               "control": {"trigger_deadline_ms": deadline_ms}, "heartbeat_s": 0.2}
     (work / "line.yaml").write_text(yaml.safe_dump(config))
     plc = SimulatedPlc(broker.port)
-    process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(work / "line.yaml")], cwd=ROOT,
                                stdout=open(work / "runtime.log", "w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

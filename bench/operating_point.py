@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fewshot import find_category  # noqa: E402
 
-from runtime.commissioning import FITS, fit_threshold  # noqa: E402
-from runtime.images import list_images, read_image, resize_to_input  # noqa: E402
-from train.evaluate import frame_scorer  # noqa: E402
-from train.metrics import detection_metrics, rates_at  # noqa: E402
-from train.retrain import trainable_frames  # noqa: E402
+from coft.runtime.commissioning import FITS, fit_threshold  # noqa: E402
+from coft.runtime.images import list_images, read_image, resize_to_input  # noqa: E402
+from coft.train.evaluate import frame_scorer  # noqa: E402
+from coft.train.metrics import detection_metrics, rates_at  # noqa: E402
+from coft.train.retrain import trainable_frames  # noqa: E402
 
 DRAWS = 50
 
@@ -85,7 +85,7 @@ def round_trips(frames: list[np.ndarray], work: Path) -> dict[str, list[np.ndarr
 
 def seed_bundle(category: Path, seed: int, args, work: Path) -> Path:
     """The seed's k-shot bundle, trained with coft train's defaults (once per run)."""
-    from train.pipeline import TrainOptions, train_bundle
+    from coft.train.pipeline import TrainOptions, train_bundle
 
     out = work / f"bundle-{seed}"
     if out.is_dir():
@@ -103,7 +103,7 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
     cache = args.out / f"scores-{category.name}-{args.backbone}-{args.scorer}-k{args.shots}-s{seed}.npz"
     if cache.is_file():
         return dict(np.load(cache))
-    from runtime.bundle import load_bundle
+    from coft.runtime.bundle import load_bundle
 
     _, test, labels = split(category, args.shots, seed)
     bundle = load_bundle(seed_bundle(category, seed, args, work))
@@ -121,9 +121,9 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
 
 def harvest_rows(category: Path, args, work: Path) -> list[dict]:
     """AUROC of bundles retrained on N harvested frames (5% defects) against the k-shot bundle, on held-out frames."""
-    from runtime.bundle import load_bundle
-    from train.pipeline import TrainOptions
-    from train.unlabelled import train_unlabelled
+    from coft.runtime.bundle import load_bundle
+    from coft.train.pipeline import TrainOptions
+    from coft.train.unlabelled import train_unlabelled
 
     seed = args.seeds[0]
     _, test, labels = split(category, args.shots, seed)

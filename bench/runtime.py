@@ -2,7 +2,7 @@
 
     python bench/runtime.py [BUNDLE] [--seconds 30] [--soak-s 600]
 
-Runs `python -m runtime` as a separate process against a real Mosquitto broker (Debian
+Runs `python -m coft.runtime` as a separate process against a real Mosquitto broker (Debian
 package), with 1 and 4 cameras replaying a 640x480 video written from ELPV cells, and a
 subscriber that timestamps each verdict on arrival. Measured:
 
@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from runtime.bundle import load_bundle  # noqa: E402
-from runtime.engines import open_engine  # noqa: E402
-from runtime.images import resize_to_input  # noqa: E402
+from coft.runtime.bundle import load_bundle  # noqa: E402
+from coft.runtime.engines import open_engine  # noqa: E402
+from coft.runtime.images import resize_to_input  # noqa: E402
 from tests.conftest import Mosquitto, free_port  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | No
               "heartbeat_s": 1, **({"web": {"port": web_port}} if viewers else {})}
     (work / "line.yaml").write_text(yaml.safe_dump(config))
     collector = Collector(port)
-    process = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(work / "line.yaml")],
+    process = subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(work / "line.yaml")],
                                cwd=ROOT, stdout=open(work / "runtime.log", "w"), stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     watching = [Viewer(web_port, f"cam{i % cameras}") for i in range(viewers)]

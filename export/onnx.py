@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
-from runtime.errors import CoftError
-from runtime.scoring import Gaussian, MemoryBank, pooled_patches
-from train.backbones import Backbone, restore_bundle_backbone
+from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import Gaussian, MemoryBank, pooled_patches
+from coft.train.backbones import Backbone, restore_bundle_backbone
 
 log = logging.getLogger(__name__)
 for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import load_bundle, sha256, update_manifest
-from runtime.engines.trt_engine import TRT_MISSING, gpu_name, io_shapes
-from runtime.errors import CoftError
+from coft.runtime.bundle import load_bundle, sha256, update_manifest
+from coft.runtime.engines.trt_engine import TRT_MISSING, gpu_name, io_shapes
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ if TRT_MISSING is None:
     import pycuda.driver as cuda
     import tensorrt as trt
 
-    from runtime.engines.trt_engine import TrtLogger
+    from coft.runtime.engines.trt_engine import TrtLogger
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         """Feeds the bundle's calibration frames to TensorRT, and keeps the cache beside the bundle."""

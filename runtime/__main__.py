@@ -1,7 +1,7 @@
-"""`python -m runtime --config line.yaml`: the same as `coft run`."""
+"""`python -m coft.runtime --config line.yaml`: the same as `coft run`."""
 
 import sys
 
-from runtime.cli import main
+from coft.cli import main
 
 sys.exit(main(["run", *sys.argv[1:]]))

@@ -21,8 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from runtime.bundle import unpack
-from runtime.errors import CoftError
+from coft.runtime.bundle import unpack
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def restart_service(service: str | None) -> str:
 def build_engine_if_possible(bundle_dir: Path, mode: str) -> str:
     if mode == "no":
         return "skipped (--engine no)"
-    from runtime.engines.trt_engine import TRT_MISSING
+    from coft.runtime.engines.trt_engine import TRT_MISSING
     if TRT_MISSING:
         if mode == "yes":
             raise CoftError(f"{TRT_MISSING}; install with --engine auto to run on ONNX Runtime instead")
         return f"skipped ({TRT_MISSING}); the runtime uses ONNX Runtime"
-    from export.tensorrt import build_engine
+    from coft.export.tensorrt import build_engine
     return f"built {build_engine(bundle_dir, fp16=True)}"
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from runtime import manifest as manifests
-from runtime.errors import CoftError
-from runtime.scoring import Gaussian, MemoryBank
+from coft.runtime import manifest as manifests
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import Gaussian, MemoryBank
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from runtime.drift import reference_median
-from runtime.errors import CoftError
+from coft.runtime.drift import reference_median
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 
 class Strict(BaseModel):

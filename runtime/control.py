@@ -15,8 +15,8 @@ import os
 import threading
 from pathlib import Path
 
-from runtime.config import ControlConfig, valid_threshold
-from runtime.errors import CoftError
+from coft.runtime.config import ControlConfig, valid_threshold
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")

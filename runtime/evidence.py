@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.config import EvidenceConfig
+from coft.runtime.config import EvidenceConfig
 
 log = logging.getLogger(__name__)
 ANNOTATED = "-annotated.jpg"

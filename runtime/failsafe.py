@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from runtime.logs import Throttled
+from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 

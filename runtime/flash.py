@@ -15,8 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from runtime.bundle import pack
-from runtime.errors import CoftError
+from coft.runtime.bundle import pack
+from coft.runtime.errors import CoftError
 
 
 def _ssh_options(port: int | None, identity: str | None, options: list[str]) -> list[str]:

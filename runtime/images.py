@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 DIGEST_KEY = "digest"
 FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain name: no folders, no '..', not hidden

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 
 class Metrics:

@@ -36,9 +36,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from runtime.config import OpcUaConfig
-from runtime.errors import CoftError
-from runtime.logs import Throttled
+from coft.runtime.config import OpcUaConfig
+from coft.runtime.errors import CoftError
+from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")

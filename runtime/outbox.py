@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 

@@ -23,24 +23,24 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from runtime.box import switch
-from runtime.bundle import load_bundle, revise
-from runtime.commissioning import Commissioning
-from runtime.config import RuntimeConfig
-from runtime.drift import DriftWatch
-from runtime.control import ThresholdState
-from runtime.engines import open_engine
-from runtime.errors import CoftError
-from runtime.evidence import Evidence
-from runtime.failsafe import FailSafe, Part
-from runtime.heatmap import annotate, defect_box
-from runtime.images import resize_to_input
-from runtime.logs import LastProblems, Throttled
-from runtime.metrics import Metrics
-from runtime.mqtt import CameraLink, camera_topic
-from runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused
-from runtime.sources import CameraThread, Frame
-from runtime.watchdog import Watchdog
+from coft.runtime.box import switch
+from coft.runtime.bundle import load_bundle, revise
+from coft.runtime.commissioning import Commissioning
+from coft.runtime.config import RuntimeConfig
+from coft.runtime.drift import DriftWatch
+from coft.runtime.control import ThresholdState
+from coft.runtime.engines import open_engine
+from coft.runtime.errors import CoftError
+from coft.runtime.evidence import Evidence
+from coft.runtime.failsafe import FailSafe, Part
+from coft.runtime.heatmap import annotate, defect_box
+from coft.runtime.images import resize_to_input
+from coft.runtime.logs import LastProblems, Throttled
+from coft.runtime.metrics import Metrics
+from coft.runtime.mqtt import CameraLink, camera_topic
+from coft.runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused
+from coft.runtime.sources import CameraThread, Frame
+from coft.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 RECENT = 300  # verdicts per camera kept for the live view, its chart and latency percentiles
@@ -99,14 +99,14 @@ class Runtime:
                         for c in config.cameras]
         self.sparkplug = None
         if config.sparkplug:
-            from runtime.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
+            from coft.runtime.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
             self.sparkplug = SparkplugNode(
                 config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
                 self.counters, lambda: self.bundle.model_id)
         self.opcua = None
         if config.opcua:
-            from runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
+            from coft.runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
             self.opcua = OpcUaServer(self, config.opcua)
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
                                  self.stop_event) if any(c.trigger for c in config.cameras) else None
@@ -119,7 +119,7 @@ class Runtime:
         self.problems = LastProblems(names)
         self.web = None
         if config.web:
-            from runtime.web import WebServer  # aiohttp only on boxes that serve the page
+            from coft.runtime.web import WebServer  # aiohttp only on boxes that serve the page
             self.web = WebServer(self, config.web)
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 
 def pooled_patches(patches: int, pooling: str) -> int:

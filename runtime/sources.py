@@ -21,10 +21,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from runtime.config import CameraConfig
-from runtime.errors import CoftError
-from runtime.images import check_pixels, list_images, read_image, to_bgr8
-from runtime.logs import Throttled
+from coft.runtime.config import CameraConfig
+from coft.runtime.errors import CoftError
+from coft.runtime.images import check_pixels, list_images, read_image, to_bgr8
+from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from runtime.config import RuntimeConfig, load_config
-from runtime.control import STATE_ERRORS, read_state
-from runtime.outbox import Outbox
+from coft.runtime.config import RuntimeConfig, load_config
+from coft.runtime.control import STATE_ERRORS, read_state
+from coft.runtime.outbox import Outbox
 
 NOT_RUNNING = 3  # exit status, as systemctl's for an inactive unit
 

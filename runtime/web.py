@@ -26,11 +26,11 @@ from pathlib import Path
 import cv2
 from aiohttp import web
 
-from runtime.config import WebConfig
-from runtime.errors import CoftError
-from runtime.evidence import ANNOTATED
-from runtime.heatmap import annotate
-from runtime.logs import Throttled
+from coft.runtime.config import WebConfig
+from coft.runtime.errors import CoftError
+from coft.runtime.evidence import ANNOTATED
+from coft.runtime.heatmap import annotate
+from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")

@@ -62,7 +62,7 @@ def parts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def frozen_bundle(parts, tmp_path_factory) -> Path:
-    from train.pipeline import TrainOptions, train_bundle
+    from coft.train.pipeline import TrainOptions, train_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "frozen.bundle"  # the global scorer; tests/test_patch.py has the patch one
     return train_bundle(parts / "train/good", out, TrainOptions(backbone="efficientnet_lite0", size=SIZE, method="frozen", scorer="global", views=6,
@@ -73,7 +73,7 @@ def frozen_bundle(parts, tmp_path_factory) -> Path:
 def exported_bundle(frozen_bundle, tmp_path_factory) -> Path:
     import shutil
 
-    from export.onnx import export_onnx
+    from coft.export.onnx import export_onnx
 
     bundle_dir = tmp_path_factory.mktemp("export") / "b"
     shutil.copytree(frozen_bundle, bundle_dir)

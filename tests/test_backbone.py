@@ -5,8 +5,8 @@ import pytest
 import torch
 from skimage import data
 
-from runtime.errors import CoftError
-from train.backbones import load_backbone, restore_backbone
+from coft.runtime.errors import CoftError
+from coft.train.backbones import load_backbone, restore_backbone
 
 
 def test_default_weights_are_real_imagenet_weights():

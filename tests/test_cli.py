@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from runtime.cli import main
+from coft.cli import main
 
 
 def _coft(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "coft.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_the_stages():
@@ -22,7 +22,7 @@ def test_help_lists_the_stages():
 def test_every_option_says_what_it_does():
     import argparse
 
-    from runtime.cli import build_parser
+    from coft.cli import build_parser
 
     def silent(parser, name):
         for action in parser._actions:
@@ -36,7 +36,7 @@ def test_every_option_says_what_it_does():
 
 
 def test_a_missing_input_is_reported_before_torch_is_loaded():
-    probe = ("import sys\nfrom runtime.cli import main\ntry:\n    main(['train', '/no/such/folder'])\n"
+    probe = ("import sys\nfrom coft.cli import main\ntry:\n    main(['train', '/no/such/folder'])\n"
              "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.stdout.split() == ["2", "False"]

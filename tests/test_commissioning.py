@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime.bundle import load_bundle
-from runtime.commissioning import Commissioning, fit_threshold
-from runtime.errors import CoftError
+from coft.runtime.bundle import load_bundle
+from coft.runtime.commissioning import Commissioning, fit_threshold
+from coft.runtime.errors import CoftError
 from tests.test_runtime import Subscriber, start_runtime, write_config, write_video
 
 
@@ -85,10 +85,10 @@ def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported
 
     config = write_config(tmp_path, exported_bundle, mosquitto.port,
                           [{"name": "cam1", "source": str(parts / "test/good")}])
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "commission", "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "commission", "--config", str(config),
                              "--frames", "20"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "frames: Input should be greater than or equal to 100" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "commission", "--config", str(config),
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "commission", "--config", str(config),
                              "--frames", "100", "--until-end"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "commissioning needs at least 100 frames" in result.stderr and "got 12" in result.stderr
@@ -97,8 +97,8 @@ def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported
 
 
 def test_drift_of_good_scores_is_one_warning_with_the_figures(caplog):
-    from runtime.drift import WINDOW, DriftWatch
-    from train.evaluate import good_drift
+    from coft.runtime.drift import WINDOW, DriftWatch
+    from coft.train.evaluate import good_drift
 
     threshold = {"value": 2.0, "calibration_score_median": 1.0, "target_false_reject_rate": 0.01}
     watch = DriftWatch(threshold)
@@ -114,7 +114,7 @@ def test_drift_of_good_scores_is_one_warning_with_the_figures(caplog):
 
 
 def test_harvest_then_retrain_makes_a_new_model_of_the_same_kind(tmp_path, exported_bundle, mosquitto):
-    from train.retrain import retrain
+    from coft.train.retrain import retrain
 
     video = write_video(tmp_path / "line.avi", 40, defect_every=10)
     config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 50}],

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.errors import CoftError
-from runtime.flash import flash
+from coft.runtime.errors import CoftError
+from coft.runtime.flash import flash
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_a_corrupt_bundle_leaves_the_box_on_its_previous_model(exported_bundle, 
     box = tmp_path / "box"
     _flash(_copy_bundle(exported_bundle, "good", tmp_path), sshd, box)
     bad = _copy_bundle(exported_bundle, "bad", tmp_path)
-    from runtime.bundle import pack
+    from coft.runtime.bundle import pack
     archive = pack(bad, tmp_path / "bad.tar")
     (bad / "gaussian.npz").write_bytes(b"corrupted in transit")  # what the box receives no longer matches
     import tarfile
@@ -102,7 +102,7 @@ def test_unreachable_box_is_one_clear_error(exported_bundle, tmp_path):
 
 
 def test_rollback_without_a_previous_model(tmp_path):
-    from runtime.box import rollback
+    from coft.runtime.box import rollback
     with pytest.raises(CoftError, match="no previous model"):
         rollback(tmp_path)
 
@@ -137,7 +137,7 @@ def test_runtime_tells_systemd_ready_feeds_the_watchdog_and_says_stopping(export
                                       "cameras": [{"name": "cam1", "source": str(parts / "test/good"), "loop": True,
                                                    "fps": 5}], "outbox": {"path": str(tmp_path / "o.db")}}))
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
-    runtime = subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT, env=env,
+    runtime = subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(config)], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     messages = []
     try:
@@ -160,7 +160,7 @@ def test_the_example_config_validates_and_names_every_key():
     """deploy/line.yaml is where integrators learn the keys: all of them, commented or set."""
     from pydantic import BaseModel
 
-    from runtime.config import RuntimeConfig
+    from coft.runtime.config import RuntimeConfig
 
     example = (ROOT / "deploy/line.yaml").read_text()
     uncommented = yaml.safe_load(example)

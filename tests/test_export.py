@@ -9,15 +9,15 @@ import onnx
 import pytest
 import torch
 
-from export.onnx import check_matches_manifest, inspection_model
-from export.tensorrt import build_engine, calibration_batches, load_calibration_frames
-from runtime.bundle import load_bundle
-from runtime.engines import open_engine, tensorrt_unavailable
-from runtime.engines.fused_scoring import kernel_options, kernel_source, launch_grid
-from runtime.engines.trt_engine import TRT_MISSING, check_engine_matches, io_shapes
-from runtime.errors import CoftError
-from runtime.manifest import digest
-from runtime.images import load_folder, resize_to_input
+from coft.export.onnx import check_matches_manifest, inspection_model
+from coft.export.tensorrt import build_engine, calibration_batches, load_calibration_frames
+from coft.runtime.bundle import load_bundle
+from coft.runtime.engines import open_engine, tensorrt_unavailable
+from coft.runtime.engines.fused_scoring import kernel_options, kernel_source, launch_grid
+from coft.runtime.engines.trt_engine import TRT_MISSING, check_engine_matches, io_shapes
+from coft.runtime.errors import CoftError
+from coft.runtime.manifest import digest
+from coft.runtime.images import load_folder, resize_to_input
 from tests.conftest import CUDA_MISSING
 
 
@@ -158,7 +158,7 @@ def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half, p
 def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
     import pycuda.driver as cuda
 
-    from runtime.engines.fused_scoring import FusedScorer
+    from coft.runtime.engines.fused_scoring import FusedScorer
 
     bundle = load_bundle(exported)
     scorer = FusedScorer(bundle.gaussian, max_batch=256, half_factor=half)
@@ -176,8 +176,8 @@ def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
 def test_fused_patch_kernel_matches_the_numpy_reference():
     import pycuda.driver as cuda
 
-    from runtime.engines.fused_scoring import FusedScorer
-    from train.patch_scorer import fit_patch_gaussian
+    from coft.runtime.engines.fused_scoring import FusedScorer
+    from coft.train.patch_scorer import fit_patch_gaussian
 
     rng = np.random.default_rng(0)
     gaussian = fit_patch_gaussian(rng.normal(size=(4000, 152)).astype(np.float32) + 2)

@@ -10,8 +10,8 @@ import signal
 import threading
 import time
 
-from runtime.config import load_config
-from runtime.pipeline import Runtime
+from coft.runtime.config import load_config
+from coft.runtime.pipeline import Runtime
 from tests.plc import SimulatedPlc
 from tests.test_runtime import Subscriber, start_runtime, write_config
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.config import BrokerConfig
-from runtime.mqtt import CameraLink
-from runtime.outbox import Outbox
+from coft.runtime.config import BrokerConfig
+from coft.runtime.mqtt import CameraLink
+from coft.runtime.outbox import Outbox
 from tests.conftest import Mosquitto, free_port
 from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config, write_video
 
@@ -111,19 +111,19 @@ def test_an_exception_in_any_callback_is_reported_and_the_link_lives_on(tmp_path
 INJECT = """
 import sys
 import threading
-import runtime.mqtt
-from runtime.cli import main
+import coft.runtime.mqtt
+from coft.cli import main
 
 def fault(*args):
     if sys.argv[2] == "crash" and threading.current_thread().name.startswith("mqtt-net"):
         raise RuntimeError("injected: an unguarded callback raised on paho's network thread")
     # "stall": the broker's acks never reach the sender
 
-start = runtime.mqtt.CameraLink.start
+start = coft.runtime.mqtt.CameraLink.start
 def start_with_fault(self):
     self.client.on_publish = fault
     start(self)
-runtime.mqtt.CameraLink.start = start_with_fault
+coft.runtime.mqtt.CameraLink.start = start_with_fault
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 

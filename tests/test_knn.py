@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from export.onnx import export_onnx, inspection_model
-from runtime.bundle import load_bundle
-from runtime.engines import open_engine, patch_inference
-from runtime.engines.fused_nearest import kernel_options, launch_grid
-from runtime.errors import CoftError
-from runtime.scoring import MemoryBank, pool, pooled_patches
+from coft.export.onnx import export_onnx, inspection_model
+from coft.runtime.bundle import load_bundle
+from coft.runtime.engines import open_engine, patch_inference
+from coft.runtime.engines.fused_nearest import kernel_options, launch_grid
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import MemoryBank, pool, pooled_patches
 from tests.conftest import CUDA_MISSING
 from tests.test_patch import masked_set  # noqa: F401  (fixture)
-from train import dinov2
-from train.augment import AugmentConfig
-from train.evaluate import evaluate
-from train.knn_scorer import fit_bank, greedy_coreset, poses
-from train.pipeline import TrainOptions, train_bundle
+from coft.train import dinov2
+from coft.train.augment import AugmentConfig
+from coft.train.evaluate import evaluate
+from coft.train.knn_scorer import fit_bank, greedy_coreset, poses
+from coft.train.pipeline import TrainOptions, train_bundle
 
 VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
 
@@ -101,7 +101,7 @@ def test_coreset_keeps_one_patch_of_every_cluster():
 
 
 def test_a_bank_too_large_for_the_box_names_the_cap(monkeypatch):
-    from train import knn_scorer
+    from coft.train import knn_scorer
     monkeypatch.setattr(knn_scorer, "BANK_BYTES_LIMIT", 1000)
     with pytest.raises(CoftError, match=r"cap it with --coreset 31 \(at most 31\)"):
         fit_bank(np.ones((10, 64, 8), np.float32), cap=0)
@@ -160,7 +160,7 @@ def test_nearest_kernel_launch_geometry():
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 @pytest.mark.parametrize("dim,patches,half", [(384, 256, False), (768, 1024, True)])
 def test_nearest_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, arch, dim, patches, half):
-    from runtime.engines.fused_nearest import kernel_source
+    from coft.runtime.engines.fused_nearest import kernel_source
     source = tmp_path / "nearest.cu"
     source.write_text(kernel_source())
     options = kernel_options(dim, patches, pooled_patches(patches, "top1pct"), half)
@@ -175,7 +175,7 @@ def test_nearest_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, arch, dim,
 def test_nearest_kernel_matches_the_numpy_reference(half, rtol, batch):
     import pycuda.driver as cuda
 
-    from runtime.engines.fused_nearest import FusedNearest
+    from coft.runtime.engines.fused_nearest import FusedNearest
     rng = np.random.default_rng(batch)
     unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
     bank = MemoryBank(unit(rng.normal(size=(3000, 768))))
@@ -200,7 +200,7 @@ def test_manifest_says_where_the_weights_came_from(knn_bundle):
 
 
 def test_coftad_fine_tunes_the_vit_blocks_the_patches_come_from(masked_set, tmp_path):  # noqa: F811
-    from train.coftad import FinetuneConfig
+    from coft.train.coftad import FinetuneConfig
     options = dict(backbone="dinov2_vits14", size=VIT_SIZE, scorer="knn", method="coftad", layers=(9,), progress=False,
                    finetune=FinetuneConfig(steps=2, batch=4, lr=1e-5, negatives=True, view_pool=2))
     a = load_bundle(train_bundle(masked_set / "train/good", tmp_path / "a", TrainOptions(**options)))

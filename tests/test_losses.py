@@ -3,9 +3,9 @@
 import torch
 from torch.nn import functional as F
 
-from train.anomalies import synthesise
-from train.augment import AugmentConfig, augment
-from train.losses import negative_pair_loss, nt_xent, positive_pair_loss
+from coft.train.anomalies import synthesise
+from coft.train.augment import AugmentConfig, augment
+from coft.train.losses import negative_pair_loss, nt_xent, positive_pair_loss
 
 
 def _unit(x):

@@ -9,19 +9,19 @@ import pytest
 import torch
 import yaml
 
-from export.onnx import export_onnx, inspection_model
-from runtime.bundle import load_bundle
-from runtime.config import load_config
-from runtime.engines import open_engine, patch_inference, tensorrt_unavailable
-from runtime.engines.trt_engine import io_shapes
-from runtime.errors import CoftError
-from runtime.manifest import digest
-from runtime.heatmap import defect_box
-from runtime.pipeline import Runtime
+from coft.export.onnx import export_onnx, inspection_model
+from coft.runtime.bundle import load_bundle
+from coft.runtime.config import load_config
+from coft.runtime.engines import open_engine, patch_inference, tensorrt_unavailable
+from coft.runtime.engines.trt_engine import io_shapes
+from coft.runtime.errors import CoftError
+from coft.runtime.manifest import digest
+from coft.runtime.heatmap import defect_box
+from coft.runtime.pipeline import Runtime
 from tests.conftest import CUDA_MISSING, SIZE, good_part
 from tests.test_runtime import Subscriber
-from train.evaluate import evaluate, pro_score
-from train.pipeline import TrainOptions, train_bundle
+from coft.train.evaluate import evaluate, pro_score
+from coft.train.pipeline import TrainOptions, train_bundle
 
 STAIN = (90, 40, 14)  # x, y, radius in the 128 px part
 
@@ -118,7 +118,7 @@ def test_fused_patch_kernel_gives_the_graphs_scores_and_maps(patch_bundle, maske
     """The TensorRT path without TensorRT: ONNX Runtime's patch features through the kernel and the CPU readout."""
     import pycuda.driver as cuda
 
-    from runtime.engines.fused_scoring import FusedScorer
+    from coft.runtime.engines.fused_scoring import FusedScorer
 
     bundle = load_bundle(patch_bundle)
     result = open_engine(bundle, "onnxruntime").infer(_stained_frames(masked_set))
@@ -176,7 +176,7 @@ def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, m
     config.write_text(yaml.safe_dump({"bundle": str(patch_bundle), "cameras": [{"name": "cam1", "source": "0"}],
                                       "broker": {"port": mosquitto.port}, "outbox": {"path": str(tmp_path / "o.db")}}))
     runtime = Runtime(load_config(config))
-    from runtime.sources import Frame
+    from coft.runtime.sources import Frame
     frame = Frame("cam1", 1, 0.0, np.zeros((128, 128, 3), np.uint8))
     with pytest.raises(CoftError, match="does not match the model input"):
         runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0, True)

@@ -88,7 +88,7 @@ def write_config(tmp_path: Path, bundle: Path, port: int, cameras: list[dict], *
 
 def start_runtime(config: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "runtime", "--config", str(config), *extra],
+    return subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(config), *extra],
                             cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -204,7 +204,7 @@ def test_threshold_commands_and_trigger_mode(tmp_path, exported_bundle, mosquitt
 def test_runtime_never_imports_torch_after_a_full_run(tmp_path, exported_bundle, mosquitto, parts):
     config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(parts / "test/good")}],
                           evidence={"dir": str(tmp_path / "evidence"), "every_nth_pass": 2, "max_mb": 1})
-    code = ("import sys; from runtime.config import load_config; from runtime.pipeline import Runtime; "
+    code = ("import sys; from coft.runtime.config import load_config; from coft.runtime.pipeline import Runtime; "
             f"Runtime(load_config({str(config)!r})).run(until_sources_end=True); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -234,11 +234,11 @@ def test_bad_bundle_and_bad_config_fail_in_one_line(tmp_path, exported_bundle):
     shutil.copytree(exported_bundle, bundle)
     (bundle / "gaussian.npz").write_bytes(b"tampered")
     config = write_config(tmp_path, bundle, 1883, [{"name": "cam1", "source": "0"}])
-    result = subprocess.run([sys.executable, "-m", "runtime", "--config", str(config), "--check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "coft.runtime", "--config", str(config), "--check"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "checksum mismatch for gaussian.npz" in result.stderr
     config.write_text("bundle: b\ncameras:\n  - name: cam1\n    source: 0\n    exposure: 3\n")
-    result = subprocess.run([sys.executable, "-m", "runtime", "--config", str(config)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "coft.runtime", "--config", str(config)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "line 5, cameras.0.exposure: Extra inputs are not permitted" in result.stderr
 
@@ -272,7 +272,7 @@ def test_real_rtsp_stream_and_camera_reconnect(tmp_path, exported_bundle, mosqui
         before = len(plc.payloads("verdict"))
         server = _start_rtsp(port)  # and comes back
         assert len(plc.wait_for("verdict", before + 5, timeout=60)) >= before + 5
-        status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--config", str(config)],
+        status = subprocess.run([sys.executable, "-m", "coft.cli", "status", "--config", str(config)],
                                 cwd=ROOT, capture_output=True, text=True)
         assert status.returncode == 0 and "camera cam1: delivering; broker connected" in status.stdout
         assert "  last error  " in status.stdout and "WARNING camera cam1: " in status.stdout  # the outage, still shown
@@ -281,7 +281,7 @@ def test_real_rtsp_stream_and_camera_reconnect(tmp_path, exported_bundle, mosqui
         runtime.wait(timeout=20)
         server.kill()
     plc.close()
-    stopped = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--config", str(config)], cwd=ROOT,
+    stopped = subprocess.run([sys.executable, "-m", "coft.cli", "status", "--config", str(config)], cwd=ROOT,
                              capture_output=True, text=True)
     assert stopped.returncode == 3 and "runtime     NOT RUNNING: nothing answers on port" in stopped.stdout
     log = (tmp_path / "runtime.log").read_text()

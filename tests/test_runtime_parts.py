@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from runtime.config import ControlConfig, EvidenceConfig, load_config, valid_threshold
-from runtime.control import ThresholdState
-from runtime.errors import CoftError
-from runtime.evidence import Evidence
-from runtime.outbox import Outbox, OutboxRefused
-from runtime.pipeline import FrameQueue
-from runtime.sources import Frame, crop, source_kind
-from runtime.config import CameraConfig
+from coft.runtime.config import ControlConfig, EvidenceConfig, load_config, valid_threshold
+from coft.runtime.control import ThresholdState
+from coft.runtime.errors import CoftError
+from coft.runtime.evidence import Evidence
+from coft.runtime.outbox import Outbox, OutboxRefused
+from coft.runtime.pipeline import FrameQueue
+from coft.runtime.sources import Frame, crop, source_kind
+from coft.runtime.config import CameraConfig
 
 
 def _put(outbox, camera, reject, n=1):

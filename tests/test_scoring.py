@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 
-from runtime.errors import CoftError
-from runtime.scoring import Gaussian, l2_normalise
-from train.gaussian import fit_gaussian
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import Gaussian, l2_normalise
+from coft.train.gaussian import fit_gaussian
 
 
 def test_score_matches_scipy_mahalanobis():

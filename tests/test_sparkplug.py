@@ -3,7 +3,6 @@ generated from our .proto: births, aliases, seq continuity, broker restart, rebi
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
+from coft.runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from tests.conftest import Mosquitto
 from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
 

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from runtime.bundle import load_bundle
-from runtime.errors import CoftError
+from coft.runtime.bundle import load_bundle
+from coft.runtime.errors import CoftError
 from tests.conftest import SIZE
-from train.coftad import FinetuneConfig
-from train.evaluate import evaluate
-from train.pipeline import TrainOptions, train_bundle
-from train.threshold import global_fit, good_only_threshold, labelled_threshold
+from coft.train.coftad import FinetuneConfig
+from coft.train.evaluate import evaluate
+from coft.train.pipeline import TrainOptions, train_bundle
+from coft.train.threshold import global_fit, good_only_threshold, labelled_threshold
 
 
 def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):

@@ -33,9 +33,9 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 @pytest.fixture(scope="module")
 def line(tmp_path_factory):
     """A patch bundle (maps and defect boxes) on 10 good mono cells, and a line folder of 24 good and 8 cracked ones."""
-    from export.onnx import export_onnx
-    from train.demo import elpv_cells
-    from train.pipeline import TrainOptions, train_bundle
+    from coft.export.onnx import export_onnx
+    from coft.train.demo import elpv_cells
+    from coft.train.pipeline import TrainOptions, train_bundle
 
     root = tmp_path_factory.mktemp("web")
     paths, defect_probability, cell_type = elpv_cells()
@@ -212,7 +212,7 @@ def test_live_view_refuses_what_it_cannot_do(line, tmp_path, mosquitto):
         (tmp_path / "second").mkdir()
         busy = write_config(tmp_path / "second", bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
                             web={"port": port})
-        second = subprocess.run([sys.executable, "-m", "runtime", "--config", str(busy)], capture_output=True,
+        second = subprocess.run([sys.executable, "-m", "coft.runtime", "--config", str(busy)], capture_output=True,
                                 text=True, timeout=60, cwd=ROOT)
         assert second.returncode == 2
         assert second.stderr.strip().splitlines()[-1].startswith(f"coft: error: web.port {port} on 127.0.0.1: "

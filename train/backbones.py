@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 # (expand ratio, kernel, stride, output channels) of the 16 MBConv blocks of Lite0.
 _LITE0_BLOCKS = (
@@ -137,7 +137,7 @@ class Backbone(nn.Module):
 
     def patches_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """Stride-8 and stride-16 stage outputs, 3x3 averaged (train/patches.py)."""
-        from train.patches import patch_features_from_maps
+        from coft.train.patches import patch_features_from_maps
         return patch_features_from_maps(maps, self.patch_stride)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module], Bac
 
 
 def _architecture(name: str):
-    from train import dinov2  # imported here: train/dinov2.py builds on Backbone
+    from coft.train import dinov2  # imported here: train/dinov2.py builds on Backbone
     if name not in ARCHITECTURES:
         raise CoftError(f"unknown backbone {name!r}; choose one of {', '.join([*ARCHITECTURES, dinov2.NAME])}")
     return ARCHITECTURES[name]()
@@ -223,7 +223,7 @@ def load_backbone(name: str, weights: str | Path | None = None, size: tuple[int,
 
     `size` and `layers` matter to the ViT only: its position embeddings are set for the
     input size, and `layers` are the blocks its patch features come from."""
-    from train import dinov2
+    from coft.train import dinov2
     if name == dinov2.NAME:
         return dinov2.load_dinov2(size, weights, layers or dinov2.DEFAULT_LAYERS)
     if layers:
@@ -239,7 +239,7 @@ def load_backbone(name: str, weights: str | Path | None = None, size: tuple[int,
 def restore_backbone(name: str, weights_file: Path, size: tuple[int, int] = (224, 224),
                      layers: tuple[int, ...] | None = None) -> Backbone:
     """A backbone as a bundle saved it (possibly fine-tuned), in eval mode."""
-    from train import dinov2
+    from coft.train import dinov2
     if name == dinov2.NAME:
         backbone = dinov2.build(size, None, layers or dinov2.DEFAULT_LAYERS)
         _load_strict(backbone, _load_state(weights_file), weights_file, name)

@@ -16,10 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from train.anomalies import synthesise
-from train.augment import AugmentConfig, augment
-from train.backbones import Backbone
-from train.losses import negative_pair_loss, nt_xent, positive_pair_loss
+from coft.train.anomalies import synthesise
+from coft.train.augment import AugmentConfig, augment
+from coft.train.backbones import Backbone
+from coft.train.losses import negative_pair_loss, nt_xent, positive_pair_loss
 
 
 @dataclass

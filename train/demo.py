@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from runtime.errors import CoftError
-from train.evaluate import evaluate
-from train.metrics import rates_at
-from train.pipeline import TrainOptions, train_bundle
+from coft.runtime.errors import CoftError
+from coft.train.evaluate import evaluate
+from coft.train.metrics import rates_at
+from coft.train.pipeline import TrainOptions, train_bundle
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def line_pace(bundle: Path, most: float = 20.0, load: float = 0.7) -> float:
 
     A line is engineered so that inspection keeps up; pacing the camera faster than the
     model would only measure a growing queue."""
-    from runtime.bundle import load_bundle
-    from runtime.engines import open_engine
+    from coft.runtime.bundle import load_bundle
+    from coft.runtime.engines import open_engine
 
     loaded = load_bundle(bundle)
     engine = open_engine(loaded, "onnxruntime")
@@ -138,10 +138,10 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
                            commission: int = 0) -> dict:
     """Run the edge runtime (ONNX Runtime, no torch) on the line folder, with a PLC listening; with `commission`,
     the first that many cells set the threshold (nothing fired meanwhile) before the rest are judged by it."""
-    from runtime.bundle import load_bundle
-    from runtime.config import RuntimeConfig
-    from runtime.pipeline import Runtime
-    from train.broker import EmbeddedBroker
+    from coft.runtime.bundle import load_bundle
+    from coft.runtime.config import RuntimeConfig
+    from coft.runtime.pipeline import Runtime
+    from coft.train.broker import EmbeddedBroker
 
     fps = line_pace(bundle)
 
@@ -183,7 +183,7 @@ def after_commissioning(verdicts: list[dict], bundle) -> dict:
 def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 600,
              broker: str | None = None, commission: int = 300, force: bool = False) -> dict:
     """Train, evaluate, export, then run the line: held-out cells through the runtime to a PLC over MQTT."""
-    from export.onnx import export_onnx
+    from coft.export.onnx import export_onnx
 
     work = Path(work)
     if work.exists():

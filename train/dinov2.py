@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.errors import CoftError
-from train.backbones import Backbone, _load_state
+from coft.runtime.errors import CoftError
+from coft.train.backbones import Backbone, _load_state
 
 log = logging.getLogger(__name__)
 

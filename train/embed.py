@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.images import resize_to_input
-from train.augment import AugmentConfig, augment
-from train.backbones import Backbone
-from train.progress import bar
+from coft.runtime.images import resize_to_input
+from coft.train.augment import AugmentConfig, augment
+from coft.train.backbones import Backbone
+from coft.train.progress import bar
 
 
 def to_pixels(images_bgr: list[np.ndarray], size: tuple[int, int]) -> torch.Tensor:

@@ -18,18 +18,18 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
-from runtime.drift import reference_median
-from runtime.errors import CoftError
-from runtime.heatmap import anomaly_map, overlay
-from runtime.images import list_images, read_image, resize_to_input
-from runtime.scoring import pool
-from train import progress as bars
-from train.backbones import restore_bundle_backbone
-from train.embed import embed, to_pixels
-from train.metrics import detection_metrics, per_type_auroc, rates_at
-from train.patches import patch_features
-from train.threshold import labelled_threshold
+from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
+from coft.runtime.drift import reference_median
+from coft.runtime.errors import CoftError
+from coft.runtime.heatmap import anomaly_map, overlay
+from coft.runtime.images import list_images, read_image, resize_to_input
+from coft.runtime.scoring import pool
+from coft.train import progress as bars
+from coft.train.backbones import restore_bundle_backbone
+from coft.train.embed import embed, to_pixels
+from coft.train.metrics import detection_metrics, per_type_auroc, rates_at
+from coft.train.patches import patch_features
+from coft.train.threshold import labelled_threshold
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 

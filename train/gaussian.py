@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.covariance import OAS, LedoitWolf
 
-from runtime.errors import CoftError
-from runtime.scoring import Gaussian, l2_normalise
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import Gaussian, l2_normalise
 
 SHRINKAGE = {"ledoit-wolf": LedoitWolf, "oas": OAS}
 

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from runtime.errors import CoftError
-from runtime.scoring import MemoryBank, pool
-from train.augment import AugmentConfig
-from train.patches import patch_features
-from train.progress import bar
-from train.threshold import Fit
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import MemoryBank, pool
+from coft.train.augment import AugmentConfig
+from coft.train.patches import patch_features
+from coft.train.progress import bar
+from coft.train.threshold import Fit
 
 log = logging.getLogger(__name__)
 

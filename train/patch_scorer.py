@@ -13,12 +13,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from runtime.scoring import Gaussian, pool
-from train.augment import AugmentConfig, augment
-from train.backbones import Backbone
-from train.gaussian import fit_gaussian
-from train.patches import patch_features
-from train.threshold import Fit
+from coft.runtime.scoring import Gaussian, pool
+from coft.train.augment import AugmentConfig, augment
+from coft.train.backbones import Backbone
+from coft.train.gaussian import fit_gaussian
+from coft.train.patches import patch_features
+from coft.train.threshold import Fit
 
 BLUR_SIGMA = 4.0  # pixels of Gaussian smoothing of the upsampled map at the model input
 MAX_FIT_PATCHES = 60_000  # enough for a 152-dim covariance; keeps Ledoit-Wolf fast

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from train.backbones import Backbone
-from train.progress import bar
+from coft.train.backbones import Backbone
+from coft.train.progress import bar
 
 
 def patch_features_from_maps(maps: list[torch.Tensor], stride: int = 8) -> torch.Tensor:

@@ -13,20 +13,20 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from runtime.bundle import BANK, GAUSSIAN, new_bundle
-from runtime.errors import CoftError
-from runtime.images import load_folder
-from runtime.scoring import pool
-from train import progress
-from train.anomalies import synthesise
-from train.augment import AugmentConfig, augment
-from train.backbones import load_backbone
-from train.coftad import FinetuneConfig, finetune
-from train.embed import embed_views, to_pixels
-from train.gaussian import fit_gaussian
-from train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
-from train.patch_scorer import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from train.threshold import global_fit, good_only_threshold, threshold_from_scores
+from coft.runtime.bundle import BANK, GAUSSIAN, new_bundle
+from coft.runtime.errors import CoftError
+from coft.runtime.images import load_folder
+from coft.runtime.scoring import pool
+from coft.train import progress
+from coft.train.anomalies import synthesise
+from coft.train.augment import AugmentConfig, augment
+from coft.train.backbones import load_backbone
+from coft.train.coftad import FinetuneConfig, finetune
+from coft.train.embed import embed_views, to_pixels
+from coft.train.gaussian import fit_gaussian
+from coft.train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
+from coft.train.patch_scorer import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
+from coft.train.threshold import global_fit, good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
 

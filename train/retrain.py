@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import load_bundle, revise, update_manifest
-from runtime.commissioning import MIN_FRAMES, suspects
-from runtime.errors import CoftError
-from runtime.images import list_images
-from train.augment import AugmentConfig
-from train.coftad import FinetuneConfig
-from train.pipeline import TrainOptions
+from coft.runtime.bundle import load_bundle, revise, update_manifest
+from coft.runtime.commissioning import MIN_FRAMES, suspects
+from coft.runtime.errors import CoftError
+from coft.runtime.images import list_images
+from coft.train.augment import AugmentConfig
+from coft.train.coftad import FinetuneConfig
+from coft.train.pipeline import TrainOptions
 
 
 def lineage(model_id: str) -> str:
@@ -92,9 +92,9 @@ def options_of(manifest: dict, progress: bool, weights: str | None) -> TrainOpti
 
 def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None = None, camera: str | None = None,
             recalibrate: str | None = None, weights: str | None = None, progress: bool = True) -> Path:
-    from train.evaluate import bundle_scores
-    from train.threshold import labelled_threshold
-    from train.unlabelled import train_unlabelled
+    from coft.train.evaluate import bundle_scores
+    from coft.train.threshold import labelled_threshold
+    from coft.train.unlabelled import train_unlabelled
 
     bundle = load_bundle(bundle_dir)
     harvest = Path(harvest)

@@ -7,9 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.errors import CoftError
-from train.gaussian import fit_gaussian
-from train.metrics import f1_max
+from coft.runtime.errors import CoftError
+from coft.train.gaussian import fit_gaussian
+from coft.train.metrics import f1_max
 
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import CoftError
-from runtime.images import load_folder
-from train.backbones import load_backbone
-from train.embed import to_pixels
-from train.funad import FunadConfig, FunadResult, find_suspects
-from train.patches import patch_features
-from train.pipeline import TrainOptions, resolve_device, train_on
+from coft.runtime.errors import CoftError
+from coft.runtime.images import load_folder
+from coft.train.backbones import load_backbone
+from coft.train.embed import to_pixels
+from coft.train.funad import FunadConfig, FunadResult, find_suspects
+from coft.train.patches import patch_features
+from coft.train.pipeline import TrainOptions, resolve_device, train_on
 
 log = logging.getLogger(__name__)
 

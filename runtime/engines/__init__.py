@@ -11,10 +11,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from runtime.bundle import Bundle
-from runtime.errors import CoftError
-from runtime.heatmap import anomaly_maps
-from runtime.scoring import pool
+from coft.runtime.bundle import Bundle
+from coft.runtime.errors import CoftError
+from coft.runtime.heatmap import anomaly_maps
+from coft.runtime.scoring import pool
 
 
 @dataclass
@@ -58,12 +58,12 @@ def check_frames(frames: np.ndarray, bundle: Bundle) -> None:
 
 
 def _onnxruntime(bundle: Bundle, threads: int) -> Engine:
-    from runtime.engines.ort_engine import OnnxRuntimeEngine
+    from coft.runtime.engines.ort_engine import OnnxRuntimeEngine
     return OnnxRuntimeEngine(bundle, threads=threads)
 
 
 def _tensorrt(bundle: Bundle, threads: int) -> Engine:  # noqa: ARG001  (TensorRT schedules the GPU itself)
-    from runtime.engines.trt_engine import TensorRTEngine
+    from coft.runtime.engines.trt_engine import TensorRTEngine
     return TensorRTEngine(bundle)
 
 
@@ -74,7 +74,7 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
     """Why the TensorRT backend cannot run this bundle here, or None if it can."""
     if "engine" not in bundle.manifest:
         return "the bundle has no TensorRT engine (build one on this box with 'coft build-engine')"
-    from runtime.engines.trt_engine import TRT_MISSING
+    from coft.runtime.engines.trt_engine import TRT_MISSING
     return TRT_MISSING
 
 

@@ -12,8 +12,8 @@ from importlib import resources
 
 import numpy as np
 
-from runtime.errors import CoftError
-from runtime.scoring import MemoryBank, pooled_patches
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import MemoryBank, pooled_patches
 
 KERNEL_FILE = "nearest.cu"
 KERNEL_NAME = "nearest_fused"
@@ -22,7 +22,7 @@ BLOCK = (16, 16, 1)
 
 
 def kernel_source() -> str:
-    return resources.files("export.kernels").joinpath(KERNEL_FILE).read_text()
+    return resources.files("coft.export.kernels").joinpath(KERNEL_FILE).read_text()
 
 
 def kernel_options(dim: int, patches: int, topk: int, half_bank: bool) -> list[str]:

@@ -11,8 +11,8 @@ from importlib import resources
 
 import numpy as np
 
-from runtime.errors import CoftError
-from runtime.scoring import Gaussian
+from coft.runtime.errors import CoftError
+from coft.runtime.scoring import Gaussian
 
 KERNEL_FILE = "mahalanobis.cu"
 KERNEL_NAME = "mahalanobis_fused"
@@ -21,7 +21,7 @@ SHARED_BYTES = 46 * 1024  # stay under the 48 KiB of static shared memory
 
 
 def kernel_source() -> str:
-    return resources.files("export.kernels").joinpath(KERNEL_FILE).read_text()
+    return resources.files("coft.export.kernels").joinpath(KERNEL_FILE).read_text()
 
 
 def row_groups(dim: int) -> int:

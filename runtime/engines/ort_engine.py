@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.bundle import Bundle
-from runtime.engines import Inference, check_frames
-from runtime.errors import CoftError
+from coft.runtime.bundle import Bundle
+from coft.runtime.engines import Inference, check_frames
+from coft.runtime.errors import CoftError
 
 
 class OnnxRuntimeEngine:

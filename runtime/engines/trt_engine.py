@@ -19,11 +19,11 @@ import logging
 
 import numpy as np
 
-from runtime.bundle import Bundle, sha256
-from runtime.engines import Inference, check_frames, concatenate, patch_inference
-from runtime.engines.fused_nearest import FusedNearest
-from runtime.engines.fused_scoring import FusedScorer
-from runtime.errors import CoftError
+from coft.runtime.bundle import Bundle, sha256
+from coft.runtime.engines import Inference, check_frames, concatenate, patch_inference
+from coft.runtime.engines.fused_nearest import FusedNearest
+from coft.runtime.engines.fused_scoring import FusedScorer
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 
-from runtime.config import BrokerConfig, SparkplugConfig
-from runtime.errors import CoftError
-from runtime.mqtt import Link, _guarded, camera_topic
-from runtime.outbox import SPARKPLUG_CHANNEL, Message, Outbox
-from runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
+from coft.runtime.config import BrokerConfig, SparkplugConfig
+from coft.runtime.errors import CoftError
+from coft.runtime.mqtt import Link, _guarded, camera_topic
+from coft.runtime.outbox import SPARKPLUG_CHANNEL, Message, Outbox
+from coft.runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""`coft`: the command line, one subcommand per stage.
+"""`coft`: the command line, one subcommand per stage, where the stages meet.
 
-It lives in runtime/ because every box installs the runtime; the training commands
-import torch only when they run, and say which extra to install when it is missing.
+A runtime-only box has it too: the training and export commands import their stage (and
+torch) only when they run, and say which extra to install when it is missing.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
-from runtime.errors import CoftError
+from coft.runtime.errors import CoftError
 
 log = logging.getLogger("coft")
-OUR_LOGGERS = ("coft", "runtime", "train", "export")
 
 
 def _bars_kept_whole():
@@ -86,7 +85,7 @@ def _train_module(name: str):
     """Import a training module, or explain which extra is missing."""
     try:
         import importlib
-        return importlib.import_module(f"train.{name}")
+        return importlib.import_module(f"coft.train.{name}")
     except ImportError as exc:
         raise CoftError(f"this command needs the training extra ({exc.name} is missing): pip install 'coft[train]'") from exc
 
@@ -145,8 +144,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 def _training_options(args: argparse.Namespace):
     pipeline = _train_module("pipeline")
-    from train.augment import AugmentConfig
-    from train.coftad import FinetuneConfig
+    from coft.train.augment import AugmentConfig
+    from coft.train.coftad import FinetuneConfig
 
     defaults = pipeline.TrainOptions()
     return pipeline.TrainOptions(
@@ -206,14 +205,14 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     try:
-        from export.onnx import export_onnx
+        from coft.export.onnx import export_onnx
     except ImportError as exc:
         raise CoftError(f"export needs the training and export extras ({exc.name} is missing): pip install 'coft[train,export]'") from exc
     print(f"ONNX model written: {export_onnx(args.bundle, args.max_batch, simplify=not args.no_simplify)}")
 
 
 def cmd_build_engine(args: argparse.Namespace) -> None:
-    from export.tensorrt import build_engine
+    from coft.export.tensorrt import build_engine
     path = build_engine(args.bundle, fp16=args.fp16, int8=args.int8, max_batch=args.max_batch,
                         workspace_mb=args.workspace_mb, half_factor=args.half_factor)
     print(f"TensorRT engine written: {path}")
@@ -226,11 +225,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from runtime.config import load_config
+    from coft.runtime.config import load_config
     config = load_config(args.config)
     if args.check:
-        from runtime.bundle import load_bundle
-        from runtime.sources import source_kind
+        from coft.runtime.bundle import load_bundle
+        from coft.runtime.sources import source_kind
         for camera in config.cameras:
             if source_kind(camera) in ("file", "folder") and not Path(str(camera.source)).exists():
                 raise CoftError(f"{args.config}: camera {camera.name}: {camera.source} does not exist; give the path "
@@ -239,13 +238,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"{args.config}: OK ({len(config.cameras)} camera(s), model {bundle.model_id}, "
               f"broker {config.broker.host}:{config.broker.port})")
         return
-    from runtime.pipeline import Runtime
+    from coft.runtime.pipeline import Runtime
     Runtime(config).run(until_sources_end=args.until_end)
 
 
 def cmd_commission(args: argparse.Namespace) -> None:
-    from runtime.config import CommissioningConfig, load_config
-    from runtime.pipeline import Runtime
+    from coft.runtime.config import CommissioningConfig, load_config
+    from coft.runtime.pipeline import Runtime
     config = load_config(args.config)
     try:
         config.commissioning = CommissioningConfig(frames=args.frames, target_false_reject_rate=args.target_frr,
@@ -256,40 +255,40 @@ def cmd_commission(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from runtime.status import print_status
+    from coft.runtime.status import print_status
     return print_status(args.config)
 
 
 def cmd_flash(args: argparse.Namespace) -> None:
-    from runtime.flash import flash
+    from coft.runtime.flash import flash
     print(flash(args.bundle, args.target, root=args.root, port=args.port, identity=args.identity,
                 ssh_options=args.ssh_option, remote_coft=args.remote_coft, engine=args.engine,
                 service=args.service or None))
 
 
 def cmd_install(args: argparse.Namespace) -> None:
-    from runtime.box import install
+    from coft.runtime.box import install
     print(json.dumps(install(args.archive, args.root, args.engine, args.service or None, args.trust)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from runtime.box import rollback
+    from coft.runtime.box import rollback
     print(json.dumps(rollback(args.root, args.service or None)))
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from runtime.bundle import pack
+    from coft.runtime.bundle import pack
     archive = args.out or Path(args.bundle).with_suffix(".tar")
     print(f"archive written: {pack(args.bundle, archive)}")
 
 
 def cmd_sign(args: argparse.Namespace) -> None:
-    from runtime.bundle import sign
+    from coft.runtime.bundle import sign
     print(f"{args.bundle}: signed with key {sign(args.bundle, args.key)}; boxes that trust its .pub accept it")
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from runtime.manifest import keygen
+    from coft.runtime.manifest import keygen
     private, public = keygen(args.name)
     print(f"private key {private} (keep it where bundles are signed, never on a box)\n"
           f"public key  {public} (copy to each box: /opt/coft/trusted-keys/, or trusted_keys in line.yaml)")
@@ -298,7 +297,7 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     import tempfile
 
-    from runtime.bundle import SIGNATURE, load_bundle, unpack
+    from coft.runtime.bundle import SIGNATURE, load_bundle, unpack
     path = Path(args.bundle)
 
     def report(bundle) -> None:
@@ -463,8 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,  # other libraries: warnings only
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for ours in OUR_LOGGERS:
-        logging.getLogger(ours).setLevel(level)
+    logging.getLogger("coft").setLevel(level)  # every module of ours logs under coft.*
     logging.getLogger("coft.audit").setLevel(min(level, logging.INFO))  # changes to the line are logged, even with -q
     try:
         with _bars_kept_whole():
