@@ -152,7 +152,9 @@ def test_a_dead_or_stalled_link_stops_the_watchdog_and_ends_the_process(
     assert runtime.returncode == 2, stderr[-2000:]
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("coft: error: mqtt cam1: ") and reason in last_line and "systemd restarts it" in last_line
-    assert messages[0].startswith("READY=1") and "WATCHDOG=1" in messages and messages[-1] == "STOPPING=1"
+    assert messages[0].startswith("READY=1") and messages[-1] == "STOPPING=1"
+    if fault == "stall":  # healthy for stall_s first; a thread that dies at once may never see a feed, rightly
+        assert "WATCHDOG=1" in messages
 
 
 # -- 2. camera supervision ------------------------------------------------------------------------
