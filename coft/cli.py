@@ -206,8 +206,10 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     try:
         from coft.export.onnx import export_onnx
+        from coft.train import progress
     except ImportError as exc:
         raise CoftError(f"export needs the training and export extras ({exc.name} is missing): pip install 'coft[train,export]'") from exc
+    progress.shown = not args.quiet
     print(f"ONNX model written: {export_onnx(args.bundle, args.max_batch, simplify=not args.no_simplify)}")
 
 

@@ -27,6 +27,7 @@ from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manif
 from coft.runtime.errors import CoftError
 from coft.runtime.scoring import Gaussian, MemoryBank, pooled_patches
 from coft.train.backbones import Backbone, restore_bundle_backbone
+from coft.train.progress import bar
 
 log = logging.getLogger(__name__)
 for chatty in ("onnx_ir", "onnxscript"):  # per-node chatter during export
@@ -150,16 +151,23 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     tmp = bundle.path / f".{ONNX_FILE}.tmp"
     patch = bundle.scores_patches
     names = [SCORE, ANOMALY_MAP, EMBEDDING] if patch else [SCORE, EMBEDDING]
+    steps = bar(desc="export: tracing the graph", total=3 if simplify else 2, unit="step")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
                                     output_names=names, dynamic_shapes=({0: batch},), verbose=False)
     proto = program.model_proto
+    steps.update()
     if simplify:
         import onnxslim
+        steps.set_description("export: simplifying (onnxslim)")
         proto = onnxslim.slim(proto)
+        steps.update()
+    steps.set_description("export: checking the graph")
     onnx.checker.check_model(proto, full_check=True)
     check_matches_manifest(proto, bundle.manifest)
+    steps.update()
+    steps.close()
     onnx.save(proto, tmp)
     tmp.replace(target)
     outputs = {SCORE: ["batch"], EMBEDDING: ["batch", bundle.scoring.dim]}
