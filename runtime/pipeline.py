@@ -95,15 +95,15 @@ class Runtime:
                                        self._trigger, self._broker_state, config.control.trigger_max_bytes,
                                        line_trigger=name == names[0])
                       for name in names}
-        self.cameras = [CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
-                        for c in config.cameras]
+        self.camera = {c.name: CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
+                       for c in config.cameras}  # capture threads by camera name
         self.sparkplug = None
         if config.sparkplug:
             from coft.runtime.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
             self.sparkplug = SparkplugNode(
                 config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
-                self.counters, lambda: self.bundle.model_id)
+                self.verdict_counts, lambda: self.bundle.model_id)
         self.opcua = None
         if config.opcua:
             from coft.runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
@@ -161,7 +161,7 @@ class Runtime:
         if camera not in self.links:
             raise CoftError(f"trigger for camera {camera!r}, which this runtime does not have; cameras: "
                             f"{', '.join(self.links)}")
-        if not self.failsafe or not next(c.camera.trigger for c in self.cameras if c.camera.name == camera):
+        if not self.camera[camera].camera.trigger:
             raise CoftError(f"camera {camera} inspects every frame (trigger: false in line.yaml); part {part_id} "
                             "was not registered")
         self.failsafe.trigger(camera, part_id)
@@ -174,7 +174,7 @@ class Runtime:
         return [(camera, json.dumps(verdict).encode(), SPARKPLUG_CHANNEL)] if self.sparkplug else []
 
     def _delivering(self, camera: str) -> bool:
-        return next(c.state == "delivering" for c in self.cameras if c.camera.name == camera)
+        return self.camera[camera].state == "delivering"
 
     def _failsafe_reject(self, part: Part, reason: str) -> None:
         """A triggered part whose verdict could not be in by its deadline: a reject that says why, stored and
@@ -195,13 +195,18 @@ class Runtime:
 
         self.outbox.put_verdict(part.camera, messages, True)
         self.metrics.failsafe_rejects.labels(part.camera, reason).inc()
-        self.metrics.verdicts.labels(part.camera, "reject").inc()
-        self.recent[part.camera].append(verdict)
-        self.links[part.camera].notify()
+        self._stored(verdict)
+
+    def _stored(self, verdict: dict) -> None:
+        """A verdict is in the outbox: count it, wake whoever sends it, and show it (recent list, OPC UA)."""
+        camera = verdict["camera"]
+        self.metrics.verdicts.labels(camera, verdict["verdict"]).inc()
+        self.links[camera].notify()
         if self.sparkplug:
             self.sparkplug.notify()
         if self.opcua:
             self.opcua.publish(verdict)
+        self.recent[camera].append(verdict)
 
     def _result(self, part: Part, verdict: dict) -> tuple[str, bytes]:
         """The one answer a PLC waits for after a trigger: accept or reject, why, and how long it took."""
@@ -217,8 +222,7 @@ class Runtime:
 
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
-        self.metrics.camera_ended.labels(camera).set(int(any(c.ended.is_set() for c in self.cameras
-                                                             if c.camera.name == camera)))
+        self.metrics.camera_ended.labels(camera).set(int(self.camera[camera].ended.is_set()))
 
     def _broker_state(self, camera: str, up: bool) -> None:
         self.metrics.broker_up.labels(camera).set(int(up))
@@ -295,13 +299,7 @@ class Runtime:
         if not self._store(frame, messages, reject):
             return
         self.metrics.latency.observe(time.time() - frame.captured_at)
-        self.metrics.verdicts.labels(frame.camera, verdict["verdict"]).inc()
-        self.links[frame.camera].notify()
-        if self.sparkplug:
-            self.sparkplug.notify()
-        if self.opcua:
-            self.opcua.publish(verdict)
-        self.recent[frame.camera].append(verdict)
+        self._stored(verdict)
         self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
             self.harvest.save(frame.image, verdict)  # as the camera gave it: what retraining needs
@@ -371,14 +369,19 @@ class Runtime:
                     "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def verdict_counts(self, camera: str) -> dict:
+        """Accepts and rejects so far (from the metrics: no disk read, cheap enough for every verdict sent)."""
+        def count(verdict: str) -> float:
+            return self.metrics.registry.get_sample_value("coft_verdicts_total",
+                                                          {"camera": camera, "verdict": verdict}) or 0.0
+        return {"accepts": count("accept"), "rejects": count("reject")}
+
     def counters(self, camera: str) -> dict:
         def value(name: str, **labels) -> float:
             return self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0.0
-        state = next(c.state for c in self.cameras if c.camera.name == camera)
         return {"frames": value("coft_frames_total"), "dropped": value("coft_frames_dropped_total"),
-                "rejects": value("coft_verdicts_total", verdict="reject"),
-                "accepts": value("coft_verdicts_total", verdict="accept"),
-                "refused": value("coft_verdicts_refused_total"), "camera": state,
+                **self.verdict_counts(camera), "refused": value("coft_verdicts_refused_total"),
+                "camera": self.camera[camera].state,
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
 
     def status(self) -> dict:
@@ -391,7 +394,7 @@ class Runtime:
             oldest = self.outbox.oldest_created(name)
             cameras[name] = {
                 **self.counters(name), "broker_connected": link.connected.is_set(),
-                "ended": any(c.ended.is_set() for c in self.cameras if c.camera.name == name),
+                "ended": self.camera[name].ended.is_set(),
                 **self.threshold.describe(name, self.threshold.sources[name]),
                 "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
                 "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
@@ -423,7 +426,7 @@ class Runtime:
 
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
-        for camera in self.cameras:
+        for camera in self.camera.values():
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
         for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
@@ -456,7 +459,7 @@ class Runtime:
             link.publish_state(self.threshold.describe(link.camera, "start"))
         if self.sparkplug:
             self.sparkplug.start()
-        for camera in self.cameras:
+        for camera in self.camera.values():
             camera.start()
         if self.failsafe:
             self.failsafe.start()
@@ -464,7 +467,7 @@ class Runtime:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
         next_heartbeat = next_check = time.monotonic()
-        self.watchdog.ready(f"inspecting {len(self.cameras)} camera(s) with {self.bundle.model_id}")
+        self.watchdog.ready(f"inspecting {len(self.camera)} camera(s) with {self.bundle.model_id}")
         unhealthy = None
         try:
             while not self.stop_event.is_set():
@@ -481,7 +484,7 @@ class Runtime:
                         self.finish_commissioning()
                 else:
                     self.last_inspection_ok = time.monotonic()  # nothing to inspect is not a failure
-                    if until_sources_end and all(c.ended.is_set() for c in self.cameras):
+                    if until_sources_end and all(c.ended.is_set() for c in self.camera.values()):
                         if self.commissioning:  # the replay ended first: fit on what came, or say why not
                             self.finish_commissioning()
                         break
@@ -497,11 +500,12 @@ class Runtime:
     def _heartbeat(self) -> None:
         self.beats += 1  # from the inspection loop: when it stops, so does the counter the PLC watches
         try:
+            counters = {name: self.counters(name) for name in self.links}
             for name, link in self.links.items():
-                link.heartbeat({"beat": self.beats, **self.counters(name)})
+                link.heartbeat({"beat": self.beats, **counters[name]})
             if self.opcua:
-                self.opcua.heartbeat(self.beats, {name: {**self.counters(name), "broker_connected":
-                                                         link.connected.is_set()} for name, link in self.links.items()})
+                self.opcua.heartbeat(self.beats, {name: {**counters[name], "broker_connected": link.connected.is_set()}
+                                                  for name, link in self.links.items()})
             self.metrics.outbox_depth.set(self.outbox.depth())
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
@@ -522,7 +526,7 @@ class Runtime:
         """Stop the cameras, give the outbox `drain_s` to reach the broker, close everything."""
         self.watchdog.stopping()
         self.stop_event.set()
-        for camera in self.cameras:
+        for camera in self.camera.values():
             camera.join(timeout=2)
         for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
             try:

@@ -79,12 +79,13 @@ def put(metric: Payload.Metric, datatype: int, value) -> None:
 class SparkplugNode(Link):
     def __init__(self, broker: BrokerConfig, config: SparkplugConfig, outbox: Outbox, cameras: list[str],
                  bdseq_file: Path, on_threshold: Callable[[str, float], dict], threshold: Callable[[str], float],
-                 counters: Callable[[str], dict], model_id: Callable[[], str]):
+                 verdict_counts: Callable[[str], dict], model_id: Callable[[], str]):
         node = config.edge_node_id or f"coft-{broker.line}"
         super().__init__(broker, f"sparkplug {node}", SPARKPLUG_CHANNEL, outbox,
                          f"{broker.client_id or 'coft-' + broker.line}-spb")
         self.config, self.node, self.cameras, self.bdseq_file = config, node, cameras, bdseq_file
-        self.on_threshold, self.threshold, self.counters, self.model_id = on_threshold, threshold, counters, model_id
+        self.on_threshold, self.threshold, self.model_id = on_threshold, threshold, model_id
+        self.verdict_counts = verdict_counts  # camera -> {"accepts", "rejects"}: read for every DDATA
         self.aliases = {camera: {name: 100 * (i + 1) + k for k, name in
                                  enumerate([m[0] for m in DEVICE_METRICS] + ["Counters/Accepts", "Counters/Rejects",
                                                                              THRESHOLD, "State/Model ID"])}
@@ -157,7 +158,7 @@ class SparkplugNode(Link):
         now = round(time.time() * 1000)
         payload = Payload(timestamp=now, seq=self._next_seq())
         aliases = self.aliases[camera]
-        counters = self.counters(camera)
+        counters = self.verdict_counts(camera)
         values = [(name, datatype, read(verdict) if verdict else None) for name, datatype, read in DEVICE_METRICS]
         values += [("Counters/Accepts", DataType.UInt64, counters["accepts"]),
                    ("Counters/Rejects", DataType.UInt64, counters["rejects"]),
