@@ -25,7 +25,6 @@ import hmac
 import json
 import logging
 import socket
-import threading
 from datetime import datetime, timezone
 
 from asyncua import Server, ua
@@ -39,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from coft.runtime.config import OpcUaConfig
 from coft.runtime.errors import CoftError
 from coft.runtime.logs import Throttled
+from coft.runtime.loops import LoopService
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")
@@ -85,8 +85,9 @@ class Passwords:
         return None
 
 
-class OpcUaServer:
+class OpcUaServer(LoopService):
     def __init__(self, runtime, config: OpcUaConfig):
+        super().__init__("opcua")
         self.runtime, self.config = runtime, config
         self.password = config.password()
         if not config.allow_anonymous and not (config.username and self.password):
@@ -96,12 +97,9 @@ class OpcUaServer:
                         for p in config.trusted_clients}
         self.throttled = Throttled(log)
         logging.getLogger("asyncua.server.uaprocessor").addFilter(_not_a_refusal)
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue | None = None
         self.nodes: dict[str, dict[str, object]] = {}
         self.heartbeat_node = None
-        self.thread: threading.Thread | None = None
-        self.stopping = threading.Event()
 
     @staticmethod
     def _fingerprint(certificate: x509.Certificate) -> bytes:
@@ -110,44 +108,20 @@ class OpcUaServer:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Listen, or raise a one-line CoftError (port taken, bad certificate) before inspection starts."""
-        ready, failure = threading.Event(), []
-
-        def serve() -> None:
-            self.loop = asyncio.new_event_loop()
-            try:
-                server = self.loop.run_until_complete(self._setup())
-            except Exception as exc:  # a port in use, a certificate it cannot read, asyncua's own complaints
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            try:
-                self.loop.run_until_complete(self._serve(server))
-            finally:
-                self.loop.run_until_complete(server.stop())
-                self.loop.close()
-
-        self.thread = threading.Thread(target=serve, name="opcua", daemon=True)
-        self.thread.start()
-        ready.wait(60)
-        if failure:
-            exc = failure[0]
+        try:
+            self.launch()
+        except Exception as exc:  # a port in use, a certificate it cannot read, asyncua's own complaints
             raise CoftError(f"opcua: cannot serve on {self.config.bind}:{self.config.port} "
                             f"({getattr(exc, 'strerror', None) or exc}); change opcua.port or opcua.bind, "
-                            "or check opcua.certificate and opcua.private_key")
+                            "or check opcua.certificate and opcua.private_key") from None
         log.info("opcua: serving opc.tcp://%s:%d/ (%s; %s)", self.config.bind, self.config.port,
                  ", ".join(self.config.security), "anonymous allowed" if self.config.allow_anonymous else
                  f"user {self.config.username}")
 
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+    async def teardown(self, server: Server) -> None:
+        await server.stop()
 
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.alive():
-            self.thread.join(timeout=10)
-
-    async def _setup(self) -> Server:
+    async def setup(self) -> Server:
         line = self.runtime.config.broker.line
         uri = f"urn:coft:{line}"
         server = Server(user_manager=Passwords(self.config.username, self.password, self.config.allow_anonymous,
@@ -199,7 +173,7 @@ class OpcUaServer:
         self.queue = asyncio.Queue()
         return server
 
-    async def _serve(self, server: Server) -> None:
+    async def serve(self, server: Server) -> None:
         """Write verdicts in the order they came, until stop()."""
         while not self.stopping.is_set():
             try:

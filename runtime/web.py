@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from coft.runtime.errors import CoftError
 from coft.runtime.evidence import ANNOTATED
 from coft.runtime.heatmap import annotate
 from coft.runtime.logs import Throttled
+from coft.runtime.loops import LoopService
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")
@@ -40,15 +40,13 @@ STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
 LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
 
 
-class WebServer:
+class WebServer(LoopService):
     def __init__(self, runtime, config: WebConfig):
+        super().__init__("web")
         self.runtime, self.config = runtime, config
         self.token = config.token()
         self.rendered: dict[str, tuple[dict, bytes]] = {}  # camera -> (verdict shown, its JPEG), shared by viewers
-        self.stopping = threading.Event()
         self.throttled = Throttled(log)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -65,43 +63,25 @@ class WebServer:
         ])
         return app
 
+    async def setup(self) -> web.AppRunner:
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.bind, self.config.port).start()
+        return runner
+
+    async def teardown(self, runner: web.AppRunner) -> None:
+        await runner.cleanup()
+
     def start(self) -> None:
         """Listen, or raise a one-line CoftError (port taken, address not this box's) before inspection starts."""
-        ready, failure = threading.Event(), []
-
-        def serve() -> None:
-            self.loop = asyncio.new_event_loop()
-            runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2)
-            try:
-                self.loop.run_until_complete(runner.setup())
-                self.loop.run_until_complete(web.TCPSite(runner, self.config.bind, self.config.port).start())
-            except OSError as exc:
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            self.loop.run_forever()
-            self.loop.run_until_complete(runner.cleanup())
-            self.loop.close()
-
-        self.thread = threading.Thread(target=serve, name="web", daemon=True)
-        self.thread.start()
-        ready.wait(30)
-        if failure:
+        try:
+            self.launch()
+        except OSError as exc:
             raise CoftError(f"web.port {self.config.port} on {self.config.bind}: cannot listen "
-                            f"({failure[0].strerror or failure[0]}); another process uses it, or the address is not "
-                            "this box's: change web.port or web.bind")
+                            f"({exc.strerror or exc}); another process uses it, or the address is not "
+                            "this box's: change web.port or web.bind") from None
         log.info("live view on http://%s:%d/ (operator actions %s)", self.config.bind, self.config.port,
                  "need the token" if self.token else "off: no web.token_file or web.token_env")
-
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.loop and self.alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
 
     # -- reading -----------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.FileResponse:
