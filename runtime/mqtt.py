@@ -104,9 +104,8 @@ class Link:
             except (OSError, ValueError) as exc:
                 raise CoftError(f"broker.tls: cannot load the certificates ({exc}); check tls.ca, tls.cert and tls.key") from None
             client.tls_insecure_set(broker.tls.insecure)
-        # Our sender keeps at most INFLIGHT_WINDOW verdicts in flight; paho must not hold any back on its own: a
-        # message it queues (its window full of state or error messages too) can be overtaken by the next publish.
-        client.max_inflight_messages_set(0)
+        client.max_inflight_messages_set(INFLIGHT_WINDOW)
+        client.max_queued_messages_set(INFLIGHT_WINDOW * 4)  # the outbox, not paho's memory, holds the backlog
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
         self.client = client
