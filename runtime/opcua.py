@@ -224,7 +224,14 @@ class OpcUaServer(LoopService):
 
     def heartbeat(self, beat: int, status: dict) -> None:
         if self.loop and not self.loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self._heartbeat(beat, status), self.loop)
+            asyncio.run_coroutine_threadsafe(self._heartbeat(beat, status), self.loop).add_done_callback(self._said)
+
+    def _said(self, done) -> None:
+        """A heartbeat that could not be written is logged: its node then stands still, and the PLC rejects."""
+        if not done.cancelled() and done.exception() is not None:
+            exc = done.exception()
+            self.throttled.log(logging.ERROR, "heartbeat", "opcua: cannot update the heartbeat and counters: %s: %s",
+                               type(exc).__name__, exc)
 
     async def _heartbeat(self, beat: int, counters: dict) -> None:
         await self.heartbeat_node.write_value(ua.Variant(beat, ua.VariantType.UInt64))
