@@ -230,15 +230,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from coft.runtime.config import load_config
     config = load_config(args.config)
     if args.check:
-        from coft.runtime.bundle import load_bundle
-        from coft.runtime.sources import source_kind
-        for camera in config.cameras:
-            if source_kind(camera) in ("file", "folder") and not Path(str(camera.source)).exists():
-                raise CoftError(f"{args.config}: camera {camera.name}: {camera.source} does not exist; give the path "
-                                "of a video file or image folder on this box")
-        bundle = load_bundle(config.bundle, config.trusted_keys)
-        print(f"{args.config}: OK ({len(config.cameras)} camera(s), model {bundle.model_id}, "
-              f"broker {config.broker.host}:{config.broker.port})")
+        from coft.runtime.check import check
+        print(f"{args.config}: OK ({check(config, args.config)})")
         return
     from coft.runtime.pipeline import Runtime
     Runtime(config).run(until_sources_end=args.until_end)
@@ -250,10 +243,10 @@ def cmd_commission(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     try:
         config.commissioning = CommissioningConfig(frames=args.frames, target_false_reject_rate=args.target_frr,
-                                                   keep_frames=not args.no_frames)
+                                                   keep_frames=not args.no_frames, rejects=not args.no_rejects)
     except ValueError as exc:
         raise CoftError(f"commission: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
-    Runtime(config).run(until_sources_end=args.until_end)
+    Runtime(config, commission=True).run(until_sources_end=args.until_end)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -303,6 +296,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     path = Path(args.bundle)
 
     def report(bundle) -> None:
+        from coft.runtime.check import graph_loads
+        graph_loads(bundle)
         m = bundle.manifest
         signed = (bundle.path / SIGNATURE).is_file()
         print(json.dumps({"bundle": str(args.unpack_to and bundle.path or path), "model_id": bundle.model_id,
@@ -380,16 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="at the line: score camera frames and publish verdicts over MQTT")
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
-    p.add_argument("--check", action="store_true", help="validate the config and the bundle, then exit")
+    p.add_argument("--check", action="store_true", help="try everything run would refuse before inspecting (config, "
+                                                        "bundle and engine, secrets, outbox and state paths, "
+                                                        "certificates; the broker is tried, not required), then exit")
     p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("commission", help="at the line: fit the threshold on the first N live frames (no rejects "
-                                          "fired meanwhile), write it as a new bundle revision, then run on")
+    p = sub.add_parser("commission", help="at the line: fit the threshold on the first N live frames (rejects fire "
+                                          "at the bundle's threshold meanwhile), write it as a new bundle revision, "
+                                          "then run on; again even where the bundle was commissioned")
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
     p.add_argument("--frames", type=_at_least(1), default=300, help="frames to fit on (at least 100; default 300)")
     p.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate to aim at (default 0.01)")
     p.add_argument("--no-frames", action="store_true", help="do not keep the commissioning frames on disk")
+    p.add_argument("--no-rejects", action="store_true", help="fire no reject until the threshold is set (default: "
+                                                             "rejects fire at the bundle's threshold meanwhile)")
     p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
     p.set_defaults(func=cmd_commission)
 

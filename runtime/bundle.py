@@ -12,6 +12,7 @@ new revision with a new model id (`revise`).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -95,7 +96,7 @@ def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
 
 
 def update_manifest(bundle_dir: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
-    """Add what export derives from the model (ONNX graph, engine) and re-seal; the model and its threshold stay."""
+    """Add what export derives from the model (ONNX graph, engine), or retraining decided, and re-seal."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     manifest.update(changes)
@@ -111,6 +112,23 @@ def next_revision(bundle_dir: Path, model_id: str) -> tuple[Path, str]:
     while (bundle_dir.parent / f"{base_dir}-r{number}").exists():
         number += 1
     return bundle_dir.parent / f"{base_dir}-r{number}", f"{base_id}-r{number}"
+
+
+def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -> Path | None:
+    """The newest revision beside `bundle_dir` that commissioning made of this model for these cameras, if any:
+    a config that names the bundle itself (not a box's `current` link) must not commission at every start."""
+    base = re.sub(r"-r\d+$", "", Path(bundle_dir).name)
+    found = []
+    for candidate in Path(bundle_dir).parent.glob(f"{glob.escape(base)}-r*"):
+        try:
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            match = re.fullmatch(r".*-r(\d+)", candidate.name)
+            if (match and manifest.get("revision_of") == model_id
+                    and set(cameras) <= set((manifest.get("commissioning") or {}).get("cameras", []))):
+                found.append((int(match.group(1)), candidate))
+        except (OSError, ValueError, AttributeError):
+            continue  # not a bundle, or a broken one: load_bundle would say why if it were chosen
+    return max(found)[1] if found else None
 
 
 def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None) -> Path:

@@ -130,8 +130,8 @@ class Commissioning:
 
     PREMISE_SPREAD = 4.0
 
-    def __init__(self, frames: int, target: float, folder: Path | None):
-        self.wanted, self.target, self.folder = frames, target, folder
+    def __init__(self, frames: int, target: float, folder: Path | None, reserve=None):
+        self.wanted, self.target, self.folder, self.reserve = frames, target, folder, reserve
         self.scores: list[float] = []
         self.rows: list[str] = ["file,camera,frame_id,score"]
         if folder:
@@ -150,7 +150,8 @@ class Commissioning:
             return
         self.scores.append(score)
         name = ""
-        if self.folder:
+        if self.folder and (self.reserve is None or self.reserve.allows(self.folder, image.nbytes // 4,
+                                                                        "commissioning frames")):
             import cv2
 
             name = f"{len(self.scores):06d}-{camera}-{frame_id}.jpg"

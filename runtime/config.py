@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,10 @@ from coft.runtime.errors import CoftError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan is never a setting
+
+
+RESERVED_CAMERA_NAMES = ("good", "defect", "feedback")  # folders the harvest and evidence keep labels in
 
 
 class CameraConfig(Strict):
@@ -30,6 +34,14 @@ class CameraConfig(Strict):
     trigger: bool = Field(False, description="inspect only the newest frame when an MQTT trigger with a part id arrives")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reconnect attempts")
     open_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_label(cls, name):
+        if name.lower() in RESERVED_CAMERA_NAMES:
+            raise ValueError(f"{name!r} is the name of a folder the harvest keeps labelled frames in "
+                             f"({', '.join(RESERVED_CAMERA_NAMES)}); name the camera after its station, e.g. {name}-cam")
+        return name
 
     @field_validator("roi")
     @classmethod
@@ -91,6 +103,8 @@ class OutboxConfig(Strict):
     max_mb: float = Field(256, gt=0, description="the same rule once the messages waiting hold this many megabytes")
     fsync: bool = Field(True, description="fsync every verdict: survives power loss; false: survives crashes and "
                                           "restarts but not power loss, and saves a disk flush per verdict")
+    reserve_mb: float = Field(64, ge=0, description="free space kept for verdicts on the outbox's filesystem: "
+                                                    "harvest, evidence and commissioning frames stop writing first")
 
 
 class EvidenceConfig(Strict):
@@ -115,6 +129,8 @@ class CommissioningConfig(Strict):
     frames: int = Field(300, ge=100, description="frames the threshold is fitted on (at least 100)")
     target_false_reject_rate: float = Field(0.01, gt=0, lt=0.5)
     keep_frames: bool = Field(True, description="save the frames (JPEG) and their scores beside the outbox")
+    rejects: bool = Field(True, description="fire rejects at the bundle's threshold while commissioning (flagged "
+                                            "commissioning: true); false lets every part pass until it is done")
 
 
 class WebConfig(Strict):
@@ -126,6 +142,11 @@ class WebConfig(Strict):
     token_file: Path | None = Field(None, description="file holding the operator token; without a token the "
                                                       "page is read-only")
     live_fps: float = Field(4.0, gt=0, le=30, description="most live frames per second sent to each viewer")
+    max_viewers: int = Field(8, ge=1, le=256, description="live streams served at once; more get 503")
+    max_connections: int = Field(64, ge=2, le=4096, description="open connections at once; more are closed at "
+                                                                "once, so viewers never take the inspection's files")
+    idle_timeout_s: float = Field(20.0, gt=0, le=600, description="a connection that sends no request, or a "
+                                                                   "viewer that reads nothing, for this long is closed")
 
     @model_validator(mode="after")
     def _one_token(self):
@@ -187,13 +208,14 @@ class RuntimeConfig(Strict):
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
     heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period; its counter is what a PLC watches to "
                                                        "reject by default when the runtime is gone")
-    stall_s: float = Field(60.0, ge=1, description="a broker link that is connected but has had no acknowledgement "
-                                                   "for this long, or inspection failing this long, ends the process "
-                                                   "so systemd restarts it")
+    stall_s: float = Field(60.0, ge=1, le=3600, description="a broker link that is connected but has had no "
+                                                            "acknowledgement for this long, or frames waiting this long "
+                                                            "with no verdict (a hung engine, a failing one), ends the "
+                                                            "process with exit status 2 so systemd restarts it")
     state_file: Path | None = Field(None, description="live threshold changes persist here (default: beside the outbox)")
     control: ControlConfig = ControlConfig()
-    commissioning: CommissioningConfig | None = Field(None, description="present: commission at start (no rejects "
-                                                                          "fired until the new threshold is set)")
+    commissioning: CommissioningConfig | None = Field(None, description="present: commission at start unless the "
+                                                                          "bundle already was for these cameras")
     trusted_keys: list[Path] = Field([], description="public keys (.pub) of which one must have signed the bundle")
 
     @model_validator(mode="after")
@@ -225,6 +247,27 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+def _duplicate_key(node: yaml.Node | None) -> str | None:
+    """'line A and line B both set KEY' for the first key given twice in one mapping (PyYAML keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    return (f"line {seen[key.value]} and line {key.start_mark.line + 1} both set {key.value!r}; "
+                            "keep one of them")
+                seen[key.value] = key.start_mark.line + 1
+            found = _duplicate_key(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found:
+                return found
+    return None
+
+
 def load_config(path: str | Path) -> RuntimeConfig:
     """Parse and validate the runtime YAML; relative paths are taken from the file's folder."""
     path = Path(path)
@@ -238,6 +281,9 @@ def load_config(path: str | Path) -> RuntimeConfig:
         raise CoftError(f"{path}: not valid YAML: {str(exc).splitlines()[0]} {getattr(exc, 'problem_mark', '')}".strip()) from exc
     if not isinstance(data, dict):
         raise CoftError(f"{path}: expected a mapping of settings (bundle:, cameras:, broker: ...)")
+    duplicate = _duplicate_key(root)
+    if duplicate:
+        raise CoftError(f"{path}: {duplicate}")
     try:
         config = RuntimeConfig.model_validate(data)
     except ValidationError as exc:
@@ -275,12 +321,16 @@ def load_config(path: str | Path) -> RuntimeConfig:
     return config
 
 
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # what a PLC or a person types
+
+
 def valid_threshold(text: str | bytes) -> float:
-    """A threshold from an MQTT command: a finite, positive number, or a one-line error."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise CoftError(f"threshold {text[:40]!r} is not a number") from None
+    """A threshold from a command: a finite, positive number in plain ASCII decimals, or a one-line error.
+    (Python's float() also takes '2_5' and Arabic-Indic digits, which no controller means as 25.)"""
+    text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+    if not DECIMAL.fullmatch(text.strip()):
+        raise CoftError(f"threshold {text[:40]!r} is not a number (plain decimals, e.g. 0.42 or 4.2e-1)")
+    value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise CoftError(f"threshold {value} must be a positive finite number")
     return value

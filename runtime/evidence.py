@@ -1,7 +1,8 @@
 """Evidence on disk: rejected frames (and every Nth accepted one) as JPEG beside their verdict JSON,
 each as the camera gave it and, for evidence, annotated (map, box, verdict) as an operator reads it.
 
-Kept within a disk budget: once the folder grows past it, the oldest evidence goes first.
+Kept within a disk budget: once the folder grows past it, the oldest evidence goes first;
+and never written into the room the outbox keeps for verdicts (`Reserve`).
 Readable by the service's user only: frames of a line's parts are its owner's business.
 """
 
@@ -23,8 +24,8 @@ ANNOTATED = "-annotated.jpg"
 
 
 class Evidence:
-    def __init__(self, config: EvidenceConfig):
-        self.config = config
+    def __init__(self, config: EvidenceConfig, name: str = "evidence", reserve=None):
+        self.config, self.name, self.reserve = config, name, reserve
         self.budget = int(config.max_mb * 1024 * 1024)
         config.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         existing = sorted((p for p in config.dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
@@ -45,12 +46,17 @@ class Evidence:
         folder.mkdir(mode=0o700, exist_ok=True)
         files = [(folder / f"{stem}.jpg", image)] + ([(folder / f"{stem}{ANNOTATED}", annotated)]
                                                        if annotated is not None else [])
+        encoded = []
         for path, picture in files:
             ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 90])
             if not ok:
-                log.warning("evidence: could not encode frame %s", stem)
+                log.warning("%s: could not encode frame %s", self.name, stem)
                 return
-            if not self._write(path, jpeg.tobytes()):
+            encoded.append((path, jpeg.tobytes()))
+        if self.reserve and not self.reserve.allows(folder, sum(len(data) for _, data in encoded) + 4096, self.name):
+            return
+        for path, data in encoded:
+            if not self._write(path, data):
                 return
         if not self._write(folder / f"{stem}.json", json.dumps(verdict).encode()):
             return
@@ -64,7 +70,7 @@ class Evidence:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(data)
         except OSError as exc:
-            log.error("evidence: cannot write %s (%s); check evidence.dir", path, exc.strerror)
+            log.error("%s: cannot write %s (%s); check %s.dir", self.name, path, exc.strerror, self.name)
             return False
         self.files.append((path, len(data)))
         self.total += len(data)

@@ -26,18 +26,20 @@ from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 
-REASONS = ("timeout", "no_frame", "camera_down")
-
-
 @dataclass
 class Part:
     camera: str
     part_id: str
-    triggered_at: float  # time.time(), for the answer's latency
+    triggered_at: float  # time.time(), for the answer's timestamp
     deadline: float  # time.monotonic()
+    triggered_mono: float = field(default_factory=time.monotonic)  # for the answer's latency
     frame_id: int | None = None  # the frame inspected for it, once one came
     answered: bool = False
     order: int = field(default_factory=itertools.count().__next__)  # ties on the heap
+
+    def waited_ms(self) -> float:
+        """Trigger to now, on the monotonic clock (the wall clock may step back under NTP)."""
+        return round((time.monotonic() - self.triggered_mono) * 1000, 2)
 
 
 class FailSafe(threading.Thread):

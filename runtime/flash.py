@@ -15,11 +15,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from coft.runtime.bundle import pack
+from coft.runtime.bundle import pack, unpack
 from coft.runtime.errors import CoftError
 
 
-def _ssh_options(port: int | None, identity: str | None, options: list[str]) -> list[str]:
+def _ssh_options(identity: str | None, options: list[str]) -> list[str]:
     out = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     if identity:
         out += ["-i", identity]
@@ -32,11 +32,15 @@ def flash(bundle_dir: str | Path, target: str, root: str = "/opt/coft", port: in
           identity: str | None = None, ssh_options: list[str] | None = None, remote_coft: str = "coft",
           engine: str = "auto", service: str | None = "coft-runtime") -> str:
     bundle_dir = Path(bundle_dir)
-    options = _ssh_options(port, identity, ssh_options or [])
+    options = _ssh_options(identity, ssh_options or [])
     ssh = ["ssh", *options, *(["-p", str(port)] if port else []), target]
     incoming = f"{root}/incoming"
     with tempfile.TemporaryDirectory() as tmp:
-        archive = pack(bundle_dir, Path(tmp) / f"{bundle_dir.name}.tar")
+        if bundle_dir.is_file():  # an archive from coft pack: checked here before it travels, sent as it is
+            unpack(bundle_dir, tmp)
+            archive = bundle_dir
+        else:
+            archive = pack(bundle_dir, Path(tmp) / f"{bundle_dir.name}.tar")
         step = subprocess.run([*ssh, f"mkdir -p {shlex.quote(incoming)}"], capture_output=True, text=True)
         if step.returncode != 0:
             raise CoftError(f"cannot reach {target} over SSH: {step.stderr.strip() or step.stdout.strip()}; "

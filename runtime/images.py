@@ -22,7 +22,6 @@ from coft.runtime.errors import CoftError
 log = logging.getLogger(__name__)
 
 MAX_PIXELS = int(os.environ.get("COFT_MAX_PIXELS", 100_000_000))  # 100 MP: above the largest area-scan sensors
-Image.MAX_IMAGE_PIXELS = None  # the limit is ours, checked on the header below
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -42,11 +41,15 @@ def check_pixels(height: int, width: int, source: str) -> None:
                         "scale it down (or raise COFT_MAX_PIXELS)")
 
 
-def header_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from an encoded image's header, without decoding it; None when Pillow cannot tell."""
+def header_size(data: np.ndarray, source: str = "image") -> tuple[int, int] | None:
+    """(height, width) from an encoded image's header, without decoding it; None when Pillow cannot tell.
+    Pillow's own decompression-bomb guard stays on for the whole process (other code may rely on it): an
+    image it refuses already on its header is refused here too."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as image:
             return image.height, image.width
+    except Image.DecompressionBombError as exc:
+        raise CoftError(f"{source}: {exc}; scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError):
         return None
 
@@ -78,7 +81,7 @@ def read_image(path: str | Path) -> np.ndarray | None:
         log.warning("skipping %s: cannot read it (%s)", path, exc)
         return None
     try:
-        size = header_size(data) if data.size else None
+        size = header_size(data, str(path)) if data.size else None
         if size:
             check_pixels(*size, str(path))
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from coft.runtime.errors import CoftError
+
 
 class LoopService:
     """Subclasses say how to set up (`setup`, returning what `serve` and `teardown` get), serve and tear down.
@@ -49,7 +51,9 @@ class LoopService:
 
         self.thread = threading.Thread(target=run, name=self.name, daemon=True)
         self.thread.start()
-        ready.wait(timeout_s)
+        if not ready.wait(timeout_s):
+            raise CoftError(f"{self.name}: setting up took longer than {timeout_s:.0f}s; see the errors above, or "
+                            "the service it waits on (a certificate, a port)")
         if failure:
             raise failure[0]
 

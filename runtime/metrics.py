@@ -8,7 +8,7 @@ from coft.runtime.errors import CoftError
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, cameras: tuple[str, ...] | list[str] = ()):
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("coft_frames_total", "Frames read from the camera", ["camera"], registry=r)
@@ -33,6 +33,17 @@ class Metrics:
                                         "was in by the deadline, by reason", ["camera", "reason"], registry=r)
         self.inspection_failures = Counter("coft_inspection_failures_total", "Batches that could not be scored",
                                            registry=r)
+        self.outbox_dropped = Counter("coft_outbox_dropped_total", "Messages dropped from a full outbox (broker away "
+                                      "longer than outbox.max_messages lasts)", ["camera"], registry=r)
+        self.inspection_waiting = Gauge("coft_inspection_waiting_seconds", "Since the inspector last scored a batch "
+                                        "or found nothing waiting; at stall_s the runtime exits", registry=r)
+        self.inspection_stalled = Gauge("coft_inspection_stalled", "1 once frames waited stall_s with no verdict",
+                                        registry=r)
+        for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
+            for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped):
+                counter.labels(camera)
+            for verdict in ("accept", "reject"):
+                self.verdicts.labels(camera, verdict)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         try:

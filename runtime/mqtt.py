@@ -4,7 +4,8 @@ Will, live threshold changes and part triggers.
 Topics under `<prefix>/<line>/<camera>/`:
   verdict        JSON per inspected frame, QoS 1 (from the outbox)
   reject         minimal JSON for PLCs, QoS 1 (from the outbox)
-  status         retained: online / offline (Last Will) / stopped
+  status         retained: online / offline (Last Will) / stopped / stalled (frames waited stall_s with no
+                 verdict) / failed (another health check failed); the last two come just before exit status 2
   state          retained: current threshold and model, echoed after every change
   heartbeat      QoS 0 every heartbeat_s: counters and outbox depth
   error          QoS 1: a command that was refused, and why
@@ -12,6 +13,8 @@ Topics under `<prefix>/<line>/<camera>/`:
   trigger        subscribed: a part id (at most control.trigger_max_bytes); the next frame is inspected for it,
                  and the part is answered on `result` within control.trigger_deadline_ms (runtime/failsafe.py)
   result         QoS 1, triggered parts only: accept or reject, the reason, trigger-to-answer time
+  gap            QoS 1: sequence numbers of verdicts that could not be stored (disk full), sent with the next
+                 verdict that could
 Under `<prefix>/<line>/`: `trigger` takes {"camera": ..., "part_id": ...} for any camera (one PLC
 output for the whole line); a refused one is reported on `<prefix>/<line>/error`.
 
@@ -286,10 +289,14 @@ class CameraLink(Link):
         self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
+        self.goodbye = "stopped"  # the retained status left behind on purpose: stalled or failed before exit 2
         self.client.will_set(self.topic("status"), "offline", qos=1, retain=True)
 
+    def publish_status(self, status: str) -> None:
+        self.client.publish(self.topic("status"), status, qos=1, retain=True)
+
     def saying_goodbye(self) -> None:
-        self.client.publish(self.topic("status"), "stopped", qos=1, retain=True).wait_for_publish(timeout=2)
+        self.client.publish(self.topic("status"), self.goodbye, qos=1, retain=True).wait_for_publish(timeout=2)
 
     def topic(self, leaf: str) -> str:
         return camera_topic(self.broker, self.camera, leaf)
@@ -298,7 +305,7 @@ class CameraLink(Link):
         return f"{self.broker.prefix}/{self.broker.line}/{leaf}"
 
     def connected_now(self) -> None:
-        self.client.publish(self.topic("status"), "online", qos=1, retain=True)
+        self.publish_status("online")
         self.client.subscribe([(self.topic("trigger"), 1)]
                               + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
                               + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))

@@ -26,6 +26,7 @@ import json
 import logging
 import socket
 from datetime import datetime, timezone
+from pathlib import Path
 
 from asyncua import Server, ua
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
@@ -85,6 +86,26 @@ class Passwords:
         return None
 
 
+def fingerprint(certificate: x509.Certificate) -> bytes:
+    return certificate.fingerprint(hashes.SHA256())
+
+
+def trusted_fingerprints(paths: list[Path]) -> set[bytes]:
+    """The client certificates of opcua.trusted_clients, or a one-line CoftError naming the file that is not one."""
+    found = set()
+    for i, path in enumerate(paths):
+        try:
+            data = path.read_bytes()
+            certificate = x509.load_der_x509_certificate(data) if path.suffix.lower() == ".der" \
+                else x509.load_pem_x509_certificate(data)
+        except (OSError, ValueError) as exc:
+            raise CoftError(f"opcua.trusted_clients.{i}: {path} is not a readable {'DER' if path.suffix.lower() == '.der' else 'PEM'} "
+                            f"certificate ({getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}); export the "
+                            "PLC's certificate again (.der or .pem)") from None
+        found.add(fingerprint(certificate))
+    return found
+
+
 class OpcUaServer(LoopService):
     def __init__(self, runtime, config: OpcUaConfig):
         super().__init__("opcua")
@@ -92,18 +113,12 @@ class OpcUaServer(LoopService):
         self.password = config.password()
         if not config.allow_anonymous and not (config.username and self.password):
             raise CoftError("opcua: give username and password_file (or password_env), or allow_anonymous: true")
-        self.trusted = {self._fingerprint(x509.load_der_x509_certificate(p.read_bytes()) if p.suffix == ".der"
-                                          else x509.load_pem_x509_certificate(p.read_bytes()))
-                        for p in config.trusted_clients}
+        self.trusted = trusted_fingerprints(config.trusted_clients)
         self.throttled = Throttled(log)
         logging.getLogger("asyncua.server.uaprocessor").addFilter(_not_a_refusal)
         self.queue: asyncio.Queue | None = None
         self.nodes: dict[str, dict[str, object]] = {}
         self.heartbeat_node = None
-
-    @staticmethod
-    def _fingerprint(certificate: x509.Certificate) -> bytes:
-        return certificate.fingerprint(hashes.SHA256())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,7 +200,7 @@ class OpcUaServer(LoopService):
                 await nodes[f"Verdict/{name}"].write_value(ua.Variant(read(verdict), kind))
 
     async def _validate(self, certificate: x509.Certificate, description: ua.ApplicationDescription) -> None:
-        if self._fingerprint(certificate) not in self.trusted:
+        if fingerprint(certificate) not in self.trusted:
             self.throttled.log(logging.WARNING, ("certificate", description.ApplicationUri),
                                "opcua: refused client %s: its certificate is not in opcua.trusted_clients",
                                description.ApplicationUri)

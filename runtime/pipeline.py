@@ -1,13 +1,15 @@
 """`coft run`: camera frames -> score -> verdict -> durable outbox -> MQTT, for months.
 
-One capture thread per camera feeds one bounded queue; when inference falls behind,
-the oldest frames are dropped and counted. The inference thread scores every frame that
-is waiting in one batch, writes each verdict (and, for a reject, the PLC message) to the
-outbox before anything is published, and wakes the camera's MQTT sender.
+One capture thread per camera feeds the frame queue: per camera, bounded, drop-oldest and
+counted, with triggered frames (a PLC waits on their deadline) served first. The inspector
+thread scores what is waiting, writes each verdict (and, for a reject, the PLC message) to
+the outbox before anything is published, and wakes the camera's MQTT sender.
 
-The main loop is also the supervisor: it feeds the systemd watchdog only while every
-camera thread and MQTT link is alive and making progress, and otherwise ends the process
-with a non-zero status and the reason, so systemd restarts it; nothing stalls silently.
+The main loop is the supervisor: it feeds the systemd watchdog only while every camera
+thread and MQTT link is alive and frames that wait get verdicts, and otherwise ends the
+process with exit status 2 and the reason, so systemd restarts it; an engine that never
+returns shows in /api/status, the metrics and the retained status first. Nothing stalls
+silently.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import resource
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
+from itertools import islice
 
 import numpy as np
 
 from coft.runtime.box import switch
-from coft.runtime.bundle import load_bundle, revise
+from coft.runtime.bundle import commissioned_revision, load_bundle, revise
 from coft.runtime.commissioning import Commissioning
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.drift import DriftWatch
@@ -38,43 +44,76 @@ from coft.runtime.images import resize_to_input
 from coft.runtime.logs import LastProblems, Throttled
 from coft.runtime.metrics import Metrics
 from coft.runtime.mqtt import CameraLink, camera_topic
-from coft.runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused
+from coft.runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused, Reserve, hold_line
 from coft.runtime.sources import CameraThread, Frame
 from coft.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 RECENT = 300  # verdicts per camera kept for the live view, its chart and latency percentiles
+MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a broken ROI or camera mode)
+BEAT_GRACE_S = 5.0  # the heartbeat's counter stands still once the inspector has not turned for this long
 
 
 class FrameQueue:
-    """Bounded, drop-oldest, and it counts what it drops."""
+    """Frames waiting for the engine, per camera: bounded, drop-oldest, and it counts what it drops.
+
+    A triggered frame has a PLC waiting on its deadline: triggered frames are served first, in a batch of
+    their own, and never make room for continuous ones; continuous cameras take turns."""
 
     def __init__(self, size: int, on_drop):
-        self.frames: deque[Frame] = deque()
         self.size, self.on_drop = size, on_drop
+        self.triggered: deque[Frame] = deque()
+        self.continuous: dict[str, deque[Frame]] = {}
+        self.turn = 0
         self.ready = threading.Condition()
 
     def put(self, frame: Frame) -> None:
         with self.ready:
-            if len(self.frames) >= self.size:
-                self.on_drop(self.frames.popleft())
-            self.frames.append(frame)
+            waiting = self.triggered if frame.part is not None else self.continuous.setdefault(frame.camera, deque())
+            if len(waiting) >= self.size:
+                self.on_drop(waiting.popleft())
+            waiting.append(frame)
             self.ready.notify()
+
+    def __len__(self) -> int:
+        return len(self.triggered) + sum(len(q) for q in self.continuous.values())
 
     def take(self, max_frames: int, timeout: float) -> list[Frame]:
         with self.ready:
-            if not self.frames:
+            if not len(self):
                 self.ready.wait(timeout)
-            return [self.frames.popleft() for _ in range(min(max_frames, len(self.frames)))]
+            if self.triggered:
+                return [self.triggered.popleft() for _ in range(min(max_frames, len(self.triggered)))]
+            queues = list(self.continuous.values())
+            if not queues:
+                return []
+            self.turn = (self.turn + 1) % len(queues)
+            order = queues[self.turn:] + queues[:self.turn]
+            taken: list[Frame] = []
+            while len(taken) < max_frames and any(order):
+                taken += [q.popleft() for q in islice((q for q in order if q), max_frames - len(taken))]
+            return taken
 
 
 class Unhealthy(CoftError):
     """A part of the runtime stopped working; the process ends so that systemd restarts it."""
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one (systemd's default soft limit is 1,024): frames,
+    the outbox, broker links and viewers all need descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("open files: soft limit raised from %d to %d", soft, hard)
+
+
 class Runtime:
-    def __init__(self, config: RuntimeConfig):
+    def __init__(self, config: RuntimeConfig, commission: bool = False):
+        """`commission`: fit the threshold again even where the bundle was commissioned (`coft commission`)."""
         self.config = config
+        self.line_lock = hold_line(config.outbox.path)  # first: a second runtime must not touch anything
+        raise_open_files_limit()
         self.bundle = load_bundle(config.bundle, config.trusted_keys)
         self.engine = open_engine(self.bundle, config.backend, config.threads)
         log.info("model %s on %s, threshold %.6g", self.bundle.model_id, self.engine.name, self.bundle.threshold)
@@ -82,11 +121,13 @@ class Runtime:
         self._adopt(self.bundle, names)
         if not config.control.threshold:
             log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
-        self.metrics = Metrics()
+        self.metrics = Metrics(names)
         self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
-                             int(config.outbox.max_mb * 2**20))
-        self.evidence = Evidence(config.evidence) if config.evidence else None
-        self.harvest = Evidence(config.harvest) if config.harvest else None
+                             int(config.outbox.max_mb * 2**20), self._gap,
+                             lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n))
+        self.reserve = Reserve(config.outbox.path, int(config.outbox.reserve_mb * 2**20))
+        self.evidence = Evidence(config.evidence, "evidence", self.reserve) if config.evidence else None
+        self.harvest = Evidence(config.harvest, "harvest", self.reserve) if config.harvest else None
         self.stop_event = threading.Event()
         self.queue = FrameQueue(config.queue_size, self._dropped)
         self.links = {name: CameraLink(config.broker, name, self.outbox,
@@ -111,6 +152,11 @@ class Runtime:
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
                                  self.stop_event) if any(c.trigger for c in config.cameras) else None
         self.beats = 0  # the heartbeat counter a PLC watches
+        self.inspector = threading.Thread(target=self._inspect_loop, name="inspector", daemon=True)
+        self.inspector_turned = time.monotonic()  # the inspector's loop came round (the heartbeat's counter follows it)
+        self.in_flight = 0  # frames the engine is scoring now
+        self.drained_at = 0.0  # when the inspector last found nothing waiting
+        self.stalled: str | None = None  # why frames wait with no verdict, once that has lasted stall_s
         self.started = time.time()
         self.watchdog = Watchdog()
         self.rois = {c.name: c.roi for c in config.cameras}
@@ -124,13 +170,36 @@ class Runtime:
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
-        plan = config.commissioning
-        self.commissioning = plan and Commissioning(
-            plan.frames, plan.target_false_reject_rate,
-            config.outbox.path.parent / f"commissioning-{self.bundle.model_id}" if plan.keep_frames else None)
-        if self.commissioning:
-            log.info("commissioning: the first %d frames set the threshold; no reject is fired until then",
-                     plan.frames)
+        self.commissioning = self._commissioning(names, commission)
+
+    def _commissioning(self, cameras: list[str], again: bool) -> Commissioning | None:
+        """Commission only a bundle not yet commissioned for these cameras (or when asked again): a restart, by
+        the watchdog, a crash or a reboot, resumes inspection at once with the commissioned threshold."""
+        plan = self.config.commissioning
+        if not plan:
+            return None
+        if not again:
+            done = self.bundle.manifest.get("commissioning") or {}
+            if set(cameras) <= set(done.get("cameras", [])):
+                log.info("commissioning: %s was commissioned for %s on %d frames; inspecting at once at its threshold "
+                         "(%.6g); 'coft commission' fits it again", self.bundle.model_id, ", ".join(cameras),
+                         done.get("frames", 0), self.bundle.threshold)
+                return None
+            revision = commissioned_revision(self.bundle.path, self.bundle.model_id, cameras)
+            if revision is not None:
+                self._adopt(load_bundle(revision, self.config.trusted_keys), cameras)
+                log.warning("commissioning: %s was already commissioned as %s; running that (threshold %.6g). Point "
+                            "bundle: in the config at it", self.config.bundle, revision, self.bundle.threshold)
+                return None
+        if plan.rejects:
+            log.info("commissioning: the first %d frames set the threshold; meanwhile rejects fire at the bundle's "
+                     "threshold (%.6g), flagged commissioning", plan.frames, self.bundle.threshold)
+        else:
+            log.warning("commissioning: REJECTS ARE OFF until %d frames have set the threshold "
+                        "(commissioning.rejects: false): every part passes meanwhile", plan.frames)
+        return Commissioning(plan.frames, plan.target_false_reject_rate,
+                             self.config.outbox.path.parent / f"commissioning-{self.bundle.model_id}"
+                             if plan.keep_frames else None, self.reserve)
 
     def _adopt(self, bundle, cameras: list[str]) -> None:
         """Judge with this bundle from now on: its threshold (or the live ones saved for it) and its drift reference."""
@@ -158,6 +227,8 @@ class Runtime:
         self._trigger(camera, part_id)
 
     def _trigger(self, camera: str, part_id: str) -> None:
+        if not part_id:
+            raise CoftError("part id is empty; a trigger names the part it is for (e.g. A-1017)")
         if camera not in self.links:
             raise CoftError(f"trigger for camera {camera!r}, which this runtime does not have; cameras: "
                             f"{', '.join(self.links)}")
@@ -187,7 +258,7 @@ class Runtime:
 
         def messages(seq: int) -> list[tuple[str, bytes]]:
             verdict["seq"] = seq
-            verdict["latency_ms"] = round((time.time() - part.triggered_at) * 1000, 2)
+            verdict["latency_ms"] = part.waited_ms()
             plc = {"seq": seq, "part_id": part.part_id, "frame_id": part.frame_id, "score": None, "reason": reason}
             return [(camera_topic(broker, part.camera, "verdict"), json.dumps(verdict).encode()),
                     (camera_topic(broker, part.camera, "reject"), json.dumps(plc).encode()),
@@ -196,6 +267,12 @@ class Runtime:
         self.outbox.put_verdict(part.camera, messages, True)
         self.metrics.failsafe_rejects.labels(part.camera, reason).inc()
         self._stored(verdict)
+
+    def _gap(self, camera: str, first: int, last: int) -> list[tuple[str, bytes]]:
+        """Told with the next verdict that is stored: these sequence numbers were lost, and why."""
+        gap = {"camera": camera, "line": self.config.broker.line, "missing": [first, last], "count": last - first + 1,
+               "reason": "the outbox could not store these verdicts (disk full)"}
+        return [(camera_topic(self.config.broker, camera, "gap"), json.dumps(gap).encode())]
 
     def _stored(self, verdict: dict) -> None:
         """A verdict is in the outbox: count it, wake whoever sends it, and show it (recent list, OPC UA)."""
@@ -213,7 +290,7 @@ class Runtime:
         answer = {"seq": verdict["seq"], "part_id": part.part_id, "frame_id": part.frame_id,
                   "result": verdict["verdict"], "reason": verdict.get("reason") or
                   ("score" if verdict["verdict"] == "reject" else None),
-                  "score": verdict["score"], "answered_ms": round((time.time() - part.triggered_at) * 1000, 2)}
+                  "score": verdict["score"], "answered_ms": part.waited_ms()}
         return camera_topic(self.config.broker, part.camera, "result"), json.dumps(answer).encode()
 
     def _dropped(self, frame: Frame) -> None:
@@ -229,6 +306,16 @@ class Runtime:
 
     # -- scoring -----------------------------------------------------------------------------
     def inspect(self, frames: list[Frame]) -> None:
+        unusable = [f for f in frames if min(f.image.shape[:2]) < MIN_FRAME_SIDE]
+        for frame in unusable:  # not a good part: a reject that says why
+            self.throttled.log(logging.ERROR, ("small", frame.camera), "camera %s: a %dx%d frame is too small to "
+                               "inspect (at least %d pixels a side); rejecting such frames: check the camera's mode "
+                               "or cameras.roi", frame.camera, frame.image.shape[1], frame.image.shape[0],
+                               MIN_FRAME_SIDE)
+            self._verdict(frame, math.nan, self.threshold.value(frame.camera), reason="frame_too_small")
+        frames = [f for f in frames if min(f.image.shape[:2]) >= MIN_FRAME_SIDE]
+        if not frames:
+            return
         batch = np.stack([resize_to_input(f.image, self.bundle.input_size) for f in frames])
         started = time.perf_counter()
         result = self.engine.infer(batch)
@@ -254,9 +341,10 @@ class Runtime:
                    round(box[2] * fw / iw), round(box[3] * fh / ih)]
         return {"box": box, "peak": round(float(score_map.max()), 4)}
 
-    def _verdict(self, frame: Frame, score: float, threshold: float, score_map: np.ndarray | None = None) -> None:
+    def _verdict(self, frame: Frame, score: float, threshold: float, score_map: np.ndarray | None = None,
+                 reason: str | None = None) -> None:
         judged = math.isfinite(score)
-        if not judged:  # a part the model could not judge is not a good part
+        if not judged and reason is None:  # a part the model could not judge is not a good part
             self.throttled.log(logging.ERROR, "score", "camera %s: the model returned a score of %s; rejecting such "
                                "parts (check the bundle and the engine)", frame.camera, score)
         reject = not judged or score > threshold
@@ -275,22 +363,25 @@ class Runtime:
             "captured_at": datetime.fromtimestamp(frame.captured_at, timezone.utc).isoformat(timespec="milliseconds"),
             "capture_ts": frame.captured_at, "score": round(score, 6) if judged else None, "threshold": threshold,
             "verdict": "reject" if reject else "accept", "model_id": self.bundle.model_id,
+            **({"reason": reason} if reason else {}),
             **({"commissioning": True} if commissioning else {}), **({"late": True} if late else {}),
         }
+        fire = reject and not (commissioning and not self.config.commissioning.rejects)
         if score_map is not None and judged:
             verdict["defect"] = self.defect(frame, score_map, threshold, reject)
 
         def messages(seq: int) -> list[tuple[str, bytes]]:
             verdict["seq"] = seq
-            verdict["latency_ms"] = round((time.time() - frame.captured_at) * 1000, 2)
+            verdict["latency_ms"] = round((time.monotonic() - frame.captured_mono) * 1000, 2)
             out = [(camera_topic(broker, frame.camera, "verdict"), json.dumps(verdict).encode())]
             out += self._sparkplug(frame.camera, verdict)
             if late:  # recorded, but the part has its answer: nothing more for the PLC
                 return out
             if part is not None:
                 out.append(self._result(part, verdict))
-            if reject and not commissioning:  # while commissioning nothing is fired at the line
-                plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"]}
+            if fire:  # while commissioning with commissioning.rejects: false, nothing is fired at the line
+                plc = {"seq": seq, "part_id": frame.part_id, "frame_id": frame.frame_id, "score": verdict["score"],
+                       **({"reason": reason} if reason else {})}
                 if "defect" in verdict:
                     plc["box"] = verdict["defect"]["box"]
                 out.append((camera_topic(broker, frame.camera, "reject"), json.dumps(plc).encode()))
@@ -298,7 +389,7 @@ class Runtime:
 
         if not self._store(frame, messages, reject):
             return
-        self.metrics.latency.observe(time.time() - frame.captured_at)
+        self.metrics.latency.observe(time.monotonic() - frame.captured_mono)
         self._stored(verdict)
         self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
@@ -377,12 +468,19 @@ class Runtime:
         return {"accepts": count("accept"), "rejects": count("reject")}
 
     def counters(self, camera: str) -> dict:
-        def value(name: str, **labels) -> float:
-            return self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0.0
+        def value(name: str, **labels) -> int:
+            return int(self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0)
         return {"frames": value("coft_frames_total"), "dropped": value("coft_frames_dropped_total"),
                 **self.verdict_counts(camera), "refused": value("coft_verdicts_refused_total"),
-                "camera": self.camera[camera].state,
+                "outbox_dropped": value("coft_outbox_dropped_total"), "camera": self.camera[camera].state,
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
+
+    def commissioning_status(self) -> dict | None:
+        """How far commissioning is, and whether rejects fire meanwhile; None when the line is not commissioning."""
+        if not self.commissioning or self.commissioning.complete:
+            return None
+        return {"frames": len(self.commissioning.scores), "of": self.commissioning.wanted,
+                "rejects_fired": self.config.commissioning.rejects}
 
     def status(self) -> dict:
         """Everything the live view and `coft status` show: the model, and per camera its state, threshold and
@@ -406,7 +504,8 @@ class Runtime:
         return {"model_id": self.bundle.model_id, "revision_of": manifest.get("revision_of"),
                 "threshold_method": manifest["threshold"]["method"], "engine": self.engine.name,
                 "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
-                "commissioning": bool(self.commissioning) and not self.commissioning.complete,
+                "commissioning": self.commissioning_status(),
+                "inspection_waiting_s": round(self.inspection_waiting(), 1), "stalled": self.stalled,
                 "outbox_refusing": self.refusing, "last_problem": self.problems.last.get("runtime"),
                 "web_actions": bool(self.web and self.web.token), "cameras": cameras}
 
@@ -424,8 +523,25 @@ class Runtime:
         self.links[camera].publish_state(state)
         return state
 
+    def inspection_waiting(self) -> float:
+        """Seconds since the inspector last scored a batch or found nothing waiting: grows while frames wait
+        with no verdict (an engine that does not return, or one that keeps failing)."""
+        return time.monotonic() - self.last_inspection_ok
+
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
+        waiting = self.inspection_waiting()
+        self.metrics.inspection_waiting.set(round(waiting, 1))
+        if waiting > self.config.stall_s:
+            if self.in_flight:
+                self.stalled = (f"the engine has not returned for {waiting:.0f}s ({self.in_flight + len(self.queue)} "
+                                "frames waiting with no verdict): a hung engine or model")
+            else:
+                self.stalled = f"frames have waited {waiting:.0f}s with no verdict: inspection keeps failing"
+            self.metrics.inspection_stalled.set(1)
+            return self.stalled
+        if not self.inspector.is_alive():
+            return "the inspector thread died"
         for camera in self.camera.values():
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
@@ -439,9 +555,6 @@ class Runtime:
             return "the OPC UA server stopped"
         if self.web and not self.web.alive():
             return "the live view's web server stopped"
-        failing = time.monotonic() - self.last_inspection_ok
-        if failing > self.config.stall_s:
-            return f"inspection has failed for {failing:.0f}s"
         return None
 
     def run(self, until_sources_end: bool = False) -> None:
@@ -459,6 +572,8 @@ class Runtime:
             link.publish_state(self.threshold.describe(link.camera, "start"))
         if self.sparkplug:
             self.sparkplug.start()
+        self.last_inspection_ok = time.monotonic()
+        self.inspector.start()
         for camera in self.camera.values():
             camera.start()
         if self.failsafe:
@@ -466,39 +581,62 @@ class Runtime:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
-        next_heartbeat = next_check = time.monotonic()
+        next_heartbeat = time.monotonic()
         self.watchdog.ready(f"inspecting {len(self.camera)} camera(s) with {self.bundle.model_id}")
-        unhealthy = None
+        alive = self.config.outbox.path.with_name("alive")  # its age is what the Docker HEALTHCHECK reads
+        unhealthy, ended_at = None, None
         try:
-            while not self.stop_event.is_set():
-                if time.monotonic() >= next_check:
-                    unhealthy = self.health()
-                    if unhealthy:
-                        break
-                    self.watchdog.feed()
-                    next_check = time.monotonic() + 1.0
-                frames = self.queue.take(self.config.max_batch, timeout=0.2)
-                if frames:
-                    self._inspect_guarded(frames)
-                    if self.commissioning and self.commissioning.complete:
-                        self.finish_commissioning()
-                else:
-                    self.last_inspection_ok = time.monotonic()  # nothing to inspect is not a failure
-                    if until_sources_end and all(c.ended.is_set() for c in self.camera.values()):
-                        if self.commissioning:  # the replay ended first: fit on what came, or say why not
-                            self.finish_commissioning()
-                        break
+            while not self.stop_event.wait(min(0.25, self.config.heartbeat_s)):
+                unhealthy = self.health()
+                if unhealthy:
+                    break
+                self.watchdog.feed()
+                _touch(alive)
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
+                if until_sources_end and all(c.ended.is_set() for c in self.camera.values()):
+                    ended_at = ended_at or time.monotonic()
+                    if self.drained_at > ended_at:  # the inspector found nothing left after the last frame
+                        break
         finally:
+            if unhealthy:
+                log.error("%s; stopping with exit status 2 so that systemd restarts the runtime", unhealthy)
+                for link in self.links.values():
+                    link.goodbye = "stalled" if unhealthy == self.stalled else "failed"
+                    link.publish_status(link.goodbye)
+            self.stop_event.set()
+            self.inspector.join(timeout=0 if unhealthy and unhealthy == self.stalled else 30)
+            if until_sources_end and self.commissioning and not unhealthy and not self.inspector.is_alive():
+                self.finish_commissioning()  # the replay ended first: fit on what came, or say why not
             self.shutdown(drain_s=30.0 if until_sources_end else 5.0)
         if unhealthy:
-            raise Unhealthy(f"{unhealthy}; the runtime stopped so that systemd restarts it (verdicts not yet "
-                            "acknowledged stay in the outbox)")
+            message = (f"{unhealthy}; the runtime stopped so that systemd restarts it (verdicts not yet acknowledged "
+                       "stay in the outbox)")
+            if self.inspector.is_alive():  # stuck inside the engine: the interpreter's exit could wait on it
+                print(f"coft: error: {message}", file=sys.stderr, flush=True)
+                logging.shutdown()
+                os._exit(2)
+            raise Unhealthy(message)
+
+    def _inspect_loop(self) -> None:
+        """The inspector: score what waits, triggered frames first; commissioning switches the threshold here."""
+        while not self.stop_event.is_set():
+            self.inspector_turned = time.monotonic()
+            frames = self.queue.take(1 if self.failsafe and not self.queue.triggered else self.config.max_batch,
+                                     timeout=0.2)
+            if not frames:
+                self.last_inspection_ok = self.drained_at = time.monotonic()  # nothing to inspect is no failure
+                continue
+            self.in_flight = len(frames)
+            self._inspect_guarded(frames)
+            self.in_flight = 0
+            if self.commissioning and self.commissioning.complete:
+                self.finish_commissioning()
 
     def _heartbeat(self) -> None:
-        self.beats += 1  # from the inspection loop: when it stops, so does the counter the PLC watches
+        if time.monotonic() - self.inspector_turned < BEAT_GRACE_S:
+            self.beats += 1  # follows the inspector: when it hangs, the counter the PLC watches stands still
         try:
             counters = {name: self.counters(name) for name in self.links}
             for name, link in self.links.items():
@@ -541,5 +679,13 @@ class Runtime:
         left = self.outbox.depth()
         if left:
             log.warning("stopping with %d messages not yet acknowledged; they go out at the next start", left)
-        self.outbox.close()
+        if not self.inspector.is_alive():  # a hung engine's thread may still write: the process ends around it
+            self.outbox.close()
         log.info("stopped")
+
+
+def _touch(path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass  # the HEALTHCHECK then sees it age, and the log has the disk's own errors

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,8 +28,7 @@ from coft.runtime.logs import Throttled
 
 log = logging.getLogger(__name__)
 
-# TCP for RTSP (no lost UDP packets on a busy plant network), and bounded waits.
-os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
+RTSP_OPTIONS = "rtsp_transport;tcp"  # TCP for RTSP: no lost UDP packets on a busy plant network
 
 
 @dataclass
@@ -40,6 +39,7 @@ class Frame:
     image: np.ndarray  # uint8 BGR, after the ROI crop
     part_id: str | None = None
     part: object | None = None  # the triggered part (runtime.failsafe.Part) it is inspected for
+    captured_mono: float = field(default_factory=time.monotonic)  # for latencies: the wall clock can step back
 
 
 class SourceEnded(Exception):
@@ -105,6 +105,9 @@ class CaptureReader:
         elif kind == "gstreamer":
             self.capture = cv2.VideoCapture(str(source), cv2.CAP_GSTREAMER)
         elif kind == "rtsp":
+            # OpenCV reads FFmpeg's options from the environment at each open, and nowhere else: set only when a
+            # stream is opened (not at import), and never over the integrator's own
+            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", RTSP_OPTIONS)
             self.capture = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
         else:
             if not Path(str(source)).is_file():

@@ -8,6 +8,11 @@ Anything that changes the line (threshold, marking a reject as a good part) need
 operator token in an `Authorization: Bearer` header and leaves an AUDIT log line; the
 token itself is never logged. `/api/status` and `/api/verdicts` are what the page and
 `coft status` read.
+
+Viewers can never take what inspection needs: at most `max_connections` are open at once
+(more are closed as they arrive, so they hold no file descriptor), at most `max_viewers`
+watch the live stream, and a connection that sends nothing, or a viewer that reads
+nothing, for `idle_timeout_s` is closed. The event loop's own errors are throttled.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class WebServer(LoopService):
         self.token = config.token()
         self.rendered: dict[str, tuple[dict, bytes]] = {}  # camera -> (verdict shown, its JPEG), shared by viewers
         self.throttled = Throttled(log)
+        self.viewers = 0  # live streams being served
+        self.listener: asyncio.AbstractServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -64,13 +71,32 @@ class WebServer(LoopService):
         return app
 
     async def setup(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2)
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2,
+                               keepalive_timeout=self.config.idle_timeout_s)
         await runner.setup()
-        await web.TCPSite(runner, self.config.bind, self.config.port).start()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self.loop_error)
+        server = runner.server
+
+        def connection() -> asyncio.Protocol:
+            if len(server.connections) < self.config.max_connections:
+                return server()
+            self.throttled.log(logging.WARNING, "connections", "web: %d connections are open (web.max_connections); "
+                               "closing new ones as they arrive", len(server.connections))
+            return _Closed()
+
+        self.listener = await loop.create_server(connection, self.config.bind, self.config.port, reuse_address=True)
         return runner
 
     async def teardown(self, runner: web.AppRunner) -> None:
+        self.listener.close()
         await runner.cleanup()
+
+    def loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own complaints (an accept() out of file descriptors, once a second), one line a minute."""
+        error = context.get("exception")
+        self.throttled.log(logging.ERROR, "loop", "web: %s%s", context.get("message", "event loop error"),
+                           f": {type(error).__name__}: {error}" if error else "")
 
     def start(self) -> None:
         """Listen, or raise a one-line CoftError (port taken, address not this box's) before inspection starts."""
@@ -129,22 +155,29 @@ class WebServer(LoopService):
     async def live_stream(self, request: web.Request) -> web.StreamResponse:
         """MJPEG: a new picture whenever a new verdict is in, at most live_fps a second."""
         camera = self.camera(request)
+        if self.viewers >= self.config.max_viewers:
+            raise _error(web.HTTPServiceUnavailable, f"{self.viewers} viewers are watching already (web.max_viewers); "
+                         "close another page or raise web.max_viewers")
         response = web.StreamResponse(headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame",
                                                "Cache-Control": "no-store"})
-        await response.prepare(request)
+        self.viewers += 1
         shown = None
         try:
+            await response.prepare(request)
             while not self.stopping.is_set():
                 view = self.runtime.views.get(camera)
                 if view is not None and view[2] is not shown:
                     shown = view[2]
                     jpeg = await self.live_jpeg(camera)
-                    if jpeg:
-                        await response.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
-                                             % (len(jpeg), jpeg))
+                    if jpeg:  # a viewer that reads nothing for idle_timeout_s is let go
+                        await asyncio.wait_for(response.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg)),
+                            self.config.idle_timeout_s)
                 await asyncio.sleep(1 / self.config.live_fps)
-        except (ConnectionError, RuntimeError):  # the viewer went away
-            pass
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError):  # the viewer went away, or stopped reading
+            request.transport and request.transport.abort()
+        finally:
+            self.viewers -= 1
         return response
 
     def gallery(self):
@@ -248,6 +281,13 @@ class WebServer(LoopService):
         with open(os.open(folder / f"{stem}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(verdict, f)
         return folder / f"{stem}.jpg"
+
+
+class _Closed(asyncio.Protocol):
+    """A connection over web.max_connections: closed as soon as it is accepted, so it holds no descriptor."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
 
 
 def _number(request: web.Request, name: str, default: int) -> int:

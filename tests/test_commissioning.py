@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_too_few_frames_and_a_mostly_defective_stream_keep_the_old_threshold(tmp
     assert len((tmp_path / "scores.csv").read_text().splitlines()) == 201
 
 
-def test_commissioning_on_the_live_stream_fires_nothing_then_switches_without_losing_a_verdict(
+def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_happens_once(
         tmp_path, exported_bundle, mosquitto):
     models = tmp_path / "box/models"
     models.mkdir(parents=True)
@@ -59,16 +60,15 @@ def test_commissioning_on_the_live_stream_fires_nothing_then_switches_without_lo
     runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
     assert runtime.wait(timeout=180) == 0
     plc.wait_for("verdict", 150)
-    plc.close()
     verdicts = plc.payloads("verdict")
     assert sorted({v["seq"] for v in verdicts}) == list(range(1, 151))  # none lost across the switch
     during = [v for v in verdicts if v.get("commissioning")]
     after = [v for v in verdicts if not v.get("commissioning")]
     assert len({v["seq"] for v in during}) == 100
     assert {v["model_id"] for v in after} == {load_bundle(bundle).model_id + "-r2"}
+    assert {v["threshold"] for v in during} == {load_bundle(bundle).threshold}  # judged at the bundle's meanwhile
     fired = {r["seq"] for r in plc.payloads("reject")}
-    assert not fired & {v["seq"] for v in during}  # nothing fired while commissioning
-    assert fired == {v["seq"] for v in after if v["verdict"] == "reject"}
+    assert fired == {v["seq"] for v in verdicts if v["verdict"] == "reject"} and fired & {v["seq"] for v in during}
     revision = load_bundle(models / "line3-r2")
     assert revision.manifest["commissioning"]["frames"] == 100 and revision.threshold != load_bundle(bundle).threshold
     assert (tmp_path / "box/current").resolve() == models / "line3-r2"
@@ -77,6 +77,41 @@ def test_commissioning_on_the_live_stream_fires_nothing_then_switches_without_lo
     assert len(list(folder.glob("*.jpg"))) == 100 and (folder / "scores.csv").is_file()
     log = (tmp_path / "runtime.log").read_text()
     assert "<- new threshold" in log and "commissioning done: now running" in log
+
+    # a restart (watchdog, crash, reboot) resumes inspection at once with the commissioned threshold
+    started = time.monotonic()
+    restarted = start_runtime(config, tmp_path / "restart.log", "--until-end")
+    assert restarted.wait(timeout=180) == 0
+    plc.wait_for("verdict", 300)
+    plc.close()
+    again = [v for v in plc.payloads("verdict") if v["seq"] > 150]
+    assert len(again) == 150 and not any(v.get("commissioning") for v in again)
+    assert {v["model_id"] for v in again} == {revision.model_id} and {v["threshold"] for v in again} == {revision.threshold}
+    first_reject = min(v["seq"] for v in again if v["verdict"] == "reject")
+    assert first_reject in {r["seq"] for r in plc.payloads("reject")}
+    assert not (models / "line3-r3").exists()
+    assert "was commissioned for cam1 on 100 frames; inspecting at once" in (tmp_path / "restart.log").read_text()
+    print(f"restart to first reject fired: seq {first_reject}, process start to exit {time.monotonic() - started:.1f}s")
+
+
+def test_commissioning_without_rejects_says_so_loudly_and_a_plain_bundle_path_is_not_commissioned_twice(
+        tmp_path, exported_bundle, mosquitto):
+    bundle = shutil.copytree(exported_bundle, tmp_path / "models/line4")
+    video = write_video(tmp_path / "line.avi", 120, defect_every=10)
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 50}],
+                          commissioning={"frames": 100, "rejects": False, "keep_frames": False})
+    plc = Subscriber(mosquitto.port)
+    assert start_runtime(config, tmp_path / "runtime.log", "--until-end").wait(timeout=180) == 0
+    plc.wait_for("verdict", 120)
+    during = {v["seq"] for v in plc.payloads("verdict") if v.get("commissioning")}
+    assert len(during) == 100 and not during & {r["seq"] for r in plc.payloads("reject")}
+    assert "REJECTS ARE OFF until 100 frames have set the threshold" in (tmp_path / "runtime.log").read_text()
+    assert start_runtime(config, tmp_path / "again.log", "--until-end").wait(timeout=180) == 0
+    plc.wait_for("verdict", 240)
+    plc.close()
+    assert not any(v.get("commissioning") for v in plc.payloads("verdict") if v["seq"] > 120)
+    assert not (tmp_path / "models/line4-r3").exists()
+    assert "was already commissioned as" in (tmp_path / "again.log").read_text()
 
 
 def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported_bundle, mosquitto, parts):

@@ -34,16 +34,18 @@ def test_outbox_keeps_order_and_numbering_across_reopen(tmp_path):
     assert json.loads(outbox.pending("cam2")[0].payload)["seq"] == 1  # each camera counts its own
 
 
-def test_full_outbox_drops_accepts_before_rejects_and_counts(tmp_path, caplog):
-    outbox = Outbox(tmp_path / "o.db", max_messages=100)
+def test_full_outbox_drops_accepts_before_rejects_counts_them_and_logs_once(tmp_path, caplog):
+    heard = []
+    outbox = Outbox(tmp_path / "o.db", max_messages=100, on_drop=lambda camera, n: heard.append((camera, n)))
     _put(outbox, "cam1", True, 10)
     _put(outbox, "cam1", False, 95)
-    assert outbox.depth() == 100 and outbox.dropped == 5
+    assert outbox.depth() == 100 and outbox.dropped == {"cam1": 5} and sum(n for _, n in heard) == 5
     kinds = [json.loads(m.payload)["seq"] for m in outbox.pending("cam1", limit=200)]
     assert kinds[:10] == list(range(1, 11))  # all rejects kept
     _put(outbox, "cam1", True, 100)  # only rejects fit now
-    assert outbox.depth() == 100
-    assert "outbox full" in caplog.text
+    _put(outbox, "cam2", False, 1000)
+    assert outbox.depth() == 100 and outbox.dropped["cam1"] == 105 and outbox.dropped["cam2"] == 1000
+    assert 1 <= caplog.text.count("outbox full") <= 3  # a broker away for hours leaves lines, not a full disk
 
 
 def test_frame_queue_drops_oldest_and_counts():
@@ -99,7 +101,8 @@ def test_threshold_commands_are_validated_bounded_per_camera_persisted_and_audit
     caplog.set_level("INFO", logger="coft.audit")
     path = tmp_path / "state.json"
     state = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"], ControlConfig(threshold_factor=2))
-    for payload, message in [(b"abc", "not a number"), (b"-1", "positive"), (b"nan", "positive"),
+    for payload, message in [(b"abc", "not a number"), (b"-1", "positive"), (b"nan", "not a number"),
+                                 (b"2_5", "not a number"), ("٢٥".encode(), "not a number"), (b"inf", "not a number"),
                              (b"1e-300", "outside the allowed 2.5 .. 10"), (b"11", "outside the allowed")]:
         with pytest.raises(CoftError, match=message):
             state.set("cam1", payload)
@@ -127,19 +130,31 @@ def test_unwritable_state_file_refuses_the_change_and_keeps_the_old_value(tmpfs)
 
 
 def test_outbox_bounded_in_bytes_and_disk_full_loses_nothing_stored(tmp_path):
-    outbox = Outbox(tmp_path / "o.db", max_bytes=2000)
+    gap = lambda camera, first, last: [("t/gap", json.dumps([first, last]).encode())]  # noqa: E731
+    outbox = Outbox(tmp_path / "o.db", max_bytes=2000, gap=gap)
     for i in range(50):
         outbox.put_verdict("cam1", lambda seq: [("t", b"x" * 100)], reject=i < 5)
-    assert outbox.bytes <= 2000 and outbox.depth() == 20 and outbox.dropped == 30
+    assert outbox.bytes <= 2000 and outbox.depth() == 20 and outbox.dropped == {"cam1": 30}
     assert (tmp_path / "o.db").stat().st_mode & 0o777 == 0o600
     pages = outbox.db.execute("PRAGMA page_count").fetchone()[0]
     outbox.db.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full: no page can be added
-    with pytest.raises(OutboxRefused, match="database or disk is full.*verdicts stored before are kept"):
-        for _ in range(200):
+    refused = 0  # in a row, at the end
+    for _ in range(300):
+        try:
             outbox.put_verdict("cam1", lambda seq: [("t", b"y" * 4000)], reject=True)
-    assert outbox.depth() >= 20  # what was accepted before is still there
+            refused = 0
+        except OutboxRefused as exc:
+            assert "database or disk is full" in str(exc) and "verdicts stored before are kept" in str(exc)
+            refused += 1
+            if refused == 3:
+                break
+    assert refused == 3 and outbox.depth() >= 20  # what was accepted before is still there
+    last = max(json.loads(m.payload)["seq"] if m.topic == "s" else 0 for m in outbox.pending("cam1", limit=1000))
     outbox.db.execute("PRAGMA max_page_count = 1073741823")  # space returns
-    outbox.put_verdict("cam1", lambda seq: [("t", b"z")], reject=True)
+    seq = outbox.put_verdict("cam1", lambda seq: [("t", b"z")], reject=True)
+    told = [json.loads(m.payload) for m in outbox.pending("cam1", limit=1000) if m.topic == "t/gap"]
+    assert told[-1] == [seq - 3, seq - 1]  # the lost keep their numbers: a PLC checking seq sees the gap, and why
+    del last
 
 
 def test_evidence_keeps_rejects_every_nth_pass_within_budget(tmp_path):

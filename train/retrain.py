@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.bundle import load_bundle, revise, update_manifest
+from coft.runtime.bundle import load_bundle, update_manifest
 from coft.runtime.commissioning import MIN_FRAMES, suspects
 from coft.runtime.errors import CoftError
 from coft.runtime.images import list_images
@@ -124,10 +124,9 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
             threshold = labelled_threshold(truth, scored.scores, recalibrate)
         update_manifest(staged, {"revision_of": bundle.model_id, "harvest": {
             "folder": str(harvest), "camera": camera, "frames": len(frames), "trained_pool": len(trainable),
-            "sorted_good": labels.count("good"), "sorted_defects": labels.count("defect")}})
-        if threshold:
-            revise(staged, {"threshold": threshold}, out)
-        else:
-            shutil.move(str(staged), out)
+            "sorted_good": labels.count("good"), "sorted_defects": labels.count("defect")},
+            **({"threshold": threshold} if threshold else {})})
+        shutil.move(str(staged), out)
+        if (Path(work) / "bundle.funad").exists():
             shutil.move(str(Path(work) / "bundle.funad"), out.with_name(out.name + ".funad"))
     return out

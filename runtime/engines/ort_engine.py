@@ -24,8 +24,13 @@ class OnnxRuntimeEngine:
         options.intra_op_num_threads = threads
         self.bundle = bundle
         self.max_batch = int(onnx_info["max_batch"])
-        self.session = ort.InferenceSession(str(bundle.path / onnx_info["file"]), options,
-                                            providers=["CPUExecutionProvider"])
+        path = bundle.path / onnx_info["file"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's own error types (InvalidProtobuf, Fail, ...) say little more
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CoftError(f"{path}: ONNX Runtime cannot load this graph ({detail}); export the bundle again with "
+                            "'coft export', then pack and install it again") from None
 
     def infer(self, frames: np.ndarray) -> Inference:
         check_frames(frames, self.bundle)
