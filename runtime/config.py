@@ -104,7 +104,8 @@ class OutboxConfig(Strict):
     fsync: bool = Field(True, description="fsync every verdict: survives power loss; false: survives crashes and "
                                           "restarts but not power loss, and saves a disk flush per verdict")
     reserve_mb: float = Field(64, ge=0, description="free space kept for verdicts on the outbox's filesystem: "
-                                                    "harvest, evidence and commissioning frames stop writing first")
+                                                    "harvest, evidence and commissioning frames stop writing first "
+                                                    "(SQLite's write-ahead log alone takes up to ~4 MB)")
 
 
 class EvidenceConfig(Strict):

@@ -74,7 +74,7 @@ class Outbox:
                  on_drop: Callable[[str, int], None] | None = None):
         path = Path(path)
         if path.is_dir():
-            raise CoftError(f"outbox {path}: is a folder; outbox.path names the database file, e.g. {path}/outbox.db")
+            raise CoftError(f"outbox.path: {path} is a folder; name the database file in it, e.g. {path}/outbox.db")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))

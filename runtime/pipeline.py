@@ -156,6 +156,8 @@ class Runtime:
         self.inspector_turned = time.monotonic()  # the inspector's loop came round (the heartbeat's counter follows it)
         self.in_flight = 0  # frames the engine is scoring now
         self.drained_at = 0.0  # when the inspector last found nothing waiting
+        self.warmed = threading.Event()
+        self.cameras_started = False
         self.stalled: str | None = None  # why frames wait with no verdict, once that has lasted stall_s
         self.started = time.time()
         self.watchdog = Watchdog()
@@ -513,7 +515,11 @@ class Runtime:
         """Score one blank frame before the first camera frame: an engine's first run allocates and plans (ONNX
         Runtime: hundreds of ms), which the first triggered part would otherwise pay against its deadline."""
         started = time.perf_counter()
-        self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
+        try:
+            self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
+        except Exception as exc:  # the frames will fail the same way, and say so; the stall check ends it
+            log.error("engine warm-up failed: %s: %s", type(exc).__name__, exc)
+            return
         log.info("engine warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
 
     def set_threshold(self, camera: str, value: str, via: str) -> dict:
@@ -542,14 +548,14 @@ class Runtime:
             return self.stalled
         if not self.inspector.is_alive():
             return "the inspector thread died"
-        for camera in self.camera.values():
+        for camera in self.camera.values() if self.cameras_started else ():
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
         for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
             problem = link.health(self.config.stall_s)
             if problem:
                 return problem
-        if self.failsafe and not self.failsafe.is_alive():
+        if self.failsafe and self.cameras_started and not self.failsafe.is_alive():
             return "the fail-safe thread that answers triggered parts died"
         if self.opcua and not self.opcua.alive():
             return "the OPC UA server stopped"
@@ -562,7 +568,6 @@ class Runtime:
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         logging.getLogger().addHandler(self.problems)
-        self.warm_up()
         if self.web:
             self.web.start()
         if self.opcua:
@@ -573,11 +578,7 @@ class Runtime:
         if self.sparkplug:
             self.sparkplug.start()
         self.last_inspection_ok = time.monotonic()
-        self.inspector.start()
-        for camera in self.camera.values():
-            camera.start()
-        if self.failsafe:
-            self.failsafe.start()
+        self.inspector.start()  # it warms the engine up first; the cameras start once it has
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
@@ -590,12 +591,14 @@ class Runtime:
                 unhealthy = self.health()
                 if unhealthy:
                     break
+                if self.warmed.is_set() and not self.cameras_started:
+                    self.start_cameras()
                 self.watchdog.feed()
                 _touch(alive)
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
-                if until_sources_end and all(c.ended.is_set() for c in self.camera.values()):
+                if until_sources_end and self.cameras_started and all(c.ended.is_set() for c in self.camera.values()):
                     ended_at = ended_at or time.monotonic()
                     if self.drained_at > ended_at:  # the inspector found nothing left after the last frame
                         break
@@ -619,8 +622,21 @@ class Runtime:
                 os._exit(2)
             raise Unhealthy(message)
 
+    def start_cameras(self) -> None:
+        for camera in self.camera.values():
+            camera.start()
+        if self.failsafe:
+            self.failsafe.start()
+        self.cameras_started = True
+
     def _inspect_loop(self) -> None:
-        """The inspector: score what waits, triggered frames first; commissioning switches the threshold here."""
+        """The inspector: warm the engine up, then score what waits, triggered frames first; commissioning
+        switches the threshold here."""
+        self.in_flight = 1  # a warm-up that never returns is a hung engine too
+        self.warm_up()
+        self.in_flight = 0
+        self.last_inspection_ok = time.monotonic()
+        self.warmed.set()
         while not self.stop_event.is_set():
             self.inspector_turned = time.monotonic()
             frames = self.queue.take(1 if self.failsafe and not self.queue.triggered else self.config.max_batch,
@@ -665,7 +681,8 @@ class Runtime:
         self.watchdog.stopping()
         self.stop_event.set()
         for camera in self.camera.values():
-            camera.join(timeout=2)
+            if camera.is_alive():
+                camera.join(timeout=2)
         for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
             try:
                 link.stop(drain_s)

@@ -77,6 +77,9 @@ def test_flash_switches_atomically_and_rolls_back(exported_bundle, sshd, tmp_pat
     assert result.returncode == 0 and json.loads(result.stdout)["active"] == "line3-v1"
     assert (box / "current").resolve() == box / "models" / "line3-v1"
     assert not list((box / "incoming").iterdir())  # the archive is cleaned up on the box
+    from coft.runtime.bundle import pack
+    archive = pack(_copy_bundle(exported_bundle, "line3-v3", tmp_path), tmp_path / "line3-v3.tar")
+    assert json.loads(_flash(archive, sshd, box))["active"] == "line3-v3"  # an archive from coft pack flashes too
     assert not (tmp_path / "pwned").exists()
 
 
