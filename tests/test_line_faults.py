@@ -249,6 +249,10 @@ def test_a_second_runtime_on_the_same_config_refuses_naming_the_first(tmp_path, 
         count = len(plc.payloads("verdict"))
         plc.wait_for("verdict", count + 10)
         assert first.poll() is None
+        check = ROOT.joinpath("deploy/cpu/Dockerfile").read_text().split("HEALTHCHECK", 1)[1].split("CMD", 1)[1]
+        command = json.loads(check.splitlines()[0].strip())
+        command[-1] = command[-1].replace("/var/lib/coft", str(tmp_path))
+        assert subprocess.run(command).returncode == 0  # the image's HEALTHCHECK, against this runtime
     finally:
         assert stop(first) == 0
         plc.close()
