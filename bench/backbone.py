@@ -34,13 +34,16 @@ from coft.runtime.bundle import load_bundle  # noqa: E402
 from coft.runtime.engines import open_engine  # noqa: E402
 
 
-def demo_bundle(work: Path, scorer: str = "global") -> Path:
+def demo_bundle(work: Path, scorer: str = "global", backbone: str = "efficientnet_lite0") -> Path:
+    """A bundle trained on 10 ELPV cells and exported: Lite0 by default, or the product's default model
+    (`backbone="default"`: TrainOptions' own backbone and scorer)."""
     from coft.train.demo import prepare_folders
     from coft.train.pipeline import TrainOptions, train_bundle
 
     train_dir, _ = prepare_folders(work, shots=10, seed=0, test_limit=1)
-    bundle = train_bundle(train_dir, work / f"bundle-{scorer}",
-                          TrainOptions(backbone="efficientnet_lite0", method="frozen", scorer=scorer, progress=False))
+    options = TrainOptions(progress=False) if backbone == "default" else \
+        TrainOptions(backbone=backbone, method="frozen", scorer=scorer, progress=False)
+    bundle = train_bundle(train_dir, work / f"bundle-{options.backbone}-{options.scorer}", options)
     export_onnx(bundle)
     return bundle
 

@@ -297,12 +297,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     def report(bundle) -> None:
         from coft.runtime.check import graph_loads
-        graph_loads(bundle)
         m = bundle.manifest
+        graph = f"loads in {graph_loads(bundle)}" if "onnx" in m else "none yet: run 'coft export'"
         signed = (bundle.path / SIGNATURE).is_file()
         print(json.dumps({"bundle": str(args.unpack_to and bundle.path or path), "model_id": bundle.model_id,
                           "backbone": m["backbone"]["name"], "input": m["input"], "threshold": m["threshold"]["value"],
-                          "threshold_method": m["threshold"]["method"], "files": len(m["files"]),
+                          "threshold_method": m["threshold"]["method"], "files": len(m["files"]), "graph": graph,
                           "signed": signed, "signature_checked": bool(args.trust), "ok": True}, indent=2))
 
     if path.is_file():

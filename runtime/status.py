@@ -78,7 +78,9 @@ def print_status(config_path: str | Path) -> int:
     if running:
         revision = f" (revision of {running['revision_of']})" if running["revision_of"] else ""
         print(f"runtime     running for {duration(running['uptime_s'])}, line {running['line']}, "
-              f"{running['engine']}" + (", COMMISSIONING (no rejects fired yet)" if running["commissioning"] else ""))
+              f"{running['engine']}" + commissioning_note(running.get("commissioning")))
+        if running.get("stalled"):
+            print(f"STALLED     {running['stalled']}")
         print(f"model       {running['model_id']}{revision}, threshold set by {running['threshold_method']}")
         if running["outbox_refusing"]:
             print("outbox      REFUSING VERDICTS (disk full?): see the log")
@@ -99,3 +101,11 @@ def print_status(config_path: str | Path) -> int:
     else:
         print("outbox      not created yet (the runtime has not run)")
     return NOT_RUNNING if config.web else 0
+
+
+def commissioning_note(commissioning: dict | None) -> str:
+    """', COMMISSIONING 120 / 300 frames (...)' while the line commissions, else nothing."""
+    if not commissioning:
+        return ""
+    fired = "rejects fire at the bundle's threshold" if commissioning["rejects_fired"] else "REJECTS OFF: every part passes"
+    return f", COMMISSIONING {commissioning['frames']} / {commissioning['of']} frames ({fired})"

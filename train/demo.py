@@ -214,7 +214,8 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
         raise CoftError(f"commissioning on {commission} cells needs at least {commission + 50} streamed: "
                         f"{count} are available; lower --commission (0: none) or raise --stream")
     tqdm.write(f"streaming {count} held-out cells through the runtime"
-               + (f", the first {commission} to commission the threshold (no rejects fired)" if commission else "")
+               + (f", the first {commission} to commission the threshold (rejects fire at the bundle's meanwhile)"
+                  if commission else "")
                + "; rejects as the PLC sees them:")
     run = stream_through_runtime(bundle, line, work, broker, count, commission)
     steps.update()

@@ -65,7 +65,10 @@ function showStatus(status) {
   document.getElementById("line").textContent = `line ${status.line}`;
   document.getElementById("model").textContent =
     `model ${status.model_id}` + (status.revision_of ? ` (revision of ${status.revision_of})` : "") +
-    ` · ${status.engine} · threshold by ${status.threshold_method}` + (status.commissioning ? " · COMMISSIONING" : "");
+    ` · ${status.engine} · threshold by ${status.threshold_method}` +
+    (status.commissioning ? ` · COMMISSIONING ${status.commissioning.frames} / ${status.commissioning.of} frames` +
+      (status.commissioning.rejects_fired ? "" : " · REJECTS OFF") : "") +
+    (status.stalled ? ` · STALLED: ${status.stalled}` : "");
   const banner = document.getElementById("banner");
   banner.hidden = !status.outbox_refusing;
   banner.textContent = status.outbox_refusing ? "The outbox cannot store verdicts (disk full?): see the log." : "";
