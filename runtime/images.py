@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -37,7 +38,8 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
 
 def check_pixels(height: int, width: int, source: str) -> None:
     if height * width > MAX_PIXELS:
-        raise CoftError(f"{source}: {width}x{height} is above the {MAX_PIXELS / 1e6:.0f} megapixel limit; "
+        size = f"{width}x{height}" if width > 1 else f"{height} pixels"
+        raise CoftError(f"{source}: {size} is above the {MAX_PIXELS / 1e6:.0f} megapixel limit; "
                         "scale it down (or raise COFT_MAX_PIXELS)")
 
 
@@ -48,7 +50,10 @@ def header_size(data: np.ndarray, source: str = "image") -> tuple[int, int] | No
     try:
         with Image.open(io.BytesIO(data.tobytes())) as image:
             return image.height, image.width
-    except Image.DecompressionBombError as exc:
+    except Image.DecompressionBombError as exc:  # its message names the pixel count: our limit says it first
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        if pixels:
+            check_pixels(int(pixels.group(1)), 1, source)
         raise CoftError(f"{source}: {exc}; scale it down") from None
     except (UnidentifiedImageError, OSError, ValueError):
         return None
