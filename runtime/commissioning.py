@@ -8,6 +8,15 @@ pulling them; the threshold is where a normal with that centre and spread leaves
 target share of good parts above it, and frames beyond the trim are the suspects.
 Chosen on bench/operating_point.py (ELPV and magnetic tiles, 3 seeds, 300 frames: it
 met 3 of the 4 targets, the most of the fits kept in FITS); the README gives the figures.
+
+The promise (runtime/promise.py) is an order statistic's, on the frames within PROMISE_Z
+spreads of the centre: a cut far enough out that good parts are (nearly) never beyond it,
+so only frames there are assumed defects, and any defect inside only makes the promise
+more cautious. Where those frames are enough to promise the target (about 300 for 1% at
+95% confidence), the default fit takes the lowest order statistic that does ("conformal");
+either way the threshold states what it promises (bench/operating_point.py measures how
+often it holds).
+A part seen in several frames counts once (frames thinned by part id where they have one).
 """
 
 from __future__ import annotations
@@ -20,11 +29,13 @@ import numpy as np
 
 from coft.runtime.drift import reference_median
 from coft.runtime.errors import CoftError
+from coft.runtime.promise import order_threshold, promise
 
 log = logging.getLogger(__name__)
 
 MIN_FRAMES = 100  # below this a 1% tail is a guess
 TRIM_Z = 2.0
+PROMISE_Z = 3.5  # a normal's share beyond it is 0.02%: frames there are taken for defects in the promise
 MAD_TO_SIGMA = 1.4826
 
 
@@ -80,7 +91,22 @@ def _trimmed_quantile(scores: np.ndarray, target: float) -> float:
     return float(np.quantile(scores[logs <= centre + TRIM_Z * spread], 1 - target, method="higher"))
 
 
-FITS = {"trimmed-normal": lambda scores, target: _normal(_trimmed(np.log(scores)), target),
+def promise_pool(scores: np.ndarray) -> np.ndarray:
+    """The frames a promise is stated on: all but those beyond PROMISE_Z spreads of the good parts' fit."""
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    return scores[logs <= centre + PROMISE_Z * spread]
+
+
+def _conformal(scores: np.ndarray, target: float) -> float:
+    """The lowest order statistic of the promise pool that promises the target, where the pool is big enough;
+    else the trimmed normal."""
+    value = order_threshold(promise_pool(scores), target)
+    return _normal(_trimmed(np.log(scores)), target) if value is None else value
+
+
+FITS = {"conformal": _conformal,
+        "trimmed-normal": lambda scores, target: _normal(_trimmed(np.log(scores)), target),
         "right-side-normal": lambda scores, target: _normal(_right_side(np.log(scores)), target),
         "median-mad-normal": lambda scores, target: _normal(_robust(np.log(scores)), target),
         "trimmed-quantile": _trimmed_quantile}
@@ -93,7 +119,7 @@ def suspects(scores: np.ndarray) -> np.ndarray:
     return logs > centre + TRIM_Z * spread
 
 
-def fit_threshold(scores: np.ndarray, target: float, fit: str = "trimmed-normal") -> dict:
+def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal") -> dict:
     """The commissioning threshold and what it was fitted on (recorded in the new revision's manifest)."""
     scores = np.asarray(scores, np.float64)
     scores = scores[np.isfinite(scores)]
@@ -104,9 +130,11 @@ def fit_threshold(scores: np.ndarray, target: float, fit: str = "trimmed-normal"
         raise CoftError("commissioning expects positive scores (distances); this bundle's scorer gives others")
     logs = np.log(scores)
     centre, spread = _trimmed(logs)
-    suspects = int((logs > centre + TRIM_Z * spread).sum())
-    return {"value": FITS[fit](scores, target), "method": f"commissioning-{fit}", "target_false_reject_rate": target,
-            "frames": int(len(scores)), "suspects_dropped": suspects, "score_median": float(np.exp(centre))}
+    beyond = logs > centre + TRIM_Z * spread
+    value = FITS[fit](scores, target)
+    return {"value": value, "method": f"commissioning-{fit}", "target_false_reject_rate": target,
+            "frames": int(len(scores)), "suspects_dropped": int(beyond.sum()), "score_median": float(np.exp(centre)),
+            "promise": promise(promise_pool(scores), value)}
 
 
 def spread_ratio(scores: np.ndarray, threshold: dict) -> float | None:
@@ -133,6 +161,7 @@ class Commissioning:
     def __init__(self, frames: int, target: float, folder: Path | None, reserve=None):
         self.wanted, self.target, self.folder, self.reserve = frames, target, folder, reserve
         self.scores: list[float] = []
+        self.parts: set[tuple[str, str]] = set()  # (camera, part id) already counted
         self.rows: list[str] = ["file,camera,frame_id,score"]
         if folder:
             try:
@@ -145,9 +174,11 @@ class Commissioning:
     def complete(self) -> bool:
         return len(self.scores) >= self.wanted
 
-    def add(self, camera: str, frame_id: int, image: np.ndarray, score: float) -> None:
-        if self.complete or not np.isfinite(score):
+    def add(self, camera: str, frame_id: int, image: np.ndarray, score: float, part_id: str | None = None) -> None:
+        if self.complete or not np.isfinite(score) or (camera, part_id) in self.parts:
             return
+        if part_id:
+            self.parts.add((camera, part_id))
         self.scores.append(score)
         name = ""
         if self.folder and (self.reserve is None or self.reserve.allows(self.folder, image.nbytes // 4,

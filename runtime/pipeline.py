@@ -45,6 +45,7 @@ from coft.runtime.logs import LastProblems, Throttled
 from coft.runtime.metrics import Metrics
 from coft.runtime.mqtt import CameraLink, camera_topic
 from coft.runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused, Reserve, hold_line
+from coft.runtime.promise import describe
 from coft.runtime.sources import CameraThread, Frame
 from coft.runtime.watchdog import Watchdog
 
@@ -356,7 +357,7 @@ class Runtime:
                 self.metrics.score_median.labels(frame.camera).set(median)
         commissioning = bool(self.commissioning) and not self.commissioning.complete
         if commissioning:
-            self.commissioning.add(frame.camera, frame.frame_id, frame.image, score)
+            self.commissioning.add(frame.camera, frame.frame_id, frame.image, score, frame.part_id)
         broker = self.config.broker
         part = frame.part
         late = part is not None and not self.failsafe.claim(part)  # the fail-safe answered this part already
@@ -436,8 +437,8 @@ class Runtime:
         except CoftError as exc:
             log.error("commissioning: %s", exc)
             return
-        log.info("commissioning: %d frames, %d suspects dropped, threshold %.6g -> %.6g\n%s", fitted["frames"],
-                 fitted["suspects_dropped"], old["value"], fitted["value"],
+        log.info("commissioning: %d frames, %d suspects dropped, threshold %.6g -> %.6g: %s\n%s", fitted["frames"],
+                 fitted["suspects_dropped"], old["value"], fitted["value"], describe(fitted),
                  commissioning.histogram(old["value"], fitted["value"]))
         try:
             revision = revise(self.bundle.path.resolve(), {"threshold": fitted, "commissioning": {
@@ -504,7 +505,8 @@ class Runtime:
             }
         manifest = self.bundle.manifest
         return {"model_id": self.bundle.model_id, "revision_of": manifest.get("revision_of"),
-                "threshold_method": manifest["threshold"]["method"], "engine": self.engine.name,
+                "threshold_method": manifest["threshold"]["method"], "threshold_promise": describe(manifest["threshold"]),
+                "engine": self.engine.name,
                 "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
                 "commissioning": self.commissioning_status(),
                 "inspection_waiting_s": round(self.inspection_waiting(), 1), "stalled": self.stalled,

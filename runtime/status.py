@@ -82,6 +82,8 @@ def print_status(config_path: str | Path) -> int:
         if running.get("stalled"):
             print(f"STALLED     {running['stalled']}")
         print(f"model       {running['model_id']}{revision}, threshold set by {running['threshold_method']}")
+        if running.get("threshold_promise"):
+            print(f"promise     {running['threshold_promise']}")
         if running["outbox_refusing"]:
             print("outbox      REFUSING VERDICTS (disk full?): see the log")
         if running["last_problem"]:

@@ -26,11 +26,12 @@ def _line(rng, frames: int, defect_share: float) -> tuple[np.ndarray, np.ndarray
 def test_fit_holds_the_target_on_a_contaminated_line(defect_share):
     rng = np.random.default_rng(0)
     fresh_good = np.exp(rng.normal(0.0, 0.1, 100_000))
-    rates = []
+    rates, held = [], 0
     for _ in range(20):
         fitted = fit_threshold(_line(rng, 300, defect_share)[0], 0.01)
         rates.append((fresh_good > fitted["value"]).mean())
-    assert 0.005 <= np.mean(rates) <= 0.02
+        held += rates[-1] <= fitted["promise"]["false_reject_rate"]
+    assert np.mean(rates) <= 0.02 and held >= 18  # what it promises holds (95% confidence: 19 of 20 expected)
     assert fitted["frames"] == 300 and (fitted["suspects_dropped"] > 50) == (defect_share > 0)
 
 
@@ -189,3 +190,33 @@ def test_a_commissioning_folder_that_goes_away_is_logged_not_fatal(tmp_path, cap
     fitted = commissioning.fit({"value": 10.0, "target_false_reject_rate": 0.01})
     assert fitted["frames"] == 120 and "commissioning: could not write" in caplog.text
     assert "<- new threshold" in commissioning.histogram(10.0, fitted["value"])
+
+
+def test_the_threshold_states_what_it_promises_and_the_promise_holds():
+    from scipy.stats import beta
+
+    from coft.runtime.promise import best_promise, false_reject_bound, order_threshold
+
+    for n, below in [(10, 10), (300, 297), (1000, 990), (5000, 4970)]:  # the order statistic's coverage
+        assert false_reject_bound(n, below) == pytest.approx(beta.ppf(0.95, n + 1 - below, below), rel=1e-9)
+    assert best_promise(10) == pytest.approx(0.2589, abs=1e-4) and order_threshold(np.ones(200), 0.01) is None
+    rng = np.random.default_rng(4)
+    fresh_good = np.exp(rng.normal(0.0, 0.1, 200_000))
+    held, promised = 0, []
+    for _ in range(50):  # a line of 1,000 frames, 5% defective: enough frames for a 1% promise
+        fitted = fit_threshold(_line(rng, 1000, 0.05)[0], 0.01)
+        promised.append(fitted["promise"]["false_reject_rate"])
+        held += (fresh_good > fitted["value"]).mean() <= fitted["promise"]["false_reject_rate"]
+    assert fitted["method"] == "commissioning-conformal" and max(promised) <= 0.01
+    assert held >= 45, f"the promise held in {held} of 50 draws"
+    few = fit_threshold(_line(rng, 150, 0.05)[0], 0.01)  # too few frames for 1%: the fit says what it can promise
+    assert few["promise"]["frames"] < 150 and few["promise"]["false_reject_rate"] > 0.01
+
+
+def test_a_part_seen_in_several_frames_counts_once():
+    commissioning = Commissioning(100, 0.01, None)
+    for frame_id in range(30):
+        commissioning.add("cam1", frame_id, np.zeros((8, 8, 3), np.uint8), 1.0 + frame_id / 100, part_id="A-1")
+    commissioning.add("cam1", 31, np.zeros((8, 8, 3), np.uint8), 1.5, part_id="A-2")
+    commissioning.add("cam1", 32, np.zeros((8, 8, 3), np.uint8), 1.5)  # no part id: every frame counts
+    assert len(commissioning.scores) == 3

@@ -9,7 +9,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from coft.runtime.config import load_config
 from coft.runtime.errors import CoftError
 from tests.conftest import Mosquitto, free_port, good_part
 from tests.test_faults import metric, stop
-from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config, write_video
+from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
 
 COFT = str(Path(sys.executable).parent / "coft")
 

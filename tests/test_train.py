@@ -25,10 +25,20 @@ def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
     assert set(m["files"]) == {"gaussian.npz", "backbone.pt", "calibration.npz"}
 
 
-def test_eval_separates_defects_and_writes_the_report(frozen_bundle, parts, tmp_path):
-    report = evaluate(frozen_bundle, parts / "test", tmp_path / "report", progress=False)
-    assert report["counts"] == {"good": 12, "defect": 16, "unreadable": 0}
-    assert report["metrics"]["auroc"] > 0.9
+def test_eval_separates_defects_writes_the_report_and_states_the_operating_point(frozen_bundle, parts, tmp_path,
+                                                                               caplog):
+    import shutil
+    data = shutil.copytree(parts / "test", tmp_path / "data")
+    for shot in sorted((parts / "train/good").iterdir())[:2]:  # two training shots slipped into the test folder
+        shutil.copy(shot, data / "good" / f"shot-{shot.name}")
+    report = evaluate(frozen_bundle, data, tmp_path / "report", progress=False)
+    assert report["counts"] == {"good": 12, "defect": 16, "unreadable": 0, "training_shots_left_out": 2}
+    assert "2 of the 30 images are the bundle's own training shots" in caplog.text
+    m = report["metrics"]
+    assert m["auroc"] > 0.9 and 0 <= m["escape_at_5pct_frr"] <= m["escape_at_1pct_frr"] <= 1
+    assert report["promise"].startswith("an estimate from 8 good images, no promise: 8 images can promise at best "
+                                        "false-reject <= 31%")
+    assert "escape at 1% false-reject" in (tmp_path / "report/report.md").read_text()
     assert set(report["per_type"]) == {"scratch", "stain"}
     for name in ("report.json", "report.md", "roc.png", "histogram.png", "scores.csv"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name

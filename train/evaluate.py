@@ -8,6 +8,7 @@ Folders of masks (`mask`, `masks`, `ground_truth`) are ignored.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from coft.runtime.drift import reference_median
 from coft.runtime.errors import CoftError
 from coft.runtime.heatmap import anomaly_map, overlay
 from coft.runtime.images import list_images, read_image, resize_to_input
+from coft.runtime.promise import describe
 from coft.runtime.scoring import pool
 from coft.train import progress as bars
 from coft.train.backbones import restore_bundle_backbone
@@ -281,10 +283,16 @@ def _markdown(report: dict) -> str:
         f"| image AUROC | {m['auroc']:.4f} |",
         f"| average precision | {m['ap']:.4f} |",
         f"| F1-max | {m['f1_max']:.4f} |",
+        f"| escape at 1% false-reject (best any threshold can do) | {m['escape_at_1pct_frr']:.2%} |",
+        f"| escape at 5% false-reject (best any threshold can do) | {m['escape_at_5pct_frr']:.2%} |",
         f"| threshold ({report['threshold']['method']}) | {report['threshold']['value']:.4g} |",
         f"| false-reject rate at threshold | {r['false_reject_rate']:.2%} |",
         f"| escape rate at threshold | {r['escape_rate']:.2%} |",
+        f"| what the threshold promises | {report['promise']} |",
     ]
+    if report["counts"].get("training_shots_left_out"):
+        lines += ["", f"{report['counts']['training_shots_left_out']} images of the folder are the bundle's own "
+                      "training shots: left out (scoring them would flatter the model)."]
     if report.get("pixel"):
         lines.append(f"| pixel AUROC (patch map) | {report['pixel']['pixel_auroc']:.4f} |")
         lines.append(f"| PRO up to 30% FPR (patch map) | {report['pixel']['pro']:.4f} |")
@@ -300,6 +308,20 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def without_training_shots(data: LabelledSet, manifest: dict) -> tuple[LabelledSet, int]:
+    """The labelled set less the bundle's own training shots (the manifest keeps their fingerprints), and how
+    many were left out, with a warning: a model scored on what it learned from looks better than it is."""
+    shots = set(manifest.get("training", {}).get("shot_fingerprints", []))
+    if not shots:
+        return data, 0
+    keep = [i for i, path in enumerate(data.paths) if hashlib.sha256(path.read_bytes()).hexdigest() not in shots]
+    left_out = len(data.paths) - len(keep)
+    if left_out:
+        log.warning("%d of the %d images are the bundle's own training shots; leaving them out of the evaluation",
+                    left_out, len(data.paths))
+    return LabelledSet([data.paths[i] for i in keep], data.labels[keep], [data.types[i] for i in keep]), left_out
+
+
 def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Path,
              recalibrate: str | None = None, progress: bool = True, revision_out: str | Path | None = None) -> dict:
     """Score a labelled folder, write the report folder; with `recalibrate`, write a new bundle revision
@@ -309,6 +331,10 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     data = labelled_images(data_dir)
     if not data.paths:
         raise CoftError(f"{data_dir}: no images found under good/ or the defect folders")
+    data, shots = without_training_shots(data, bundle.manifest)
+    if not data.paths:
+        raise CoftError(f"{data_dir}: every image is one of the bundle's training shots; evaluate on images it "
+                        "was not trained on")
     scored = bundle_scores(bundle, data.paths, progress)
     scores, kept = scored.scores, scored.kept
     if not kept:
@@ -326,7 +352,8 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         "model_id": bundle.model_id,
         "data_dir": str(data_dir),
         "counts": {"good": int((labels == 0).sum()), "defect": int((labels == 1).sum()),
-                   "unreadable": len(data.paths) - len(kept)},
+                   "unreadable": len(data.paths) - len(kept), "training_shots_left_out": shots},
+        "promise": describe(threshold),
         "metrics": metrics,
         "threshold": threshold,
         "at_threshold": rates_at(labels, scores, threshold["value"]),

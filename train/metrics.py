@@ -24,7 +24,17 @@ def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarr
     }
 
 
+def escape_at_false_reject(labels: np.ndarray, scores: np.ndarray, rate: float) -> float:
+    """The share of defects passed by the threshold that rejects at most `rate` of these good parts: the
+    oracle operating point (the best any threshold can do there; a line's own threshold does worse)."""
+    good, bad = scores[labels == 0], scores[labels == 1]
+    if not len(good) or not len(bad):
+        return float("nan")
+    return float((bad <= np.quantile(good, 1 - rate, method="higher")).mean())
+
+
 def detection_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUROC, AP and F1-max, and what a line lives with: escape at 1% and at 5% false-reject (oracle)."""
     both = len(np.unique(labels)) == 2
     f1, f1_threshold = f1_max(labels, scores) if both else (float("nan"), float("nan"))
     return {
@@ -32,6 +42,8 @@ def detection_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
         "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
         "f1_max": f1,
         "f1_max_threshold": f1_threshold,
+        "escape_at_1pct_frr": escape_at_false_reject(labels, scores, 0.01),
+        "escape_at_5pct_frr": escape_at_false_reject(labels, scores, 0.05),
     }
 
 

@@ -177,6 +177,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         scoring, file = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage), GAUSSIAN
         fit = global_fit(options.shrinkage)
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
+    threshold["calibration_images"] = len(paths)  # what an estimate from the shots rests on: no promise (runtime/promise.py)
     stride = backbone.patch_stride
     data_hash = fingerprint(paths)
     created = datetime.now(timezone.utc)
@@ -210,6 +211,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
             "selection": selection or {"method": "given", "note": "every image was taken as good"},
             "scorer_self_check": self_check,
             "dataset_fingerprint": data_hash,
+            "shot_fingerprints": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths],  # eval leaves them out
             "device": str(device),
             "seconds": round(time.perf_counter() - started, 1),
         },

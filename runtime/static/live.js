@@ -66,6 +66,7 @@ function showStatus(status) {
   document.getElementById("model").textContent =
     `model ${status.model_id}` + (status.revision_of ? ` (revision of ${status.revision_of})` : "") +
     ` · ${status.engine} · threshold by ${status.threshold_method}` +
+    (status.threshold_promise ? ` (${status.threshold_promise})` : "") +
     (status.commissioning ? ` · COMMISSIONING ${status.commissioning.frames} / ${status.commissioning.of} frames` +
       (status.commissioning.rejects_fired ? "" : " · REJECTS OFF") : "") +
     (status.stalled ? ` · STALLED: ${status.stalled}` : "");

@@ -1,0 +1,92 @@
+"""What a threshold can promise about false rejects, from how many good frames it was set on.
+
+If n good scores are exchangeable with the parts to come, and r of them lie at or below the
+threshold, the share of future good parts above it is distributed as Beta(n + 1 - r, r) (the
+coverage of an order statistic), whatever the scores' distribution. Its 95% quantile is
+the false-reject rate the threshold promises with 95% confidence. The smallest rate n
+frames can promise is 1 - 0.05^(1/n): 10 shots cannot promise better than 26%, 300 frames
+1.0%; a target below that is an estimate, not a promise, and is stated as one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONFIDENCE = 0.95
+
+
+def _tail(n: int, at_least: int, rate: float) -> float:
+    """P(Binomial(n, rate) >= at_least), in log space so that n in the tens of thousands stays exact."""
+    if at_least <= 0:
+        return 1.0
+    if rate <= 0:
+        return 0.0
+    if rate >= 1:
+        return 1.0
+    j = np.arange(at_least, n + 1)
+    logs = (math.lgamma(n + 1) - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in j])
+            + j * math.log(rate) + (n - j) * math.log1p(-rate))
+    top = logs.max()
+    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
+def false_reject_bound(n: int, below: int, confidence: float = CONFIDENCE) -> float:
+    """The false-reject rate promised with `confidence` by a threshold that `below` of `n` good scores do not
+    exceed: the `confidence` quantile of Beta(n + 1 - below, below)."""
+    if n <= 0 or below <= 0:
+        return 1.0
+    below = min(below, n)
+    low, high = 0.0, 1.0  # P(Beta(a, b) <= x) = P(Binomial(n, x) >= a), a = n + 1 - below
+    for _ in range(60):
+        mid = (low + high) / 2
+        if _tail(n, n + 1 - below, mid) >= confidence:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def best_promise(n: int, confidence: float = CONFIDENCE) -> float:
+    """The lowest false-reject rate n good frames can promise (the threshold at their highest score)."""
+    return 1 - (1 - confidence) ** (1 / n) if n > 0 else 1.0
+
+
+def order_threshold(scores: np.ndarray, target: float, confidence: float = CONFIDENCE) -> float | None:
+    """The lowest threshold among the scores that promises `target` with `confidence`, or None when there are
+    too few scores for that promise."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    n = len(ordered)
+    if n == 0 or best_promise(n, confidence) > target:
+        return None
+    low, high = 1, n  # the bound falls as more scores lie below: find the smallest rank that keeps the promise
+    while low < high:
+        mid = (low + high) // 2
+        if false_reject_bound(n, mid, confidence) <= target:
+            high = mid
+        else:
+            low = mid + 1
+    return float(ordered[low - 1])
+
+
+def promise(scores: np.ndarray, threshold: float, confidence: float = CONFIDENCE) -> dict:
+    """What `threshold` promises on these good scores: {"false_reject_rate", "confidence", "frames"}."""
+    scores = np.asarray(scores, np.float64)
+    below = int((scores <= threshold).sum())
+    return {"false_reject_rate": round(false_reject_bound(len(scores), below, confidence), 5),
+            "confidence": confidence, "frames": int(len(scores))}
+
+
+def describe(threshold: dict) -> str:
+    """One line for logs, eval, `coft status` and the page: the promise, or why there is none."""
+    stated = threshold.get("promise")
+    if stated:
+        return (f"false-reject <= {stated['false_reject_rate']:.1%} with {stated['confidence']:.0%} confidence "
+                f"from {stated['frames']} frames")
+    images = threshold.get("calibration_images")
+    target = threshold.get("target_false_reject_rate", 0.01)
+    if images:
+        return (f"an estimate from {images} good images, no promise: {images} images can promise at best "
+                f"false-reject <= {best_promise(images):.0%} with 95% confidence, not {target:.0%}; commission it")
+    return "an estimate, no promise: commission it on the line's own frames"
