@@ -160,12 +160,29 @@ def harvest_rows(category: Path, args, work: Path) -> list[dict]:
 MEASURED_AT_LEAST = 300  # frames left after commissioning to measure it on
 
 
-def commissioning_rows(runs: list[dict], target: float, sizes: list[int]) -> list[dict]:
+def draw(labels: np.ndarray, size: int, share: float | None, rng: np.random.Generator) -> np.ndarray:
+    """N frames of the line, with its natural share of defects or with `share` of them."""
+    drawn = np.zeros(len(labels), bool)
+    if share is None:
+        drawn[rng.choice(len(labels), size, replace=False)] = True
+    else:
+        bad = round(share * size)
+        drawn[rng.choice(np.flatnonzero(labels == 1), bad, replace=False)] = True
+        drawn[rng.choice(np.flatnonzero(labels == 0), size - bad, replace=False)] = True
+    return drawn
+
+
+def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share: float | None = None) -> list[dict]:
     rows = []
     for size in sizes:
         if any(len(run["scores"]) - size < MEASURED_AT_LEAST for run in runs):
             print(f"commissioning on {size} frames skipped: it would leave fewer than {MEASURED_AT_LEAST} of the "
                   f"{min(len(r['scores']) for r in runs)} to measure on")
+            continue
+        if share is not None and any(size - round(share * size) > (run["labels"] == 0).sum() - 100
+                                     or round(share * size) > (run["labels"] == 1).sum() - 10 for run in runs):
+            print(f"commissioning on {size} frames with {share:.0%} defects skipped: too few good or defective "
+                  "frames left to measure on")
             continue
         for fit in ["bundle", "oracle", *FITS]:
             frr, esc, held = [], [], []
@@ -173,8 +190,7 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int]) -> lis
                 labels, scores = run["labels"], run["scores"]
                 rng = np.random.default_rng(size)
                 for _ in range(DRAWS):
-                    drawn = np.zeros(len(scores), bool)
-                    drawn[rng.choice(len(scores), size, replace=False)] = True
+                    drawn = draw(labels, size, share, rng)
                     rest_labels, rest_scores = labels[~drawn], scores[~drawn]
                     if fit == "bundle":
                         threshold = float(run["threshold"])
@@ -219,20 +235,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--target-frr", type=float, default=0.01)
+    parser.add_argument("--defect-share", type=float, default=None,
+                        help="commissioning frames drawn with this share of defects (default: the set's own)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/operating_point"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     category = find_category(Path(args.dataset))
     work = Path(tempfile.mkdtemp(prefix="coft-op-"))
     runs = [seed_scores(category, seed, args, work) for seed in args.seeds[:1 if args.camera_only else None]]
-    commissioning = [] if args.camera_only else commissioning_rows(runs, args.target_frr, args.frames)
+    commissioning = [] if args.camera_only else commissioning_rows(runs, args.target_frr, args.frames,
+                                                                     args.defect_share)
     camera = [] if args.no_camera else camera_rows(runs[0], args.target_frr)
     harvest = harvest_rows(category, args, work) if args.harvest else []
-    name = f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
+    name = (f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
+            + (f"-defects{args.defect_share:g}" if args.defect_share is not None else ""))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [f"Operating point on {name} (backbone-scorer), k={args.shots}, seeds {args.seeds}, target false-reject "
-             f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); line share of defects "
-             f"{np.mean([r['labels'].mean() for r in runs]):.0%}", "",
+             f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); share of defects in the "
+             f"commissioning frames {args.defect_share if args.defect_share is not None else np.mean([r['labels'].mean() for r in runs]):.0%}"
+             + ("" if args.defect_share is None else " (drawn at that share)"), "",
              f"Whole line at the oracle threshold (the best any threshold does): escape at 1% false-reject "
              f"{np.mean([escape_at_false_reject(r['labels'], r['scores'], 0.01) for r in runs]):.1%}, at 5% "
              f"{np.mean([escape_at_false_reject(r['labels'], r['scores'], 0.05) for r in runs]):.1%}; image AUROC "

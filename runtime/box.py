@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from coft.runtime.bundle import unpack
+from coft.runtime.bundle import require_graph, unpack
 from coft.runtime.errors import CoftError
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,13 @@ def trusted_keys(root: Path, extra: list[Path] | tuple = ()) -> list[Path]:
 def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = "auto",
             service: str | None = None, trust: list[Path] | tuple = ()) -> dict:
     """Verify and unpack an archive, build its engine where TensorRT exists, make it current."""
-    root = Path(root)
+    root = Path(root).resolve()  # the links must name absolute paths, whatever the caller's folder
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models))
     try:
         bundle = unpack(archive, staging, trusted_keys(root, trust))  # refuses a bad archive before anything changes
+        require_graph(bundle.manifest, Path(archive))
         target = models / bundle.path.name
         if target.exists():
             raise CoftError(f"{target}: a bundle of that name is installed already; rename the bundle or remove it")

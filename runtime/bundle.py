@@ -250,12 +250,20 @@ def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bund
     return Bundle(path, manifest, scoring)
 
 
+def require_graph(manifest: dict, bundle_dir: Path) -> None:
+    """A box runs exported bundles only: refuse one without its ONNX graph before it travels or is installed."""
+    if "onnx" not in manifest:
+        raise CoftError(f"{bundle_dir}: the bundle has no ONNX graph (model.onnx) and cannot run on a box; run "
+                        f"'coft export {bundle_dir}' first")
+
+
 def pack(bundle_dir: str | Path, archive: str | Path) -> Path:
-    """Write a verified bundle as one tar file for flashing to a box (never over an existing file)."""
+    """Write a verified, exported bundle as one tar file for flashing to a box (never over an existing file)."""
     bundle_dir, archive = Path(bundle_dir), Path(archive)
     if archive.exists():
         raise CoftError(f"{archive}: already exists; remove it or choose another --out")
     manifest = read_manifest(bundle_dir)
+    require_graph(manifest, bundle_dir)
     tmp = archive.with_name(f".{archive.name}.tmp")
     extra = [SIGNATURE] if (bundle_dir / SIGNATURE).is_file() else []
     with tarfile.open(tmp, "w") as tar:
@@ -283,6 +291,11 @@ def unpack(archive: str | Path, dest_dir: str | Path, trusted_keys: list[Path] |
     archive, dest_dir = Path(archive), Path(dest_dir)
     if not archive.is_file():
         raise CoftError(f"{archive}: no such file; check the path")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CoftError(f"{dest_dir}: cannot create the folder to unpack into ({exc.strerror}); give a writable "
+                        "--unpack-to") from None
     try:
         with tarfile.open(archive) as tar:
             inside, name = _bundle_root(archive, tar.getnames())

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from coft.runtime.bundle import pack, unpack
+from coft.runtime.bundle import pack, require_graph, unpack
 from coft.runtime.errors import CoftError
 
 
@@ -37,7 +37,7 @@ def flash(bundle_dir: str | Path, target: str, root: str = "/opt/coft", port: in
     incoming = f"{root}/incoming"
     with tempfile.TemporaryDirectory() as tmp:
         if bundle_dir.is_file():  # an archive from coft pack: checked here before it travels, sent as it is
-            unpack(bundle_dir, tmp)
+            require_graph(unpack(bundle_dir, tmp).manifest, bundle_dir)
             archive = bundle_dir
         else:
             archive = pack(bundle_dir, Path(tmp) / f"{bundle_dir.name}.tar")

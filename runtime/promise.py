@@ -10,11 +10,18 @@ frames can promise is 1 - 0.05^(1/n): 10 shots cannot promise better than 26%, 3
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 CONFIDENCE = 0.95
+
+
+@functools.lru_cache(maxsize=8)
+def _log_factorials(n: int) -> np.ndarray:
+    """log(k!) for k = 0..n."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
 
 
 def _tail(n: int, at_least: int, rate: float) -> float:
@@ -26,7 +33,8 @@ def _tail(n: int, at_least: int, rate: float) -> float:
     if rate >= 1:
         return 1.0
     j = np.arange(at_least, n + 1)
-    logs = (math.lgamma(n + 1) - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in j])
+    log_factorial = _log_factorials(n)
+    logs = (log_factorial[n] - log_factorial[j] - log_factorial[n - j]
             + j * math.log(rate) + (n - j) * math.log1p(-rate))
     top = logs.max()
     return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))

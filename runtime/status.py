@@ -48,8 +48,10 @@ def camera_lines(name: str, c: dict, method: str) -> list[str]:
         c["source"], c["source"])
     lines = [f"camera {name}: {c['camera']}; broker {broker}",
              f"  threshold   {c['threshold']:.6g} from {source} (allowed {c['bounds'][0]:.4g} .. {c['bounds'][1]:.4g})",
-             f"  counted     {int(c['frames'])} frames, {int(c['dropped'])} dropped, {int(c['accepts'])} accepts, "
-             f"{int(c['rejects'])} rejects" + (f", {int(c['refused'])} NOT RECORDED (disk)" if c["refused"] else ""),
+             f"  counted     {counted(c['frames'], 'frame')}, {int(c['dropped'])} dropped, "
+             f"{counted(c['accepts'], 'accept')}, {counted(c['rejects'], 'reject')}"
+             + (f", {int(c['refused'])} NOT RECORDED (disk)" if c["refused"] else "")
+             + (f", {int(c['outbox_dropped'])} dropped from a full outbox" if c.get("outbox_dropped") else ""),
              f"  outbox      {c['outbox_depth']} waiting for the broker" +
              (f", oldest {c['outbox_oldest_s']:.0f}s" if c["outbox_oldest_s"] else "")]
     if c["latency_p50_ms"] is not None:
@@ -111,3 +113,8 @@ def commissioning_note(commissioning: dict | None) -> str:
         return ""
     fired = "rejects fire at the bundle's threshold" if commissioning["rejects_fired"] else "REJECTS OFF: every part passes"
     return f", COMMISSIONING {commissioning['frames']} / {commissioning['of']} frames ({fired})"
+
+
+def counted(n: float, thing: str) -> str:
+    """'1 reject', '2 rejects'."""
+    return f"{int(n)} {thing}{'' if int(n) == 1 else 's'}"

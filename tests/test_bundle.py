@@ -20,11 +20,15 @@ def _manifest() -> dict:
             "embedding_dim": 4, "threshold": {"value": 1.5, "method": "test"}}
 
 
-def _write(out):
+def _write(out, exported: bool = False):
+    """A small bundle; `exported`: with an (unloadable) ONNX graph, as pack, install and flash require."""
     d = 4
-    with new_bundle(out, _manifest()) as staging:
+    manifest = {**_manifest(), **({"onnx": {"file": "model.onnx", "opset": 18, "max_batch": 1}} if exported else {})}
+    with new_bundle(out, manifest) as staging:
         Gaussian(np.zeros(d, np.float32), np.eye(d, dtype=np.float32), np.eye(d, dtype=np.float32)).save(staging / GAUSSIAN)
         (staging / "backbone.pt").write_bytes(b"weights")
+        if exported:
+            (staging / "model.onnx").write_bytes(b"graph")
     return out
 
 
@@ -80,7 +84,7 @@ def test_failure_inside_leaves_nothing(tmp_path):
 
 
 def test_archive_round_trip_and_corrupt_archive(tmp_path):
-    out = _write(tmp_path / "b")
+    out = _write(tmp_path / "b", exported=True)
     archive = pack(out, tmp_path / "b.tar")
     (tmp_path / "box").mkdir()
     unpacked = unpack(archive, tmp_path / "box")
@@ -152,7 +156,7 @@ def test_edited_or_impossible_manifest_is_refused_in_one_line(tmp_path, change, 
 
 
 def test_signed_bundles_on_a_box_that_trusts_keys(tmp_path):
-    out = _write(tmp_path / "b")
+    out = _write(tmp_path / "b", exported=True)
     vendor_key, vendor_pub = keygen(tmp_path / "vendor")
     _, stranger_pub = keygen(tmp_path / "stranger")
     assert vendor_key.stat().st_mode & 0o777 == 0o600
@@ -182,7 +186,10 @@ def test_archive_of_the_bundle_folder_contents_unpacks(tmp_path):
 
 
 def test_pack_never_overwrites_and_verify_names_a_missing_file(tmp_path):
-    out = _write(tmp_path / "b")
+    with pytest.raises(CoftError, match="has no ONNX graph .* run 'coft export .*' first"):
+        pack(_write(tmp_path / "plain"), tmp_path / "plain.tar")
+    assert not (tmp_path / "plain.tar").exists()
+    out = _write(tmp_path / "b", exported=True)
     pack(out, tmp_path / "b.tar")
     with pytest.raises(CoftError, match="b.tar: already exists"):
         pack(out, tmp_path / "b.tar")

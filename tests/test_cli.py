@@ -57,14 +57,20 @@ def test_errors_are_one_line(args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_train_pack_verify_from_the_command_line(parts, tmp_path, capsys):
+def test_train_pack_verify_install_from_the_command_line(parts, tmp_path, capsys, monkeypatch):
     bundle = tmp_path / "line3.bundle"
     assert main(["-q", "train", str(parts / "train/good"), "--out", str(bundle), "--size", "96", "--views", "4"]) == 0
+    assert main(["-q", "pack", str(bundle)]) == 2  # a bundle without its graph cannot run on a box
+    assert f"run 'coft export {bundle}' first" in capsys.readouterr().err
+    assert main(["-q", "export", str(bundle)]) == 0
     assert main(["-q", "pack", str(bundle)]) == 0
-    (tmp_path / "box").mkdir()
-    assert main(["-q", "verify", str(tmp_path / "line3.tar"), "--unpack-to", str(tmp_path / "box")]) == 0
-    assert '"ok": true' in capsys.readouterr().out
+    assert main(["-q", "verify", str(tmp_path / "line3.bundle.tar"), "--unpack-to", str(tmp_path / "box")]) == 0
+    assert '"ok": true' in capsys.readouterr().out  # --unpack-to made the missing folder
     assert (tmp_path / "box" / "line3.bundle" / "manifest.json").is_file()
+    monkeypatch.chdir(tmp_path)  # a relative --root still writes links that resolve
+    assert main(["-q", "install", "line3.bundle.tar", "--root", "relbox", "--engine", "no"]) == 0
+    assert (tmp_path / "relbox/current").resolve() == tmp_path / "relbox/models/line3.bundle"
+    assert (tmp_path / "relbox/current/manifest.json").is_file()
 
 
 def test_demo_runs_end_to_end_on_real_solar_cells(tmp_path, capsys):
