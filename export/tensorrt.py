@@ -70,8 +70,10 @@ if TRT_MISSING is None:
         def read_calibration_cache(self):
             return self.cache.read_bytes() if self.cache.is_file() else None
 
-        def write_calibration_cache(self, cache) -> None:
-            self.cache.write_bytes(bytes(cache))
+        def write_calibration_cache(self, cache) -> None:  # through a new file: a revision may share the old
+            tmp = self.cache.with_name(f".{self.cache.name}.tmp")
+            tmp.write_bytes(bytes(cache))
+            tmp.replace(self.cache)
 
 
 def keep_norms_fp32(network, config) -> int:

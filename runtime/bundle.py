@@ -136,6 +136,9 @@ def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | No
 
     The old bundle stays as it was, so a box running it (and the live threshold it saved
     for that model id) is never changed behind its back, and `coft rollback` still has it.
+    Unchanged files are hard links to the old ones where the filesystem allows: a threshold
+    change costs a manifest, not another copy of the model (every writer of a bundle file
+    replaces it through a new file, so a shared one is never changed in place).
     """
     bundle_dir = Path(bundle_dir)
     old = read_manifest(bundle_dir)
@@ -145,7 +148,10 @@ def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | No
     manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
     with new_bundle(out, manifest) as staging:
         for name in old["files"]:
-            shutil.copy2(bundle_dir / name, staging / name)
+            try:
+                os.link(bundle_dir / name, staging / name)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copy2(bundle_dir / name, staging / name)
     return out
 
 

@@ -125,6 +125,11 @@ def test_a_new_threshold_is_a_new_revision_and_the_old_bundle_is_untouched(tmp_p
     assert (r2.name, r3.name) == ("b-r2", "b-r3") and (out / MANIFEST).read_bytes() == before
     new = load_bundle(r3)
     assert new.threshold == 3.0 and new.model_id == "test-model-r3" and new.manifest["revision_of"] == "test-model-r2"
+    for name in (GAUSSIAN, "backbone.pt"):  # unchanged files are shared, not copied: ten revisions, one model
+        assert (out / name).stat().st_ino == (r3 / name).stat().st_ino and (out / name).stat().st_nlink == 3
+    import shutil
+    shutil.rmtree(r2)  # removing one revision leaves the others whole
+    assert load_bundle(out).threshold == 1.5 and load_bundle(r3).threshold == 3.0
 
 
 def _edit(out, change, reseal: bool) -> None:
