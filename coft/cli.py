@@ -181,8 +181,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"bundle written: {out}")
 
 
+def _free_report_dir(bundle: Path) -> Path:
+    """<bundle>.report, or .report-2, -3 ... beside it: an earlier evaluation is never overwritten unasked."""
+    path, n = bundle.with_name(bundle.name + ".report"), 2
+    while path.exists():
+        path, n = bundle.with_name(f"{bundle.name}.report-{n}"), n + 1
+    return path
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    report_dir = args.report or Path(args.bundle).with_name(Path(args.bundle).name + ".report")
+    report_dir = args.report or _free_report_dir(Path(args.bundle))
     report = _train_module("evaluate").evaluate(args.bundle, args.data_dir, report_dir, args.recalibrate,
                                                 progress=not args.quiet, revision_out=args.out)
     m, r = report["metrics"], report["at_threshold"]
@@ -190,6 +198,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"{m['escape_at_1pct_frr']:.1%} / {m['escape_at_5pct_frr']:.1%} (the best any threshold does)")
     print(f"at the bundle's threshold {report['threshold']['value']:.4g} ({report['threshold']['method']}): "
           f"false-reject {r['false_reject_rate']:.2%}  escape {r['escape_rate']:.2%}; {report['promise']}")
+    if report["held_out"]:
+        h = report["held_out"]
+        print(f"held out ({h['folds']}-fold, the threshold fitted without the part it judges): false-reject "
+              f"{h['false_reject_rate']:.2%}  escape {h['escape_rate']:.2%}"
+              + ("; F1-max is rarely a line's operating point: --recalibrate escape=R sets one" if args.recalibrate == "f1"
+                 else ""))
+    elif report["counts"]["defect"] and r["escape_rate"] > 0.2:
+        print(f"warning: {r['escape_rate']:.0%} of these defects pass at the bundle's threshold; next: "
+              "'coft eval BUNDLE DATA --recalibrate escape=0.05' with labelled parts (a new revision), or commission "
+              "the bundle on the line ('coft commission')")
     for t, v in report["per_type"].items() if len(report["per_type"]) > 1 else ():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
     if report["drift"] and report["drift"]["warning"]:
@@ -342,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a bundle on labelled images and write a report with plots")
     p.add_argument("bundle", type=_folder, help="the bundle directory from coft train")
     p.add_argument("data_dir", type=_folder, help="folder with good/ and defect folders (e.g. defect/crack/)")
-    p.add_argument("--report", type=Path, help="report folder (default: <bundle>.report)")
+    p.add_argument("--report", type=Path, help="report folder (default: <bundle>.report, or .report-2 ... "
+                                                "where an earlier one is)")
     p.add_argument("--recalibrate", metavar="RULE",
                    help="write a new bundle revision whose threshold comes from these labels: 'f1' or 'escape=RATE' "
                         "(e.g. escape=0.01); the original bundle is not changed")

@@ -57,6 +57,24 @@ def test_recalibration_from_labels_writes_a_new_revision(frozen_bundle, parts, t
     assert revised.model_id == original["model_id"] + "-r2" and load_bundle(copy).manifest == original
     report = evaluate(revised.path, parts / "test", tmp_path / "r2", recalibrate="f1", progress=False)
     assert load_bundle(tmp_path / "b-r3").threshold == pytest.approx(report["metrics"]["f1_max_threshold"])
+    held = report["held_out"]  # the rates of a threshold on parts it was not fitted on, beside the flattering ones
+    assert held["folds"] == 5 and 0 <= held["false_reject_rate"] <= 1 and 0 <= held["escape_rate"] <= 1
+    assert "held out (5-fold" in (tmp_path / "r2/report.md").read_text()
+
+
+def test_eval_from_the_command_line_says_what_it_did_and_keeps_earlier_reports(frozen_bundle, parts, tmp_path, capsys):
+    from coft.cli import main
+    from coft.runtime.bundle import revise
+
+    lax = revise(frozen_bundle, {"threshold": {**load_bundle(frozen_bundle).manifest["threshold"], "value": 1e6}},
+                 tmp_path / "lax.bundle")  # a threshold that lets every defect pass
+    assert main(["-q", "eval", str(lax), str(parts / "test")]) == 0
+    assert main(["-q", "eval", str(lax), str(parts / "test"), "--recalibrate", "f1"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "lax.bundle.report/report.md").is_file() and (tmp_path / "lax.bundle.report-2/report.md").is_file()
+    first, second = out.split("report: ")[:2]
+    assert "warning: 100% of these defects pass at the bundle's threshold; next:" in first
+    assert "escape at 1% / 5% false-reject" in first and "F1-max is rarely a line's operating point" in second
 
 
 def test_coftad_is_deterministic_with_a_seed(parts, tmp_path):

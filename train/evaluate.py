@@ -31,7 +31,7 @@ from coft.train.backbones import restore_bundle_backbone
 from coft.train.embed import embed, to_pixels
 from coft.train.metrics import detection_metrics, per_type_auroc, rates_at
 from coft.train.patches import patch_features
-from coft.train.threshold import labelled_threshold
+from coft.train.threshold import held_out_rates, labelled_threshold
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,10 @@ def _markdown(report: dict) -> str:
         f"| escape rate at threshold | {r['escape_rate']:.2%} |",
         f"| what the threshold promises | {report['promise']} |",
     ]
+    if report.get("held_out"):
+        h = report["held_out"]
+        lines += [f"| held out ({h['folds']}-fold: the threshold fitted without the part it judges) | false-reject "
+                  f"{h['false_reject_rate']:.2%}, escape {h['escape_rate']:.2%} |"]
     if report["counts"].get("training_shots_left_out"):
         lines += ["", f"{report['counts']['training_shots_left_out']} images of the folder are the bundle's own "
                       "training shots: left out (scoring them would flatter the model)."]
@@ -340,9 +344,10 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     if not kept:
         raise CoftError(f"{data_dir}: none of the {len(data.paths)} images could be read")
     labels, types, paths = data.labels[kept], [data.types[i] for i in kept], [data.paths[i] for i in kept]
-    threshold, revision = bundle.manifest["threshold"], None
+    threshold, revision, held_out = bundle.manifest["threshold"], None, None
     if recalibrate:
         threshold = labelled_threshold(labels, scores, recalibrate)
+        held_out = held_out_rates(labels, scores, recalibrate)
         revision = revise(bundle.path, {"threshold": threshold}, revision_out)
         log.info("threshold %.4g by %s written as a new revision: %s", threshold["value"], threshold["method"], revision)
     metrics = detection_metrics(labels, scores)
@@ -357,6 +362,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         "metrics": metrics,
         "threshold": threshold,
         "at_threshold": rates_at(labels, scores, threshold["value"]),
+        "held_out": held_out,
         "per_type": per_type,
         "scorer": bundle.manifest["scorer"],
         "revision": str(revision) if revision else None,
