@@ -161,18 +161,21 @@ class WebServer(LoopService):
         response = web.StreamResponse(headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame",
                                                "Cache-Control": "no-store"})
         self.viewers += 1
-        shown = None
+        shown, first = None, True
         try:
             await response.prepare(request)
+            await response.write(b"--frame\r\n")
             while not self.stopping.is_set():
                 view = self.runtime.views.get(camera)
                 if view is not None and view[2] is not shown:
                     shown = view[2]
                     jpeg = await self.live_jpeg(camera)
-                    if jpeg:  # a viewer that reads nothing for idle_timeout_s is let go
-                        await asyncio.wait_for(response.write(
-                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg)),
-                            self.config.idle_timeout_s)
+                    if jpeg:  # a browser shows a part once the next one has begun: a new viewer gets the frame
+                        # twice, so the last frame of a camera that went quiet shows at once (a viewer that reads
+                        # nothing for idle_timeout_s is let go)
+                        part = b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n--frame\r\n" % (len(jpeg), jpeg)
+                        await asyncio.wait_for(response.write(part * (2 if first else 1)), self.config.idle_timeout_s)
+                        first = False
                 await asyncio.sleep(1 / self.config.live_fps)
         except (ConnectionError, RuntimeError, asyncio.TimeoutError):  # the viewer went away, or stopped reading
             request.transport and request.transport.abort()

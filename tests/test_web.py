@@ -220,3 +220,30 @@ def test_live_view_refuses_what_it_cannot_do(line, tmp_path, mosquitto):
     finally:
         runtime.send_signal(signal.SIGTERM)
         assert runtime.wait(timeout=30) == 0
+
+
+def test_a_viewer_who_comes_after_the_last_part_sees_it_at_once_with_its_age(line, browser, tmp_path, mosquitto):
+    """A camera that has gone quiet (a replay that ended, a triggered line between parts): the page shows the last
+    scored frame straight away, says how old it is, and its picture box keeps one height."""
+    root, bundle = line
+    port = free_port()
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
+                          web={"port": port})
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        wait_until(lambda: _answers(port) and api(port, "/api/status")[1]["cameras"]["cam1"]["ended"], 60,
+                   "the line folder to end")
+        time.sleep(3)  # nothing new is coming
+        browser.get(f"http://127.0.0.1:{port}/")
+        image = wait_until(lambda: browser.find_elements("css selector", ".live-image"), what="the live image")[0]
+        empty_height = image.size["height"]
+        wait_until(lambda: browser.execute_script("return arguments[0].naturalWidth", image) > 0, 10,
+                   "the last frame to show without a new one")
+        pixels = cv2.imdecode(np.frombuffer(image.screenshot_as_png, np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert pixels.mean() > 40, "the live picture is (nearly) black"
+        assert image.size["height"] == empty_height  # the box did not jump when the picture came
+        age = wait_until(lambda: browser.find_element("css selector", ".live-age").text, what="the frame's age")
+        assert age.endswith("s ago") or age.endswith("min ago"), age
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        assert runtime.wait(timeout=30) == 0

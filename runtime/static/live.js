@@ -61,6 +61,13 @@ function badge(element, label, up, detail) {
   element.className = `badge ${element.classList[1]} ${up ? "up" : "down"}`;
 }
 
+function ago(seconds) {
+  if (seconds < 2) return "now";
+  if (seconds < 120) return `${Math.round(seconds)} s ago`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min ago`;
+  return `${Math.round(seconds / 3600)} h ago`;
+}
+
 function showStatus(status) {
   document.getElementById("line").textContent = `line ${status.line}`;
   document.getElementById("model").textContent =
@@ -92,6 +99,9 @@ function showStatus(status) {
     form.querySelector(".threshold-source").textContent =
       `from ${c.source}; allowed ${text(c.bounds[0])} – ${text(c.bounds[1])}` +
       (status.web_actions ? "" : " · read-only: no operator token configured");
+    const last = c.last_verdict;
+    section.querySelector(".live-age").textContent = last ?
+      `, ${ago(Date.now() / 1000 - last.capture_ts)}` : " (none since the runtime started)";
     const problem = c.last_problem;
     section.querySelector(".problem").textContent = problem ?
       `last problem (${new Date(problem.time * 1000).toLocaleTimeString()}): ${problem.message}` : "";
