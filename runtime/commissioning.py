@@ -180,6 +180,8 @@ class Commissioning:
         if part_id:
             self.parts.add((camera, part_id))
         self.scores.append(score)
+        if len(self.scores) % max(1, self.wanted // 10) == 0:
+            log.info("commissioning: %d / %d frames", len(self.scores), self.wanted)
         name = ""
         if self.folder and (self.reserve is None or self.reserve.allows(self.folder, image.nbytes // 4,
                                                                         "commissioning frames")):

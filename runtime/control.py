@@ -85,6 +85,20 @@ class ThresholdState:
                    self.model_id, via)
         return self.describe(camera, via)
 
+    def keep(self, camera: str, value: float, source: str) -> None:
+        """Carry an operator's threshold over to this state (a new revision of the same model), saved like a
+        change; a CoftError when it lies outside this state's bounds."""
+        value = self._in_bounds(value)
+        with self.lock:
+            values = {**self.values, camera: value}
+            self._save(values)
+            self.values = values
+            self.sources[camera] = source
+
+    def operators(self) -> dict[str, tuple[float, str]]:
+        """Cameras whose threshold an operator set (or a saved one restored): {camera: (value, source)}."""
+        return {camera: (self.values[camera], source) for camera, source in self.sources.items() if source != "bundle"}
+
     def _save(self, values: dict[str, float]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:

@@ -449,9 +449,12 @@ class Runtime:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.bundle.path, exc)
             return
+        operators = self.threshold.operators()
         self._adopt(load_bundle(revision, self.config.trusted_keys), list(self.links))  # same model: same engine
+        for camera in self.links:
+            self._owner_after_commissioning(camera, old["value"], fitted["value"], operators.get(camera))
         for link in self.links.values():
-            link.publish_state(self.threshold.describe(link.camera, "commissioning"))
+            link.publish_state(self.threshold.describe(link.camera, self.threshold.sources[link.camera]))
         if self.config.bundle.is_symlink():
             try:
                 switch(self.config.bundle, revision)
@@ -461,6 +464,30 @@ class Runtime:
         log.warning("commissioning done: now running %s (threshold %.6g); it is in %s%s", self.bundle.model_id,
                     self.bundle.threshold, revision,
                     "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")
+
+    def _owner_after_commissioning(self, camera: str, bundle: float, fitted: float,
+                                   operator: tuple[float, str] | None) -> None:
+        """Say who owns the camera's threshold now, with all three values: an operator's stays in force until an
+        operator sets the fitted one (unless commissioning.keep_operator_threshold is false)."""
+        if operator is None:
+            log.info("commissioning: camera %s: threshold %.6g (commissioned; the bundle's was %.6g, no operator had "
+                     "set one)", camera, fitted, bundle)
+            return
+        value, source = operator
+        if not self.config.commissioning.keep_operator_threshold:
+            log.warning("commissioning: camera %s: the commissioned threshold %.6g replaces the operator's %.6g (%s; "
+                        "the bundle's was %.6g): commissioning.keep_operator_threshold is false",
+                        camera, fitted, value, source, bundle)
+            return
+        try:
+            self.threshold.keep(camera, value, f"{source}, kept over commissioning's {fitted:.6g}")
+        except CoftError as exc:
+            log.warning("commissioning: camera %s: the operator's threshold %.6g (%s) cannot stay (%s); the "
+                        "commissioned %.6g is in force", camera, value, source, exc, fitted)
+            return
+        log.warning("commissioning: camera %s: the operator's threshold %.6g (%s) stays in force; commissioning "
+                    "fitted %.6g (the bundle's was %.6g): an operator who accepts it sets %.6g (set/threshold or the "
+                    "page)", camera, value, source, fitted, bundle, fitted)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def verdict_counts(self, camera: str) -> dict:
@@ -496,7 +523,7 @@ class Runtime:
             cameras[name] = {
                 **self.counters(name), "broker_connected": link.connected.is_set(),
                 "ended": self.camera[name].ended.is_set(),
-                **self.threshold.describe(name, self.threshold.sources[name]),
+                **self.threshold.describe(name, self.threshold.sources[name]), "bundle_threshold": self.bundle.threshold,
                 "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
                 "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
                 "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,

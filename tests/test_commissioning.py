@@ -118,6 +118,28 @@ def test_commissioning_without_rejects_says_so_loudly_and_a_plain_bundle_path_is
     assert "was already commissioned as" in (tmp_path / "again.log").read_text()
 
 
+def test_an_operators_threshold_stays_over_commissioning_and_all_three_are_said(tmp_path, exported_bundle, mosquitto):
+    bundle = shutil.copytree(exported_bundle, tmp_path / "models/line5")
+    operator = round(load_bundle(bundle).threshold * 1.3, 4)
+    (tmp_path / "state.json").write_text(json.dumps({"model_id": load_bundle(bundle).model_id,
+                                                     "cameras": {"cam1": operator}}))  # set over MQTT earlier
+    video = write_video(tmp_path / "line.avi", 120, defect_every=10)
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 50}],
+                          commissioning={"frames": 100, "keep_frames": False})
+    plc = Subscriber(mosquitto.port)
+    assert start_runtime(config, tmp_path / "runtime.log", "--until-end").wait(timeout=180) == 0
+    plc.wait_for("verdict", 120)
+    plc.close()
+    after = [v for v in plc.payloads("verdict") if not v.get("commissioning")]
+    fitted = load_bundle(tmp_path / "models/line5-r2").threshold
+    assert after and {v["threshold"] for v in after} == {operator} != {fitted}  # the operator's stays in force
+    log = (tmp_path / "runtime.log").read_text()
+    assert f"the operator's threshold {operator:.6g} (saved) stays in force; commissioning fitted {fitted:.6g}" in log
+    assert "commissioning: 50 / 100 frames" in log
+    state = plc.payloads("state")[-1]
+    assert state["threshold"] == operator and "kept over commissioning's" in state["source"]
+
+
 def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported_bundle, mosquitto, parts):
     import subprocess
     import sys
