@@ -44,6 +44,17 @@ def test_a_missing_input_is_reported_before_torch_is_loaded():
                             "(see coft train --help)\n"
 
 
+def test_progress_is_plain_lines_where_stderr_is_not_a_terminal_and_the_lr_follows_the_backbone(parts, tmp_path):
+    from coft.cli import _training_options, build_parser
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "train", str(parts / "train/good"), "--out",
+                             str(tmp_path / "b"), "--size", "96", "--views", "4", "--backbone", "efficientnet_lite0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "\r" not in result.stderr  # a CI log or journald gets lines, not redraws
+    lr = {backbone: _training_options(build_parser().parse_args(["train", str(parts), "--backbone", backbone]))
+          .finetune.lr for backbone in ("dinov2_vits14", "efficientnet_lite0")}
+    assert lr == {"dinov2_vits14": 1e-5, "efficientnet_lite0": 1e-4}
+
+
 @pytest.mark.parametrize("args,message", [
     (["train", "/no/such/folder"], "no such folder"),
     (["train", "--unlabelled", "/no/such/folder"], "no such folder"),

@@ -26,6 +26,7 @@ from coft.runtime.errors import CoftError
 from coft.train.evaluate import evaluate
 from coft.train.metrics import rates_at
 from coft.train.pipeline import TrainOptions, train_bundle
+from coft.train.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
                             "else; pass --out with a new folder")
         shutil.rmtree(work)
     shots = options.shots or 10
-    steps = tqdm(total=4, desc="demo", unit="stage", disable=not options.progress)
+    steps = bar(total=4, desc="demo", unit="stage", show=options.progress)
     train_dir, test_dir = prepare_folders(work, shots, options.seed, test_limit)
     log.info("demo: %d good cells to train on, held-out cells in %s", shots, test_dir)
     options.shots = None  # the training folder already holds exactly the chosen cells

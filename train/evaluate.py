@@ -17,7 +17,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
 
 from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
 from coft.runtime.drift import reference_median
@@ -72,7 +71,7 @@ def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batc
     """Score image files with a bundle (torch backbone, numpy scoring), as the exported graph will."""
     score = frame_scorer(bundle)
     scores, maps, kept = [], [], []
-    for start in tqdm(range(0, len(paths), batch), desc="scoring", unit="batch", disable=not progress):
+    for start in bars.bar(range(0, len(paths), batch), desc="scoring", unit="batch", show=progress):
         frames = []
         for i in range(start, min(start + batch, len(paths))):
             image = read_image(paths[i])

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from coft.runtime.errors import CoftError
+from coft.train.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def find_suspects(features: torch.Tensor, config: FunadConfig, seed: int = 0, pr
     pairs = mutual_pairs(flat, owner)
     head = scoring_head(c)
     history = []
-    for round_ in tqdm(range(config.rounds), desc="FUN-AD rounds", disable=not progress):
+    for round_ in bar(range(config.rounds), desc="FUN-AD rounds", unit="round", show=progress):
         confident = np.flatnonzero(scores.numpy() <= np.quantile(scores.numpy(), config.confident_fraction))
         bank_images = rng.choice(confident, max(1, len(confident) // 2), replace=False)
         in_bank = torch.zeros(n, dtype=torch.bool)
