@@ -130,3 +130,9 @@ def test_labelled_threshold_rules():
         labelled_threshold(labels, scores, "escape=lots")
     with pytest.raises(CoftError, match="both good and defective"):
         labelled_threshold(np.zeros(3), scores[:3], "f1")
+
+
+def test_tile_titles_keep_the_end_of_a_file_name_where_frames_differ():
+    from coft.train.evaluate import short_name
+    assert short_name("cam1-000000123-reject.jpg") == "…000123-reject.jpg" and short_name("a.png") == "a.png"
+    assert short_name("cam1-000000123-reject.jpg") != short_name("cam1-000000124-reject.jpg")

@@ -182,6 +182,11 @@ SCORE_NAMES = {"global": "anomaly score (Mahalanobis distance of the pooled embe
                "knn": "anomaly score (distance to the nearest good patch)"}
 
 
+def short_name(name: str, width: int = 18) -> str:
+    """A file name for a tile's title: its end, where frames of one camera or one batch differ."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -213,7 +218,7 @@ def _gallery(paths: list[Path], labels: np.ndarray, scores: np.ndarray, patch_ma
                 ax.imshow(overlay(frame, anomaly_map(patch_maps[i], size, sigma), threshold)[..., ::-1])
                 reject = scores[i] > threshold
                 wrong = reject != bool(labels[i])
-                ax.set_title(f"{paths[i].name[:18]}\nscore {scores[i]:.3g} / {threshold:.3g}: "
+                ax.set_title(f"{short_name(paths[i].name)}\nscore {scores[i]:.3g} / {threshold:.3g}: "
                              f"{'REJECT' if reject else 'accept'}", fontsize=7, color="#b3261e" if wrong else "black")
         axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
                         fontsize=8)

@@ -19,6 +19,7 @@ from coft.runtime.errors import CoftError
 from coft.runtime.images import load_folder
 from coft.train.backbones import load_backbone
 from coft.train.embed import to_pixels
+from coft.train.evaluate import short_name
 from coft.train.funad import FunadConfig, FunadResult, find_suspects
 from coft.train.patches import patch_features
 from coft.train.pipeline import TrainOptions, resolve_device, train_on
@@ -42,7 +43,7 @@ def _contact_sheet(paths: list[Path], images: list[np.ndarray], result: FunadRes
     for ax, i in zip(axes.flat, order):
         ax.imshow(images[i][..., ::-1])
         flag = "SUSPECT" if result.suspects[i] else "kept"
-        ax.set_title(f"{paths[i].name[:18]}\n{result.scores[i]:.2f} {flag}", fontsize=7,
+        ax.set_title(f"{short_name(paths[i].name)}\n{result.scores[i]:.2f} {flag}", fontsize=7,
                      color="red" if result.suspects[i] else "black")
     fig.suptitle(f"Most anomalous of {len(paths)} images (cut-off {result.cutoff:.2f}; "
                  f"{int(result.suspects.sum())} suspects left out of training)", fontsize=9)
