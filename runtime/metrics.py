@@ -14,7 +14,9 @@ class Metrics:
         self.frames_in = Counter("coft_frames_total", "Frames read from the camera", ["camera"], registry=r)
         self.frames_dropped = Counter("coft_frames_dropped_total", "Frames dropped because inference fell behind",
                                       ["camera"], registry=r)
-        self.verdicts = Counter("coft_verdicts_total", "Verdicts by outcome", ["camera", "verdict"], registry=r)
+        self.verdicts = Counter("coft_verdicts_total", "Verdicts by outcome (unfired_reject: judged a reject while "
+                                "commissioning with rejects off, nothing sent to the line)", ["camera", "verdict"],
+                                registry=r)
         self.inference = Histogram("coft_inference_seconds", "Inference time per batch", registry=r,
                                    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
         self.latency = Histogram("coft_capture_to_verdict_seconds", "From frame capture to verdict in the outbox",

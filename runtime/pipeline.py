@@ -280,7 +280,7 @@ class Runtime:
     def _stored(self, verdict: dict) -> None:
         """A verdict is in the outbox: count it, wake whoever sends it, and show it (recent list, OPC UA)."""
         camera = verdict["camera"]
-        self.metrics.verdicts.labels(camera, verdict["verdict"]).inc()
+        self.metrics.verdicts.labels(camera, "unfired_reject" if verdict.get("fired") is False else verdict["verdict"]).inc()
         self.links[camera].notify()
         if self.sparkplug:
             self.sparkplug.notify()
@@ -370,6 +370,8 @@ class Runtime:
             **({"commissioning": True} if commissioning else {}), **({"late": True} if late else {}),
         }
         fire = reject and not (commissioning and not self.config.commissioning.rejects)
+        if reject and not fire:
+            verdict["fired"] = False  # judged a reject, but nothing went to the line: counted and drawn apart
         if score_map is not None and judged:
             verdict["defect"] = self.defect(frame, score_map, threshold, reject)
 
@@ -495,7 +497,7 @@ class Runtime:
         def count(verdict: str) -> float:
             return self.metrics.registry.get_sample_value("coft_verdicts_total",
                                                           {"camera": camera, "verdict": verdict}) or 0.0
-        return {"accepts": count("accept"), "rejects": count("reject")}
+        return {"accepts": count("accept"), "rejects": count("reject"), "unfired_rejects": count("unfired_reject")}
 
     def counters(self, camera: str) -> dict:
         def value(name: str, **labels) -> int:

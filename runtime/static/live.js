@@ -86,6 +86,7 @@ function showStatus(status) {
     badge(section.querySelector(".broker-state"), "broker", c.broker_connected,
           c.broker_connected ? "connected" : "disconnected");
     const rows = [["frames", c.frames], ["dropped", c.dropped], ["accepts", c.accepts], ["rejects", c.rejects],
+                  ...(c.unfired_rejects ? [["rejects not fired (commissioning)", c.unfired_rejects]] : []),
                   ["outbox depth", c.outbox_depth + (c.outbox_oldest_s ? ` (oldest ${Math.round(c.outbox_oldest_s)} s)` : "")],
                   ["latency p50 / p99", c.latency_p50_ms === null ? "–" : `${c.latency_p50_ms} / ${c.latency_p99_ms} ms`]];
     section.querySelector(".counters").innerHTML = "";
@@ -134,11 +135,12 @@ function drawChart(svg, verdicts) {
   const line = (values) => values.map((s, i) => (Number.isFinite(s) ? `${x(i).toFixed(1)},${y(s).toFixed(1)}` : ""))
     .filter(Boolean).join(" ");
   const rejects = verdicts.map((v, i) => (v.verdict === "reject" && Number.isFinite(scores[i])
-    ? `<circle class="reject" cx="${x(i).toFixed(1)}" cy="${y(scores[i]).toFixed(1)}" r="2.5"/>` : "")).join("");
+    ? `<circle class="${v.fired === false ? "unfired" : "reject"}" cx="${x(i).toFixed(1)}" cy="${y(scores[i]).toFixed(1)}" r="2.5"/>`
+    : "")).join("");
   svg.innerHTML = `<polyline class="threshold" points="${line(thresholds)}"/>` +
     `<polyline class="score" points="${line(scores)}"/>${rejects}`;
   svg.nextElementSibling.textContent = `score of the last ${verdicts.length} frames, ${text(bottom, 3)} to ` +
-    `${text(top, 3)}; dashed: the threshold; red dots: rejects`;
+    `${text(top, 3)}; dashed: the threshold; red dots: rejects; hollow: judged rejects not fired (commissioning)`;
 }
 
 async function pollVerdicts() {
