@@ -246,7 +246,8 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     options = _training_options(args)
     _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit, stream=args.stream,
-                                   broker=args.broker, commission=args.commission, force=args.force)
+                                   broker=args.broker, commission=args.commission, force=args.force,
+                                   defect_share=args.defect_share)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -475,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default: demo-out)")
     p.add_argument("--test-limit", type=_at_least(1), help="score at most N good and N defective held-out cells")
     p.add_argument("--stream", type=_at_least(0), default=600, help="held-out cells streamed through the runtime (default 600)")
+    p.add_argument("--defect-share", type=float, default=0.05,
+                   help="share of defective cells in the stream (default 0.05, as a line runs; the held-out set is a "
+                        "third defective)")
     p.add_argument("--commission", type=_at_least(0), default=300,
                    help="the first N streamed cells commission the threshold (default 300; 0: none)")
     p.add_argument("--broker", metavar="HOST:PORT", help="use this MQTT broker instead of the embedded one")

@@ -103,11 +103,20 @@ class Plc:
         self.client.disconnect()
 
 
-def line_folder(work: Path, test_dir: Path, count: int, seed: int) -> Path:
-    """Held-out cells in a shuffled order, as parts pass a camera; the file name tells the truth."""
-    cells = [(p, "good") for p in sorted((test_dir / "good").iterdir())]
-    cells += [(p, "defect") for p in sorted((test_dir / "defect").rglob("*.png"))]
-    order = np.random.default_rng(seed).permutation(len(cells))[:count]
+def line_folder(work: Path, test_dir: Path, count: int, seed: int, defect_share: float | None = 0.05) -> Path:
+    """Held-out cells in a shuffled order, as parts pass a camera, with `defect_share` of them defective (a line
+    runs mostly good parts; None: the held-out mix, a third defective); the file name tells the truth."""
+    good = [(p, "good") for p in sorted((test_dir / "good").iterdir())]
+    bad = [(p, "defect") for p in sorted((test_dir / "defect").rglob("*.png"))]
+    rng = np.random.default_rng(seed)
+    if defect_share is None:
+        cells = good + bad
+    else:
+        n_bad = min(len(bad), round(defect_share * count))
+        n_good = min(len(good), count - n_bad)
+        cells = [good[i] for i in rng.choice(len(good), n_good, replace=False)] + \
+                [bad[i] for i in rng.choice(len(bad), n_bad, replace=False)]
+    order = rng.permutation(len(cells))[:count]
     line = work / "data" / "line"
     for i, k in enumerate(order):
         path, label = cells[k]
@@ -182,7 +191,8 @@ def after_commissioning(verdicts: list[dict], bundle) -> dict:
 
 
 def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = None, stream: int = 600,
-             broker: str | None = None, commission: int = 300, force: bool = False) -> dict:
+             broker: str | None = None, commission: int = 300, force: bool = False,
+             defect_share: float | None = 0.05) -> dict:
     """Train, evaluate, export, then run the line: held-out cells through the runtime to a PLC over MQTT."""
     from coft.export.onnx import export_onnx
 
@@ -209,12 +219,13 @@ def run_demo(work: str | Path, options: TrainOptions, test_limit: int | None = N
         log.warning("demo: --test-limit balances the held-out cells 50/50, and commissioning assumes a line of mostly "
                     "good parts; commissioning is off (run without --test-limit to see it)")
         commission = 0
-    line = line_folder(work, test_dir, stream, options.seed)
+    line = line_folder(work, test_dir, stream, options.seed, None if test_limit else defect_share)
     count = len(list(line.iterdir()))
     if commission and count < commission + 50:
         raise CoftError(f"commissioning on {commission} cells needs at least {commission + 50} streamed: "
                         f"{count} are available; lower --commission (0: none) or raise --stream")
     tqdm.write(f"streaming {count} held-out cells through the runtime"
+               + (f" ({defect_share:.0%} defective, as a line runs)" if defect_share is not None and not test_limit else "")
                + (f", the first {commission} to commission the threshold (rejects fire at the bundle's meanwhile)"
                   if commission else "")
                + "; rejects as the PLC sees them:")
