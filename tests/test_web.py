@@ -186,6 +186,15 @@ def test_live_view_in_a_real_browser(line, browser, tmp_path):
     assert "Traceback" not in text
 
 
+def _plain_line(line, tmp_path: Path, mosquitto) -> tuple[subprocess.Popen, int]:
+    """The runtime on the line folder (played once), with the page and no operator token; and the page's port."""
+    root, bundle = line
+    port = free_port()
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
+                          web={"port": port})
+    return start_runtime(config, tmp_path / "runtime.log"), port
+
+
 def _answers(port: int) -> bool:
     try:
         return api(port, "/api/status")[0] == 200
@@ -197,10 +206,7 @@ def test_live_view_refuses_what_it_cannot_do(line, tmp_path, mosquitto):
     """Without a token the page is read-only; unknown cameras and evidence files are one-line JSON errors;
     a port in use is a one-line error at start, before any frame is scored."""
     root, bundle = line
-    port = free_port()
-    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
-                          web={"port": port})
-    runtime = start_runtime(config, tmp_path / "runtime.log")
+    runtime, port = _plain_line(line, tmp_path, mosquitto)
     try:
         wait_until(lambda: _answers(port), what="the web page to answer")
         code, answer = api(port, "/api/cameras/cam1/threshold", {"threshold": 1.0}, "anything")
@@ -225,11 +231,7 @@ def test_live_view_refuses_what_it_cannot_do(line, tmp_path, mosquitto):
 def test_a_viewer_who_comes_after_the_last_part_sees_it_at_once_with_its_age(line, browser, tmp_path, mosquitto):
     """A camera that has gone quiet (a replay that ended, a triggered line between parts): the page shows the last
     scored frame straight away, says how old it is, and its picture box keeps one height."""
-    root, bundle = line
-    port = free_port()
-    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
-                          web={"port": port})
-    runtime = start_runtime(config, tmp_path / "runtime.log")
+    runtime, port = _plain_line(line, tmp_path, mosquitto)
     try:
         wait_until(lambda: _answers(port) and api(port, "/api/status")[1]["cameras"]["cam1"]["ended"], 60,
                    "the line folder to end")
