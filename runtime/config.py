@@ -67,6 +67,9 @@ class BrokerConfig(Strict):
     password_file: Path | None = Field(None, description="file holding the password (e.g. a Docker or systemd secret)")
     tls: TlsConfig | None = None
     keepalive_s: int = Field(30, ge=5)
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT version: 5 tells the runtime when the broker "
+                                                             "refuses a publish or a subscription (its ACL); 3.1.1 "
+                                                             "brokers acknowledge refused messages silently")
     prefix: str = Field("coft", pattern=r"^[^#+/\x00]([^#+\x00]*[^#+/\x00])?$",
                         description="topic prefix: no MQTT wildcards (# +), no leading or trailing /")
     line: str = Field("line1", pattern=r"^[A-Za-z0-9_-]+$")

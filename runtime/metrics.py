@@ -37,12 +37,15 @@ class Metrics:
                                            registry=r)
         self.outbox_dropped = Counter("coft_outbox_dropped_total", "Messages dropped from a full outbox (broker away "
                                       "longer than outbox.max_messages lasts)", ["camera"], registry=r)
+        self.broker_refused = Counter("coft_broker_refused_total", "Publishes and subscriptions the broker refused "
+                                      "(MQTT 5 reason codes: its ACL, mostly)", ["camera"], registry=r)
         self.inspection_waiting = Gauge("coft_inspection_waiting_seconds", "Since the inspector last scored a batch "
                                         "or found nothing waiting; at stall_s the runtime exits", registry=r)
         self.inspection_stalled = Gauge("coft_inspection_stalled", "1 once frames waited stall_s with no verdict",
                                         registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
-            for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped):
+            for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
+                            self.broker_refused):
                 counter.labels(camera)
             for verdict in ("accept", "reject"):
                 self.verdicts.labels(camera, verdict)

@@ -93,11 +93,13 @@ class Link:
         self.wake = threading.Event()
         self.stopping = threading.Event()  # the sender stops
         self.closing = threading.Event()  # the network thread stops
-        self.acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.acks: queue.SimpleQueue[tuple[int, mqtt.ReasonCode]] = queue.SimpleQueue()  # (mid, the broker's answer)
         self.reconnected = threading.Event()
         self.connected_at = self.last_ack_at = 0.0
         self.on_connection: Callable[[str, bool], None] = lambda name, up: None
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self.v5 = broker.protocol == "5"
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             **({"protocol": mqtt.MQTTv5} if self.v5 else {"protocol": mqtt.MQTTv311, "clean_session": True}))
         if broker.username:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
@@ -111,6 +113,9 @@ class Link:
         client.max_queued_messages_set(INFLIGHT_WINDOW * 4)  # the outbox, not paho's memory, holds the backlog
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
+        client.on_subscribe = self._on_subscribe
+        self.refused = 0  # publishes and subscriptions the broker refused (MQTT 5 reason codes: its ACL, mostly)
+        self.on_refused: Callable[[str, str], None] = lambda name, what: None
         self.client = client
         self.network = threading.Thread(target=self._network_loop, name=f"mqtt-net-{name}", daemon=True)
         self.sender = threading.Thread(target=self._send_loop, name=f"mqtt-{name}", daemon=True)
@@ -141,7 +146,8 @@ class Link:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         log.info("mqtt %s: connecting to %s:%d as %s", self.name, self.broker.host, self.broker.port, self.client_id)
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s,
+                                  **({"clean_start": True} if self.v5 else {}))
         self.network.start()
         self.sender.start()
 
@@ -221,15 +227,28 @@ class Link:
 
     @_guarded
     def _on_publish(self, client, userdata, mid, reason_code, properties):
-        self.acks.put(mid)
+        self.acks.put((mid, reason_code))
         self.wake.set()
+
+    @_guarded
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        for code in reason_codes:
+            if code.is_failure:
+                self.refuse(f"subscription refused by the broker ({code})")
+
+    def refuse(self, what: str) -> None:
+        """The broker said no: count it, log it (throttled), and say so where the line's watchers look."""
+        self.refused += 1
+        self.on_refused(self.name, what)
+        self.throttled.log(logging.ERROR, ("refused", what), "mqtt %s: %s; check the broker's ACL for user %s "
+                           "(deploy/mosquitto/coft.acl)", self.name, what, self.broker.username or "(anonymous)")
 
     def notify(self) -> None:
         """New messages are in the outbox."""
         self.wake.set()
 
     def _send_loop(self) -> None:
-        inflight: dict[int, int] = {}  # paho mid -> outbox message id
+        inflight: dict[int, tuple[int, str]] = {}  # paho mid -> (outbox message id, topic)
         last_sent = 0
         while not self.stopping.is_set():
             self.wake.wait(timeout=0.5)
@@ -256,13 +275,16 @@ class Link:
         """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
         while True:
             try:
-                mid = self.acks.get_nowait()
+                mid, reason = self.acks.get_nowait()
             except queue.Empty:
                 break
-            message_id = inflight.pop(mid, None)
-            if message_id is not None:
-                self.outbox.ack(message_id)
+            sent = inflight.pop(mid, None)
+            if sent is not None:
+                message_id, topic = sent
+                self.outbox.ack(message_id)  # a refused message would be refused again: it leaves, counted
                 self.last_ack_at = time.time()
+                if reason.is_failure:
+                    self.refuse(f"publish to {topic} refused by the broker ({reason})")
         if not self.connected.is_set():
             return last_sent
         room = INFLIGHT_WINDOW - len(inflight)
@@ -270,7 +292,7 @@ class Link:
             info = self.publish_message(message)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break  # not connected any more: the reconnect resends from the outbox
-            inflight[info.mid] = message.id
+            inflight[info.mid] = (message.id, message.topic)
             last_sent = message.id
         return last_sent
 

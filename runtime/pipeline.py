@@ -137,6 +137,8 @@ class Runtime:
                                        self._trigger, self._broker_state, config.control.trigger_max_bytes,
                                        line_trigger=name == names[0])
                       for name in names}
+        for link in self.links.values():
+            link.on_refused = lambda name, what: self.metrics.broker_refused.labels(name).inc()
         self.camera = {c.name: CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                        for c in config.cameras}  # capture threads by camera name
         self.sparkplug = None
@@ -146,6 +148,7 @@ class Runtime:
                 config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
                 self.verdict_counts, lambda: self.bundle.model_id)
+            self.sparkplug.on_refused = lambda name, what: self.metrics.broker_refused.labels(name).inc()
         self.opcua = None
         if config.opcua:
             from coft.runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
@@ -504,7 +507,8 @@ class Runtime:
             return int(self.metrics.registry.get_sample_value(name, {"camera": camera, **labels}) or 0)
         return {"frames": value("coft_frames_total"), "dropped": value("coft_frames_dropped_total"),
                 **self.verdict_counts(camera), "refused": value("coft_verdicts_refused_total"),
-                "outbox_dropped": value("coft_outbox_dropped_total"), "camera": self.camera[camera].state,
+                "outbox_dropped": value("coft_outbox_dropped_total"), "broker_refused": value("coft_broker_refused_total"),
+                "camera": self.camera[camera].state,
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
 
     def commissioning_status(self) -> dict | None:

@@ -266,26 +266,46 @@ def test_remote_threshold_control_can_be_switched_off(tmp_path, exported_bundle,
     assert "set/threshold is off" in (tmp_path / "runtime.log").read_text()
 
 
-def test_mosquitto_acl_lets_only_the_operator_change_thresholds(tmp_path, exported_bundle, parts):
+def _acl_broker(tmp_path: Path, acl: Path) -> Mosquitto:
+    """A Mosquitto with the shipped accounts (coft, plc, scada, operator) and the given ACL."""
     passwords = tmp_path / "passwd"
-    for i, user in enumerate(("coft", "plc", "operator")):
+    for i, user in enumerate(("coft", "plc", "scada", "operator")):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwords), user, f"{user}-pw"],
                        check=True, capture_output=True)
-    acl = ROOT / "deploy/mosquitto/coft.acl"
-    broker = Mosquitto(tmp_path / "broker", settings=f"allow_anonymous false\npassword_file {passwords}\n"
-                                                      f"acl_file {acl}\n").start()
-    config = write_config(tmp_path, exported_bundle, broker.port,
-                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5}])
+    return Mosquitto(tmp_path / "broker", settings=f"allow_anonymous false\npassword_file {passwords}\n"
+                                                   f"acl_file {acl}\n").start()
+
+
+def _acl_line(tmp_path: Path, bundle: Path, port: int, parts: Path, **extra) -> Path:
+    config = write_config(tmp_path, bundle, port,
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5},
+                           {"name": "station", "source": str(parts / "test/good"), "loop": True, "fps": 20,
+                            "trigger": True}], **extra)
     settings = yaml.safe_load(config.read_text())
     settings["broker"].update(username="coft", password_env="COFT_TEST_MQTT_PASSWORD")
     config.write_text(yaml.safe_dump(settings))
-    os.environ["COFT_TEST_MQTT_PASSWORD"] = "coft-pw"
+    return config
+
+
+def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_changes_thresholds(
+        tmp_path, exported_bundle, parts, monkeypatch):
+    broker = _acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    metrics_port = free_port()
+    config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
+                       sparkplug={"group_id": "plant", "edge_node_id": "line1"})
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
     plc = Subscriber(broker.port, username="plc", password="plc-pw")
+    scada = Subscriber(broker.port, topic="spBv1.0/#", username="scada", password="scada-pw")
     operator = Subscriber(broker.port, username="operator", password="operator-pw")
     runtime = start_runtime(config, tmp_path / "runtime.log")
     base = bundle_threshold(exported_bundle)
     try:
         assert plc.wait_for("verdict", 3), "the runtime's account must be able to publish verdicts"
+        plc.client.publish("coft/l1/station/trigger", "P-1", qos=1)  # per camera
+        plc.client.publish("coft/l1/trigger", json.dumps({"camera": "station", "part_id": "P-2"}), qos=1)  # line
+        plc.client.publish("coft/l1/trigger", json.dumps({"camera": "cam9", "part_id": "P-3"}), qos=1)  # refused
+        assert {r["part_id"] for r in plc.wait_for("result", 2, timeout=20)} == {"P-1", "P-2"}
+        assert plc.wait_for("error", 1)[0]["command"] == "trigger"  # the line's error topic
         plc.client.publish("coft/l1/cam1/set/threshold", str(1.2 * base), qos=1)  # denied by the ACL
         time.sleep(2)
         assert not [s for s in plc.payloads("state") if s["source"] == "mqtt"]
@@ -293,13 +313,51 @@ def test_mosquitto_acl_lets_only_the_operator_change_thresholds(tmp_path, export
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not [s for s in plc.payloads("state") if s["source"] == "mqtt"]:
             time.sleep(0.1)
+        sparkplug = [topic.split("/")[2] for topic, _ in list(scada.messages)]
+        assert {"NBIRTH", "DBIRTH", "DDATA"} <= set(sparkplug), sorted(set(sparkplug))
+        assert {"heartbeat", "status", "state", "verdict"} <= {t.split("/")[-1] for t, _ in list(plc.messages)}
+        for camera in ("cam1", "station", "sparkplug"):
+            assert metric(metrics_port, "coft_broker_refused_total", camera) in (0, None), camera
     finally:
         assert stop(runtime) == 0
-        del os.environ["COFT_TEST_MQTT_PASSWORD"]
-        plc.close()
-        operator.close()
+        for client in (plc, scada, operator):
+            client.close()
         broker.stop()
     assert [s["threshold"] for s in plc.payloads("state") if s["source"] == "mqtt"] == [1.3 * base]
+    assert "refused by the broker" not in (tmp_path / "runtime.log").read_text()
+
+
+def test_a_publish_the_broker_refuses_is_counted_logged_and_shown(tmp_path, exported_bundle, parts, monkeypatch):
+    acl = tmp_path / "no-result.acl"  # an ACL that forgot the fail-safe answers
+    acl.write_text("\n".join(line for line in (ROOT / "deploy/mosquitto/coft.acl").read_text().splitlines()
+                             if line != "topic write coft/+/+/result") + "\n")
+    broker = _acl_broker(tmp_path, acl)
+    metrics_port, web_port = free_port(), free_port()
+    config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
+                       web={"port": web_port})
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
+    plc = Subscriber(broker.port, username="plc", password="plc-pw")
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        plc.wait_for("verdict", 3)
+        for i in range(5):
+            plc.client.publish("coft/l1/station/trigger", f"P-{i}", qos=1)
+            time.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not metric(metrics_port, "coft_broker_refused_total", "station"):
+            time.sleep(0.2)
+        assert metric(metrics_port, "coft_broker_refused_total", "station") >= 1
+        status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/status", timeout=5).read())
+        assert status["cameras"]["station"]["broker_refused"] >= 1
+        assert "refused by the broker" in status["cameras"]["station"]["last_problem"]["message"]
+        assert not plc.payloads("result")
+    finally:
+        assert stop(runtime) == 0
+        plc.close()
+        broker.stop()
+    log = (tmp_path / "runtime.log").read_text()
+    assert "mqtt station: publish to coft/l1/station/result refused by the broker (Not authorized)" in log
+    assert log.count("publish to coft/l1/station/result refused") <= 2  # throttled
 
 
 # -- 5. disk and resources ----------------------------------------------------------------------

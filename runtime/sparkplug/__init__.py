@@ -121,7 +121,7 @@ class SparkplugNode(Link):
         except OSError as exc:  # a host may then see an older bdSeq after a restart: say so, go on
             self.throttled.log(logging.ERROR, "bdseq", "sparkplug: cannot keep bdSeq in %s (%s)", self.bdseq_file,
                                exc.strerror)
-        self.client.subscribe([(self.topic("NCMD"), 0), (self.topic("DCMD", "+"), 0)])
+        self.client.subscribe([(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)])  # QoS 1: the 3.0 spec's MUST
 
     def _death(self) -> bytes:
         payload = Payload(timestamp=round(time.time() * 1000))
@@ -176,8 +176,16 @@ class SparkplugNode(Link):
         camera, verdict = message.topic, json.loads(message.payload)
         with self.sequence:
             data = self._device_payload(camera, verdict, names=False)
-            info = self.client.publish(self.topic("DDATA", camera), data.SerializeToString(), qos=self.config.data_qos)
+            info = self._numbered(self.topic("DDATA", camera), data)
         self.last[camera] = verdict
+        return info
+
+    def _numbered(self, topic: str, data: Payload) -> mqtt.MQTTMessageInfo:
+        """Publish a payload that took the next seq; one paho would not take (its queue full, not connected)
+        gives its number back, so a host never sees a gap within a session."""
+        info = self.client.publish(topic, data.SerializeToString(), qos=self.config.data_qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.seq = (self.seq - 1) % 256
         return info
 
     def saying_goodbye(self) -> None:
@@ -239,7 +247,7 @@ class SparkplugNode(Link):
             kept = [m for m in data.metrics if m.alias == self.aliases[device][THRESHOLD]]
             del data.metrics[:]
             data.metrics.extend(kept)
-            self.client.publish(self.topic("DDATA", device), data.SerializeToString(), qos=self.config.data_qos)
+            self._numbered(self.topic("DDATA", device), data)
 
     def _refuse(self, device: str | None, command: str, error: str) -> None:
         log.warning("sparkplug: %s%s ignored: %s", command, f" for {device}" if device else "", error)
