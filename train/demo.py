@@ -160,7 +160,8 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
         config = RuntimeConfig.model_validate({
             "bundle": str(bundle), "backend": "onnxruntime", "queue_size": count + 1,
             "cameras": [{"name": "cam1", "source": str(line), "kind": "folder", "fps": fps}],
-            "broker": {"host": host, "port": port, "line": "demo", "client_id": "coft-demo"},
+            "broker": {"host": host, "port": port, "line": "demo", "client_id": "coft-demo",
+                       **({} if broker else {"protocol": "3.1.1"})},  # amqtt, the embedded broker, speaks 3.1.1
             "outbox": {"path": str(work / "outbox.db")},
             **({"commissioning": {"frames": commission}} if commission else {})})
         plc = Plc(host, port, f"{config.broker.prefix}/demo")
