@@ -75,12 +75,7 @@ class ThresholdState:
         """Apply a threshold command for one camera, or raise a one-line CoftError and change nothing.
         `via` says who asked (mqtt, or web with the operator's address) in the AUDIT line."""
         value = self._in_bounds(valid_threshold(payload[:64].decode(errors="replace").strip()))
-        with self.lock:
-            previous = self.values[camera]
-            values = {**self.values, camera: value}
-            self._save(values)
-            self.values = values
-            self.sources[camera] = via
+        previous = self._apply(camera, value, via)
         audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=%s", camera, previous, value,
                    self.model_id, via)
         return self.describe(camera, via)
@@ -88,12 +83,17 @@ class ThresholdState:
     def keep(self, camera: str, value: float, source: str) -> None:
         """Carry an operator's threshold over to this state (a new revision of the same model), saved like a
         change; a CoftError when it lies outside this state's bounds."""
-        value = self._in_bounds(value)
+        self._apply(camera, self._in_bounds(value), source)
+
+    def _apply(self, camera: str, value: float, source: str) -> float:
+        """Save, then take the camera's new threshold (a change that cannot be saved is not made); the previous."""
         with self.lock:
+            previous = self.values[camera]
             values = {**self.values, camera: value}
             self._save(values)
             self.values = values
             self.sources[camera] = source
+        return previous
 
     def operators(self) -> dict[str, tuple[float, str]]:
         """Cameras whose threshold an operator set (or a saved one restored): {camera: (value, source)}."""

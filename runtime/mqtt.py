@@ -114,7 +114,7 @@ class Link:
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
         client.on_subscribe = self._on_subscribe
-        self.refused = 0  # publishes and subscriptions the broker refused (MQTT 5 reason codes: its ACL, mostly)
+        # hears of each publish or subscription the broker refused (MQTT 5 reason codes: its ACL, mostly)
         self.on_refused: Callable[[str, str], None] = lambda name, what: None
         self.client = client
         self.network = threading.Thread(target=self._network_loop, name=f"mqtt-net-{name}", daemon=True)
@@ -238,7 +238,6 @@ class Link:
 
     def refuse(self, what: str) -> None:
         """The broker said no: count it, log it (throttled), and say so where the line's watchers look."""
-        self.refused += 1
         self.on_refused(self.name, what)
         self.throttled.log(logging.ERROR, ("refused", what), "mqtt %s: %s; check the broker's ACL for user %s "
                            "(deploy/mosquitto/coft.acl)", self.name, what, self.broker.username or "(anonymous)")

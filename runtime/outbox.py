@@ -202,7 +202,6 @@ class Reserve:
         self.folder, self.reserve = Path(outbox_path).parent, reserve_bytes
         self.device = os.stat(self.folder).st_dev
         self.throttled = Throttled(log)
-        self.held: Counter[str] = Counter()  # writes refused, per writer
 
     def allows(self, folder: Path, size: int, writer: str) -> bool:
         try:
@@ -214,7 +213,6 @@ class Reserve:
         if free - size >= self.reserve:
             self.throttled.clear(writer)
             return True
-        self.held[writer] += 1
         self.throttled.log(logging.ERROR, writer, "%s: not writing: %.0f MB free on the outbox's filesystem (%s), "
                            "%.0f MB of it reserved for verdicts (outbox.reserve_mb); free disk space or move %s to "
                            "another disk", writer, free / 2**20, self.folder, self.reserve / 2**20, writer)

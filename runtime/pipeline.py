@@ -138,7 +138,7 @@ class Runtime:
                                        line_trigger=name == names[0])
                       for name in names}
         for link in self.links.values():
-            link.on_refused = lambda name, what: self.metrics.broker_refused.labels(name).inc()
+            link.on_refused = self._broker_refused
         self.camera = {c.name: CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                        for c in config.cameras}  # capture threads by camera name
         self.sparkplug = None
@@ -148,7 +148,7 @@ class Runtime:
                 config.broker, config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
                 self.verdict_counts, lambda: self.bundle.model_id)
-            self.sparkplug.on_refused = lambda name, what: self.metrics.broker_refused.labels(name).inc()
+            self.sparkplug.on_refused = self._broker_refused
         self.opcua = None
         if config.opcua:
             from coft.runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
@@ -303,6 +303,9 @@ class Runtime:
         self.metrics.frames_dropped.labels(frame.camera).inc()
         log.debug("camera %s: dropped frame %d (inference behind)", frame.camera, frame.frame_id)
 
+    def _broker_refused(self, link: str, what: str) -> None:  # noqa: ARG002  (the link logged what)
+        self.metrics.broker_refused.labels(link).inc()
+
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
         self.metrics.camera_ended.labels(camera).set(int(self.camera[camera].ended.is_set()))
@@ -312,14 +315,16 @@ class Runtime:
 
     # -- scoring -----------------------------------------------------------------------------
     def inspect(self, frames: list[Frame]) -> None:
-        unusable = [f for f in frames if min(f.image.shape[:2]) < MIN_FRAME_SIDE]
+        usable, unusable = [], []
+        for frame in frames:
+            (usable if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE else unusable).append(frame)
         for frame in unusable:  # not a good part: a reject that says why
             self.throttled.log(logging.ERROR, ("small", frame.camera), "camera %s: a %dx%d frame is too small to "
                                "inspect (at least %d pixels a side); rejecting such frames: check the camera's mode "
                                "or cameras.roi", frame.camera, frame.image.shape[1], frame.image.shape[0],
                                MIN_FRAME_SIDE)
             self._verdict(frame, math.nan, self.threshold.value(frame.camera), reason="frame_too_small")
-        frames = [f for f in frames if min(f.image.shape[:2]) >= MIN_FRAME_SIDE]
+        frames = usable
         if not frames:
             return
         batch = np.stack([resize_to_input(f.image, self.bundle.input_size) for f in frames])
@@ -617,19 +622,21 @@ class Runtime:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
-        next_heartbeat = time.monotonic()
+        next_heartbeat = next_check = time.monotonic()
         self.watchdog.ready(f"inspecting {len(self.camera)} camera(s) with {self.bundle.model_id}")
         alive = self.config.outbox.path.with_name("alive")  # its age is what the Docker HEALTHCHECK reads
         unhealthy, ended_at = None, None
         try:
             while not self.stop_event.wait(min(0.25, self.config.heartbeat_s)):
-                unhealthy = self.health()
-                if unhealthy:
-                    break
+                if time.monotonic() >= next_check:  # once a second: each link's check asks the outbox
+                    unhealthy = self.health()
+                    if unhealthy:
+                        break
+                    self.watchdog.feed()
+                    _touch(alive)
+                    next_check = time.monotonic() + 1.0
                 if self.warmed.is_set() and not self.cameras_started:
                     self.start_cameras()
-                self.watchdog.feed()
-                _touch(alive)
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
@@ -641,10 +648,10 @@ class Runtime:
             if unhealthy:
                 log.error("%s; stopping with exit status 2 so that systemd restarts the runtime", unhealthy)
                 for link in self.links.values():
-                    link.goodbye = "stalled" if unhealthy == self.stalled else "failed"
+                    link.goodbye = "stalled" if self.stalled else "failed"
                     link.publish_status(link.goodbye)
             self.stop_event.set()
-            self.inspector.join(timeout=0 if unhealthy and unhealthy == self.stalled else 30)
+            self.inspector.join(timeout=0 if self.stalled else 30)
             if until_sources_end and self.commissioning and not unhealthy and not self.inspector.is_alive():
                 self.finish_commissioning()  # the replay ended first: fit on what came, or say why not
             self.shutdown(drain_s=30.0 if until_sources_end else 5.0)

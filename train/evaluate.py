@@ -8,7 +8,6 @@ Folders of masks (`mask`, `masks`, `ground_truth`) are ignored.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from coft.train.backbones import restore_bundle_backbone
 from coft.train.embed import embed, to_pixels
 from coft.train.metrics import detection_metrics, per_type_auroc, rates_at
 from coft.train.patches import patch_features
+from coft.train.pipeline import file_digests
 from coft.train.threshold import held_out_rates, labelled_threshold
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def without_training_shots(data: LabelledSet, manifest: dict) -> tuple[LabelledS
     shots = set(manifest.get("training", {}).get("shot_fingerprints", []))
     if not shots:
         return data, 0
-    keep = [i for i, path in enumerate(data.paths) if hashlib.sha256(path.read_bytes()).hexdigest() not in shots]
+    keep = [i for i, digest in enumerate(file_digests(data.paths)) if digest not in shots]
     left_out = len(data.paths) - len(keep)
     if left_out:
         log.warning("%d of the %d images are the bundle's own training shots; leaving them out of the evaluation",

@@ -78,11 +78,16 @@ def choose_shots(paths: list[Path], shots: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(len(paths), shots, replace=False).tolist())
 
 
-def fingerprint(paths: list[Path]) -> str:
+def file_digests(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file's bytes (hex): the manifest keeps the shots' (coft eval leaves them out)."""
+    return [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+
+
+def fingerprint(paths: list[Path], digests: list[str] | None = None) -> str:
     """A hash of the training images' bytes, so a bundle says exactly what it learned from."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for file_digest in digests if digests is not None else file_digests(paths):
+        digest.update(bytes.fromhex(file_digest))
     return digest.hexdigest()
 
 
@@ -179,7 +184,8 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
     threshold["calibration_images"] = len(paths)  # what an estimate from the shots rests on: no promise (runtime/promise.py)
     stride = backbone.patch_stride
-    data_hash = fingerprint(paths)
+    shot_digests = file_digests(paths)
+    data_hash = fingerprint(paths, shot_digests)
     created = datetime.now(timezone.utc)
     manifest = {
         "model_id": f"{options.backbone}-k{len(paths)}-{data_hash[:8]}-{created:%Y%m%dT%H%M%SZ}",
@@ -211,7 +217,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
             "selection": selection or {"method": "given", "note": "every image was taken as good"},
             "scorer_self_check": self_check,
             "dataset_fingerprint": data_hash,
-            "shot_fingerprints": [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths],  # eval leaves them out
+            "shot_fingerprints": shot_digests,  # coft eval leaves them out
             "device": str(device),
             "seconds": round(time.perf_counter() - started, 1),
         },
