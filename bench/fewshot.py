@@ -62,7 +62,8 @@ from coft.train.embed import embed_views, to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images, pixel_metrics  # noqa: E402
 from coft.train.gaussian import fit_gaussian  # noqa: E402
 from coft.train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, greedy_coreset, knn_fit  # noqa: E402
+from coft.runtime.coreset import greedy_coreset  # noqa: E402
+from coft.train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit  # noqa: E402
 from coft.train.patch_scorer import (  # noqa: E402
     BLUR_SIGMA,
     calibration_views,

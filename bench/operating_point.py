@@ -47,6 +47,7 @@ from coft.runtime.images import list_images, read_image, resize_to_input  # noqa
 from coft.train.evaluate import frame_scorer  # noqa: E402
 from coft.train.metrics import detection_metrics, escape_at_false_reject, rates_at  # noqa: E402
 from coft.train.pipeline import fingerprint  # noqa: E402
+from coft.runtime.learning import LineFrames  # noqa: E402
 from coft.train.retrain import trainable_frames  # noqa: E402
 
 DRAWS = 50
@@ -149,7 +150,8 @@ def harvest_rows(category: Path, args, work: Path) -> list[dict]:
         folder = work / f"harvest-{size}"
         folder.mkdir()
         scores = seed_scores(category, seed, args, work)["scores"]
-        for i in trainable_frames(list(chosen), [""] * len(chosen), scores[chosen]):
+        line = LineFrames(list(chosen), [""] * len(chosen), np.zeros(len(chosen), bool), scores[chosen], None)
+        for i in trainable_frames(line):
             os.symlink(test[i].resolve(), folder / f"{i:05d}{test[i].suffix}")
         bundle, _ = train_unlabelled(folder, work / f"retrained-{size}", TrainOptions(
             backbone=args.backbone, scorer=args.scorer, seed=seed, progress=False))

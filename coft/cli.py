@@ -226,6 +226,12 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     print(f"retrained bundle written: {out} (FUN-AD's suspects: {out}.funad/ where present)")
 
 
+def cmd_learn(args: argparse.Namespace) -> None:
+    from coft.runtime.learning import learn
+    out = learn(args.bundle, args.frames, args.out, args.camera, args.target_frr, threads=args.threads)
+    print(f"bank grown, new revision: {out} (every frame: {out}.learn.csv)")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     try:
         from coft.export.onnx import export_onnx
@@ -381,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", metavar="RULE", help="threshold from the sorted frames: 'f1' or 'escape=RATE'")
     p.add_argument("--weights", help="pretrained weights file, for backbones that need one (see coft train)")
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("learn", help="on the box: grow a knn bundle's memory bank from the line's own frames, "
+                                     "keeping defects out, and fit its threshold again (a new revision; no torch)")
+    p.add_argument("bundle", type=_folder, help="the exported knn bundle the line runs (or a revision of it)")
+    p.add_argument("frames", type=_folder, help="the commissioning frames, a harvest or any folder of the line's "
+                                                "frames; frames sorted into good/ and defect/ count as labelled")
+    p.add_argument("--out", type=Path, help="the new revision (default: <bundle>-r2, -r3 ...)")
+    p.add_argument("--camera", help="use only this camera's frames (needed when the harvest holds several)")
+    p.add_argument("--target-frr", type=float, help="false-reject rate the new threshold aims at (default: the bundle's)")
+    p.add_argument("--threads", type=_at_least(0), default=0, help="ONNX Runtime threads (default 0: all cores)")
+    p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("export", help="write the bundle's ONNX graph: raw frame in, score and embedding out")
     p.add_argument("bundle", type=_folder, help="the bundle directory; the graph is written into it (model.onnx)")

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
 from coft.runtime.errors import CoftError
+from coft.runtime.learning import BANK_CONSTANT
 from coft.runtime.scoring import Gaussian, MemoryBank, pooled_patches
 from coft.train.backbones import Backbone, restore_bundle_backbone
 from coft.train.progress import bar
@@ -135,6 +136,8 @@ def check_matches_manifest(model: onnx.ModelProto, manifest: dict) -> None:
     expected = [manifest["input"]["height"], manifest["input"]["width"], 3]
     if dims[1:] != expected:
         raise CoftError(f"{ONNX_FILE}: takes frames of {dims[1:]} but the manifest says {expected}; re-run 'coft export'")
+    if manifest.get("scorer") == "knn" and BANK_CONSTANT not in {c.name for c in model.graph.initializer}:
+        raise CoftError(f"{ONNX_FILE}: no memory-bank constant {BANK_CONSTANT}, which 'coft learn' replaces on the box")
     emb_dim = outputs[EMBEDDING].type.tensor_type.shape.dim[-1].dim_value
     if emb_dim != manifest["embedding_dim"]:
         raise CoftError(f"{ONNX_FILE}: embedding of size {emb_dim} but the manifest says {manifest['embedding_dim']}; re-run 'coft export'")

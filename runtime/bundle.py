@@ -24,7 +24,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from coft.runtime import manifest as manifests
 from coft.runtime.errors import CoftError
@@ -104,6 +104,11 @@ def update_manifest(bundle_dir: str | Path, changes: dict[str, Any]) -> dict[str
     return manifest
 
 
+def lineage(model_id: str) -> str:
+    """The model id a bundle's revisions share (without -r2, -r3 ...)."""
+    return re.sub(r"(-r\d+)+$", "", model_id)
+
+
 def next_revision(bundle_dir: Path, model_id: str) -> tuple[Path, str]:
     """Where the next revision of a bundle goes and its model id: NAME-r2, NAME-r3, ..."""
     match = re.fullmatch(r"(.*)-r(\d+)", model_id)
@@ -131,14 +136,16 @@ def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -
     return max(found)[1] if found else None
 
 
-def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None) -> Path:
+def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None,
+           files: dict[str, Callable[[Path], None]] | None = None) -> Path:
     """A new bundle revision beside the old one: the same files, `changes` applied, a new model id.
 
     The old bundle stays as it was, so a box running it (and the live threshold it saved
     for that model id) is never changed behind its back, and `coft rollback` still has it.
     Unchanged files are hard links to the old ones where the filesystem allows: a threshold
     change costs a manifest, not another copy of the model (every writer of a bundle file
-    replaces it through a new file, so a shared one is never changed in place).
+    replaces it through a new file, so a shared one is never changed in place). `files`
+    names the files the revision writes anew: name -> a function that writes it to a path.
     """
     bundle_dir = Path(bundle_dir)
     old = read_manifest(bundle_dir)
@@ -147,7 +154,9 @@ def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | No
     manifest = {k: v for k, v in old.items() if k not in ("files", manifests.DIGEST_KEY)}
     manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
     with new_bundle(out, manifest) as staging:
-        for name in old["files"]:
+        for name, write in (files or {}).items():
+            write(staging / name)
+        for name in set(old["files"]) - set(files or {}):
             try:
                 os.link(bundle_dir / name, staging / name)
             except OSError:  # another filesystem, or one without hard links

@@ -19,7 +19,8 @@ from tests.test_patch import masked_set  # noqa: F401  (fixture)
 from coft.train import dinov2
 from coft.train.augment import AugmentConfig
 from coft.train.evaluate import evaluate
-from coft.train.knn_scorer import fit_bank, greedy_coreset, poses
+from coft.runtime.coreset import greedy_coreset
+from coft.train.knn_scorer import fit_bank, poses
 from coft.train.pipeline import TrainOptions, train_bundle
 
 VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load

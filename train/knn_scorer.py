@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from coft.runtime.coreset import greedy_coreset
 from coft.runtime.errors import CoftError
 from coft.runtime.scoring import MemoryBank, pool
 from coft.train.augment import AugmentConfig
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CAP = 16_384  # bank rows; see README, Accuracy, for what the cap costs
 BANK_BYTES_LIMIT = 2 << 30  # a bank above this does not fit an edge box next to the model
-PROJECTION_DIM = 128  # coreset distances on a random projection, as PatchCore does
 
 Pose = tuple[int, bool]  # (quarter turns, mirrored first)
 
@@ -75,35 +75,15 @@ def bank_views(backbone, pixels: torch.Tensor, config: AugmentConfig, shift: int
     return features.reshape(*stacked.shape[:2], *features.shape[1:])
 
 
-def greedy_coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
-    """Indices of at most `cap` rows chosen farthest-first (k-centre greedy), on a random projection.
-
-    Large caps take the `cap // 512` farthest rows per pass and update the distances with
-    one matrix product, so a pass reads the bank once for many picks (82,000 patches to
-    16,384: 512 passes instead of 16,384); small caps are exact greedy."""
+def coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
+    """runtime.coreset's greedy coreset, with a progress bar."""
     if cap <= 0 or len(features) <= cap:
         return np.arange(len(features))
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(features.astype(np.float32))
-    projection = torch.randn(x.shape[1], PROJECTION_DIM, generator=generator) / PROJECTION_DIM ** 0.5
-    z = x @ projection
-    norms = z.square().sum(dim=1)
-    per_pass = max(1, cap // 512)
-    picked = [torch.randint(len(z), (1,), generator=generator)]
-    nearest = torch.full((len(z),), float("inf"))
-    count = 1
     progress = bar(desc="memory bank coreset", total=cap, unit="patch")
-    while count < cap:
-        centres = picked[-1]
-        distances = norms[:, None] + norms[centres][None, :] - 2 * (z @ z[centres].T)
-        torch.minimum(nearest, distances.amin(dim=1), out=nearest)
-        nearest[centres] = -1.0  # chosen rows never come back
-        take = min(per_pass, cap - count)
-        picked.append(torch.topk(nearest, take).indices)
-        count += take
-        progress.update(take)
-    progress.close()
-    return np.sort(torch.cat(picked).numpy())
+    try:
+        return greedy_coreset(features, cap, seed, progress=progress.update)
+    finally:
+        progress.close()
 
 
 def _capped(views: np.ndarray, cap: int, seed: int) -> tuple[MemoryBank, np.ndarray]:
@@ -114,7 +94,7 @@ def _capped(views: np.ndarray, cap: int, seed: int) -> tuple[MemoryBank, np.ndar
         fits = BANK_BYTES_LIMIT // (dim * 4)
         raise CoftError(f"a bank of {rows} patches ({rows * dim * 4 / 2**30:.1f} GiB) will not fit an edge box; "
                         f"cap it with --coreset {min(DEFAULT_CAP, fits)} (at most {fits})")
-    keep = greedy_coreset(flat, cap, seed)
+    keep = coreset(flat, cap, seed)
     if len(keep) < len(flat):
         log.info("memory bank: %d patches, coreset of %d kept", len(flat), len(keep))
     return MemoryBank(np.ascontiguousarray(flat[keep])), keep

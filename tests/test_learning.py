@@ -1,0 +1,139 @@
+"""`coft learn`: a box grows its knn bank from its own frames, without torch; real ELPV cells (the PyPI package)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from coft.export.onnx import export_onnx
+from coft.runtime.bank_growth import LearnConfig, grow
+from coft.runtime.bundle import load_bundle
+from coft.runtime.engines.ort_engine import OnnxRuntimeEngine
+from coft.runtime.errors import CoftError
+from coft.runtime.images import read_image, resize_to_input
+from coft.runtime.learning import learn
+from coft.runtime.scoring import MemoryBank, pool
+from coft.train.demo import _link, elpv_cells
+from coft.train.pipeline import TrainOptions, train_bundle
+from tests.test_runtime import ROOT
+
+SIZE = (112, 112)  # 8 x 8 patches of the real DINOv2 weights: quick, and still the real features
+
+
+@pytest.fixture(scope="module")
+def cells():
+    paths, probability, _ = elpv_cells()
+    good = [p for p, q in zip(paths, probability) if q == 0.0]
+    defect = [p for p, q in zip(paths, probability) if q == 1.0]
+    return good, defect
+
+
+@pytest.fixture(scope="module")
+def cell_bundle(cells, tmp_path_factory):
+    shots = tmp_path_factory.mktemp("shots")
+    for path in cells[0][:10]:
+        _link(path, shots / path.name)
+    out = tmp_path_factory.mktemp("cell") / "cells.bundle"
+    train_bundle(shots, out, TrainOptions(size=SIZE, coreset=2048, progress=False))
+    export_onnx(out, max_batch=16)
+    return out
+
+
+def _line_folder(root, good, defect, model_id):
+    """A folder as a line leaves it: 140 good cells and 7 defects unsorted, 2 defects an operator sorted, and 2 the
+    line rejected (harvest verdict JSONs beside them)."""
+    for path in good[10:150] + defect[:7]:
+        _link(path, root / path.name)
+    for path in defect[7:9]:
+        _link(path, root / "defect" / path.name)
+    for path in defect[9:11]:
+        _link(path, root / "cam1" / path.name)
+        (root / "cam1" / path.with_suffix(".json").name).write_text(json.dumps(
+            {"model_id": model_id, "camera": "cam1", "reject": True, "score": 1.0}))
+    return root
+
+
+def _scores(bundle_dir, paths):
+    bundle = load_bundle(bundle_dir)
+    frames = np.stack([resize_to_input(read_image(p), bundle.input_size) for p in paths])
+    return OnnxRuntimeEngine(bundle).infer(frames).scores
+
+
+def test_learn_grows_the_bank_from_the_line_keeps_defects_out_and_states_its_promise(tmp_path, cells, cell_bundle):
+    good, defect = cells
+    model_id = load_bundle(cell_bundle).model_id
+    frames = _line_folder(tmp_path / "line", good, defect, model_id)
+    # on the box: the runtime's own process, no torch
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); from coft.runtime.learning import learn; "
+            f"learn({str(cell_bundle)!r}, {str(frames)!r}, "
+            f"{str(tmp_path / 'grown')!r}); assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "learn: 151 frames" in result.stderr and "with 95% confidence" in result.stderr
+
+    grown = load_bundle(tmp_path / "grown")
+    m = grown.manifest
+    assert m["revision_of"] == model_id and m["model_id"] == f"{model_id}-r2"
+    r = m["learning"]
+    assert r["frames"] == 151 and r["sorted_defects"] == 2 and r["line_rejects"] == 2 and r["barred"] == 4
+    assert r["rows_added"] > 0 and r["bank_rows_after"] == len(grown.scoring) == m["knn"]["bank_size"] <= 2048
+    assert 0 < r["frames_in_bank"] <= r["frames_offering"] < 151 - 4 and len(r["suspects_per_look"]) == 2
+    assert m["threshold"]["method"] == "learn-conformal" and 100 <= m["threshold"]["promise"]["frames"] <= 149
+    with open(tmp_path / "grown.learn.csv") as f:
+        rows = list(csv.DictReader(f))
+    barred = [row for row in rows if row["label"] == "defect" or row["line_rejected"] == "1"]
+    assert len(barred) == 4 and all(row["offered"] == "0" and row["rows_in_bank"] == "0" for row in barred)
+
+    # the graph carries the grown bank: ONNX Runtime's scores are the numpy bank's
+    held_out = good[150:190]
+    bundle = load_bundle(tmp_path / "grown")
+    pixels = np.stack([resize_to_input(read_image(p), bundle.input_size) for p in held_out])
+    inference = OnnxRuntimeEngine(bundle).infer(pixels)
+    assert np.allclose(inference.scores, pool(bundle.scoring.score(inference.embeddings), "top1pct"), atol=1e-4)
+    # and the line's good parts look more like good parts than they did to the ten shots
+    before, after = _scores(cell_bundle, held_out), inference.scores
+    assert np.median(after) < 0.9 * np.median(before)
+
+
+def test_the_line_s_variation_enters_the_bank_its_defects_and_rejects_do_not():
+    """Frames show a texture the shots lack: it enters. A frame with a scar, and a frame the line rejected, give no
+    row; a frame an operator sorted as good gives its rows whatever it scores."""
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    shots = unit(rng.normal(size=(4, 32)))
+    texture = unit(rng.normal(size=(8, 32)))  # what the line's parts show, which the shots did not
+    frames = unit(texture[rng.integers(0, 8, size=(120, 16))] + 0.05 * rng.normal(size=(120, 16, 32)))
+    scar, odd = unit(rng.normal(size=(2, 32)))
+    frames[7, 3], frames[11, 5] = scar, odd
+    good, barred = np.zeros(120, bool), np.zeros(120, bool)
+    good[11], barred[9] = True, True
+    growth = grow(MemoryBank(shots), frames, "max", good, barred, LearnConfig(cap=0))
+    owned = np.bincount(growth.owner[growth.owner >= 0], minlength=120)
+    assert owned[7] == 0 and owned[9] == 0 and owned[11] == 16 and not growth.offered[7]
+    assert growth.bank.score(scar[None])[0] > 0.3 and growth.bank.score(texture).max() < 0.05
+    assert min(growth.scores_after[7], growth.scores_before[20]) > 0.3 and growth.scores_after[20] < 0.1
+    assert growth.report["rows_added"] == owned.sum() and growth.report["rows_dropped"] == 0
+
+
+def test_learn_refuses_what_it_cannot_learn_from(tmp_path, cells, cell_bundle, exported_bundle):
+    good, defect = cells
+    with pytest.raises(CoftError, match="grows a memory bank, and this bundle's scorer is global"):
+        learn(exported_bundle, tmp_path)
+    few = tmp_path / "few"
+    for path in good[10:60]:
+        _link(path, few / path.name)
+    with pytest.raises(CoftError, match="fitted on at least 100: give more frames"):
+        learn(cell_bundle, few, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    (few / "other.json").write_text(json.dumps({"model_id": "another-line", "camera": "cam1"}))
+    _link(good[61], few / "other.png")
+    with pytest.raises(CoftError, match="was inspected by model another-line, not by dinov2"):
+        learn(cell_bundle, few)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CoftError, match="no frames"):
+        learn(cell_bundle, tmp_path / "empty")
