@@ -14,7 +14,7 @@ spreads of the centre: a cut far enough out that good parts are (nearly) never b
 so only frames there are assumed defects, and any defect inside only makes the promise
 more cautious. Where those frames are enough to promise the target (about 300 for 1% at
 95% confidence), the default fit takes the lowest order statistic that does ("conformal");
-either way the threshold states what it promises (bench/operating_point.py measures how
+with fewer, split conformal's order statistic (the target met in expectation); either way the threshold states what it promises (bench/operating_point.py measures how
 often it holds).
 A part seen in several frames counts once (frames thinned by part id where they have one).
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from coft.runtime.drift import reference_median
 from coft.runtime.errors import CoftError
-from coft.runtime.promise import order_threshold, promise
+from coft.runtime.promise import expected_threshold, order_threshold, promise
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,14 @@ def promise_pool(scores: np.ndarray) -> np.ndarray:
 
 def _conformal(scores: np.ndarray, target: float) -> float:
     """The lowest order statistic of the promise pool that promises the target, where the pool is big enough;
-    else the trimmed normal."""
-    value = order_threshold(promise_pool(scores), target)
-    return _normal(_trimmed(np.log(scores)), target) if value is None else value
+    else split conformal's, which meets the target in expectation (a normal misjudges a heavy good tail: on
+    magnetic tiles, 285 frames, it rejected 7% of good parts for a 1% target); else the trimmed normal."""
+    pool = promise_pool(scores)
+    for fit in (order_threshold, expected_threshold):
+        value = fit(pool, target)
+        if value is not None:
+            return value
+    return _normal(_trimmed(np.log(scores)), target)
 
 
 FITS = {"conformal": _conformal,

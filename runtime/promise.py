@@ -78,6 +78,14 @@ def order_threshold(scores: np.ndarray, target: float, confidence: float = CONFI
     return float(ordered[low - 1])
 
 
+def expected_threshold(scores: np.ndarray, target: float) -> float | None:
+    """Split conformal's order statistic, rank ceil((n + 1)(1 - target)): the expected share of good parts above it
+    is at most `target` (an expectation over draws, not a 95% promise), or None when n < 1/target - 1."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rank = math.ceil((len(ordered) + 1) * (1 - target))
+    return float(ordered[rank - 1]) if 0 < rank <= len(ordered) else None
+
+
 def promise(scores: np.ndarray, threshold: float, confidence: float = CONFIDENCE) -> dict:
     """What `threshold` promises on these good scores: {"false_reject_rate", "confidence", "frames"}."""
     scores = np.asarray(scores, np.float64)

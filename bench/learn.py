@@ -1,0 +1,206 @@
+"""The line learns: a k-shot bundle's bank grown from unlabelled line frames, some of them defective.
+
+    python bench/learn.py ../shared/datasets/magnetic_tile [--frames 100 300 1000] [--shares 0.05 0.15]
+    python bench/learn.py elpv ...            (the elpv-dataset package's cells)
+
+For each seed: k good shots as bench/fewshot.py draws them (the product's bank: every
+pose, greedy coreset); then a stream of N frames from the rest with a given share of
+defects; the test set is every image in neither. Compared, each scored with the shipped
+knn scorer (mean of the worst 1% of patches) on the same frozen DINOv2 features:
+
+- shots:   the k-shot bank, its threshold commissioned on the stream (runtime.commissioning)
+- learn:   `coft learn`'s step (runtime/bank_growth.py) on the stream, its refitted threshold
+- naive:   every stream frame in the bank, no defence (what growing blindly costs)
+- clean:   only the stream's good frames (perfect filtering: the ceiling of this step)
+- retrain: with --retrain, today's `coft retrain` (FUN-AD, then a new bundle on the rest)
+           for the first seed and the first N and share: its time and peak memory
+
+Reported per step: image AUROC, AP, escape at 1% and 5% false-reject (oracle thresholds on
+the test set), false-reject and escape at the step's own threshold, defective frames that
+entered the bank, seconds and peak memory of the step (numpy allocations, tracemalloc;
+the engine's features of the frames are extra: see README). Frame counts a set cannot
+supply are skipped and said. Writes learn.json and learn.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
+
+from coft.runtime.bank_growth import LearnConfig, grow  # noqa: E402
+from coft.runtime.commissioning import fit_threshold, suspects  # noqa: E402
+from coft.runtime.coreset import greedy_coreset  # noqa: E402
+from coft.runtime.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.scoring import MemoryBank, pool  # noqa: E402
+from coft.train.augment import AugmentConfig  # noqa: E402
+from coft.train.backbones import load_backbone  # noqa: E402
+from coft.train.embed import to_pixels  # noqa: E402
+from coft.train.evaluate import labelled_images  # noqa: E402
+from coft.train.knn_scorer import DEFAULT_CAP, bank_views  # noqa: E402
+from coft.train.metrics import detection_metrics, rates_at  # noqa: E402
+from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
+
+TARGET_FRR = 0.01
+STEPS = ("shots", "learn", "naive", "clean")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def measure(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
+    m = detection_metrics(labels, scores)
+    row = {k: round(float(m[k]), 4) for k in ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr")}
+    if threshold is not None:
+        row.update({k: round(v, 4) for k, v in rates_at(labels, scores, threshold).items()})
+    return row
+
+
+def retrain_run(category: Path, data, shots: np.ndarray, stream: np.ndarray, work: Path, seed: int) -> dict:
+    """Today's `coft retrain` on the stream as a plain folder, in a child process: seconds and peak memory."""
+    from coft.train.pipeline import train_bundle
+    for name, chosen in (("shots", shots), ("stream", stream)):
+        (work / name).mkdir()
+        for i in chosen:
+            os.symlink(data.paths[i].resolve(), work / name / f"{i:05d}{data.paths[i].suffix}")
+    train_bundle(work / "shots", work / "shots.bundle", TrainOptions(seed=seed, progress=False))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "--quiet", "retrain", str(work / "shots.bundle"),
+                             str(work / "stream"), "--out", str(work / "retrained")], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(f"coft retrain failed: {result.stderr[-1000:]}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": round(seconds, 1), "peak_mb": round(peak_mb), "bank": MemoryBank.load(work / "retrained/bank.npz"),
+            "manifest": json.loads((work / "retrained/manifest.json").read_text())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset_root", type=Path)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000], help="stream lengths N")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.15], help="defect shares of the stream")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--retrain", action="store_true", help="also today's coft retrain, once (slow: many minutes)")
+    parser.add_argument("--cache", type=Path, default=Path("bench-out/cache"), help="frozen features kept between runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/learn"))
+    args = parser.parse_args()
+
+    category = find_category(args.dataset_root)
+    data = labelled_images(category)
+    options = TrainOptions()
+    size = options.size
+    frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
+    backbone = load_backbone(options.backbone, None, size, None)
+    key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
+           f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")  # bench/fewshot.py's key: one cache for both
+    patches = cached_features(backbone, frames, size, 1, args.cache, key)[1]
+    patches = torch.from_numpy(unit(patches.float().numpy()))
+    good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
+    runs, skipped = [], []
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        views = unit(bank_views(backbone, to_pixels(list(frames[shots]), size), AugmentConfig()))
+        flat = views.reshape(-1, views.shape[-1])
+        shot_bank = MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
+        for n in args.frames:
+            for share in args.shares:
+                n_bad = round(share * n)
+                rest = np.setdiff1d(good, shots)
+                if n - n_bad > len(rest) - 100 or n_bad > len(bad) - 20:
+                    skipped.append(f"N={n} at {share:.0%}: the set has {len(rest)} good and {len(bad)} defective "
+                                   "images beside the shots, too few to leave a test set")
+                    continue
+                draw = np.random.default_rng([seed, n, round(share * 1000)])
+                stream = np.concatenate([draw.choice(rest, n - n_bad, replace=False), draw.choice(bad, n_bad, replace=False)])
+                test = np.setdiff1d(np.arange(len(frames)), np.concatenate([shots, stream]))
+                labels, line = data.labels[test], patches[stream].numpy()
+                is_bad = data.labels[stream] == 1
+
+                def scored(bank: MemoryBank) -> np.ndarray:
+                    return pool(knn_scores(torch.from_numpy(bank.features), patches[test]), "top1pct")
+
+                def bank_of(chosen: np.ndarray) -> MemoryBank:
+                    rows = np.concatenate([shot_bank.features, line[chosen].reshape(-1, line.shape[-1])])
+                    return MemoryBank(rows[greedy_coreset(rows, DEFAULT_CAP, seed)])
+
+                none = np.zeros(n, bool)
+                tracemalloc.start()
+                started = time.perf_counter()
+                growth = grow(shot_bank, line, "top1pct", none, none, LearnConfig(seed=seed))
+                learn_s = time.perf_counter() - started
+                peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+                tracemalloc.stop()
+                commissioned = fit_threshold(growth.scores_before, TARGET_FRR)["value"]
+                learned = fit_threshold(growth.scores_after, TARGET_FRR)["value"]
+                banks = {"shots": (shot_bank, commissioned), "learn": (growth.bank, learned),
+                         "naive": (bank_of(np.ones(n, bool)), None), "clean": (bank_of(~is_bad), None)}
+                base = {"seed": seed, "frames": n, "share": share, "defects_in_stream": int(n_bad)}
+                for step, (bank, threshold) in banks.items():
+                    row = {**base, "step": step, **measure(labels, scored(bank), threshold)}
+                    if step == "learn":
+                        row.update(seconds=round(learn_s, 1), peak_mb=round(peak_mb),
+                                   defects_in_bank=int((growth.offered & is_bad).sum()),
+                                   good_left_out=int((~growth.offered & ~is_bad).sum()),
+                                   rows_added=growth.report["rows_added"])
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
+                if args.retrain and seed == args.seeds[0] and n == args.frames[0] and share == args.shares[0]:
+                    with tempfile.TemporaryDirectory(prefix="coft-learn-bench-") as work:
+                        done = retrain_run(category, data, shots, stream, Path(work), seed)
+                    kept = done["manifest"]["harvest"]["trained_pool"]
+                    row = {**base, "step": "retrain", **measure(labels, scored(done["bank"]),
+                                                                done["manifest"]["threshold"]["value"]),
+                           "seconds": done["seconds"], "peak_mb": done["peak_mb"], "trained_pool": kept}
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
+    write(args, category, runs, skipped)
+
+
+def write(args, category: Path, runs: list[dict], skipped: list[str]) -> None:
+    meta = {"dataset": str(category), "shots": args.shots, "seeds": args.seeds, "machine": machine(),
+            "backbone": TrainOptions.backbone, "cap": DEFAULT_CAP}
+    lines = [f"# The line learns: {category.name}, {args.shots} shots + N unlabelled frames", "",
+             f"Seeds {args.seeds}, {meta['machine']['cpu']} ({meta['machine']['cpu_threads']} threads). Mean over seeds; "
+             "escape at 1% / 5% false-reject on the test set (oracle thresholds); FRR / escape at each step's own "
+             "threshold (shots: commissioned on the stream; learn: refitted by the step).", "",
+             "| N | defects | step | AUROC | AP | escape@1% | escape@5% | FRR / escape at its threshold | defective frames in bank | s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault((run["frames"], run["share"], run["step"]), []).append(run)
+    for (n, share, step), rs in groups.items():
+        def mean(key: str, digits: int = 3) -> str:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            return f"{np.mean(values):.{digits}f}" if values else "-"
+        at = f"{float(mean('false_reject_rate')):.1%} / {float(mean('escape_rate')):.1%}" if rs[0].get("escape_rate") is not None else "-"
+        lines.append(f"| {n} | {share:.0%} | {step} | {mean('auroc')} | {mean('ap')} | {mean('escape_at_1pct_frr')} | "
+                     f"{mean('escape_at_5pct_frr')} | {at} | {mean('defects_in_bank', 1)} | {mean('seconds', 0)} | "
+                     f"{mean('peak_mb', 0)} |")
+    lines += [""] + [f"Skipped: {s}" for s in dict.fromkeys(skipped)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "learn.json").write_text(json.dumps({"meta": meta, "runs": runs, "skipped": skipped}, indent=2) + "\n")
+    (args.out / "learn.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
