@@ -9,7 +9,8 @@ defects; the test set is every image in neither. Compared, each scored with the 
 knn scorer (mean of the worst 1% of patches) on the same frozen DINOv2 features:
 
 - shots:   the k-shot bank, its threshold commissioned on the stream (runtime.commissioning)
-- learn:   `coft learn`'s step (runtime/bank_growth.py) on the stream, its refitted threshold
+- learn:   `coft learn`'s step (runtime/bank_growth.py) on the stream after commissioning (frames above the
+           commissioned threshold are the line's rejects: never in the bank), its refitted threshold
 - naive:   every stream frame in the bank, no defence (what growing blindly costs)
 - clean:   only the stream's good frames (perfect filtering: the ceiling of this step)
 - retrain: with --retrain, today's `coft retrain` (FUN-AD, then a new bundle on the rest)
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
 
 from coft.runtime.bank_growth import LearnConfig, grow  # noqa: E402
-from coft.runtime.commissioning import fit_threshold, suspects  # noqa: E402
+from coft.runtime.commissioning import fit_threshold  # noqa: E402
 from coft.runtime.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.scoring import MemoryBank, pool  # noqa: E402
@@ -142,14 +143,17 @@ def main() -> None:
                     rows = np.concatenate([shot_bank.features, line[chosen].reshape(-1, line.shape[-1])])
                     return MemoryBank(rows[greedy_coreset(rows, DEFAULT_CAP, seed)])
 
-                none = np.zeros(n, bool)
+                # the product's order: commission on the stream, then learn; the commissioned threshold's rejects
+                # are the line's and never enter the bank
+                commissioned = fit_threshold(pool(knn_scores(torch.from_numpy(shot_bank.features), patches[stream]),
+                                                  "top1pct"), TARGET_FRR)["value"]
                 tracemalloc.start()
                 started = time.perf_counter()
-                growth = grow(shot_bank, line, "top1pct", none, none, LearnConfig(seed=seed))
+                growth = grow(shot_bank, line, "top1pct", np.zeros(n, bool), None, LearnConfig(seed=seed),
+                              reject_above=commissioned)
                 learn_s = time.perf_counter() - started
                 peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
                 tracemalloc.stop()
-                commissioned = fit_threshold(growth.scores_before, TARGET_FRR)["value"]
                 learned = fit_threshold(growth.scores_after, TARGET_FRR)["value"]
                 banks = {"shots": (shot_bank, commissioned), "learn": (growth.bank, learned),
                          "naive": (bank_of(np.ones(n, bool)), None), "clean": (bank_of(~is_bad), None)}

@@ -4,8 +4,8 @@ The bank is patch features and the exported graph already outputs them (`embeddi
 a box can learn what its line's good parts look like from the frames it sees. Defects
 among those frames must stay out of the bank, or the bank learns to accept them:
 
-1. Frames the line rejected and frames an operator sorted as defects offer no patch;
-   frames sorted as good always do.
+1. Frames the line rejected (by their verdicts, or above a commissioned threshold) and
+   frames an operator sorted as defects offer no patch; frames sorted as good always do.
 2. Every other frame is judged by the trimmed fit of the frames' scores (commissioning's
    suspects), first against the shots' bank, then again, as FUN-AD reconstructs its
    memory bank, against the bank grown from the frames that passed, each frame scored
@@ -80,14 +80,18 @@ def _bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config:
     return MemoryBank(np.ascontiguousarray(candidates[keep], np.float32)), owners[keep]
 
 
-def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray,
-         config: LearnConfig = LearnConfig()) -> Growth:
+def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray | None,
+         config: LearnConfig = LearnConfig(), reject_above: float | None = None) -> Growth:
     """The bank grown from the frames' patch features [frames, patches, C] (unit rows, as the graph gives them).
 
     `good`: frames an operator sorted as good (they offer patches whatever they score); `barred`: frames that
-    must offer none (sorted defects, the line's own rejects)."""
-    unsure = ~good & ~barred
+    must offer none (sorted defects, the line's own rejects); `reject_above`: a commissioned threshold, whose
+    rejects are the line's too."""
     scores = scores_before = pool(bank.score(patches), pooling)
+    barred = np.zeros(len(patches), bool) if barred is None else barred.copy()
+    if reject_above is not None:
+        barred |= ~good & (scores_before > reject_above)
+    unsure = ~good & ~barred
     looks = []
     grown, owner = bank, np.full(len(bank), -1)
     for look in range(config.looks):

@@ -48,7 +48,10 @@ def line_frames(folder: Path, model_id: str, camera: str | None) -> LineFrames:
 
     A verdict of another model's line, or frames of several cameras without `camera`, are refused."""
     paths, labels, rejected, scores, cameras = [], [], [], [], set()
-    for path in list_images(folder, recursive=True):
+    listed = folder / "scores.csv"  # a commissioning folder: the frames it lists (not its histogram.png)
+    found = ([folder / row["file"] for row in csv.DictReader(listed.open()) if row["file"]] if listed.is_file()
+             else list_images(folder, recursive=True))
+    for path in found:
         verdict = {}
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
@@ -163,7 +166,9 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     barred = defect | (frames.rejected[readable] & ~good)  # the line's rejects, unless an operator said good
     threshold = bundle.manifest["threshold"]
     pooling = bundle.manifest["patch"]["pooling"]
-    growth = grow(bundle.scoring, patches, pooling, good, barred, config)
+    commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
+    growth = grow(bundle.scoring, patches, pooling, good, barred, config,
+                  reject_above=float(threshold["value"]) if commissioned else None)
     target = target or threshold.get("target_false_reject_rate", 0.01)
     calibration = growth.scores_after[~defect]
     if len(calibration) < MIN_FRAMES:

@@ -177,6 +177,8 @@ class Runtime:
         self.refusing = False  # the outbox cannot store verdicts (disk full)
         self.last_inspection_ok = time.monotonic()
         self.commissioning = self._commissioning(names, commission)
+        self.learning: dict | None = None  # the learner's state after commissioning (status)
+        self._grown = None  # (bundle, engine) the learner made, for the inspector to take
 
     def _commissioning(self, cameras: list[str], again: bool) -> Commissioning | None:
         """Commission only a bundle not yet commissioned for these cameras (or when asked again): a restart, by
@@ -315,6 +317,9 @@ class Runtime:
 
     # -- scoring -----------------------------------------------------------------------------
     def inspect(self, frames: list[Frame]) -> None:
+        if self._grown:  # the learner's model, taken here between two batches
+            (grown, engine), self._grown = self._grown, None
+            self._run(grown, engine, self.bundle.threshold, "learn")
         usable, unusable = [], []
         for frame in frames:
             (usable if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE else unusable).append(frame)
@@ -459,45 +464,77 @@ class Runtime:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.bundle.path, exc)
             return
+        self._run(load_bundle(revision, self.config.trusted_keys), self.engine, old["value"], "commissioning")
+        if self.config.commissioning.learn and self.bundle.manifest.get("scorer") == "knn" and commissioning.folder:
+            threading.Thread(target=self._learn, args=(revision, commissioning.folder), name="learner",
+                             daemon=True).start()
+
+    def _run(self, bundle, engine, old: float, why: str) -> None:
+        """Judge with this revision from now on (between two batches: no verdict lost), say who owns each camera's
+        threshold, and where `bundle:` is a box's `current` link, point that at it for the next start."""
         operators = self.threshold.operators()
-        self._adopt(load_bundle(revision, self.config.trusted_keys), list(self.links))  # same model: same engine
+        self.engine = engine
+        self._adopt(bundle, list(self.links))
         for camera in self.links:
-            self._owner_after_commissioning(camera, old["value"], fitted["value"], operators.get(camera))
+            self._owner_after(why, camera, old, bundle.threshold, operators.get(camera))
         for link in self.links.values():
             link.publish_state(self.threshold.describe(link.camera, self.threshold.sources[link.camera]))
         if self.config.bundle.is_symlink():
             try:
-                switch(self.config.bundle, revision)
+                switch(self.config.bundle, bundle.path)
             except OSError as exc:
-                log.error("commissioning: cannot point %s at %s (%s); the next start runs the old bundle",
-                          self.config.bundle, revision, exc.strerror)
-        log.warning("commissioning done: now running %s (threshold %.6g); it is in %s%s", self.bundle.model_id,
-                    self.bundle.threshold, revision,
+                log.error("%s: cannot point %s at %s (%s); the next start runs the old bundle", why,
+                          self.config.bundle, bundle.path, exc.strerror)
+        log.warning("%s done: now running %s (threshold %.6g); it is in %s%s", why, self.bundle.model_id,
+                    self.bundle.threshold, bundle.path,
                     "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")
 
-    def _owner_after_commissioning(self, camera: str, bundle: float, fitted: float,
-                                   operator: tuple[float, str] | None) -> None:
-        """Say who owns the camera's threshold now, with all three values: an operator's stays in force until an
-        operator sets the fitted one (unless commissioning.keep_operator_threshold is false)."""
+    def _learn(self, revision, frames) -> None:
+        """After commissioning: the bank grown from the commissioning frames (coft learn), in the background at
+        a low priority (nice 10: about a tenth of a core a busy inspector leaves, so it still ends) and on one
+        thread; the inspector takes the new model between batches. A failure keeps the commissioned model and
+        says why."""
+        from coft.runtime.learning import learn
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
+        except (AttributeError, OSError):
+            pass
+        self.learning = {"state": "learning", "frames": str(frames)}
+        log.info("learn: growing the bank from the %s frames in %s, in the background", self.bundle.model_id, frames)
+        try:
+            grown = load_bundle(learn(revision, frames, threads=1), self.config.trusted_keys)
+            self._grown = (grown, open_engine(grown, self.config.backend, self.config.threads))
+        except Exception as exc:  # noqa: BLE001  (whatever it was, the line inspects on with the commissioned model)
+            log.error("learn: %s; inspecting on with the commissioned bank", exc)
+            self.learning = {"state": "failed", "error": str(exc)[:300]}
+            return
+        self.learning = {"state": "done", "revision": grown.model_id, **{
+            k: grown.manifest["learning"][k] for k in ("frames", "frames_in_bank", "suspects", "rows_added")}}
+
+    def _owner_after(self, why: str, camera: str, bundle: float, fitted: float,
+                     operator: tuple[float, str] | None) -> None:
+        """Say who owns the camera's threshold now that commissioning (or learning) fitted one, with all three
+        values: an operator's stays in force until an operator sets the fitted one (unless
+        commissioning.keep_operator_threshold is false)."""
         if operator is None:
-            log.info("commissioning: camera %s: threshold %.6g (commissioned; the bundle's was %.6g, no operator had "
-                     "set one)", camera, fitted, bundle)
+            log.info("%s: camera %s: threshold %.6g (fitted by %s; the previous bundle's was %.6g, no operator had "
+                     "set one)", why, camera, fitted, why, bundle)
             return
         value, source = operator
         if not self.config.commissioning.keep_operator_threshold:
-            log.warning("commissioning: camera %s: the commissioned threshold %.6g replaces the operator's %.6g (%s; "
-                        "the bundle's was %.6g): commissioning.keep_operator_threshold is false",
-                        camera, fitted, value, source, bundle)
+            log.warning("%s: camera %s: the fitted threshold %.6g replaces the operator's %.6g (%s; the previous "
+                        "bundle's was %.6g): commissioning.keep_operator_threshold is false",
+                        why, camera, fitted, value, source, bundle)
             return
         try:
-            self.threshold.keep(camera, value, f"{source}, kept over commissioning's {fitted:.6g}")
+            self.threshold.keep(camera, value, f"{source}, kept over {why}'s {fitted:.6g}")
         except CoftError as exc:
-            log.warning("commissioning: camera %s: the operator's threshold %.6g (%s) cannot stay (%s); the "
-                        "commissioned %.6g is in force", camera, value, source, exc, fitted)
+            log.warning("%s: camera %s: the operator's threshold %.6g (%s) cannot stay (%s); the fitted %.6g is in "
+                        "force", why, camera, value, source, exc, fitted)
             return
-        log.warning("commissioning: camera %s: the operator's threshold %.6g (%s) stays in force; commissioning "
-                    "fitted %.6g (the bundle's was %.6g): an operator who accepts it sets %.6g (set/threshold or the "
-                    "page)", camera, value, source, fitted, bundle, fitted)
+        log.warning("%s: camera %s: the operator's threshold %.6g (%s) stays in force; %s fitted %.6g (the previous "
+                    "bundle's was %.6g): an operator who accepts it sets %.6g (set/threshold or the page)",
+                    why, camera, value, source, why, fitted, bundle, fitted)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def verdict_counts(self, camera: str) -> dict:
@@ -546,7 +583,7 @@ class Runtime:
                 "threshold_method": manifest["threshold"]["method"], "threshold_promise": describe(manifest["threshold"]),
                 "engine": self.engine.name,
                 "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
-                "commissioning": self.commissioning_status(),
+                "commissioning": self.commissioning_status(), "learning": self.learning,
                 "inspection_waiting_s": round(self.inspection_waiting(), 1), "stalled": self.stalled,
                 "outbox_refusing": self.refusing, "last_problem": self.problems.last.get("runtime"),
                 "web_actions": bool(self.web and self.web.token), "cameras": cameras}

@@ -2,8 +2,11 @@
 
 import csv
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from coft.runtime.learning import learn
 from coft.runtime.scoring import MemoryBank, pool
 from coft.train.demo import _link, elpv_cells
 from coft.train.pipeline import TrainOptions, train_bundle
-from tests.test_runtime import ROOT
+from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config
 
 SIZE = (112, 112)  # 8 x 8 patches of the real DINOv2 weights: quick, and still the real features
 
@@ -137,3 +140,38 @@ def test_learn_refuses_what_it_cannot_learn_from(tmp_path, cells, cell_bundle, e
     (tmp_path / "empty").mkdir()
     with pytest.raises(CoftError, match="no frames"):
         learn(cell_bundle, tmp_path / "empty")
+
+
+def test_after_commissioning_the_line_learns_in_the_background_and_switches_without_losing_a_verdict(
+        tmp_path, cells, cell_bundle, mosquitto):
+    good, defect = cells
+    source = tmp_path / "camera"
+    for path in good[10:130] + defect[:6]:
+        _link(path, source / path.name)
+    bundle = shutil.copytree(cell_bundle, tmp_path / "models/cells")
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(source), "loop": True,
+                                                              "fps": 10}], commissioning={"frames": 120})
+    plc = Subscriber(mosquitto.port)
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        deadline = time.time() + 600
+        while "learn done: now running" not in (tmp_path / "runtime.log").read_text() and time.time() < deadline:
+            assert runtime.poll() is None, (tmp_path / "runtime.log").read_text()[-2000:]
+            time.sleep(1)
+        seen = len(plc.payloads("verdict"))
+        plc.wait_for("verdict", seen + 20)
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=30)
+    plc.close()
+    log = (tmp_path / "runtime.log").read_text()
+    assert "learn done: now running" in log, log[-2000:]
+    verdicts = plc.payloads("verdict")
+    assert_complete_and_ordered(verdicts)
+    models = list(dict.fromkeys(v["model_id"] for v in verdicts))
+    original = load_bundle(bundle).model_id
+    assert models == [original, f"{original}-r2", f"{original}-r3"]  # shots, commissioned, learned
+    learned = load_bundle(tmp_path / "models/cells-r3")
+    assert learned.manifest["learning"]["frames"] == 120 and learned.manifest["learning"]["rows_added"] > 0
+    assert {v["threshold"] for v in verdicts if v["model_id"] == learned.model_id} == {learned.threshold}
+    assert "learn: growing the bank from the" in log and "in the background" in log
