@@ -48,9 +48,12 @@ def line_frames(folder: Path, model_id: str, camera: str | None) -> LineFrames:
 
     A verdict of another model's line, or frames of several cameras without `camera`, are refused."""
     paths, labels, rejected, scores, cameras = [], [], [], [], set()
-    listed = folder / "scores.csv"  # a commissioning folder: the frames it lists (not its histogram.png)
-    found = ([folder / row["file"] for row in csv.DictReader(listed.open()) if row["file"]] if listed.is_file()
-             else list_images(folder, recursive=True))
+    listed = folder / "scores.csv"  # a commissioning folder: the frames it lists (not its histogram.png) and
+    found = list_images(folder, recursive=True)  # the frames an operator sorted into its good/ and defect/
+    if listed.is_file():
+        with listed.open() as f:
+            kept = {folder / row["file"] for row in csv.DictReader(f) if row["file"]}
+        found = [p for p in found if p in kept or {"good", "defect"} & set(p.relative_to(folder).parts[:-1])]
     for path in found:
         verdict = {}
         sidecar = path.with_suffix(".json")
