@@ -117,11 +117,11 @@ FITS = {"conformal": _conformal,
         "trimmed-quantile": _trimmed_quantile}
 
 
-def suspects(scores: np.ndarray) -> np.ndarray:
-    """Which frames lie beyond the trim of the good parts' fit: the ones not to learn from."""
+def suspects(scores: np.ndarray, z: float = TRIM_Z) -> np.ndarray:
+    """Which frames lie beyond `z` spreads of the good parts' fit (the trim by default): the ones not to learn from."""
     logs = np.log(np.asarray(scores, np.float64))
     centre, spread = _trimmed(logs)
-    return logs > centre + TRIM_Z * spread
+    return logs > centre + z * spread
 
 
 def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal") -> dict:
