@@ -135,8 +135,9 @@ class CommissioningConfig(Strict):
     keep_frames: bool = Field(True, description="save the frames (JPEG) and their scores beside the outbox")
     rejects: bool = Field(True, description="fire rejects at the bundle's threshold while commissioning (flagged "
                                             "commissioning: true); false lets every part pass until it is done")
-    learn: bool = Field(True, description="then grow a knn bundle's bank from the kept frames (coft learn), in "
-                                          "the background at low priority, and run that revision")
+    learn: bool = Field(False, description="then grow a knn bundle's bank from the kept frames (coft learn), in "
+                                           "the background at low priority, and run that revision; off by default: "
+                                           "it helps a line with few defects and harms one with many (README)")
     keep_operator_threshold: bool = Field(True, description="a threshold an operator set stays in force after "
                                                             "commissioning until an operator sets the fitted one; "
                                                             "false: the fitted one replaces it")

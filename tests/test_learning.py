@@ -150,7 +150,7 @@ def test_after_commissioning_the_line_learns_in_the_background_and_switches_with
         _link(path, source / path.name)
     bundle = shutil.copytree(cell_bundle, tmp_path / "models/cells")
     config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(source), "loop": True,
-                                                              "fps": 10}], commissioning={"frames": 120})
+                                                              "fps": 10}], commissioning={"frames": 120, "learn": True})
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, tmp_path / "runtime.log")
     try:
