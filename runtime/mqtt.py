@@ -311,6 +311,7 @@ class CameraLink(Link):
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
         self.goodbye = "stopped"  # the retained status left behind on purpose: stalled or failed before exit 2
+        self.state: str | None = None  # the last retained state, published again at every connect
         self.client.will_set(self.topic("status"), "offline", qos=1, retain=True)
 
     def publish_status(self, status: str) -> None:
@@ -327,6 +328,8 @@ class CameraLink(Link):
 
     def connected_now(self) -> None:
         self.publish_status("online")
+        if self.state:  # a broker that lost its retained messages (restarted without persistence) has it again
+            self.client.publish(self.topic("state"), self.state, qos=1, retain=True)
         self.client.subscribe([(self.topic("trigger"), 1)]
                               + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
                               + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
@@ -382,7 +385,8 @@ class CameraLink(Link):
         self.client.publish(self.topic("error"), json.dumps({"command": command, "error": error}), qos=1)
 
     def publish_state(self, state: dict) -> None:
-        self.client.publish(self.topic("state"), json.dumps(state), qos=1, retain=True)
+        self.state = json.dumps(state)
+        self.client.publish(self.topic("state"), self.state, qos=1, retain=True)
 
     def heartbeat(self, counters: dict) -> None:
         if self.connected.is_set():

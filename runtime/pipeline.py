@@ -539,9 +539,9 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------------------------
     def verdict_counts(self, camera: str) -> dict:
         """Accepts and rejects so far (from the metrics: no disk read, cheap enough for every verdict sent)."""
-        def count(verdict: str) -> float:
-            return self.metrics.registry.get_sample_value("coft_verdicts_total",
-                                                          {"camera": camera, "verdict": verdict}) or 0.0
+        def count(verdict: str) -> int:  # a JSON integer on the wire, as a PLC's counter expects
+            return int(self.metrics.registry.get_sample_value("coft_verdicts_total",
+                                                              {"camera": camera, "verdict": verdict}) or 0)
         return {"accepts": count("accept"), "rejects": count("reject"), "unfired_rejects": count("unfired_reject")}
 
     def counters(self, camera: str) -> dict:

@@ -134,6 +134,32 @@ def test_broker_outage_mid_stream_loses_nothing(tmp_path, exported_bundle):
     assert "stopped" in plc.payloads("status")
 
 
+def test_a_broker_that_lost_its_retained_messages_has_the_state_again_and_counters_are_integers(
+        tmp_path, exported_bundle, parts):
+    broker = Mosquitto(tmp_path / "broker").start()
+    config = write_config(tmp_path, exported_bundle, broker.port, [{"name": "cam1", "source": str(parts / "test/good"),
+                                                                    "loop": True, "fps": 5}])
+    runtime = start_runtime(config, tmp_path / "runtime.log")
+    try:
+        first = Subscriber(broker.port)
+        assert first.wait_for("state", 1) and len(first.wait_for("heartbeat", 2)) >= 2
+        first.close()
+        beats = first.payloads("heartbeat")
+        broker.stop()
+        for stored in (tmp_path / "broker").glob("*.db"):
+            stored.unlink()  # restarted without its store: every retained message is gone
+        broker.start()
+        later = Subscriber(broker.port)  # subscribes after the restart: gets only what is retained now
+        states = later.wait_for("state", 1, timeout=20)
+        later.close()
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=30)
+        broker.stop()
+    assert states and states[-1]["threshold"] == first.payloads("state")[-1]["threshold"]
+    assert all(type(b[key]) is int for b in beats for key in ("beat", "frames", "accepts", "rejects", "unfired_rejects"))
+
+
 def test_sigkill_mid_stream_then_restart_loses_nothing(tmp_path, exported_bundle, mosquitto):
     plc = Subscriber(mosquitto.port)
     video = write_video(tmp_path / "line.avi", 100)
