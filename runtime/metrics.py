@@ -43,12 +43,24 @@ class Metrics:
                                         "or found nothing waiting; at stall_s the runtime exits", registry=r)
         self.inspection_stalled = Gauge("coft_inspection_stalled", "1 once frames waited stall_s with no verdict",
                                         registry=r)
+        self.threshold = Gauge("coft_threshold", "The threshold each camera judges with now (live changes included)",
+                               ["camera"], registry=r)
+        self.model = Gauge("coft_model_info", "1 for the model the runtime judges with", ["model_id"], registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
                             self.broker_refused):
                 counter.labels(camera)
             for verdict in ("accept", "reject"):
                 self.verdicts.labels(camera, verdict)
+
+    def judging_with(self, model_id: str, thresholds: dict[str, float]) -> None:
+        """The model and thresholds in force (set once a second: an operator's change shows within it)."""
+        for sample in list(self.model.collect()[0].samples):
+            if sample.labels["model_id"] != model_id:
+                self.model.remove(sample.labels["model_id"])
+        self.model.labels(model_id).set(1)
+        for camera, value in thresholds.items():
+            self.threshold.labels(camera).set(value)
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         try:

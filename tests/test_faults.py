@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from coft.runtime.bundle import load_bundle
 from coft.runtime.config import BrokerConfig
 from coft.runtime.mqtt import CameraLink
 from coft.runtime.outbox import Outbox
@@ -186,6 +187,9 @@ def test_camera_faults_are_contained_rate_limited_and_visible(tmp_path, exported
         assert metric(metrics_port, "coft_frames_total", "loopfile") > 12  # reopened at its end
         assert metric(metrics_port, "coft_frames_total", "huge") > 12  # the good images go on
         assert not metric(metrics_port, "coft_frames_total", "roi")
+        assert metric(metrics_port, "coft_threshold", "ends") == pytest.approx(load_bundle(exported_bundle).threshold)
+        model = f'coft_model_info{{model_id="{load_bundle(exported_bundle).model_id}"}} 1.0'
+        assert model in urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         status = subprocess.run([COFT, "status", "--config", str(config)], capture_output=True, text=True)
         assert "camera ends: ended after 12 frames (the file or folder has no more)" in status.stdout
         assert "camera vanish: reconnecting: cannot open (folder" in status.stdout
