@@ -39,6 +39,7 @@ class ThresholdState:
                  control: ControlConfig = ControlConfig()):
         self.path, self.model_id, self.bundle_threshold = path, model_id, bundle_threshold
         factor = control.threshold_factor
+        self.changeable = control.threshold
         self.low, self.high = bundle_threshold / factor, bundle_threshold * factor
         self.values = {camera: bundle_threshold for camera in cameras}
         self.sources = {camera: "bundle" for camera in cameras}  # where each camera's threshold came from
@@ -73,7 +74,10 @@ class ThresholdState:
 
     def set(self, camera: str, payload: bytes, via: str = "mqtt") -> dict:
         """Apply a threshold command for one camera, or raise a one-line CoftError and change nothing.
-        `via` says who asked (mqtt, or web with the operator's address) in the AUDIT line."""
+        `via` says who asked (mqtt, web with the operator's address, opcua, sparkplug) in the AUDIT line. Every
+        path that changes a threshold comes here, so control.threshold: false and the bounds hold for all."""
+        if not self.changeable:
+            raise CoftError("threshold changes are off (control.threshold: false in line.yaml)")
         value = self._in_bounds(valid_threshold(payload[:64].decode(errors="replace").strip()))
         previous = self._apply(camera, value, via)
         audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=%s", camera, previous, value,

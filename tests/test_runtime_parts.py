@@ -113,6 +113,11 @@ def test_threshold_commands_are_validated_bounded_per_camera_persisted_and_audit
     again = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"])
     assert (again.value("cam1"), again.value("cam2")) == (7.5, 5.0)
     assert ThresholdState(path, 5.0, "another-model", ["cam1"]).value("cam1") == 5.0  # new model, new threshold
+    locked = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"], ControlConfig(threshold=False))
+    for via in ("mqtt", "web 10.0.0.7", "opcua", "sparkplug"):  # one guard on every path, Sparkplug's DCMD included
+        with pytest.raises(CoftError, match=r"threshold changes are off \(control.threshold: false"):
+            locked.set("cam1", b"6", via)
+    assert locked.value("cam1") == 7.5
     path.write_text("{not json")
     assert ThresholdState(path, 5.0, "m1", ["cam1"]).value("cam1") == 5.0 and "ignoring" in caplog.text
     with pytest.raises(CoftError):
