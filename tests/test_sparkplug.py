@@ -99,7 +99,8 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
         assert topic == "spBv1.0/plant/NBIRTH/box7" and nbirth.seq == 0
         node_metrics = {m.name: m for m in nbirth.metrics}
         assert {"bdSeq", "Node Control/Rebirth"} <= set(node_metrics)
-        assert node_metrics["bdSeq"].datatype == DataType.UInt64 and value(node_metrics["Node Control/Rebirth"]) is False
+        assert node_metrics["bdSeq"].datatype == DataType.Int64 and value(node_metrics["Node Control/Rebirth"]) is False
+        assert not node_metrics["Node Control/Rebirth"].HasField("alias")  # asked for by name
         first_bdseq = value(node_metrics["bdSeq"])
         (topic, dbirth), = host.of("DBIRTH")[:1]
         assert topic == "spBv1.0/plant/DBIRTH/box7/cam1" and dbirth.seq == 1
@@ -149,7 +150,9 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
 
     bdseqs = [value(next(m for m in p.metrics if m.name == "bdSeq")) for _, p in host.of("NBIRTH")]
     assert bdseqs[1] == (first_bdseq + 1) % 256 and bdseqs[2] == bdseqs[1]  # a reconnect is a new session; a rebirth not
-    death_bdseq = value(next(m for m in deaths[-1][1].metrics if m.name == "bdSeq"))
+    death_metric = next(m for m in deaths[-1][1].metrics if m.name == "bdSeq")
+    death_bdseq = value(death_metric)
+    assert death_metric.datatype == DataType.Int64
     assert death_bdseq == bdseqs[-1]  # the will names the session the SIGKILL ended
     for run in sessions(host.messages):  # seq: 0 at NBIRTH, then +1 per message, wrapping at 256
         assert [p.seq for _, p in run] == [i % 256 for i in range(len(run))]

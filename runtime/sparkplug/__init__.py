@@ -126,7 +126,7 @@ class SparkplugNode(Link):
     def _death(self) -> bytes:
         payload = Payload(timestamp=round(time.time() * 1000))
         metric = payload.metrics.add(name="bdSeq", alias=NODE_ALIASES["bdSeq"])
-        put(metric, DataType.UInt64, self.bdseq)
+        put(metric, DataType.Int64, self.bdseq)  # Sparkplug 3.0: bdSeq is an Int64
         return payload.SerializeToString()
 
     def session_started(self) -> None:
@@ -137,10 +137,13 @@ class SparkplugNode(Link):
         with self.sequence:
             now = round(time.time() * 1000)
             node = Payload(timestamp=now, seq=0)
-            for name, datatype, value in [("bdSeq", DataType.UInt64, self.bdseq), (REBIRTH, DataType.Boolean, False),
+            for name, datatype, value in [("bdSeq", DataType.Int64, self.bdseq), (REBIRTH, DataType.Boolean, False),
                                           ("Node Info/Model ID", DataType.String, self.model_id()),
                                           ("Node Info/Line", DataType.String, self.broker.line)]:
-                put(node.metrics.add(name=name, alias=NODE_ALIASES[name], timestamp=now), datatype, value)
+                metric = node.metrics.add(name=name, timestamp=now)
+                if name != REBIRTH:  # a host asks for a rebirth by name: Node Control/Rebirth carries no alias
+                    metric.alias = NODE_ALIASES[name]
+                put(metric, datatype, value)
             self.seq = 0
             self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=0)
             for camera in self.cameras:
