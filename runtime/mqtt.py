@@ -311,7 +311,8 @@ class CameraLink(Link):
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
         self.goodbye = "stopped"  # the retained status left behind on purpose: stalled or failed before exit 2
-        self.state: str | None = None  # the last retained state, published again at every connect
+        self.state: str | None = None  # the last retained state, published again at every reconnect (without
+        # persistence a restarted broker has none); the first connect sends what was queued before it
         self.client.will_set(self.topic("status"), "offline", qos=1, retain=True)
 
     def publish_status(self, status: str) -> None:
@@ -328,7 +329,7 @@ class CameraLink(Link):
 
     def connected_now(self) -> None:
         self.publish_status("online")
-        if self.state:  # a broker that lost its retained messages (restarted without persistence) has it again
+        if self.state and self.connected_at:  # a reconnect: a broker restarted without its store has it again
             self.client.publish(self.topic("state"), self.state, qos=1, retain=True)
         self.client.subscribe([(self.topic("trigger"), 1)]
                               + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
