@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
 
-from coft.runtime.bank_growth import LearnConfig, grow  # noqa: E402
+from coft.runtime.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
 from coft.runtime.commissioning import fit_threshold  # noqa: E402
 from coft.runtime.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.images import read_image, resize_to_input  # noqa: E402
@@ -139,9 +139,8 @@ def main() -> None:
                 def scored(bank: MemoryBank) -> np.ndarray:
                     return pool(knn_scores(torch.from_numpy(bank.features), patches[test]), "top1pct")
 
-                def bank_of(chosen: np.ndarray) -> MemoryBank:
-                    rows = np.concatenate([shot_bank.features, line[chosen].reshape(-1, line.shape[-1])])
-                    return MemoryBank(rows[greedy_coreset(rows, DEFAULT_CAP, seed)])
+                def grown(chosen: np.ndarray) -> MemoryBank:  # the shots' bank and these frames, as learn does
+                    return bank_of(shot_bank, line, chosen, LearnConfig(cap=DEFAULT_CAP, seed=seed))[0]
 
                 # the product's order: commission on the stream, then learn; the commissioned threshold's rejects
                 # are the line's and never enter the bank
@@ -156,7 +155,7 @@ def main() -> None:
                 tracemalloc.stop()
                 learned = fit_threshold(growth.scores_after, TARGET_FRR)["value"]
                 banks = {"shots": (shot_bank, commissioned), "learn": (growth.bank, learned),
-                         "naive": (bank_of(np.ones(n, bool)), None), "clean": (bank_of(~is_bad), None)}
+                         "naive": (grown(np.ones(n, bool)), None), "clean": (grown(~is_bad), None)}
                 base = {"seed": seed, "frames": n, "share": share, "defects_in_stream": int(n_bad)}
                 for step, (bank, threshold) in banks.items():
                     row = {**base, "step": step, **measure(labels, scored(bank), threshold)}

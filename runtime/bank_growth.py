@@ -72,7 +72,7 @@ def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pool
     return scores
 
 
-def _bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: LearnConfig
+def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: LearnConfig
              ) -> tuple[MemoryBank, np.ndarray]:
     """The old bank and the offered frames' patches, cut to the cap; and each kept row's frame (-1: the old bank)."""
     frames = np.flatnonzero(offered)
@@ -83,13 +83,14 @@ def _bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config:
 
 
 def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray | None,
-         config: LearnConfig = LearnConfig(), reject_above: float | None = None) -> Growth:
+         config: LearnConfig = LearnConfig(), reject_above: float | None = None,
+         scores: np.ndarray | None = None) -> Growth:
     """The bank grown from the frames' patch features [frames, patches, C] (unit rows, as the graph gives them).
 
     `good`: frames an operator sorted as good (they offer patches whatever they score); `barred`: frames that
     must offer none (sorted defects, the line's own rejects); `reject_above`: a commissioned threshold, whose
-    rejects are the line's too."""
-    scores = scores_before = pool(bank.score(patches), pooling)
+    rejects are the line's too; `scores`: the frames' scores against `bank` where the engine already gave them."""
+    scores = scores_before = pool(bank.score(patches), pooling) if scores is None else scores
     barred = np.zeros(len(patches), bool) if barred is None else barred.copy()
     if reject_above is not None:
         barred |= ~good & (scores_before > reject_above)
@@ -100,12 +101,12 @@ def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, 
         if look:
             scores = leave_one_out(grown, owner, patches, pooling)
         suspect = np.zeros(len(scores), bool)
-        suspect[~barred] = suspects(scores[~barred], config.suspect_z)  # the barred are not the line's good parts: not in the fit
+        suspect[~barred] = suspects(scores[~barred], config.suspect_z)  # the barred are no good parts: not in the fit
         offered = good | (unsure & ~suspect)
         looks.append(int((unsure & ~offered).sum()))
         log.info("learn: look %d of %d, %d of %d frames pass, %d suspects", look + 1, config.looks,
                  int(offered.sum()), len(patches), looks[-1])
-        grown, owner = _bank_of(bank, patches, offered, config)
+        grown, owner = bank_of(bank, patches, offered, config)
     scores_after = leave_one_out(grown, owner, patches, pooling)
     report = {"frames": len(patches), "sorted_good": int(good.sum()), "barred": int(barred.sum()),
               "suspects": looks[-1], "suspects_per_look": looks, "frames_offering": int(offered.sum()),

@@ -14,8 +14,8 @@ spreads of the centre: a cut far enough out that good parts are (nearly) never b
 so only frames there are assumed defects, and any defect inside only makes the promise
 more cautious. Where those frames are enough to promise the target (about 300 for 1% at
 95% confidence), the default fit takes the lowest order statistic that does ("conformal");
-with fewer, split conformal's order statistic (the target met in expectation); either way the threshold states what it promises (bench/operating_point.py measures how
-often it holds).
+with fewer, split conformal's order statistic (the target met in expectation); either way
+the threshold states what it promises (bench/operating_point.py measures how often it holds).
 A part seen in several frames counts once (frames thinned by part id where they have one).
 """
 

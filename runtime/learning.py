@@ -25,6 +25,7 @@ from coft.runtime.commissioning import MIN_FRAMES, fit_threshold
 from coft.runtime.errors import CoftError
 from coft.runtime.images import list_images, read_image, resize_to_input
 from coft.runtime.promise import describe
+from coft.runtime.scoring import pool
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,11 @@ def line_frames(folder: Path, model_id: str, camera: str | None) -> LineFrames:
     return LineFrames(paths, labels, np.array(rejected), np.array(scores, np.float64), cameras.pop() if cameras else None)
 
 
-def patch_features(engine, bundle: Bundle, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
-    """The frames' patch features [n, P, C] from the bundle's engine, and which of `paths` were readable."""
+def patch_features(engine, bundle: Bundle, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The frames' patch features [n, P, C] and scores [n] from the bundle's engine, and which of `paths` were
+    readable."""
     size = bundle.input_size
-    features, readable = [], []
+    features, scores, readable = [], [], []
     for start in range(0, len(paths), BATCH):
         batch = []
         for i in range(start, min(start + BATCH, len(paths))):
@@ -95,12 +97,14 @@ def patch_features(engine, bundle: Bundle, paths: list[Path]) -> tuple[np.ndarra
                 batch.append(resize_to_input(image, size))
                 readable.append(i)
         if batch:
-            features.append(engine.infer(np.stack(batch)).embeddings.astype(np.float32))
+            inference = engine.infer(np.stack(batch))
+            features.append(inference.embeddings.astype(np.float32))
+            scores.append(inference.scores)
         if (start // BATCH + 1) % max(1, len(paths) // BATCH // 10) == 0:
             log.info("learn: patch features, %d / %d frames", min(start + BATCH, len(paths)), len(paths))
     if not features:
         raise CoftError(f"none of the {len(paths)} frames could be read; check that they are not corrupt")
-    return np.concatenate(features), readable
+    return np.concatenate(features), np.concatenate(scores).astype(np.float64), readable
 
 
 def graph_with_bank(onnx_path: Path, bank_t: np.ndarray, out: Path) -> None:
@@ -163,7 +167,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     cap = int(bundle.manifest.get("knn", {}).get("coreset_cap") or LearnConfig.cap)
     config = config or LearnConfig(cap=cap)
     engine = OnnxRuntimeEngine(bundle, threads)
-    patches, readable = patch_features(engine, bundle, frames.paths)
+    patches, scores, readable = patch_features(engine, bundle, frames.paths)
     labels = np.array([frames.labels[i] for i in readable])
     good, defect = labels == "good", labels == "defect"
     barred = defect | (frames.rejected[readable] & ~good)  # the line's rejects, unless an operator said good
@@ -171,7 +175,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     pooling = bundle.manifest["patch"]["pooling"]
     commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
     growth = grow(bundle.scoring, patches, pooling, good, barred, config,
-                  reject_above=float(threshold["value"]) if commissioned else None)
+                  reject_above=float(threshold["value"]) if commissioned else None, scores=scores)
     target = target or threshold.get("target_false_reject_rate", 0.01)
     calibration = growth.scores_after[~defect]
     if len(calibration) < MIN_FRAMES:
@@ -187,7 +191,6 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     try:
         graph_with_bank(bundle.path / onnx_file, growth.bank.features.T, stage)
         sample = np.stack([resize_to_input(read_image(frames.paths[i]), bundle.input_size) for i in readable[:2]])
-        from coft.runtime.scoring import pool
         _check_graph(stage, sample, pool(growth.bank.score(patches[:2]), pooling))
         changes = {"threshold": fitted, "learning": growth.report,
                    "knn": {**bundle.manifest["knn"], "bank_size": len(growth.bank)}}
@@ -195,7 +198,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
         if engine_info:  # the engine computes the patch features only (the fused kernel reads bank.npz): still valid
             changes["engine"] = {**engine_info, "onnx_sha256": sha256(stage)}
         revision = revise(bundle.path, changes, out, files={
-            BANK: lambda path: growth.bank.save(path),
+            BANK: growth.bank.save,
             onnx_file: lambda path: stage.replace(path)})
     finally:
         stage.unlink(missing_ok=True)

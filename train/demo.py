@@ -174,7 +174,8 @@ def stream_through_runtime(bundle: Path, line: Path, work: Path, broker: str | N
     latencies = np.array([(t - v["capture_ts"]) * 1000 for t, v in plc.verdicts])
     elapsed = max(t for t, _ in plc.verdicts) - started if plc.verdicts else float("nan")
     judged = [v for v in verdicts if not v.get("commissioning")]
-    return {"judged": judged,"verdicts": len({v["seq"] for v in verdicts}), "frames_per_s": len(verdicts) / elapsed, "paced_fps": fps,
+    return {"judged": judged, "verdicts": len({v["seq"] for v in verdicts}), "frames_per_s": len(verdicts) / elapsed,
+            "paced_fps": fps,
             "commissioned": len(verdicts) - len(judged), "after": after_commissioning(judged, load_bundle(bundle)),
             "latency_p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
             "latency_p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
@@ -213,7 +214,7 @@ def learn_from_line(bundle: Path, line: Path, work: Path, judged: list[dict]) ->
     labels = np.array([int("-good-" not in v["part_id"]) for v in judged])
     engine = open_engine(learned, "onnxruntime")
     cells = [resize_to_input(read_image(line / f"{v['part_id']}.png"), learned.input_size) for v in judged]
-    after = np.concatenate([engine.infer(np.stack(cells[i:i + 16])).scores for i in range(0, len(cells), 16)])
+    after = engine.infer(np.stack(cells)).scores  # the engine batches by its graph's max_batch
     before = np.array([v["score"] for v in judged])
     sides = {"before": (before, np.array([v["threshold"] for v in judged])), "after": (after, learned.threshold)}
     return {"revision": str(learned.path), "marked": marked and marked["part_id"], "cells": len(judged),
