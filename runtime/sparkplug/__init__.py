@@ -92,6 +92,7 @@ class SparkplugNode(Link):
                         for i, camera in enumerate(cameras)}
         self.last: dict[str, dict] = {}  # camera -> last verdict sent, for the values a rebirth declares
         self.seq = 0
+        self.connections = self.born_in = 0  # connections made; the one whose births numbered the seq
         self.session_bdseq = self._stored_bdseq()  # the last session's
         self.bdseq = self.session_bdseq
         self.sequence = threading.Lock()  # seq numbers and publishes in one order, whichever thread publishes
@@ -113,6 +114,9 @@ class SparkplugNode(Link):
         self.client.will_set(self.topic("NDEATH"), self._death(), qos=1, retain=False)
 
     def connected_now(self) -> None:
+        with self.sequence:  # no DDATA goes out in this connection before its births
+            self.connections += 1
+            self._forget_last_session()
         self.session_bdseq = self.bdseq
         try:  # kept on disk, so that a restart goes on counting
             tmp = self.bdseq_file.with_name(f".{self.bdseq_file.name}.tmp")
@@ -122,6 +126,17 @@ class SparkplugNode(Link):
             self.throttled.log(logging.ERROR, "bdseq", "sparkplug: cannot keep bdSeq in %s (%s)", self.bdseq_file,
                                exc.strerror)
         self.client.subscribe([(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)])  # QoS 1: the 3.0 spec's MUST
+
+    def _forget_last_session(self) -> None:
+        """paho sends its unacknowledged messages again at the next CONNACK, carrying the last session's seq: a host
+        would see old numbers in the new session. The outbox sends them again after the births, numbered anew, so
+        paho's copies of our Sparkplug messages are dropped (paho has no public call for it)."""
+        with self.client._out_message_mutex:
+            for mid, message in list(self.client._out_messages.items()):
+                if message.topic.startswith(f"{NAMESPACE}/"):
+                    del self.client._out_messages[mid]
+            self.client._inflight_messages = sum(
+                1 for m in self.client._out_messages.values() if m.state != mqtt.mqtt_ms_queued)
 
     def _death(self) -> bytes:
         payload = Payload(timestamp=round(time.time() * 1000))
@@ -144,7 +159,7 @@ class SparkplugNode(Link):
                 if name != REBIRTH:  # a host asks for a rebirth by name: Node Control/Rebirth carries no alias
                     metric.alias = NODE_ALIASES[name]
                 put(metric, datatype, value)
-            self.seq = 0
+            self.seq, self.born_in = 0, self.connections
             self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=0)
             for camera in self.cameras:
                 birth = self._device_payload(camera, self.last.get(camera), names=True)
@@ -178,6 +193,10 @@ class SparkplugNode(Link):
         """A verdict from the outbox as the camera's DDATA, numbered now (after this session's births)."""
         camera, verdict = message.topic, json.loads(message.payload)
         with self.sequence:
+            if self.born_in != self.connections:  # reconnected, births not yet sent: the sender sends them first
+                info = mqtt.MQTTMessageInfo(0)
+                info.rc = mqtt.MQTT_ERR_NO_CONN
+                return info
             data = self._device_payload(camera, verdict, names=False)
             info = self._numbered(self.topic("DDATA", camera), data)
         self.last[camera] = verdict
@@ -245,7 +264,9 @@ class SparkplugNode(Link):
         if kind not in ("double_value", "float_value"):
             raise CoftError(f"{THRESHOLD} must be a Double or Float, got {kind or 'no value'}")
         self.on_threshold(device, getattr(metric, kind))
-        with self.sequence:  # report by exception: the new threshold, at once
+        with self.sequence:  # report by exception: the new threshold, at once (or in the births still to come)
+            if self.born_in != self.connections:
+                return
             data = self._device_payload(device, None, names=False)
             kept = [m for m in data.metrics if m.alias == self.aliases[device][THRESHOLD]]
             del data.metrics[:]
