@@ -76,14 +76,19 @@ class MahalanobisPatches(nn.Module):
 
 
 class NearestNeighbourPatches(nn.Module):
-    """Patch scores [N, P]: 1 - cosine similarity to the nearest bank row (MatMul + ReduceMax, the bank a constant)."""
+    """Patch scores [N, P]: 1 - cosine similarity to the nearest bank row (MatMul + ReduceMax, the bank a constant),
+    raised where a marked defect row is nearer (MemoryBank.score; a zero row alone when none is marked, so that
+    `coft learn` can put marked defects into any exported graph)."""
 
     def __init__(self, bank: MemoryBank):
         super().__init__()
         self.register_buffer("bank_t", torch.from_numpy(np.ascontiguousarray(bank.features.T, dtype=np.float32)))
+        self.register_buffer("defects_t", torch.from_numpy(np.ascontiguousarray(bank.defect_rows.T)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return 1.0 - (features @ self.bank_t).amax(dim=2)
+        best = (features @ self.bank_t).amax(dim=2)
+        near_defect = (features @ self.defects_t).amax(dim=2)
+        return 1.0 - best + (near_defect - best).clamp_min(0.0)
 
 
 class PatchInspectionModel(nn.Module):

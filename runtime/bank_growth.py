@@ -34,7 +34,7 @@ import numpy as np
 
 from coft.runtime.commissioning import suspects
 from coft.runtime.coreset import greedy_coreset
-from coft.runtime.scoring import MemoryBank, pool
+from coft.runtime.scoring import MemoryBank, defect_pull, pool
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,33 @@ class Growth:
     report: dict
 
 
+DEFECT_PATCHES = 3  # a marked frame's worst patches that join the defect rows (1, 2, 3, 5 measured: README)
+DEFECT_CAP = 1_024  # defect rows kept, the newest: a few dozen marks are what a line gives
+
+
 def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pooling: str) -> np.ndarray:
     """Each frame's score [frames] against the bank without the rows it gave."""
     bank_t = np.ascontiguousarray(bank.features.T)
+    defects_t = np.ascontiguousarray(bank.defect_rows.T)
     scores = np.empty(len(patches))
     for f, frame in enumerate(patches):
         sims = frame.astype(np.float32) @ bank_t
         sims[:, owner == f] = -np.inf
-        scores[f] = pool((1.0 - sims.max(axis=1))[None], pooling)[0]
+        patch_scores = defect_pull(sims.max(axis=1), (frame.astype(np.float32) @ defects_t).max(axis=1))
+        scores[f] = pool(patch_scores[None], pooling)[0]
     return scores
+
+
+def with_marked_defects(bank: MemoryBank, marked: np.ndarray) -> MemoryBank:
+    """The bank with the worst patches of frames an operator marked as real defects [frames, patches, C] added to its
+    defect rows: where a frame differs from the good parts is where its defect is (a mark has no outline)."""
+    if not len(marked):
+        return bank
+    distances = MemoryBank(bank.features).score(marked)  # to the good rows alone
+    worst = np.argsort(distances, axis=1)[:, -DEFECT_PATCHES:]
+    rows = np.take_along_axis(marked, worst[..., None], axis=1).reshape(-1, marked.shape[-1])
+    kept = rows if bank.defects is None else np.concatenate([bank.defects, rows])
+    return MemoryBank(bank.features, np.ascontiguousarray(kept[-DEFECT_CAP:], np.float32))
 
 
 def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: LearnConfig
@@ -79,7 +97,7 @@ def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: 
     candidates = np.concatenate([bank.features, patches[frames].reshape(-1, patches.shape[-1])])
     owners = np.concatenate([np.full(len(bank), -1), np.repeat(frames, patches.shape[1])])
     keep = greedy_coreset(candidates, config.cap, config.seed)
-    return MemoryBank(np.ascontiguousarray(candidates[keep], np.float32)), owners[keep]
+    return MemoryBank(np.ascontiguousarray(candidates[keep], np.float32), bank.defects), owners[keep]
 
 
 def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray | None,
@@ -112,5 +130,6 @@ def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, 
               "suspects": looks[-1], "suspects_per_look": looks, "frames_offering": int(offered.sum()),
               "bank_rows_before": len(bank), "bank_rows_after": len(grown),
               "rows_added": int((owner >= 0).sum()), "rows_dropped": int(len(bank) - (owner < 0).sum()),
-              "frames_in_bank": int(len(np.unique(owner[owner >= 0]))), "config": config.as_dict()}
+              "frames_in_bank": int(len(np.unique(owner[owner >= 0]))),
+              "defect_rows": 0 if grown.defects is None else len(grown.defects), "config": config.as_dict()}
     return Growth(grown, owner, scores_before, scores_after, offered, report)

@@ -21,7 +21,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan is never a setting
 
 
-RESERVED_CAMERA_NAMES = ("good", "defect", "feedback")  # folders the harvest and evidence keep labels in
+RESERVED_CAMERA_NAMES = ("good", "defect", "feedback", "feedback-defect")  # folders the harvest and evidence keep labels in
 
 
 class CameraConfig(Strict):

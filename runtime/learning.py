@@ -2,11 +2,14 @@
 
 The folder: the commissioning frames, a harvest (each frame's verdict JSON beside it),
 or any plain folder of frames; frames sorted into `good/` and `defect/` count as an
-operator's word. The bundle's own engine gives the frames' patch features, so this needs
-ONNX Runtime and numpy, not torch; runtime/bank_growth.py decides what enters the bank.
-The revision carries the grown bank, the graph with that bank as its constant (checked
-against the bank in numpy before it is sealed), the threshold fitted again with its
-promise, and what was added and dropped; `<revision>.learn.csv` lists every frame.
+operator's word (the live view's "good part" and "real defect" marks file them there).
+The bundle's own engine gives the frames' patch features, so this needs ONNX Runtime and
+numpy, not torch; runtime/bank_growth.py decides what enters the bank, and the marked
+defects' worst patches become defect rows that raise the score of patches like them.
+The revision carries the grown bank, the graph with that bank and those rows as its
+constants (checked against the bank in numpy before it is sealed), the threshold fitted
+again with its promise, and what was added and dropped; `<revision>.learn.csv` lists
+every frame.
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.bank_growth import Growth, LearnConfig, grow
+from coft.runtime.bank_growth import Growth, LearnConfig, grow, with_marked_defects
 from coft.runtime.bundle import BANK, Bundle, lineage, load_bundle, next_revision, require_graph, revise, sha256
 from coft.runtime.commissioning import MIN_FRAMES, fit_threshold
 from coft.runtime.errors import CoftError
 from coft.runtime.images import list_images, read_image, resize_to_input
 from coft.runtime.promise import describe
-from coft.runtime.scoring import pool
+from coft.runtime.scoring import MemoryBank, pool
 
 log = logging.getLogger(__name__)
 
 BANK_CONSTANT = "scoring.bank_t"  # the knn graph's [C, rows] bank initializer (export/onnx.py checks it is there)
+DEFECTS_CONSTANT = "scoring.defects_t"  # its [C, 1 + marked rows] defect rows, the zero row first
 BATCH = 16
 
 
@@ -107,21 +111,29 @@ def patch_features(engine, bundle: Bundle, paths: list[Path]) -> tuple[np.ndarra
     return np.concatenate(features), np.concatenate(scores).astype(np.float64), readable
 
 
-def graph_with_bank(onnx_path: Path, bank_t: np.ndarray, out: Path) -> None:
-    """The bundle's graph with another bank as its constant; shapes that named the old bank's size are dropped
-    (they are optional), so ONNX Runtime and TensorRT infer them again."""
+def graph_with_bank(onnx_path: Path, bank: MemoryBank, out: Path) -> None:
+    """The bundle's graph with another bank and defect rows as its constants; shapes that named the old sizes are
+    dropped (they are optional), so ONNX Runtime and TensorRT infer them again."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
-    constant = next((c for c in model.graph.initializer if c.name == BANK_CONSTANT), None)
-    if constant is None:
+    constants = {c.name: c for c in model.graph.initializer}
+    if BANK_CONSTANT not in constants:
         raise CoftError(f"{onnx_path}: no memory-bank constant {BANK_CONSTANT} in the graph; export the bundle again "
                         "with this version ('coft export')")
-    old_rows = constant.dims[1]
-    constant.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(bank_t, np.float32), BANK_CONSTANT))
+    replaced = {BANK_CONSTANT: bank.features.T}
+    if DEFECTS_CONSTANT in constants:
+        replaced[DEFECTS_CONSTANT] = bank.defect_rows.T
+    elif bank.defects is not None:
+        raise CoftError(f"{onnx_path}: the graph has no defect rows ({DEFECTS_CONSTANT}) for the marked defects; "
+                        "export the bundle again with this version ('coft export')")
+    old_sizes = set()
+    for name, value in replaced.items():
+        old_sizes.add(constants[name].dims[1])
+        constants[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
     shapes = [v for v in model.graph.value_info
-              if old_rows not in [d.dim_value for d in v.type.tensor_type.shape.dim]]
+              if not old_sizes & {d.dim_value for d in v.type.tensor_type.shape.dim}]
     del model.graph.value_info[:]
     model.graph.value_info.extend(shapes)
     onnx.checker.check_model(model)
@@ -174,7 +186,8 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     threshold = bundle.manifest["threshold"]
     pooling = bundle.manifest["patch"]["pooling"]
     commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
-    growth = grow(bundle.scoring, patches, pooling, good, barred, config,
+    bank = with_marked_defects(bundle.scoring, patches[defect])
+    growth = grow(bank, patches, pooling, good, barred, config,
                   reject_above=float(threshold["value"]) if commissioned else None, scores=scores)
     target = target or threshold.get("target_false_reject_rate", 0.01)
     calibration = growth.scores_after[~defect]
@@ -189,7 +202,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     stage = out.with_name(f".{out.name}.graph")
     onnx_file = bundle.manifest["onnx"]["file"]
     try:
-        graph_with_bank(bundle.path / onnx_file, growth.bank.features.T, stage)
+        graph_with_bank(bundle.path / onnx_file, growth.bank, stage)
         sample = np.stack([resize_to_input(read_image(frames.paths[i]), bundle.input_size) for i in readable[:2]])
         _check_graph(stage, sample, pool(growth.bank.score(patches[:2]), pooling))
         changes = {"threshold": fitted, "learning": growth.report,

@@ -42,6 +42,7 @@ audit = logging.getLogger("coft.audit")
 STATIC = Path(__file__).with_name("static")
 EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
 STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
+LABELS = ("good", "defect")  # what an operator may call a rejected frame: a false reject, or a real defect
 LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
 
 
@@ -66,7 +67,7 @@ class WebServer(LoopService):
             web.post("/api/cameras/{camera}/threshold", self.set_threshold),
             web.get("/api/evidence", self.evidence_list),
             web.get("/api/evidence/{camera}/{name}", self.evidence_file),
-            web.post("/api/evidence/{camera}/{stem}/good", self.mark_good),
+            web.post("/api/evidence/{camera}/{stem}/{label:good|defect}", self.mark),
         ])
         return app
 
@@ -190,7 +191,7 @@ class WebServer(LoopService):
         return evidence
 
     async def evidence_list(self, request: web.Request) -> web.Response:
-        """Rejected frames, newest first, each with its verdict and whether an operator marked it a good part."""
+        """Rejected frames, newest first, each with its verdict and what an operator marked it ('good', 'defect')."""
         camera, evidence = self.camera(request), self.gallery()
         items = []
         for path in await asyncio.to_thread(evidence.rejects, camera, min(_number(request, "limit", 24), 200)):
@@ -203,7 +204,8 @@ class WebServer(LoopService):
                           "raw": f"/api/evidence/{folder}/{stem}.jpg",
                           "annotated": f"/api/evidence/{folder}/{stem}{ANNOTATED}"
                           if path.with_name(stem + ANNOTATED).is_file() else None,
-                          "marked_good": (self.feedback_folder() / f"{stem}.json").is_file()})
+                          "marked": next((label for label in LABELS
+                                          if (self.feedback_folder(label) / f"{stem}.json").is_file()), None)})
         return web.json_response({"evidence": items})
 
     async def evidence_file(self, request: web.Request) -> web.FileResponse:
@@ -247,38 +249,45 @@ class WebServer(LoopService):
             raise _error(web.HTTPBadRequest, str(exc)) from None
         return web.json_response(state)
 
-    def feedback_folder(self) -> Path:
-        """Where frames an operator calls good go: the harvest's good/ (coft retrain trains on them), else feedback/."""
+    def feedback_folder(self, label: str) -> Path:
+        """Where frames an operator marked go: the harvest's good/ or defect/ (coft learn and coft retrain read them),
+        else feedback/ and feedback-defect/ beside the evidence."""
         harvest = self.runtime.harvest
-        return harvest.config.dir / "good" if harvest else self.runtime.evidence.config.dir / "feedback"
+        if harvest:
+            return harvest.config.dir / label
+        return self.runtime.evidence.config.dir / ("feedback" if label == "good" else "feedback-defect")
 
-    async def mark_good(self, request: web.Request) -> web.Response:
-        camera, stem = self.camera(request), request.match_info["stem"]
-        who = self.authorise(request, f"marking {stem} good")
+    async def mark(self, request: web.Request) -> web.Response:
+        """An operator's word on a rejected frame: a good part (a false reject) or a real defect."""
+        camera, stem, label = self.camera(request), request.match_info["stem"], request.match_info["label"]
+        who = self.authorise(request, f"marking {stem} {label}")
         evidence = self.gallery()
         if not STEM.match(stem) or not (evidence.config.dir / camera / f"{stem}.json").is_file():
             raise _error(web.HTTPNotFound, f"no rejected frame {stem} for camera {camera} (deleted for the disk budget?)")
         try:
-            target = await asyncio.to_thread(self._file_as_good, camera, stem, who)
+            target = await asyncio.to_thread(self._file_as, label, camera, stem, who)
         except OSError as exc:
-            log.error("web: cannot keep %s as a good part (%s); check the folder %s", stem, exc, self.feedback_folder())
-            raise _error(web.HTTPInternalServerError, f"cannot write to {self.feedback_folder()}: {exc}") from None
-        audit.info("AUDIT feedback camera=%s frame=%s verdict=reject operator=good to=%s via=%s", camera, stem, target, who)
-        return web.json_response({"stem": stem, "saved_to": str(target)})
+            log.error("web: cannot keep %s as %s (%s); check the folder %s", stem, label, exc, self.feedback_folder(label))
+            raise _error(web.HTTPInternalServerError, f"cannot write to {self.feedback_folder(label)}: {exc}") from None
+        audit.info("AUDIT feedback camera=%s frame=%s verdict=reject operator=%s to=%s via=%s", camera, stem, label,
+                   target, who)
+        return web.json_response({"stem": stem, "marked": label, "saved_to": str(target)})
 
-    def _file_as_good(self, camera: str, stem: str, who: str) -> Path:
-        """The raw frame and its verdict, with the operator's word, in the feedback folder. A frame the harvest
-        kept too is moved, so that retraining sees it once, as good."""
-        folder = self.feedback_folder()
+    def _file_as(self, label: str, camera: str, stem: str, who: str) -> Path:
+        """The raw frame and its verdict, with the operator's word, in the label's folder. A frame the harvest kept
+        too is moved, so that learning sees it once, with its label; a frame marked before is moved to the new one."""
+        folder = self.feedback_folder(label)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         source = self.runtime.evidence.config.dir / camera
-        harvested = self.runtime.harvest.config.dir / camera if self.runtime.harvest else None
         verdict = json.loads((source / f"{stem}.json").read_text())
-        verdict["operator"] = {"verdict": "good", "by": who,
+        verdict["operator"] = {"verdict": label, "by": who,
                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if harvested and (harvested / f"{stem}.jpg").is_file():
-            shutil.move(harvested / f"{stem}.jpg", folder / f"{stem}.jpg")
-            (harvested / f"{stem}.json").unlink(missing_ok=True)
+        elsewhere = [self.runtime.harvest.config.dir / camera] if self.runtime.harvest else []
+        elsewhere += [self.feedback_folder(other) for other in LABELS if other != label]
+        moved = next((place for place in elsewhere if (place / f"{stem}.jpg").is_file()), None)
+        if moved:
+            shutil.move(moved / f"{stem}.jpg", folder / f"{stem}.jpg")
+            (moved / f"{stem}.json").unlink(missing_ok=True)
         else:
             shutil.copyfile(source / f"{stem}.jpg", folder / f"{stem}.jpg")
         with open(os.open(folder / f"{stem}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:

@@ -100,6 +100,14 @@ def test_learn_grows_the_bank_from_the_line_keeps_defects_out_and_states_its_pro
     before, after = _scores(cell_bundle, held_out), inference.scores
     assert np.median(after) < 0.9 * np.median(before)
 
+    # the two sorted defects gave their worst patches as defect rows; the graph raises patches like them as numpy does
+    assert r["defect_rows"] == 6 and bundle.scoring.defects.shape == (6, bundle.scoring.dim)
+    unseen = np.stack([resize_to_input(read_image(p), bundle.input_size) for p in defect[11:40]])
+    flagged = OnnxRuntimeEngine(bundle).infer(unseen)
+    assert np.allclose(flagged.scores, pool(bundle.scoring.score(flagged.embeddings), "top1pct"), atol=1e-4)
+    good_only = pool(MemoryBank(bundle.scoring.features).score(flagged.embeddings), "top1pct")
+    assert (flagged.scores >= good_only - 1e-6).all() and (flagged.scores > good_only + 1e-4).any()
+
 
 def test_the_line_s_variation_enters_the_bank_its_defects_and_rejects_do_not():
     """Frames show a texture the shots lack: it enters. A frame with a scar, and a frame the line rejected, give no

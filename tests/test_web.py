@@ -167,6 +167,15 @@ def test_live_view_in_a_real_browser(line, browser, tmp_path):
         assert kept["operator"]["verdict"] == "good" and kept["seq"] == int(stem.split("-")[1])
         assert cv2.imread(str(tmp_path / "harvest/good" / f"{stem}.jpg")) is not None
         assert not (tmp_path / "harvest/cam1" / f"{stem}.jpg").exists()  # moved, so retraining sees it once
+        # the operator changes their mind, it is a real defect: the frame moves to the harvest's defect/ (coft learn
+        # makes defect rows of it), never both good and a defect
+        browser.find_element(By.CSS_SELECTOR, f'#gallery .tile[data-stem="{stem}"] .mark-defect').click()
+        wait_until(lambda: "marked defect" in " ".join(
+            e.text for e in browser.find_elements(By.CSS_SELECTOR, f'#gallery .tile[data-stem="{stem}"] .feedback')),
+            what="the defect mark")
+        assert json.loads((tmp_path / "harvest/defect" / f"{stem}.json").read_text())["operator"]["verdict"] == "defect"
+        assert (tmp_path / "harvest/defect" / f"{stem}.jpg").is_file() and not (tmp_path / "harvest/good" / f"{stem}.jpg").exists()
+        assert {e["stem"]: e["marked"] for e in api(port, "/api/evidence?limit=50")[1]["evidence"]}[stem] == "defect"
         browser.execute_script("document.getElementById('gallery-section').scrollIntoView()")
         browser.save_screenshot(str(shots / "gallery.png"))
         annotated = cv2.imread(str(tmp_path / "evidence/cam1" / f"{stem}-annotated.jpg"))

@@ -24,6 +24,7 @@ from coft.runtime.engines import Inference, check_frames, concatenate, patch_inf
 from coft.runtime.engines.fused_nearest import FusedNearest
 from coft.runtime.engines.fused_scoring import FusedScorer
 from coft.runtime.errors import CoftError
+from coft.runtime.scoring import defect_pull
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,13 @@ class TensorRTEngine:
             self.stream.synchronize()
             embeddings = self.host_embeddings[:n].copy()
             if self.patches:
-                parts.append(patch_inference(self.bundle, self.host_scores[:rows].reshape(n, self.patches), embeddings,
-                                             self.host_image_scores[:n].copy()))
+                patch_scores = self.host_scores[:rows].reshape(n, self.patches)
+                defects = getattr(self.bundle.scoring, "defects", None)
+                if defects is None:
+                    parts.append(patch_inference(self.bundle, patch_scores, embeddings, self.host_image_scores[:n].copy()))
+                else:  # marked defects' rows: a few dozen, in numpy on the features the engine gave (MemoryBank.score)
+                    near = (embeddings @ self.bundle.scoring.defect_rows.T).max(axis=2)
+                    parts.append(patch_inference(self.bundle, defect_pull(1.0 - patch_scores, near), embeddings))
             else:
                 parts.append(Inference(self.host_scores[:n].copy(), embeddings))
         return concatenate(parts)

@@ -161,7 +161,7 @@ async function pollGallery() {
   if (!response.ok) { note.textContent = answer.error; return; }
   note.textContent = answer.evidence.length ? "" : "No rejected frames yet.";
   const gallery = document.getElementById("gallery");
-  const shown = JSON.stringify(answer.evidence.map((item) => [item.stem, item.marked_good]));
+  const shown = JSON.stringify(answer.evidence.map((item) => [item.stem, item.marked]));
   if (gallery.dataset.shown === shown) return;  // unchanged: keep the tiles (and any message on them)
   gallery.dataset.shown = shown;
   gallery.innerHTML = "";
@@ -174,18 +174,26 @@ async function pollGallery() {
       <div><b>${item.camera}</b> seq ${v.seq} · score ${text(v.score)} / ${text(v.threshold)} ·
         <a href="${item.raw}" target="_blank">raw frame</a></div>
       <details><summary>verdict JSON</summary><pre></pre></details>
-      <button class="mark-good" type="button">good part (false reject)</button> <span class="feedback"></span>`;
+      <button class="mark-good" type="button">good part (false reject)</button>
+      <button class="mark-defect" type="button">real defect</button> <span class="feedback"></span>`;
     tile.querySelector("img").src = item.annotated || item.raw;
     tile.querySelector("pre").textContent = JSON.stringify(v, null, 2);
     const feedback = tile.querySelector(".feedback");
-    const button = tile.querySelector(".mark-good");
-    if (item.marked_good) { button.hidden = true; feedback.classList.add("marked"); feedback.textContent = "marked good"; }
-    button.addEventListener("click", async () => {
-      try {
-        await act(`/api/evidence/${encodeURIComponent(item.camera)}/${encodeURIComponent(item.stem)}/good`);
-        button.hidden = true; feedback.classList.add("marked"); feedback.textContent = "marked good";
-      } catch (error) { feedback.textContent = `refused: ${error.message}`; }
-    });
+    const marked = (label) => {
+      feedback.classList.add("marked");
+      feedback.textContent = label === "good" ? "marked good" : "marked defect";
+      tile.querySelector(label === "good" ? ".mark-good" : ".mark-defect").hidden = true;
+      tile.querySelector(label === "good" ? ".mark-defect" : ".mark-good").hidden = false;
+    };
+    if (item.marked) marked(item.marked);
+    for (const label of ["good", "defect"]) {
+      tile.querySelector(`.mark-${label}`).addEventListener("click", async () => {
+        try {
+          await act(`/api/evidence/${encodeURIComponent(item.camera)}/${encodeURIComponent(item.stem)}/${label}`);
+          marked(label);
+        } catch (error) { feedback.textContent = `refused: ${error.message}`; }
+      });
+    }
     gallery.appendChild(tile);
   }
 }
