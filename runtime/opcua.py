@@ -9,7 +9,8 @@ Address space, under Objects/<line> (namespace urn:coft:<line>):
   <camera>/Counters/...     Frames, Dropped, Accepts, Rejects
   <camera>/State/...        Camera, BrokerConnected
   <camera>/Threshold        Double; writable (opcua.threshold_writable and control.threshold) through the
-                            same guards and AUDIT line as MQTT; a refused value is a BadOutOfRange write
+                            same guards and AUDIT line as MQTT; a refused value is BadOutOfRange for that
+                            node alone (a Write of several nodes changes exactly those answered Good)
   <camera>/Trigger          String, writable on trigger cameras: a part id, answered like an MQTT trigger
 
 Security: Basic256Sha256 (sign and encrypt by default) with the server's certificate (made, self-signed,
@@ -106,6 +107,22 @@ def trusted_fingerprints(paths: list[Path]) -> set[bytes]:
     return found
 
 
+def _per_node_refusals(server: Server) -> None:
+    """A value our setter refuses answers that node alone (BadOutOfRange, BadInvalidArgument) in a Good response:
+    asyncua turns a setter's exception into a ServiceFault for the whole Write, though the nodes before it were
+    changed, so a client was told "failed" about a change that happened (OPC UA Part 4, 5.10.4: per-node results)."""
+    aspace = server.iserver.aspace
+    write_one = aspace.write_attribute_value
+
+    async def answered(nodeid: ua.NodeId, attr: ua.AttributeIds, value: ua.DataValue) -> ua.StatusCode:
+        try:
+            return await write_one(nodeid, attr, value)
+        except ua.UaStatusCodeError as exc:
+            return ua.StatusCode(exc.code)
+
+    aspace.write_attribute_value = answered
+
+
 class OpcUaServer(LoopService):
     def __init__(self, runtime, config: OpcUaConfig):
         super().__init__("opcua")
@@ -157,6 +174,7 @@ class OpcUaServer(LoopService):
             await server.load_private_key(str(self.config.private_key))
         if self.trusted:
             server.set_certificate_validator(self._validate)
+        _per_node_refusals(server)
         index = await server.register_namespace(uri)
         root = await server.nodes.objects.add_object(index, line)
         self.heartbeat_node = await root.add_variable(index, "Heartbeat", 0, ua.VariantType.UInt64)

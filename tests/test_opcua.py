@@ -77,10 +77,22 @@ async def _as_a_plc(url: str, certs: dict, parts: int) -> dict:
         except ua.UaStatusCodeError as exc:
             refused = type(exc).__name__
         after = await threshold.read_value()
+        # one Write, two nodes, one value bad: a Good response, a status per node, exactly the Good node changed
+        both = await client.write_values(
+            [threshold, trigger], [ua.DataValue(ua.Variant(float("nan"), ua.VariantType.Double)),
+                                   ua.DataValue(ua.Variant("part-two-node", ua.VariantType.String))],
+            raise_on_partial_error=False)
+        too_long = await client.write_values([trigger], [ua.DataValue(ua.Variant("x" * 300, ua.VariantType.String))],
+                                             raise_on_partial_error=False)
+        deadline = time.monotonic() + 10
+        while not any(v["part_id"] == "part-two-node" for v in collector.values) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        after_both = await threshold.read_value()
         later_beat = await heartbeat.read_value()
         await subscription.delete()
         return {"verdicts": collector.values, "old": old, "raised": raised, "refused": refused, "after": after,
-                "beats": (beat, later_beat)}
+                "beats": (beat, later_beat), "both": [c.name for c in both], "too_long": too_long[0].name,
+                "after_both": after_both}
     finally:
         await client.disconnect()
 
@@ -121,8 +133,11 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
     text = log.read_text()
     assert code == 0, text[-3000:]
     seqs = [v["seq"] for v in seen["verdicts"]]
-    assert seqs == list(range(seqs[0], seqs[0] + 30))  # every verdict, in order, no gap
-    assert [v["part_id"] for v in seen["verdicts"]] == [f"part-{i:03d}" for i in range(30)]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len(seqs) >= 31  # every verdict, in order, no gap
+    assert [v["part_id"] for v in seen["verdicts"]][:30] == [f"part-{i:03d}" for i in range(30)]
+    assert seen["both"] == ["BadOutOfRange", "Good"] and seen["after_both"] == seen["raised"]
+    assert seen["verdicts"][-1]["part_id"] == "part-two-node"  # the Good node of the two took effect
+    assert seen["too_long"] == "BadInvalidArgument"
     assert seen["raised"] == pytest.approx(seen["old"] * 1.5) and seen["after"] == seen["raised"]
     assert seen["refused"] == "BadOutOfRange"
     assert seen["beats"][1] > seen["beats"][0]
