@@ -71,14 +71,31 @@ def _not_a_refusal(record: logging.LogRecord) -> bool:
 
 class Passwords:
     """asyncua's user manager: the one configured user name and password (compared in constant time), or
-    anonymous where the config allows it; every refusal is logged once per user name."""
+    anonymous where the config allows it, on a channel secured by one of the configured policies; every refusal
+    is logged once per user name.
 
-    def __init__(self, username: str | None, password: str | None, anonymous: bool, throttled: Throttled):
+    asyncua opens a SecurityPolicy None channel whatever policies are configured (discovery needs one) and lets a
+    session be activated on it: a client without a certificate then sends the password in clear, and bypasses
+    `trusted_clients`. A session's channel without a client certificate is a None channel: refused unless None
+    is a configured policy."""
+
+    def __init__(self, username: str | None, password: str | None, anonymous: bool, unsecured: bool,
+                 throttled: Throttled):
         self.username, self.password, self.anonymous, self.throttled = username, password, anonymous, throttled
+        self.unsecured = unsecured
 
     def get_user(self, iserver, username=None, password=None, certificate=None):
-        if username is None and certificate is None:
-            return User(role=UserRole.User) if self.anonymous else None
+        if certificate is None and not self.unsecured:
+            self.throttled.log(logging.WARNING, ("unsecured", username), "opcua: refused a session for %s on an "
+                               "unsecured channel (SecurityPolicy None): connect with Basic256Sha256 and the client's "
+                               "certificate", f"user {username!r}" if username else "an anonymous client")
+            return None
+        if username is None:
+            if self.anonymous:
+                return User(role=UserRole.User)
+            self.throttled.log(logging.WARNING, "anonymous", "opcua: refused an anonymous session: give the user name "
+                               "and password of opcua.username")
+            return None
         if self.username and username == self.username and \
                 hmac.compare_digest((password or "").encode(), self.password.encode()):
             return User(role=UserRole.User, name=username)
@@ -157,7 +174,7 @@ class OpcUaServer(LoopService):
         line = self.runtime.config.broker.line
         uri = f"urn:coft:{line}"
         server = Server(user_manager=Passwords(self.config.username, self.password, self.config.allow_anonymous,
-                                               self.throttled))
+                                               "None" in self.config.security, self.throttled))
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.config.bind}:{self.config.port}/")
         server.set_server_name(f"coft {line}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -106,6 +107,24 @@ async def _refused(url: str, cert: Path, key: Path, user: str, password: str) ->
     return "connected"
 
 
+async def _unsecured(url: str, user: str, password: str) -> str:
+    """A client that opens a SecurityPolicy None channel itself (no certificate) and sends the password in clear."""
+    client = Client(url, timeout=10)
+    client.set_user(user)
+    client.set_password(password)
+    try:  # step by step, as Client.connect does, but without its check that the server offers a None endpoint
+        await client.connect_socket()
+        await client.send_hello()
+        await client.open_secure_channel()
+        await client.create_session()
+        await client.activate_session(user, password)
+        value = await client.nodes.server_state.read_value()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await client.disconnect()
+    return f"connected, read {value}"
+
+
 def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_path, exported_bundle, mosquitto, parts):
     certs = {name: asyncio.run(_client_certificate(tmp_path / "clients", name)) for name in ("plc", "stranger")}
     (tmp_path / "password").write_text(PASSWORD)
@@ -126,6 +145,7 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
         seen = asyncio.run(_as_a_plc(url, certs, 30))
         wrong_password = asyncio.run(_refused(url, *certs["plc"], "plc", "guess"))
         stranger = asyncio.run(_refused(url, *certs["stranger"], "plc", PASSWORD))
+        unsecured = asyncio.run(_unsecured(url, "plc", PASSWORD))  # the right password, over a None channel
         asyncio.run(_refused(url, *certs["stranger"], "plc", PASSWORD))  # again: logged once
     finally:
         runtime.send_signal(signal.SIGTERM)
@@ -142,7 +162,27 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
     assert seen["refused"] == "BadOutOfRange"
     assert seen["beats"][1] > seen["beats"][0]
     assert wrong_password != "connected" and stranger != "connected"
+    assert not unsecured.startswith("connected"), unsecured  # trusted_clients refuses it, with no certificate
     assert text.count("opcua: refused user 'plc'") == 1
     assert text.count("its certificate is not in opcua.trusted_clients") == 1
     assert "AUDIT threshold camera=cam1" in text and "via=opcua" in text
     assert PASSWORD not in text and "Traceback" not in text and "ERROR asyncua" not in text
+
+
+
+def test_a_session_on_a_none_channel_is_refused_even_with_the_password(caplog):
+    """asyncua's own client will not open a None channel to a server that offers none, so the user manager is
+    asked directly, as asyncua asks it at ActivateSession: the channel's client certificate is None there."""
+    from coft.runtime.logs import Throttled
+    from coft.runtime.opcua import Passwords
+
+    secured_only = Passwords("plc", PASSWORD, anonymous=True, unsecured=False, throttled=Throttled(logging.getLogger("t")))
+    with caplog.at_level(logging.WARNING):
+        assert secured_only.get_user(None, "plc", PASSWORD, certificate=None) is None
+        assert secured_only.get_user(None, None, None, certificate=None) is None  # anonymous, too
+    assert secured_only.get_user(None, "plc", PASSWORD, certificate=b"der").name == "plc"
+    assert secured_only.get_user(None, None, None, certificate=b"der") is not None  # anonymous allowed, secured
+    assert "refused a session for user 'plc' on an unsecured channel (SecurityPolicy None)" in caplog.text
+    with_none = Passwords("plc", PASSWORD, anonymous=False, unsecured=True, throttled=Throttled(logging.getLogger("t")))
+    assert with_none.get_user(None, "plc", PASSWORD, certificate=None).name == "plc"  # None configured on purpose
+    assert with_none.get_user(None, None, None, certificate=b"der") is None
