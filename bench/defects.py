@@ -28,24 +28,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
-from learn import measure, unit  # noqa: E402
+from fewshot import knn_scores, machine  # noqa: E402
+from learn import measure, product_features, unit  # noqa: E402
 
 from coft.runtime.bank_growth import with_marked_defects  # noqa: E402
 from coft.runtime.coreset import greedy_coreset  # noqa: E402
-from coft.runtime.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.scoring import MemoryBank, defect_pull, pool  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
-from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import to_pixels  # noqa: E402
-from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.knn_scorer import DEFAULT_CAP, bank_views  # noqa: E402
 from coft.train.metrics import escape_at_false_reject, per_type_auroc  # noqa: E402
-from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
+from coft.train.pipeline import TrainOptions  # noqa: E402
 
 
 def round_robin(bad: np.ndarray, types: np.ndarray, kinds: list[str], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,15 +73,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/defects"))
     args = parser.parse_args()
 
-    category = find_category(args.dataset_root)
-    data = labelled_images(category)
-    options = TrainOptions()
-    size = options.size
-    frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
-    backbone = load_backbone(options.backbone, None, size, None)
-    key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
-           f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")  # bench/fewshot.py's key: one cache for all
-    patches = unit(cached_features(backbone, frames, size, 1, args.cache, key)[1].float().numpy())
+    category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache)
+    size = TrainOptions().size
     types = np.array(data.types)
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
     kinds = sorted(set(types[bad]))

@@ -73,6 +73,21 @@ def measure(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> 
     return row
 
 
+def product_features(root: Path, cache: Path):
+    """The set's images, the product's frozen backbone and every image's unit patch features [n, P, C], from the
+    cache bench/fewshot.py keeps (its key: one cache for every benchmark)."""
+    category = find_category(root)
+    data = labelled_images(category)
+    options = TrainOptions()
+    size = options.size
+    frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
+    backbone = load_backbone(options.backbone, None, size, None)
+    key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
+           f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")
+    patches = cached_features(backbone, frames, size, 1, cache, key)[1]
+    return category, data, frames, backbone, unit(patches.float().numpy())
+
+
 def retrain_run(category: Path, data, shots: np.ndarray, stream: np.ndarray, work: Path, seed: int) -> dict:
     """Today's `coft retrain` on the stream as a plain folder, in a child process: seconds and peak memory."""
     from coft.train.pipeline import train_bundle
@@ -104,16 +119,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/learn"))
     args = parser.parse_args()
 
-    category = find_category(args.dataset_root)
-    data = labelled_images(category)
-    options = TrainOptions()
-    size = options.size
-    frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
-    backbone = load_backbone(options.backbone, None, size, None)
-    key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
-           f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")  # bench/fewshot.py's key: one cache for both
-    patches = cached_features(backbone, frames, size, 1, args.cache, key)[1]
-    patches = torch.from_numpy(unit(patches.float().numpy()))
+    category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache)
+    size = TrainOptions().size
+    patches = torch.from_numpy(patches)
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
     runs, skipped = [], []
     for seed in args.seeds:
