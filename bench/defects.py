@@ -32,14 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine  # noqa: E402
-from learn import measure, product_features, unit  # noqa: E402
+from learn import measure, product_features, shots_bank  # noqa: E402
 
 from coft.runtime.bank_growth import with_marked_defects  # noqa: E402
-from coft.runtime.coreset import greedy_coreset  # noqa: E402
-from coft.runtime.scoring import MemoryBank, defect_pull, pool  # noqa: E402
-from coft.train.augment import AugmentConfig  # noqa: E402
-from coft.train.embed import to_pixels  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP, bank_views  # noqa: E402
+from coft.runtime.scoring import defect_pull, pool  # noqa: E402
+from coft.train.knn_scorer import DEFAULT_CAP  # noqa: E402
 from coft.train.metrics import escape_at_false_reject, per_type_auroc  # noqa: E402
 from coft.train.pipeline import TrainOptions  # noqa: E402
 
@@ -82,9 +79,7 @@ def main() -> None:
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
         shots = good[rng.choice(len(good), args.shots, replace=False)]
-        views = unit(bank_views(backbone, to_pixels(list(frames[shots]), size), AugmentConfig()))
-        flat = views.reshape(-1, views.shape[-1])
-        bank = MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
+        bank = shots_bank(backbone, frames[shots], size, seed)
         draws = {"marked": round_robin(bad, types, kinds, args.marked, rng)}
         if len(kinds) > 1:  # a set with one defect type has no type left unmarked
             draws["marked-some"] = round_robin(bad, types, list(rng.permutation(kinds))[:len(kinds) // 2], args.marked, rng)

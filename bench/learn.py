@@ -88,6 +88,13 @@ def product_features(root: Path, cache: Path):
     return category, data, frames, backbone, unit(patches.float().numpy())
 
 
+def shots_bank(backbone, shots: np.ndarray, size: tuple[int, int], seed: int) -> MemoryBank:
+    """The product's k-shot bank: every pose of the shots, cut to the cap by the greedy coreset."""
+    views = unit(bank_views(backbone, to_pixels(list(shots), size), AugmentConfig()))
+    flat = views.reshape(-1, views.shape[-1])
+    return MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
+
+
 def retrain_run(category: Path, data, shots: np.ndarray, stream: np.ndarray, work: Path, seed: int) -> dict:
     """Today's `coft retrain` on the stream as a plain folder, in a child process: seconds and peak memory."""
     from coft.train.pipeline import train_bundle
@@ -127,9 +134,7 @@ def main() -> None:
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
         shots = good[rng.choice(len(good), args.shots, replace=False)]
-        views = unit(bank_views(backbone, to_pixels(list(frames[shots]), size), AugmentConfig()))
-        flat = views.reshape(-1, views.shape[-1])
-        shot_bank = MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
+        shot_bank = shots_bank(backbone, frames[shots], size, seed)
         for n in args.frames:
             for share in args.shares:
                 n_bad = round(share * n)
