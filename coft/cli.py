@@ -284,6 +284,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(args.config)
 
 
+def cmd_opcua_certificate(args: argparse.Namespace) -> None:
+    from coft.runtime import opcua_identity
+    from coft.runtime.config import load_config
+    config = load_config(args.config)
+    if not config.opcua:
+        raise CoftError(f"{args.config}: there is no opcua: block, so no OPC UA certificate")
+    paths = (config.opcua.certificate, config.opcua.private_key)
+    if args.renew:
+        certificate = opcua_identity.renew(*paths, f"urn:coft:{config.broker.line}", f"coft {config.broker.line}")
+        print(f"renewed {paths[0]} with the same private key: restart the runtime, then update each PLC's trust "
+              "list (the fingerprint changed, the key did not)")
+    else:
+        certificate = opcua_identity.verify(*paths)
+    print(opcua_identity.describe(certificate))
+
+
 def cmd_flash(args: argparse.Namespace) -> None:
     from coft.runtime.flash import flash
     print(flash(args.bundle, args.target, root=args.root, port=args.port, identity=args.identity,
@@ -440,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "outbox, latency, last error (exit status 3: the runtime is not running)")
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("opcua-certificate", help="on the box: show the OPC UA server's certificate (fingerprint, "
+                                                 "names, expiry), or renew it with the same private key")
+    p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
+    p.add_argument("--renew", action="store_true", help="issue a new certificate for the same key, with this box's "
+                                                        "current names and addresses, valid ten years")
+    p.set_defaults(func=cmd_opcua_certificate)
 
     p = sub.add_parser("flash", help="copy a bundle to a box over SSH, verify it there and make it the active model")
     p.add_argument("bundle", type=_existing, help="exported bundle directory (or its .tar from coft pack)")

@@ -55,9 +55,12 @@ def check(config: RuntimeConfig, config_path: Path) -> str:
     if config.web:
         config.web.token()
     if config.opcua:
+        from coft.runtime import opcua_identity
         from coft.runtime.opcua import trusted_fingerprints
         config.opcua.password()
         trusted_fingerprints(config.opcua.trusted_clients)
+        if config.opcua.certificate.exists() or config.opcua.private_key.exists():  # else made at first start
+            opcua_identity.verify(config.opcua.certificate, config.opcua.private_key)
     writable_file(config.outbox.path, "outbox.path")
     writable_file(config.state_path, "state_file")
     for name, block in (("evidence", config.evidence), ("harvest", config.harvest)):

@@ -182,6 +182,8 @@ class OpcUaConfig(Strict):
     states and a heartbeat per camera; the threshold and, for trigger cameras, a trigger writable."""
     port: int = Field(4840, ge=1, le=65535)
     bind: str = Field("0.0.0.0", description="address to listen on (the PLC is on the network)")
+    endpoint_host: str | None = Field(None, description="host name or address in the endpoint URL clients are "
+                                                        "told (default: bind, or this box's host name for 0.0.0.0)")
     security: list[Literal["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign", "None"]] = Field(
         ["Basic256Sha256_SignAndEncrypt"], min_length=1, description="endpoints offered")
     certificate: Path = Field(Path("/var/lib/coft/opcua-server.der"),

@@ -46,6 +46,10 @@ class Metrics:
         self.threshold = Gauge("coft_threshold", "The threshold each camera judges with now (live changes included)",
                                ["camera"], registry=r)
         self.model = Gauge("coft_model_info", "1 for the model the runtime judges with", ["model_id"], registry=r)
+        self.sparkplug_up = Gauge("coft_sparkplug_connected", "1 while the Sparkplug edge node is connected and its "
+                                  "births are out (absent without sparkplug:)", registry=r)
+        self.opcua_up = Gauge("coft_opcua_serving", "1 while the OPC UA server runs (absent without opcua:)",
+                              registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
                             self.broker_refused):

@@ -1,20 +1,24 @@
 """OPC UA server (asyncua) for controllers that read a server directly (Siemens S7-1500, Beckhoff ...).
 
-Address space, under Objects/<line> (namespace urn:coft:<line>):
+Address space, under Objects/<line> (namespace urn:coft:<line>), every node with a string NodeId from the line and
+camera names that does not move when cameras are added or reordered (ns=<urn:coft:line>;s=l1.cam1.Threshold):
   Heartbeat                 UInt64, +1 per runtime heartbeat: a PLC rejects by default when it stops
   ModelId                   String
   <camera>/Verdict/...      Seq, PartId, FrameId, Result, Reject, Reason, Score, Threshold, Box,
                             LatencyMs, Time, and Json (the whole verdict, one atomic value);
-                            written in order, once per verdict, so a subscription with a queue sees every one
+                            written in order, once per verdict, so a subscription with a queue sees every one;
+                            BadWaitingForInitialData until the camera's first verdict, never Good zeros
   <camera>/Counters/...     Frames, Dropped, Accepts, Rejects
   <camera>/State/...        Camera, BrokerConnected
   <camera>/Threshold        Double; writable (opcua.threshold_writable and control.threshold) through the
-                            same guards and AUDIT line as MQTT; a refused value is BadOutOfRange for that
-                            node alone (a Write of several nodes changes exactly those answered Good)
+                            same guards and AUDIT line as MQTT, as a Double or a Float (an S7 REAL); a refused
+                            value is BadOutOfRange for that node alone (a Write of several nodes changes exactly
+                            those answered Good)
+  Score, Threshold and LatencyMs carry EngineeringUnits (UNECE) and EURange properties.
   <camera>/Trigger          String, writable on trigger cameras: a part id, answered like an MQTT trigger
 
-Security: Basic256Sha256 (sign and encrypt by default) with the server's certificate (made, self-signed,
-on first start if the files do not exist), user name and password, anonymous access off unless the config
+Security: Basic256Sha256 (sign and encrypt by default) with the server's certificate (opcua_identity: made once,
+kept for years, renewed only by an operator), user name and password, anonymous access off unless the config
 says so, and optionally only the client certificates listed in `trusted_clients`. The server runs on its
 own thread and event loop; the inspection loop only hands it each verdict.
 """
@@ -26,17 +30,20 @@ import hmac
 import json
 import logging
 import socket
+import weakref
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 from asyncua import Server, ua
-from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.common.utils import ServiceError
+from asyncua.crypto.security_policies import SecurityPolicyNone
+from asyncua.server.uaprocessor import UaProcessor
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from coft.runtime import opcua_identity
 from coft.runtime.config import OpcUaConfig
 from coft.runtime.errors import CoftError
 from coft.runtime.logs import Throttled
@@ -62,6 +69,22 @@ VERDICT_NODES = [  # (browse name, variant type, from a verdict)
     ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(v["capture_ts"], timezone.utc)),
     ("Json", ua.VariantType.String, json.dumps),  # last: a client that sees it has seen the rest
 ]
+UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
+MILLISECOND, ONE = ("C26", "ms"), ("C62", "")  # UNECE common codes; OPC 10000-8, 5.6.3: UnitId from the code's bytes
+PRODUCT_URI = "urn:coft:runtime"
+
+
+def _units(code_and_name: tuple[str, str]) -> ua.EUInformation:
+    code, name = code_and_name
+    return ua.EUInformation(NamespaceUri=UNECE, UnitId=int.from_bytes(code.encode(), "big"),
+                            DisplayName=ua.LocalizedText(name), Description=ua.LocalizedText(name))
+
+
+def _endpoint_host(config: OpcUaConfig) -> str:
+    """The host in the endpoint URL clients are told: never 0.0.0.0, which no client can dial."""
+    if config.endpoint_host:
+        return config.endpoint_host
+    return socket.gethostname() if config.bind in ("0.0.0.0", "::", "") else config.bind
 
 
 def _not_a_refusal(record: logging.LogRecord) -> bool:
@@ -71,25 +94,12 @@ def _not_a_refusal(record: logging.LogRecord) -> bool:
 
 class Passwords:
     """asyncua's user manager: the one configured user name and password (compared in constant time), or
-    anonymous where the config allows it, on a channel secured by one of the configured policies; every refusal
-    is logged once per user name.
+    anonymous where the config allows it; every refusal is logged once per user name."""
 
-    asyncua opens a SecurityPolicy None channel whatever policies are configured (discovery needs one) and lets a
-    session be activated on it: a client without a certificate then sends the password in clear, and bypasses
-    `trusted_clients`. A session's channel without a client certificate is a None channel: refused unless None
-    is a configured policy."""
-
-    def __init__(self, username: str | None, password: str | None, anonymous: bool, unsecured: bool,
-                 throttled: Throttled):
+    def __init__(self, username: str | None, password: str | None, anonymous: bool, throttled: Throttled):
         self.username, self.password, self.anonymous, self.throttled = username, password, anonymous, throttled
-        self.unsecured = unsecured
 
     def get_user(self, iserver, username=None, password=None, certificate=None):
-        if certificate is None and not self.unsecured:
-            self.throttled.log(logging.WARNING, ("unsecured", username), "opcua: refused a session for %s on an "
-                               "unsecured channel (SecurityPolicy None): connect with Basic256Sha256 and the client's "
-                               "certificate", f"user {username!r}" if username else "an anonymous client")
-            return None
         if username is None:
             if self.anonymous:
                 return User(role=UserRole.User)
@@ -102,6 +112,35 @@ class Passwords:
         self.throttled.log(logging.WARNING, ("user", username), "opcua: refused user %r: wrong user name or password",
                            username)
         return None
+
+
+SECURED_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # asyncua servers refusing None channels' sessions
+SESSION_REQUESTS = {ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary),
+                    ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)}
+
+
+def _sessions_on_secured_channels_only(iserver, throttled: Throttled) -> None:
+    """asyncua opens a SecurityPolicy None channel whatever policies are configured (discovery needs one) and lets
+    a session be created and activated on it: a client then sends the password in clear, and bypasses
+    `trusted_clients` (node-opcua did, given the server's endpoint with the security taken out). Spec: a session
+    only on an endpoint the server offers (OPC 10000-4, 5.6.2). asyncua has no hook for the channel's policy at
+    CreateSession/ActivateSession: its processor is wrapped, once, for the servers listed in SECURED_ONLY."""
+    SECURED_ONLY[iserver] = throttled
+    if getattr(UaProcessor._process_message, "coft_secured_only", False):
+        return
+    process = UaProcessor._process_message
+
+    async def secured_only(self, typeid, requesthdr, seqhdr, body):
+        if typeid in SESSION_REQUESTS and self.iserver in SECURED_ONLY and \
+                self._connection.security_policy.URI == SecurityPolicyNone.URI:
+            SECURED_ONLY[self.iserver].log(logging.WARNING, ("unsecured", self.name), "opcua: refused a session from %s on an "
+                          "unsecured channel (SecurityPolicy None): connect with Basic256Sha256 and the client's "
+                          "certificate", self.name[0] if isinstance(self.name, tuple) else self.name)
+            raise ServiceError(ua.StatusCodes.BadSecurityPolicyRejected)
+        return await process(self, typeid, requesthdr, seqhdr, body)
+
+    secured_only.coft_secured_only = True
+    UaProcessor._process_message = secured_only
 
 
 def fingerprint(certificate: x509.Certificate) -> bytes:
@@ -124,14 +163,23 @@ def trusted_fingerprints(paths: list[Path]) -> set[bytes]:
     return found
 
 
-def _per_node_refusals(server: Server) -> None:
+WIDENED = {ua.VariantType.Float, ua.VariantType.Int16, ua.VariantType.UInt16, ua.VariantType.Int32,
+           ua.VariantType.UInt32}
+
+
+def _per_node_refusals(server: Server, double_writes: set[ua.NodeId]) -> None:
     """A value our setter refuses answers that node alone (BadOutOfRange, BadInvalidArgument) in a Good response:
     asyncua turns a setter's exception into a ServiceFault for the whole Write, though the nodes before it were
-    changed, so a client was told "failed" about a change that happened (OPC UA Part 4, 5.10.4: per-node results)."""
+    changed, so a client was told "failed" about a change that happened (OPC UA Part 4, 5.10.4: per-node results).
+    A Float or integer written to one of `double_writes` is taken as a Double: an S7 writes a REAL, and asyncua
+    would answer BadTypeMismatch."""
     aspace = server.iserver.aspace
     write_one = aspace.write_attribute_value
 
     async def answered(nodeid: ua.NodeId, attr: ua.AttributeIds, value: ua.DataValue) -> ua.StatusCode:
+        if nodeid in double_writes and value.Value is not None and value.Value.VariantType in WIDENED:
+            value = ua.DataValue(ua.Variant(float(value.Value.Value), ua.VariantType.Double), value.StatusCode,
+                                 value.SourceTimestamp, value.ServerTimestamp)
         try:
             return await write_one(nodeid, attr, value)
         except ua.UaStatusCodeError as exc:
@@ -163,9 +211,9 @@ class OpcUaServer(LoopService):
             raise CoftError(f"opcua: cannot serve on {self.config.bind}:{self.config.port} "
                             f"({getattr(exc, 'strerror', None) or exc}); change opcua.port or opcua.bind, "
                             "or check opcua.certificate and opcua.private_key") from None
-        log.info("opcua: serving opc.tcp://%s:%d/ (%s; %s)", self.config.bind, self.config.port,
-                 ", ".join(self.config.security), "anonymous allowed" if self.config.allow_anonymous else
-                 f"user {self.config.username}")
+        log.info("opcua: serving opc.tcp://%s:%d/ on %s (%s; %s)", _endpoint_host(self.config), self.config.port,
+                 self.config.bind, ", ".join(self.config.security), "anonymous allowed" if self.config.allow_anonymous
+                 else f"user {self.config.username}")
 
     async def teardown(self, server: Server) -> None:
         await server.stop()
@@ -174,51 +222,82 @@ class OpcUaServer(LoopService):
         line = self.runtime.config.broker.line
         uri = f"urn:coft:{line}"
         server = Server(user_manager=Passwords(self.config.username, self.password, self.config.allow_anonymous,
-                                               "None" in self.config.security, self.throttled))
+                                               self.throttled))
+        if "None" not in self.config.security:
+            _sessions_on_secured_channels_only(server.iserver, self.throttled)
+        server.product_uri, server.manufacturer_name = PRODUCT_URI, "coft"
         await server.init()
-        server.set_endpoint(f"opc.tcp://{self.config.bind}:{self.config.port}/")
+        server.set_endpoint(f"opc.tcp://{_endpoint_host(self.config)}:{self.config.port}/")
+        server.socket_address = (self.config.bind, self.config.port)
         server.set_server_name(f"coft {line}")
         await server.set_application_uri(uri)
+        software = version("coft")
+        await server.set_build_info(PRODUCT_URI, "coft", "coft runtime", software, software,
+                                    datetime.fromtimestamp(Path(__file__).stat().st_mtime, timezone.utc))
         policies = [POLICIES[p] for p in self.config.security]
         server.set_security_policy(policies)
         server.set_identity_tokens([ua.UserNameIdentityToken] +
                                    ([ua.AnonymousIdentityToken] if self.config.allow_anonymous else []))
         if any(p != ua.SecurityPolicyType.NoSecurity for p in policies):
-            await setup_self_signed_certificate(self.config.private_key, self.config.certificate, uri,
-                                                socket.gethostname(), [ExtendedKeyUsageOID.SERVER_AUTH],
-                                                {"organizationName": "coft"})
+            opcua_identity.ensure(self.config.certificate, self.config.private_key, uri, f"coft {line}")
             await server.load_certificate(str(self.config.certificate))
             await server.load_private_key(str(self.config.private_key))
         if self.trusted:
             server.set_certificate_validator(self._validate)
-        _per_node_refusals(server)
         index = await server.register_namespace(uri)
-        root = await server.nodes.objects.add_object(index, line)
-        self.heartbeat_node = await root.add_variable(index, "Heartbeat", 0, ua.VariantType.UInt64)
-        self.model_node = await root.add_variable(index, "ModelId", self.runtime.bundle.model_id, ua.VariantType.String)
+        root = await server.nodes.objects.add_object(ua.NodeId(line, index), ua.QualifiedName(line, index))
+
+        async def variable(parent, path: str, value, kind: ua.VariantType):
+            name = path.rsplit(".", 1)[-1]
+            return await parent.add_variable(ua.NodeId(f"{line}.{path}", index), ua.QualifiedName(name, index),
+                                             value, kind)
+
+        self.heartbeat_node = await variable(root, "Heartbeat", 0, ua.VariantType.UInt64)
+        self.model_node = await variable(root, "ModelId", self.runtime.bundle.model_id, ua.VariantType.String)
         writable = self.config.threshold_writable and self.runtime.config.control.threshold
+        waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
+        bounds = self.runtime.threshold
+        ranges = {"Score": (ONE, 0.0, bounds.high), "Threshold": (ONE, bounds.low, bounds.high),
+                  "LatencyMs": (MILLISECOND, 0.0, float(self.runtime.config.control.trigger_deadline_ms))}
+        doubles = set()
         for camera in self.runtime.config.cameras:
-            node = await root.add_object(index, camera.name)
-            folders = {name: await node.add_object(index, name) for name in ("Verdict", "Counters", "State")}
-            nodes = {f"Verdict/{name}": await folders["Verdict"].add_variable(index, name, "" if kind == ua.VariantType.String
-                                                                              else ua.get_default_value(kind), kind)
-                     for name, kind, _ in VERDICT_NODES}
-            for name in ("Frames", "Dropped", "Accepts", "Rejects"):
-                nodes[f"Counters/{name}"] = await folders["Counters"].add_variable(index, name, 0, ua.VariantType.UInt64)
-            nodes["State/Camera"] = await folders["State"].add_variable(index, "Camera", "starting", ua.VariantType.String)
-            nodes["State/BrokerConnected"] = await folders["State"].add_variable(index, "BrokerConnected", False,
-                                                                                 ua.VariantType.Boolean)
-            threshold = await node.add_variable(index, "Threshold", self.runtime.threshold_of(camera.name),
-                                                ua.VariantType.Double)
+            name = camera.name
+            node = await root.add_object(ua.NodeId(f"{line}.{name}", index), ua.QualifiedName(name, index))
+            folders = {folder: await node.add_object(ua.NodeId(f"{line}.{name}.{folder}", index),
+                                                     ua.QualifiedName(folder, index))
+                       for folder in ("Verdict", "Counters", "State")}
+            nodes = {}
+            for leaf, kind, _ in VERDICT_NODES:
+                nodes[f"Verdict/{leaf}"] = await variable(folders["Verdict"], f"{name}.Verdict.{leaf}",
+                                                          ua.get_default_value(kind), kind)
+                await nodes[f"Verdict/{leaf}"].write_value(waiting)
+            for leaf in ("Frames", "Dropped", "Accepts", "Rejects"):
+                nodes[f"Counters/{leaf}"] = await variable(folders["Counters"], f"{name}.Counters.{leaf}", 0,
+                                                           ua.VariantType.UInt64)
+            nodes["State/Camera"] = await variable(folders["State"], f"{name}.State.Camera", "starting",
+                                                   ua.VariantType.String)
+            nodes["State/BrokerConnected"] = await variable(folders["State"], f"{name}.State.BrokerConnected", False,
+                                                            ua.VariantType.Boolean)
+            threshold = await variable(node, f"{name}.Threshold", self.runtime.threshold_of(name),
+                                       ua.VariantType.Double)
             nodes["Threshold"] = threshold
+            for analog, (units, low, high) in ranges.items():  # the standard properties' names are in namespace 0
+                target = threshold if analog == "Threshold" else nodes[f"Verdict/{analog}"]
+                at = target.nodeid.Identifier
+                await target.add_property(ua.NodeId(f"{at}.EngineeringUnits", index),
+                                          ua.QualifiedName("EngineeringUnits", 0), _units(units))
+                await target.add_property(ua.NodeId(f"{at}.EURange", index), ua.QualifiedName("EURange", 0),
+                                          ua.Range(low, high))
             if writable:
                 await threshold.set_writable()
-                server.set_attribute_value_setter(threshold.nodeid, self._threshold_setter(camera.name))
+                server.set_attribute_value_setter(threshold.nodeid, self._threshold_setter(name))
+                doubles.add(threshold.nodeid)
             if camera.trigger:
-                trigger = await node.add_variable(index, "Trigger", "", ua.VariantType.String)
+                trigger = await variable(node, f"{name}.Trigger", "", ua.VariantType.String)
                 await trigger.set_writable()
-                server.set_attribute_value_setter(trigger.nodeid, self._trigger_setter(camera.name))
-            self.nodes[camera.name] = nodes
+                server.set_attribute_value_setter(trigger.nodeid, self._trigger_setter(name))
+            self.nodes[name] = nodes
+        _per_node_refusals(server, doubles)
         await server.start()
         self.queue = asyncio.Queue()
         return server

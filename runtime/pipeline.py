@@ -740,6 +740,10 @@ class Runtime:
                 self.opcua.heartbeat(self.beats, {name: {**counters[name], "broker_connected": link.connected.is_set()}
                                                   for name, link in self.links.items()})
             self.metrics.outbox_depth.set(self.outbox.depth())
+            if self.sparkplug:
+                self.metrics.sparkplug_up.set(int(self.sparkplug.born()))
+            if self.opcua:
+                self.metrics.opcua_up.set(int(self.opcua.alive()))
             self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links})
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)

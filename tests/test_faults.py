@@ -322,6 +322,10 @@ def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_chang
         assert {"heartbeat", "status", "state", "verdict"} <= {t.split("/")[-1] for t, _ in list(plc.messages)}
         for camera in ("cam1", "station", "sparkplug"):
             assert metric(metrics_port, "coft_broker_refused_total", camera) in (0, None), camera
+        assert metric(metrics_port, "coft_sparkplug_connected") == 1
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+        linted = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True)
+        assert linted.returncode == 0, linted.stdout.decode() + linted.stderr.decode()  # Prometheus' own linter
     finally:
         assert stop(runtime) == 0
         for client in (plc, scada, operator):

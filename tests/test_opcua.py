@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import free_port
+from tests.conftest import free_port, node_client
 from tests.test_runtime import start_runtime, write_config
 
 PASSWORD = "plc-pass-4711"
@@ -125,6 +126,13 @@ async def _unsecured(url: str, user: str, password: str) -> str:
     return f"connected, read {value}"
 
 
+def _wait_for_line(runtime, log: Path, line: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in log.read_text():
+        assert runtime.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+
+
 def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_path, exported_bundle, mosquitto, parts):
     certs = {name: asyncio.run(_client_certificate(tmp_path / "clients", name)) for name in ("plc", "stranger")}
     (tmp_path / "password").write_text(PASSWORD)
@@ -138,10 +146,7 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
     runtime = start_runtime(config, log)
     url = f"opc.tcp://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 60
-        while "opcua: serving" not in log.read_text() and time.monotonic() < deadline:
-            assert runtime.poll() is None, log.read_text()[-2000:]
-            time.sleep(0.2)
+        _wait_for_line(runtime, log, "opcua: serving")
         seen = asyncio.run(_as_a_plc(url, certs, 30))
         wrong_password = asyncio.run(_refused(url, *certs["plc"], "plc", "guess"))
         stranger = asyncio.run(_refused(url, *certs["stranger"], "plc", PASSWORD))
@@ -170,19 +175,78 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
 
 
 
-def test_a_session_on_a_none_channel_is_refused_even_with_the_password(caplog):
-    """asyncua's own client will not open a None channel to a server that offers none, so the user manager is
-    asked directly, as asyncua asks it at ActivateSession: the channel's client certificate is None there."""
-    from coft.runtime.logs import Throttled
-    from coft.runtime.opcua import Passwords
+def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_channel(tmp_path, exported_bundle,
+                                                                                       mosquitto, parts):
+    """node-opcua, a client we did not write: a None channel with the right password is refused; on
+    Basic256Sha256 SignAndEncrypt it finds nodes by string NodeId in a config that lists cam2 before cam1, reads
+    units, ranges, our BuildInfo and BadWaitingForInitialData before a camera's first verdict, and writes a Float."""
+    (tmp_path / "password").write_text(PASSWORD)
+    port = free_port()
+    config = write_config(tmp_path, exported_bundle, mosquitto.port, [
+        {"name": "cam2", "source": str(parts / "test/good"), "loop": True, "fps": 20, "trigger": True},
+        {"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 20, "trigger": True}],
+        opcua={"port": port, "bind": "0.0.0.0", "username": "plc", "password_file": str(tmp_path / "password"),
+               "certificate": str(tmp_path / "server.der"), "private_key": str(tmp_path / "server.pem")})
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        _wait_for_line(runtime, log, "opcua: serving")
+        seen = node_client("opcua_plc.js", {"url": f"opc.tcp://127.0.0.1:{port}/", "user": "plc",
+                                            "password": PASSWORD, "pki": str(tmp_path / "pki"), "parts": 10})
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        code = runtime.wait(timeout=30)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert seen["unsecured"].startswith("refused"), seen["unsecured"]
+    assert "refused a session from 127.0.0.1 on an unsecured channel (SecurityPolicy None)" in text
+    assert seen["endpoints"] and not any("0.0.0.0" in url for url in seen["endpoints"])
+    assert seen["build"]["productUri"] == "urn:coft:runtime" and seen["build"]["manufacturer"] == "coft"
+    assert seen["build"]["version"] == version("coft")
+    assert seen["waiting"] == "BadWaitingForInitialData"  # cam2 was never triggered: no Good zeros
+    assert seen["browsed"] == seen["threshold_id"]  # s=l1.cam2.Threshold is cam2's, whatever the order
+    assert seen["latency"]["units"] == "ms" and seen["latency"]["unitId"] == int.from_bytes(b"C26", "big")
+    assert seen["latency"]["low"] == 0 and seen["latency"]["high"] == 500  # control.trigger_deadline_ms
+    assert [v["part_id"] for v in seen["verdicts"]] == [f"node-{i}" for i in range(10)] + ["node-two-node"]
+    assert seen["both"] == ["BadOutOfRange", "Good"] and seen["after_both"] == seen["old"]
+    assert seen["float_write"] == "Good"
+    assert seen["float_after"] == pytest.approx(seen["old"] * 1.25, rel=1e-6)  # a REAL's precision
+    assert "AUDIT threshold camera=cam2" in text and "via=opcua" in text
+    assert PASSWORD not in text and "Traceback" not in text
 
-    secured_only = Passwords("plc", PASSWORD, anonymous=True, unsecured=False, throttled=Throttled(logging.getLogger("t")))
+
+def test_the_server_certificate_is_one_identity_for_years_renewed_only_by_the_operator(tmp_path, monkeypatch, caplog):
+    """asyncua's helper would make a new certificate at expiry or on a new host name: every PLC would have to trust
+    the box again. Ours is made once, kept as it is (warned about before it expires), renewed with the same key."""
+    from cryptography import x509
+
+    from coft.runtime import opcua_identity
+    from coft.runtime.errors import CoftError
+
+    cert, key = tmp_path / "server.der", tmp_path / "server.pem"
+    first = opcua_identity.ensure(cert, key, "urn:coft:l1", "coft l1")
+    names = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:coft:l1"]
+    assert set(opcua_identity.host_names()) <= set(names.get_values_for_type(x509.DNSName))
+    assert set(opcua_identity.box_addresses()) == set(names.get_values_for_type(x509.IPAddress))
+    assert opcua_identity.days_left(first) > 9 * 365
+    monkeypatch.setattr(opcua_identity, "host_names", lambda: ["renamed-box"])  # the host was renamed
+    assert opcua_identity.ensure(cert, key, "urn:coft:l1", "coft l1") == first  # the same identity, untouched
+
+    monkeypatch.setattr(opcua_identity, "VALID_DAYS", 20)  # a certificate about to expire
+    cert.unlink()
+    expiring = opcua_identity.ensure(cert, key, "urn:coft:l1", "coft l1")  # issued for the key that is there
     with caplog.at_level(logging.WARNING):
-        assert secured_only.get_user(None, "plc", PASSWORD, certificate=None) is None
-        assert secured_only.get_user(None, None, None, certificate=None) is None  # anonymous, too
-    assert secured_only.get_user(None, "plc", PASSWORD, certificate=b"der").name == "plc"
-    assert secured_only.get_user(None, None, None, certificate=b"der") is not None  # anonymous allowed, secured
-    assert "refused a session for user 'plc' on an unsecured channel (SecurityPolicy None)" in caplog.text
-    with_none = Passwords("plc", PASSWORD, anonymous=False, unsecured=True, throttled=Throttled(logging.getLogger("t")))
-    assert with_none.get_user(None, "plc", PASSWORD, certificate=None).name == "plc"  # None configured on purpose
-    assert with_none.get_user(None, None, None, certificate=b"der") is None
+        assert opcua_identity.ensure(cert, key, "urn:coft:l1", "coft l1") == expiring
+    assert "expires on" in caplog.text and "coft opcua-certificate --config LINE.yaml --renew" in caplog.text
+    monkeypatch.setattr(opcua_identity, "VALID_DAYS", 3650)
+    renewed = opcua_identity.renew(cert, key, "urn:coft:l1", "coft l1")
+    assert renewed.public_key().public_numbers() == first.public_key().public_numbers()  # same key
+    assert renewed != expiring and opcua_identity.days_left(renewed) > 9 * 365
+    assert "renamed-box" in renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName)
+
+    other = tmp_path / "other"
+    opcua_identity.ensure(other / "server.der", other / "server.pem", "urn:coft:l1", "coft l1")
+    with pytest.raises(CoftError, match="does not belong to the private key"):
+        opcua_identity.verify(other / "server.der", key)

@@ -127,6 +127,10 @@ class SparkplugNode(Link):
                                exc.strerror)
         self.client.subscribe([(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)])  # QoS 1: the 3.0 spec's MUST
 
+    def born(self) -> bool:
+        """Connected, with this connection's births sent: a host sees our tags as Good."""
+        return self.connected.is_set() and self.born_in == self.connections
+
     def _forget_last_session(self) -> None:
         """paho sends its unacknowledged messages again at the next CONNACK, carrying the last session's seq: a host
         would see old numbers in the new session. The outbox sends them again after the births, numbered anew, so
