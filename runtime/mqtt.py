@@ -95,6 +95,7 @@ class Link:
         self.closing = threading.Event()  # the network thread stops
         self.acks: queue.SimpleQueue[tuple[int, mqtt.ReasonCode]] = queue.SimpleQueue()  # (mid, the broker's answer)
         self.reconnected = threading.Event()
+        self.rescan = threading.Event()  # notify_all: held-back messages may go now
         self.connected_at = self.last_ack_at = 0.0
         self.on_connection: Callable[[str, bool], None] = lambda name, up: None
         self.v5 = broker.protocol == "5"
@@ -132,6 +133,10 @@ class Link:
 
     def publish_message(self, message: Message) -> mqtt.MQTTMessageInfo:
         return self.client.publish(message.topic, message.payload, qos=1)
+
+    def holding_back(self) -> bool:
+        """Whether publish_message holds some messages back on purpose (their waiting is no stall)."""
+        return False
 
     def saying_goodbye(self) -> None:
         """Still connected, about to disconnect on purpose."""
@@ -173,7 +178,7 @@ class Link:
         if not self.connected.is_set():
             return None  # the broker is away: verdicts wait in the outbox, and the broker gauge says so
         oldest = self.outbox.oldest_created(self.channel)
-        if oldest is None:
+        if oldest is None or self.holding_back():
             return None
         waited = time.time() - max(oldest, self.connected_at, self.last_ack_at)
         if waited > stall_s:
@@ -246,6 +251,11 @@ class Link:
         """New messages are in the outbox."""
         self.wake.set()
 
+    def notify_all(self) -> None:
+        """Messages held back earlier (publish_message said None) may go now: look at the whole outbox again."""
+        self.rescan.set()
+        self.wake.set()
+
     def _send_loop(self) -> None:
         inflight: dict[int, tuple[int, str]] = {}  # paho mid -> (outbox message id, topic)
         last_sent = 0
@@ -261,6 +271,9 @@ class Link:
                 except Exception as exc:  # the session goes on; what it lacks is said
                     self.throttled.log(logging.ERROR, "session", "mqtt %s: starting the session failed: %s: %s",
                                        self.name, type(exc).__name__, exc, exc_info=exc)
+            if self.rescan.is_set():
+                self.rescan.clear()
+                last_sent = 0
             try:
                 last_sent = self._send_pending(inflight, last_sent)
             except Exception as exc:  # the outbox's disk, most likely: say so, keep trying
@@ -287,8 +300,15 @@ class Link:
         if not self.connected.is_set():
             return last_sent
         room = INFLIGHT_WINDOW - len(inflight)
+        flying = {message_id for message_id, _ in inflight.values()}
         for message in self.outbox.pending(self.channel, after_id=last_sent, limit=room) if room > 0 else []:
+            if message.id in flying:  # sent, its ack still to come (a rescan sees it again)
+                last_sent = message.id
+                continue
             info = self.publish_message(message)
+            if info is None:  # held back by the link (a Sparkplug device that is dead): it stays in the outbox
+                last_sent = message.id
+                continue
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break  # not connected any more: the reconnect resends from the outbox
             inflight[info.mid] = (message.id, message.topic)

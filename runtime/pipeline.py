@@ -310,6 +310,8 @@ class Runtime:
 
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
+        if self.sparkplug:
+            self.sparkplug.camera_state(camera, up)
         self.metrics.camera_ended.labels(camera).set(int(self.camera[camera].ended.is_set()))
 
     def _broker_state(self, camera: str, up: bool) -> None:

@@ -1,8 +1,10 @@
 """Sparkplug B against a real Mosquitto, read back by a subscriber that decodes with the protobuf classes
-generated from our .proto: births, aliases, seq continuity, broker restart, rebirth, commands, death."""
+generated from our .proto (births, aliases, seq continuity, broker restart, rebirth, commands, death), and by a
+host we did not write: Eclipse Tahu's sparkplug-payload with MQTT.js, through the shipped ACL."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 
 from coft.runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
-from tests.conftest import Mosquitto
+from tests.conftest import CLIENTS, Mosquitto
+from tests.test_faults import _acl_broker
 from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
 
 SPARKPLUG = ROOT / "runtime/sparkplug"
@@ -111,13 +115,28 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
         assert names["Control/Threshold"].datatype == DataType.Double
         for _, data in host.of("DDATA")[:5]:
             assert all(not m.name and m.alias in declared for m in data.metrics)  # aliases only after the birth
-            assert {declared[m.alias].datatype for m in data.metrics} == {m.datatype for m in data.metrics}
+            assert not any(m.HasField("datatype") for m in data.metrics)  # 3.0: data does not repeat datatypes
+            assert len(data.metrics) < len(declared)  # by exception: the model id, unchanged, is not repeated
+
+        shutil.move(line, tmp_path / "line-gone")  # the camera is lost: DDEATH
+        deaths = host.wait("DDEATH", 1)
+        time.sleep(1)
+        shutil.move(tmp_path / "line-gone", line)  # and back: DBIRTH again
+        host.wait("DBIRTH", 2)
+        kinds = [t.split("/")[2] for t, _ in host.messages]
+        after_death = kinds[kinds.index("DDEATH") + 1:]
+        assert deaths[0][0] == "spBv1.0/plant/DDEATH/box7/cam1"
+        assert "DDATA" not in after_death[:after_death.index("DBIRTH")]  # nothing for a dead device
 
         broker.stop()  # the broker goes away; verdicts keep going into the outbox
         time.sleep(3)
         broker.start()
         host.wait("NBIRTH", 2)
         host.wait("DDATA", len(host.of("DDATA")) + 10)
+        born = host.of("NBIRTH")[1][1].timestamp
+        backlog = [p for _, p in host.of("DDATA") if p.metrics and p.metrics[0].is_historical]
+        assert backlog, "verdicts captured during the outage must come as historical data"
+        assert all(m.timestamp < born and m.is_historical for p in backlog for m in p.metrics)  # capture time
 
         host.command("spBv1.0/plant/NCMD/box7", {"name": "Node Control/Rebirth", "datatype": DataType.Boolean,
                                                   "boolean_value": True})
@@ -168,3 +187,144 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
     assert "unknown node metric 'Node Control/Reboot'" in reasons
     text = Path(log).read_text()
     assert "AUDIT threshold camera=cam1" in text and "via=sparkplug" in text and "Traceback" not in text
+
+
+class TahuHost:
+    """tests/clients/sparkplug_host.js: MQTT.js and Eclipse Tahu's sparkplug-payload, as a SCADA host runs them."""
+
+    def __init__(self, port: int, username: str, password: str):
+        if not (CLIENTS / "node_modules").is_dir():
+            pytest.fail("the Node.js test clients are not installed: run tests/run (it runs npm ci in tests/clients)")
+        args = {"url": f"mqtt://127.0.0.1:{port}", "username": username, "password": password,
+                "clientId": f"tahu-host-{time.time_ns()}"}
+        self.process = subprocess.Popen(["node", str(CLIENTS / "sparkplug_host.js"), json.dumps(args)], cwd=CLIENTS,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.wait_for(lambda: any(line.get("subscribed") for line in self.lines), "the host's subscription")
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(json.loads(line))
+
+    def messages(self, kind: str | None = None) -> list[tuple[str, dict]]:
+        return [(m["topic"], m["payload"]) for m in list(self.lines)
+                if "topic" in m and (kind is None or m["topic"].split("/")[2] == kind)]
+
+    def wait_for(self, condition, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline and self.process.poll() is None, f"no {what} at the Tahu host"
+            time.sleep(0.05)
+
+    def wait(self, kind: str, count: int) -> list[tuple[str, dict]]:
+        self.wait_for(lambda: len(self.messages(kind)) >= count, f"{count} x {kind}")
+        return self.messages(kind)
+
+    def command(self, topic: str, metrics: list[dict]) -> None:
+        self.process.stdin.write(json.dumps({"publish": topic, "metrics": metrics}) + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write('{"quit": true}\n')
+            self.process.stdin.flush()
+            self.process.wait(timeout=10)
+
+
+def _metric(payload: dict, name: str):
+    return next(m for m in payload["metrics"] if m.get("name") == name)
+
+
+def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_history_and_no_threshold_change(
+        tmp_path, exported_bundle, parts, monkeypatch):
+    """A host we did not write (Tahu's decoder, MQTT.js), with the scada account of deploy/mosquitto: births,
+    aliases, seq per session, bdSeq, DDEATH and DBIRTH when the camera goes and comes back, an outage's backlog
+    as historical data at its capture times, a rebirth asked for by name, and a DCMD refused with control off."""
+    broker = _acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    line = shutil.copytree(parts / "test/good", tmp_path / "line")
+    config = write_config(tmp_path, exported_bundle, broker.port,
+                          [{"name": "cam1", "source": str(line), "loop": True, "fps": 10}],
+                          sparkplug={"group_id": "plant", "edge_node_id": "box7", "data_qos": 1},
+                          control={"threshold": False})
+    settings = yaml.safe_load(config.read_text())
+    settings["broker"].update(username="coft", password_env="COFT_TEST_MQTT_PASSWORD")
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
+    host = TahuHost(broker.port, "scada", "scada-pw")
+    plc = Subscriber(broker.port, username="plc", password="plc-pw")
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        host.wait("DDATA", 5)
+        shutil.move(line, tmp_path / "line-gone")  # the camera is lost
+        host.wait("DDEATH", 1)
+        time.sleep(1)
+        shutil.move(tmp_path / "line-gone", line)  # and found again
+        host.wait("DBIRTH", 2)
+        host.wait("DDATA", len(host.messages("DDATA")) + 3)
+
+        broker.stop()  # an outage: verdicts wait in the outbox, then come as history
+        time.sleep(3)
+        broker.start()
+        host.wait("NBIRTH", 2)
+        host.wait_for(lambda: any(m.get("isHistorical") for _, p in host.messages("DDATA") for m in p["metrics"]),
+                      "historical DDATA")
+
+        threshold = _metric(host.messages("DBIRTH")[0][1], "Control/Threshold")["value"]
+        host.command("spBv1.0/plant/DCMD/box7/cam1", [{"name": "Control/Threshold", "type": "Double",
+                                                        "value": threshold * 1.5}])
+        host.command("spBv1.0/plant/NCMD/box7", [{"name": "Node Control/Rebirth", "type": "Boolean", "value": True}])
+        host.wait("NBIRTH", 3)
+        errors = plc.wait_for("error", 1)
+        runtime.send_signal(signal.SIGKILL)
+        runtime.wait(timeout=10)
+        host.wait("NDEATH", 1)
+    finally:
+        if runtime.poll() is None:
+            runtime.kill()
+        host.close()
+        plc.close()
+        broker.stop()
+
+    everything = host.messages()
+    assert not [p for _, p in everything if "error" in p], "every message decodes with Tahu, types from the births"
+    kinds = [t.split("/")[2] for t, _ in everything]
+    nbirths = host.messages("NBIRTH")
+    bdseqs = [_metric(p, "bdSeq") for _, p in nbirths]
+    assert all(m["type"] == "Int64" for m in bdseqs)
+    assert bdseqs[1]["value"] == bdseqs[0]["value"] + 1 and bdseqs[2]["value"] == bdseqs[1]["value"]  # rebirth: same
+    assert _metric(host.messages("NDEATH")[-1][1], "bdSeq")["value"] == bdseqs[-1]["value"]
+    assert "alias" not in _metric(nbirths[0][1], "Node Control/Rebirth")  # asked for by name
+    runs, run = [], []
+    for (topic, payload), kind in zip(everything, kinds):
+        if kind == "NBIRTH":
+            run = [payload["seq"]]
+            runs.append(run)
+        elif kind == "NDEATH":  # the session is over: what the broker redelivers to the host after it is stale
+            run = []
+        elif kind in ("DBIRTH", "DDATA", "DDEATH") and run:
+            run.append(payload["seq"])
+    for run in runs:  # seq 0 at each NBIRTH, then +1 per message, wrapping at 256
+        assert run == [i % 256 for i in range(len(run))], run
+    death = kinds.index("DDEATH")
+    assert kinds[death:].index("DBIRTH") < (kinds[death:] + ["DDATA"]).index("DDATA")  # no data for a dead device
+    data = [p for _, p in host.messages("DDATA")]
+    assert all(p["untyped"] == len(p["metrics"]) for p in data)  # no datatype repeated in data
+    assert all("name" not in m and "alias" in m for p in data for m in p["metrics"])
+    sessions_seen = [(k, _metric(p, "bdSeq")["value"]) for (_, p), k in zip(everything, kinds) if k in ("NBIRTH", "NDEATH")]
+    for i, (kind, bdseq) in enumerate(sessions_seen):  # every death names the session it ends
+        if kind == "NDEATH":
+            assert bdseq == next(b for k, b in reversed(sessions_seen[:i]) if k == "NBIRTH")
+    birth, history = None, 0
+    for (_, payload), kind in zip(everything, kinds):
+        if kind == "DBIRTH":
+            birth = payload["timestamp"]
+        elif kind == "DDATA" and payload["metrics"][0].get("isHistorical"):  # captured before the birth: their time
+            history += 1
+            assert all(m["isHistorical"] and m["timestamp"] < birth for m in payload["metrics"])
+    assert history
+    assert all(_metric(p, "Control/Threshold")["value"] == threshold for _, p in host.messages("DBIRTH"))
+    assert any("threshold changes are off" in e["error"] for e in errors)  # the DCMD obeyed control.threshold
+    assert "Traceback" not in log.read_text()

@@ -3,7 +3,10 @@ camera a device.
 
     spBv1.0/<group>/NBIRTH/<node>            bdSeq, Node Control/Rebirth, node info; seq 0
     spBv1.0/<group>/DBIRTH/<node>/<camera>   every metric with its name, alias and datatype
-    spBv1.0/<group>/DDATA/<node>/<camera>    one per verdict: metrics by alias only
+    spBv1.0/<group>/DDATA/<node>/<camera>    one per verdict: by exception (what changed), alias only, no datatype;
+                                             a verdict captured before this birth (an outage's backlog) carries
+                                             its capture time and is_historical
+    spBv1.0/<group>/DDEATH/<node>/<camera>   the camera was lost (DBIRTH again when it delivers frames)
     spBv1.0/<group>/NDEATH/<node>            the MQTT Last Will (bdSeq of the session it ends)
     spBv1.0/<group>/NCMD/<node>              Node Control/Rebirth = true: births again
     spBv1.0/<group>/DCMD/<node>/<camera>     Control/Threshold (Double): the guarded threshold path
@@ -12,7 +15,8 @@ camera a device.
 connection and survives restarts (a file beside the outbox). Verdicts reach the node through
 the same durable outbox as the plain MQTT topics (channel `@sparkplug`), and a DDATA is
 encoded when it is sent, so an outage or a restart loses none: they go out after the births
-of the next session. DDATA goes at QoS 0 as the specification requires (`data_qos: 1` makes
+of the next session; a lost camera's verdicts (its fail-safe rejects) wait in the outbox for its DBIRTH. DDATA
+goes at QoS 0 as the specification requires (`data_qos: 1` makes
 the broker acknowledge each). A command with an unknown metric or a wrong type changes
 nothing and says why on `<prefix>/<line>/<camera>/error` (or `<prefix>/<line>/error`).
 Payloads are protobuf, from `sparkplug_b.proto` in this folder.
@@ -57,9 +61,11 @@ DEVICE_METRICS = [
 NODE_ALIASES = {"bdSeq": 1, REBIRTH: 2, "Node Info/Model ID": 3, "Node Info/Line": 4}
 
 
-def put(metric: Payload.Metric, datatype: int, value) -> None:
-    """A metric's datatype and value, in the field the datatype calls for (is_null for None)."""
-    metric.datatype = datatype
+def put(metric: Payload.Metric, datatype: int, value, typed: bool = True) -> None:
+    """A metric's value in the field its datatype calls for (is_null for None), and the datatype where `typed`
+    (births and commands; 3.0: data messages SHOULD NOT repeat it)."""
+    if typed:
+        metric.datatype = datatype
     if value is None:
         metric.is_null = True
     elif datatype in (DataType.Int8, DataType.Int16, DataType.Int32, DataType.UInt8, DataType.UInt16, DataType.UInt32):
@@ -74,6 +80,10 @@ def put(metric: Payload.Metric, datatype: int, value) -> None:
         metric.boolean_value = bool(value)
     else:
         metric.string_value = str(value)
+
+
+def _value(metric: Payload.Metric):
+    return None if metric.is_null else getattr(metric, metric.WhichOneof("value"))
 
 
 class SparkplugNode(Link):
@@ -91,11 +101,17 @@ class SparkplugNode(Link):
                                                                              THRESHOLD, "State/Model ID"])}
                         for i, camera in enumerate(cameras)}
         self.last: dict[str, dict] = {}  # camera -> last verdict sent, for the values a rebirth declares
+        self.reported: dict[str, dict[int, object]] = {}  # camera -> {alias: value} the host holds (by exception)
+        self.born_at: dict[str, float] = {}  # camera -> when its DBIRTH of this session went out (epoch s)
+        self.lost: set[str] = set()  # cameras not delivering frames: DDEATH sent, DBIRTH when they are back
         self.seq = 0
         self.connections = self.born_in = 0  # connections made; the one whose births numbered the seq
         self.session_bdseq = self._stored_bdseq()  # the last session's
         self.bdseq = self.session_bdseq
         self.sequence = threading.Lock()  # seq numbers and publishes in one order, whichever thread publishes
+        # paho holds back QoS 1 messages beyond its in-flight limit but sends QoS 0 at once: with data_qos 1 a
+        # rebirth (QoS 0, seq 0) overtook DDATA numbered before it. The outbox's window bounds what is in flight.
+        self.client.max_inflight_messages_set(0)
 
     def topic(self, kind: str, device: str | None = None) -> str:
         return f"{NAMESPACE}/{self.config.group_id}/{kind}/{self.node}" + (f"/{device}" if device else "")
@@ -166,50 +182,95 @@ class SparkplugNode(Link):
             self.seq, self.born_in = 0, self.connections
             self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=0)
             for camera in self.cameras:
-                birth = self._device_payload(camera, self.last.get(camera), names=True)
-                self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=0)
+                if camera not in self.lost:
+                    self._device_birth(camera)
         log.info("sparkplug: births published as edge node %s/%s (bdSeq %d)", self.config.group_id, self.node,
                  self.bdseq)
+
+    def _device_birth(self, camera: str) -> None:
+        """A camera's DBIRTH (under the seq lock): every metric, typed, named, with its current value."""
+        birth = self._device_payload(camera, self.last.get(camera), names=True)
+        self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=0)
+        self.reported[camera] = {m.alias: _value(m) for m in birth.metrics}
+        self.born_at[camera] = birth.timestamp / 1000  # a verdict captured before it is history
+
+    def camera_state(self, camera: str, up: bool) -> None:
+        """A camera lost is a DDEATH, one found again a DBIRTH (3.0: a host must not keep a dead device's tags
+        Good). Called on every state report; acts on changes. Outside a born session only remembered: the next
+        births leave a lost camera out."""
+        with self.sequence:
+            if up == (camera not in self.lost):
+                return
+            (self.lost.discard if up else self.lost.add)(camera)
+            if self.born_in != self.connections or not self.connected.is_set():
+                return
+            if up:
+                self._device_birth(camera)
+                self.notify_all()  # its verdicts held back meanwhile go out now
+            else:
+                self._numbered(self.topic("DDEATH", camera), Payload(timestamp=round(time.time() * 1000),
+                                                                       seq=self._next_seq()), qos=0)
+        log.info("sparkplug: %s for camera %s", "DBIRTH" if up else "DDEATH", camera)
+
+    def holding_back(self) -> bool:
+        return bool(self.lost)  # a lost camera's verdicts wait for its DBIRTH
 
     def _next_seq(self) -> int:
         self.seq = (self.seq + 1) % 256
         return self.seq
 
-    def _device_payload(self, camera: str, verdict: dict | None, names: bool) -> Payload:
-        """A camera's metrics (every one, for a birth; by alias only, for data) at the next seq."""
+    def _device_payload(self, camera: str, verdict: dict | None, names: bool, historical: bool = False) -> Payload:
+        """A camera's metrics at the next seq: every one, named and typed, for a birth; for data, by alias and
+        by exception (those whose value the host does not hold yet); for a historical verdict, its own metrics
+        at its capture time, leaving the host's current values alone."""
         now = round(time.time() * 1000)
         payload = Payload(timestamp=now, seq=self._next_seq())
         aliases = self.aliases[camera]
-        counters = self.verdict_counts(camera)
         values = [(name, datatype, read(verdict) if verdict else None) for name, datatype, read in DEVICE_METRICS]
-        values += [("Counters/Accepts", DataType.UInt64, counters["accepts"]),
-                   ("Counters/Rejects", DataType.UInt64, counters["rejects"]),
-                   (THRESHOLD, DataType.Double, self.threshold(camera)),
-                   ("State/Model ID", DataType.String, self.model_id())]
+        if not historical:
+            counters = self.verdict_counts(camera)
+            values += [("Counters/Accepts", DataType.UInt64, counters["accepts"]),
+                       ("Counters/Rejects", DataType.UInt64, counters["rejects"]),
+                       (THRESHOLD, DataType.Double, self.threshold(camera)),
+                       ("State/Model ID", DataType.String, self.model_id())]
+        held = self.reported.setdefault(camera, {})
+        stamp = round(verdict["capture_ts"] * 1000) if historical else now
         for name, datatype, value in values:
-            metric = payload.metrics.add(alias=aliases[name], timestamp=now)
+            metric = Payload.Metric(alias=aliases[name], timestamp=stamp)
             if names:
                 metric.name = name
-            put(metric, datatype, value)
+            put(metric, datatype, value, typed=names)
+            if historical:
+                metric.is_historical = True
+            elif not names and aliases[name] in held and held[aliases[name]] == _value(metric):
+                continue  # unchanged: not reported again
+            else:
+                held[aliases[name]] = _value(metric)
+            payload.metrics.append(metric)
         return payload
 
     def publish_message(self, message: Message) -> mqtt.MQTTMessageInfo:
-        """A verdict from the outbox as the camera's DDATA, numbered now (after this session's births)."""
+        """A verdict from the outbox as the camera's DDATA, numbered now (after this session's births); None for
+        a lost camera's, which waits in the outbox for its DBIRTH (no data for a dead device)."""
         camera, verdict = message.topic, json.loads(message.payload)
         with self.sequence:
             if self.born_in != self.connections:  # reconnected, births not yet sent: the sender sends them first
                 info = mqtt.MQTTMessageInfo(0)
                 info.rc = mqtt.MQTT_ERR_NO_CONN
                 return info
-            data = self._device_payload(camera, verdict, names=False)
+            if camera in self.lost:
+                return None
+            historical = verdict["capture_ts"] < self.born_at.get(camera, 0)
+            data = self._device_payload(camera, verdict, names=False, historical=historical)
             info = self._numbered(self.topic("DDATA", camera), data)
-        self.last[camera] = verdict
+        if not historical:
+            self.last[camera] = verdict
         return info
 
-    def _numbered(self, topic: str, data: Payload) -> mqtt.MQTTMessageInfo:
+    def _numbered(self, topic: str, data: Payload, qos: int | None = None) -> mqtt.MQTTMessageInfo:
         """Publish a payload that took the next seq; one paho would not take (its queue full, not connected)
         gives its number back, so a host never sees a gap within a session."""
-        info = self.client.publish(topic, data.SerializeToString(), qos=self.config.data_qos)
+        info = self.client.publish(topic, data.SerializeToString(), qos=self.config.data_qos if qos is None else qos)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.seq = (self.seq - 1) % 256
         return info
@@ -269,13 +330,14 @@ class SparkplugNode(Link):
             raise CoftError(f"{THRESHOLD} must be a Double or Float, got {kind or 'no value'}")
         self.on_threshold(device, getattr(metric, kind))
         with self.sequence:  # report by exception: the new threshold, at once (or in the births still to come)
-            if self.born_in != self.connections:
+            if self.born_in != self.connections or device in self.lost:
                 return
-            data = self._device_payload(device, None, names=False)
-            kept = [m for m in data.metrics if m.alias == self.aliases[device][THRESHOLD]]
-            del data.metrics[:]
-            data.metrics.extend(kept)
-            self._numbered(self.topic("DDATA", device), data)
+            alias = self.aliases[device][THRESHOLD]
+            now = round(time.time() * 1000)
+            metric = Payload.Metric(alias=alias, timestamp=now)
+            put(metric, DataType.Double, self.threshold(device), typed=False)
+            self.reported.setdefault(device, {})[alias] = _value(metric)
+            self._numbered(self.topic("DDATA", device), Payload(timestamp=now, seq=self._next_seq(), metrics=[metric]))
 
     def _refuse(self, device: str | None, command: str, error: str) -> None:
         log.warning("sparkplug: %s%s ignored: %s", command, f" for {device}" if device else "", error)
