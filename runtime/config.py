@@ -175,6 +175,10 @@ class SparkplugConfig(Strict):
     edge_node_id: str | None = Field(None, pattern=r"^[^#+/\x00]+$", description="default: coft-<line>")
     data_qos: Literal[0, 1] = Field(0, description="DDATA QoS: 0 as the specification says; 1 has the broker "
                                                    "acknowledge each verdict before it leaves the outbox")
+    primary_host_id: str | None = Field(None, pattern=r"^[^#+/\x00]+$",
+                                        description="the SCADA host application (Ignition: its host id) whose "
+                                                    "spBv1.0/STATE must say online before births and data; verdicts "
+                                                    "wait in the outbox meanwhile. None: publish whenever connected")
 
 
 class OpcUaConfig(Strict):

@@ -189,6 +189,54 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
     assert "AUDIT threshold camera=cam1" in text and "via=sparkplug" in text and "Traceback" not in text
 
 
+def test_with_a_primary_host_births_and_data_wait_for_its_state_online_and_stop_when_it_goes(tmp_path, exported_bundle,
+                                                                                            parts):
+    """Sparkplug 3.0 Primary Host awareness, as Ignition's store and forward expects: nothing before the host's
+    STATE says online (the verdicts wait in the outbox, and that is no stall), births and the backlog when it
+    does; NDEATH and a new session that waits again when it goes offline; no verdict lost across it all."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    config = write_config(tmp_path, exported_bundle, broker.port,
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 10}],
+                          sparkplug={"group_id": "plant", "edge_node_id": "box7", "primary_host_id": "scada1"},
+                          stall_s=2)
+    host = Host(broker.port)
+
+    def state(online: bool) -> None:
+        payload = json.dumps({"online": online, "timestamp": round(time.time() * 1000)})
+        host.client.publish("spBv1.0/STATE/scada1", payload, qos=1, retain=True).wait_for_publish(5)
+
+    state(False)
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        time.sleep(6)  # three stall_s: a runtime that took the waiting for a stall would have ended
+        assert runtime.poll() is None, log.read_text()[-2000:]
+        assert host.of("NBIRTH") == [] and host.of("DDATA") == []
+        state(True)
+        host.wait("DDATA", 5)
+        state(False)
+        host.wait("NDEATH", 1)
+        quiet = len(host.messages)
+        time.sleep(2)
+        assert len(host.messages) == quiet  # nothing while the host is away
+        state(True)
+        host.wait("NBIRTH", 2)
+        host.wait("DDATA", len(host.of("DDATA")) + 5)
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        code = runtime.wait(timeout=30)
+        host.close()
+        broker.stop()
+    assert code == 0, log.read_text()[-2000:]
+    bdseqs = [value(next(m for m in p.metrics if m.name == "bdSeq")) for _, p in host.of("NBIRTH")]
+    death = value(next(m for m in host.of("NDEATH")[0][1].metrics if m.name == "bdSeq"))
+    assert death == bdseqs[0] and bdseqs[1] == (bdseqs[0] + 1) % 256  # the death ends the first session
+    seq_alias = next(m.alias for m in host.of("DBIRTH")[0][1].metrics if m.name == "Verdict/Seq")
+    seqs = list(dict.fromkeys(value(m) for _, p in host.of("DDATA") for m in p.metrics if m.alias == seq_alias))
+    assert seqs == list(range(1, len(seqs) + 1))  # from the first verdict, the backlog included, no gap
+    text = log.read_text()
+    assert "waiting for primary host scada1 to be online" in text and "primary host scada1 is offline" in text
+
 class TahuHost:
     """tests/clients/sparkplug_host.js: MQTT.js and Eclipse Tahu's sparkplug-payload, as a SCADA host runs them."""
 

@@ -10,6 +10,8 @@ camera a device.
     spBv1.0/<group>/NDEATH/<node>            the MQTT Last Will (bdSeq of the session it ends)
     spBv1.0/<group>/NCMD/<node>              Node Control/Rebirth = true: births again
     spBv1.0/<group>/DCMD/<node>/<camera>     Control/Threshold (Double): the guarded threshold path
+    spBv1.0/STATE/<primary_host_id>          read: with a primary host, births and data only while it is online;
+                                             when it goes offline, NDEATH and a new connection that waits for it
 
 `seq` runs 0-255 over every message of a session, wrapping; bdSeq 0-255 grows with each
 connection and survives restarts (a file beside the outbox). Verdicts reach the node through
@@ -112,6 +114,8 @@ class SparkplugNode(Link):
         # paho holds back QoS 1 messages beyond its in-flight limit but sends QoS 0 at once: with data_qos 1 a
         # rebirth (QoS 0, seq 0) overtook DDATA numbered before it. The outbox's window bounds what is in flight.
         self.client.max_inflight_messages_set(0)
+        self.host_online = config.primary_host_id is None  # no primary host: as if one were always online
+        self.host_stamp = -1  # the STATE timestamp last taken: older ones (a retained echo) are ignored
 
     def topic(self, kind: str, device: str | None = None) -> str:
         return f"{NAMESPACE}/{self.config.group_id}/{kind}/{self.node}" + (f"/{device}" if device else "")
@@ -141,7 +145,10 @@ class SparkplugNode(Link):
         except OSError as exc:  # a host may then see an older bdSeq after a restart: say so, go on
             self.throttled.log(logging.ERROR, "bdseq", "sparkplug: cannot keep bdSeq in %s (%s)", self.bdseq_file,
                                exc.strerror)
-        self.client.subscribe([(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)])  # QoS 1: the 3.0 spec's MUST
+        topics = [(self.topic("NCMD"), 1), (self.topic("DCMD", "+"), 1)]  # QoS 1: the 3.0 spec's MUST
+        if self.config.primary_host_id:
+            topics.append((f"{NAMESPACE}/STATE/{self.config.primary_host_id}", 1))
+        self.client.subscribe(topics)
 
     def born(self) -> bool:
         """Connected, with this connection's births sent: a host sees our tags as Good."""
@@ -168,7 +175,12 @@ class SparkplugNode(Link):
         self.births()
 
     def births(self) -> None:
-        """NBIRTH (seq 0) and each camera's DBIRTH, declaring every metric with its alias and current value."""
+        """NBIRTH (seq 0) and each camera's DBIRTH, declaring every metric with its alias and current value; with
+        a primary host, only while it is online (its STATE brings them when it comes)."""
+        if not self.host_online:
+            log.info("sparkplug: waiting for primary host %s to be online (%s/STATE/%s) before births; verdicts wait "
+                     "in the outbox", self.config.primary_host_id, NAMESPACE, self.config.primary_host_id)
+            return
         with self.sequence:
             now = round(time.time() * 1000)
             node = Payload(timestamp=now, seq=0)
@@ -213,7 +225,7 @@ class SparkplugNode(Link):
         log.info("sparkplug: %s for camera %s", "DBIRTH" if up else "DDEATH", camera)
 
     def holding_back(self) -> bool:
-        return bool(self.lost)  # a lost camera's verdicts wait for its DBIRTH
+        return bool(self.lost) or not self.host_online  # a lost camera's verdicts wait for its DBIRTH, all for the host
 
     def _next_seq(self) -> int:
         self.seq = (self.seq + 1) % 256
@@ -284,8 +296,32 @@ class SparkplugNode(Link):
         self.client.publish(topic, json.dumps({"command": f"sparkplug {command}", "error": error}), qos=1)
 
     # -- commands -------------------------------------------------------------------------------
+    def _host_state(self, payload: bytes) -> None:
+        """The primary host's STATE (3.0: JSON, online and a timestamp; an older timestamp is ignored)."""
+        try:
+            state = json.loads(payload)
+            online, stamp = bool(state["online"]), int(state["timestamp"])
+        except (ValueError, KeyError, TypeError):
+            self.throttled.log(logging.WARNING, "state", "sparkplug: primary host STATE %r is not 3.0's JSON "
+                               "{\"online\": ..., \"timestamp\": ...}: ignored", payload[:100])
+            return
+        if stamp < self.host_stamp or online == self.host_online:
+            self.host_stamp = max(stamp, self.host_stamp)
+            return
+        self.host_stamp, self.host_online = stamp, online
+        log.info("sparkplug: primary host %s is %s", self.config.primary_host_id, "online" if online else "offline")
+        if online:
+            self.births()
+            self.notify_all()
+        elif self.born_in == self.connections:  # 3.0: the edge node disconnects (and will wait for the host)
+            self.client.publish(self.topic("NDEATH"), self._death(), qos=1)
+            self.client.disconnect()
+
     @_guarded
     def _on_message(self, client, userdata, message):
+        if message.topic.startswith(f"{NAMESPACE}/STATE/"):
+            self._host_state(message.payload)
+            return
         device = message.topic.split("/")[4] if message.topic.count("/") == 4 else None
         try:
             payload = Payload.FromString(message.payload)

@@ -1,0 +1,142 @@
+"""The part's own shape: does the input size from the shots' aspect ratio beat the square?
+
+    python bench/shape.py ../shared/datasets/magnetic_tile [--seeds 0 1 2]
+    python bench/shape.py elpv ...            (the elpv-dataset package's cells)
+
+For each seed: k good shots as bench/fewshot.py draws them; the test set is every other image.
+Compared, each with the shipped knn scorer (every pose of the shots, greedy coreset, mean of
+the worst 1% of patches) on frozen DINOv2 features at:
+
+- square:     224x224, every image squashed into it (the default before)
+- shape:      train/shape.py's rule, the default now: the shots' median aspect ratio at the
+              square's patch budget (the same cost on the box)
+- shape-long: the same aspect with the short side at 224 (more patches: cost grows with it)
+- letterbox:  the shape size, each image scaled to fit it whole and padded by edge replication
+              (a set whose images differ in shape keeps each one's own)
+
+Reported per variant: the sizes chosen, image AUROC, AP, escape at 1% and 5% false-reject
+(oracle thresholds on the test set) and the backbone's milliseconds per frame on this machine.
+Writes shape.json and shape.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
+from learn import measure, shots_bank, unit  # noqa: E402
+
+from coft.runtime.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.scoring import pool  # noqa: E402
+from coft.train.backbones import load_backbone  # noqa: E402
+from coft.train.evaluate import labelled_images  # noqa: E402
+from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
+from coft.train.shape import median_aspect, size_for_aspect  # noqa: E402
+
+VARIANTS = ("square", "shape", "shape-long", "letterbox")
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The whole image scaled into `size` keeping its aspect, the rest filled by replicating its edges."""
+    height, width = size
+    scale = min(height / image.shape[0], width / image.shape[1])
+    fitted = resize_to_input(image, (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))))
+    top, left = (height - fitted.shape[0]) // 2, (width - fitted.shape[1]) // 2
+    return cv2.copyMakeBorder(fitted, top, height - fitted.shape[0] - top, left, width - fitted.shape[1] - left,
+                              cv2.BORDER_REPLICATE)
+
+
+def variant_size(variant: str, aspect: float) -> tuple[int, int]:
+    if variant == "square":
+        return (224, 224)
+    height, width = size_for_aspect(aspect)
+    if variant == "shape-long":
+        scale = 224 / min(height, width)
+        return round(height * scale / 14) * 14, round(width * scale / 14) * 14
+    return height, width
+
+
+def features(category: Path, data, images: list[np.ndarray], variant: str, size: tuple[int, int], cache: Path):
+    """Every image at this variant and size: frames, backbone, unit patch features, ms per frame (None: cached)."""
+    fit = letterbox if variant == "letterbox" else resize_to_input
+    frames = np.stack([fit(image, size) for image in tqdm(images, desc=f"{variant} {size[0]}x{size[1]}", unit="img")])
+    backbone = load_backbone(TrainOptions.backbone, None, size, None)
+    key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{TrainOptions.backbone}-{size[0]}x{size[1]}-"
+           f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1" + ("-letterbox" if variant == "letterbox" else ""))
+    started, was_cached = time.perf_counter(), (cache / f"{key}.pt").is_file()
+    patches = cached_features(backbone, frames, size, 1, cache, key)[1]
+    ms = None if was_cached else round(1000 * (time.perf_counter() - started) / len(frames), 1)
+    return frames, backbone, unit(patches.float().numpy()), ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset_root", type=Path)
+    parser.add_argument("--shots", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--cache", type=Path, default=Path("bench-out/cache"), help="frozen features kept between runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/shape"))
+    args = parser.parse_args()
+
+    category = find_category(args.dataset_root)
+    data = labelled_images(category)
+    images = [read_image(p) for p in tqdm(data.paths, desc="reading", unit="img")]
+    good = np.flatnonzero(data.labels == 0)
+    done: dict[tuple, tuple] = {}
+    runs = []
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        test = np.setdiff1d(np.arange(len(images)), shots)
+        aspect = median_aspect([images[i].shape for i in shots])
+        for variant in args.variants:
+            size = variant_size(variant, aspect)
+            if (variant, size) not in done:
+                done[(variant, size)] = features(category, data, images, variant, size, args.cache)
+            frames, backbone, patches, ms = done[(variant, size)]
+            bank = shots_bank(backbone, frames[shots], size, seed)
+            scores = pool(knn_scores(torch.from_numpy(bank.features), torch.from_numpy(patches[test])), "top1pct")
+            row = {"seed": seed, "variant": variant, "aspect": round(aspect, 3), "size": list(size),
+                   "patches": patches.shape[1], "ms_per_frame": ms, **measure(data.labels[test], scores, None)}
+            runs.append(row)
+            print(json.dumps(row), flush=True)
+    write(args, category, runs)
+
+
+def write(args, category: Path, runs: list[dict]) -> None:
+    meta = {"dataset": str(category), "shots": args.shots, "seeds": args.seeds, "machine": machine(),
+            "backbone": TrainOptions.backbone}
+    lines = [f"# Input shape: {category.name}, {args.shots} shots", "",
+             f"Seeds {args.seeds}, {meta['machine']['cpu']} ({meta['machine']['cpu_threads']} threads). Mean over "
+             "seeds; escape at 1% / 5% false-reject on the test set (oracle thresholds); ms per frame: the backbone "
+             "on this machine (- where the features came from the cache).", "",
+             "| variant | sizes (per seed) | patches | AUROC | AP | escape@1% | escape@5% | ms/frame |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == variant]
+        sizes = ", ".join(dict.fromkeys(f"{r['size'][0]}x{r['size'][1]}" for r in rs))
+        ms = [r["ms_per_frame"] for r in rs if r["ms_per_frame"] is not None]
+        patches = ", ".join(dict.fromkeys(str(r["patches"]) for r in rs))
+        lines.append(f"| {variant} | {sizes} | {patches} | " + " | ".join(
+            f"{np.mean([r[k] for r in rs]):.3f}" for k in ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr"))
+            + (f" | {np.mean(ms):.0f} |" if ms else " | - |"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "shape.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    (args.out / "shape.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
