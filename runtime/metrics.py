@@ -50,6 +50,9 @@ class Metrics:
                                   "births are out (absent without sparkplug:)", registry=r)
         self.opcua_up = Gauge("coft_opcua_serving", "1 while the OPC UA server runs (absent without opcua:)",
                               registry=r)
+        self.opcua_certificate_days = Gauge("coft_opcua_certificate_days_left", "Days until the OPC UA server "
+                                            "certificate expires (renew with coft opcua-certificate --renew)",
+                                            registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
                             self.broker_refused):

@@ -201,6 +201,10 @@ class OpcUaServer(LoopService):
         self.queue: asyncio.Queue | None = None
         self.nodes: dict[str, dict[str, object]] = {}
         self.heartbeat_node = None
+        self.certificate: x509.Certificate | None = None  # the server's, once made or loaded (SecurityPolicy None: none)
+
+    def certificate_days_left(self) -> float:
+        return round(opcua_identity.days_left(self.certificate), 1)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,7 +243,8 @@ class OpcUaServer(LoopService):
         server.set_identity_tokens([ua.UserNameIdentityToken] +
                                    ([ua.AnonymousIdentityToken] if self.config.allow_anonymous else []))
         if any(p != ua.SecurityPolicyType.NoSecurity for p in policies):
-            opcua_identity.ensure(self.config.certificate, self.config.private_key, uri, f"coft {line}")
+            self.certificate = opcua_identity.ensure(self.config.certificate, self.config.private_key, uri,
+                                                     f"coft {line}")
             await server.load_certificate(str(self.config.certificate))
             await server.load_private_key(str(self.config.private_key))
         if self.trusted:

@@ -746,6 +746,8 @@ class Runtime:
                 self.metrics.sparkplug_up.set(int(self.sparkplug.born()))
             if self.opcua:
                 self.metrics.opcua_up.set(int(self.opcua.alive()))
+                if self.opcua.certificate is not None:
+                    self.metrics.opcua_certificate_days.set(self.opcua.certificate_days_left())
             self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links})
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)

@@ -18,6 +18,7 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.conftest import free_port, node_client
+from tests.test_faults import metric
 from tests.test_runtime import start_runtime, write_config
 
 PASSWORD = "plc-pass-4711"
@@ -186,13 +187,15 @@ def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_ch
         {"name": "cam2", "source": str(parts / "test/good"), "loop": True, "fps": 20, "trigger": True},
         {"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 20, "trigger": True}],
         opcua={"port": port, "bind": "0.0.0.0", "username": "plc", "password_file": str(tmp_path / "password"),
-               "certificate": str(tmp_path / "server.der"), "private_key": str(tmp_path / "server.pem")})
+               "certificate": str(tmp_path / "server.der"), "private_key": str(tmp_path / "server.pem")},
+        metrics_port=(metrics_port := free_port()))
     log = tmp_path / "runtime.log"
     runtime = start_runtime(config, log)
     try:
         _wait_for_line(runtime, log, "opcua: serving")
         seen = node_client("opcua_plc.js", {"url": f"opc.tcp://127.0.0.1:{port}/", "user": "plc",
                                             "password": PASSWORD, "pki": str(tmp_path / "pki"), "parts": 10})
+        days_left = metric(metrics_port, "coft_opcua_certificate_days_left")
     finally:
         runtime.send_signal(signal.SIGTERM)
         code = runtime.wait(timeout=30)
@@ -213,6 +216,7 @@ def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_ch
     assert seen["float_after"] == pytest.approx(seen["old"] * 1.25, rel=1e-6)  # a REAL's precision
     assert "AUDIT threshold camera=cam2" in text and "via=opcua" in text
     assert PASSWORD not in text and "Traceback" not in text
+    assert 3640 < days_left <= 3650  # the certificate's lifetime, in the metrics a monitoring system alerts on
 
 
 def test_the_server_certificate_is_one_identity_for_years_renewed_only_by_the_operator(tmp_path, monkeypatch, caplog):
