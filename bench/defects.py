@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache)
-    size = TrainOptions().size
+    size = frames.shape[1:3]
     types = np.array(data.types)
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
     kinds = sorted(set(types[bad]))

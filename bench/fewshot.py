@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,6 +74,7 @@ from coft.train.patch_scorer import (  # noqa: E402
 )
 from coft.cli import size_argument  # noqa: E402
 from coft.train.pipeline import TrainOptions, fingerprint, resolve_device  # noqa: E402
+from coft.train.shape import input_size  # noqa: E402
 from coft.train.threshold import calibration_scores, global_fit, good_only_threshold, threshold_from_scores  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
@@ -119,6 +121,20 @@ def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
         patches.append(backbone.patches_from_maps(maps).half().cpu())
         trunk.append(maps[-trainable - 1].cpu())
     return torch.cat(globals_).numpy(), torch.cat(patches), torch.cat(trunk)
+
+
+def product_size(data, asked: tuple[int, int] | None) -> tuple[int, int]:
+    """--size, or the product's rule (train/shape.py) applied to the set's good images: the benchmarks share one
+    feature pass over every seed's shots, so the set stands in for each seed's shots."""
+    if asked:
+        return asked
+    shapes = []
+    for path in (p for p, label in zip(data.paths, data.labels) if label == 0):
+        with Image.open(path) as image:
+            shapes.append((image.height, image.width))
+    size, why = input_size(shapes)
+    print(f"input {size[0]}x{size[1]}: {why}", flush=True)
+    return size
 
 
 def cached_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int], trainable: int, cache: Path | None,
@@ -327,7 +343,7 @@ def main() -> None:
 
     category = find_category(args.dataset_root)
     data = labelled_images(category)
-    size = args.size
+    size = product_size(data, args.size)
     device = resolve_device(args.device)
     frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
     backbone = load_backbone(args.backbone, args.weights, size, tuple(args.layers) if args.layers else None).to(device)

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
+from fewshot import cached_features, find_category, knn_scores, machine, product_size  # noqa: E402
 
 from coft.runtime.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
 from coft.runtime.commissioning import fit_threshold  # noqa: E402
@@ -79,7 +79,7 @@ def product_features(root: Path, cache: Path):
     category = find_category(root)
     data = labelled_images(category)
     options = TrainOptions()
-    size = options.size
+    size = product_size(data, options.size)
     frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
     backbone = load_backbone(options.backbone, None, size, None)
     key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache)
-    size = TrainOptions().size
+    size = frames.shape[1:3]
     patches = torch.from_numpy(patches)
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
     runs, skipped = [], []

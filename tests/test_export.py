@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -203,3 +204,31 @@ def test_tensorrt_engine_matches_onnx_runtime(exported, parts, tmp_path):
     trt_scores = open_engine(bundle, "tensorrt").infer(frames).scores
     ort_scores = open_engine(bundle, "onnxruntime").infer(frames).scores
     np.testing.assert_allclose(trt_scores, ort_scores, rtol=1e-3)
+
+
+def test_an_elongated_part_trains_in_its_own_shape_and_scores_so_on_onnx_runtime(tmp_path):
+    """The default input size follows the shots (train/shape.py): tall parts train at 518x224 with the default
+    DINOv2 and knn, and the exported graph takes frames of that shape; a dent scores above the good parts."""
+    from coft.cli import main
+    from coft.runtime.images import read_image, resize_to_input
+
+    rng = np.random.default_rng(3)
+    good, test = tmp_path / "good", tmp_path / "test"
+    good.mkdir(), test.mkdir()
+    for i in range(8):
+        x = np.mgrid[0:230, 0:100][1].astype(np.float32)
+        part = (128 + 12 * np.sin(x / 3.0 + rng.uniform(0, 6)) + rng.normal(0, 4, (230, 100))).clip(0, 255)
+        cv2.imwrite(str((good if i < 6 else test) / f"good{i}.png"), part.astype(np.uint8))
+        if i >= 6:
+            dented = part.astype(np.uint8)
+            cv2.circle(dented, (50, 60 + 40 * i - 240), 7, 250, -1)
+            cv2.imwrite(str(test / f"dent{i}.png"), dented)
+    assert main(["-q", "train", str(good), "--out", str(tmp_path / "b")]) == 0
+    assert main(["-q", "export", str(tmp_path / "b")]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    assert (bundle.manifest["input"]["height"], bundle.manifest["input"]["width"]) == (518, 224)
+    assert "height/width 2.30" in bundle.manifest["input"]["size_from"]
+    names = sorted(test.iterdir())
+    frames = np.stack([resize_to_input(read_image(p), (518, 224)) for p in names])
+    scores = dict(zip((p.stem for p in names), open_engine(bundle, "onnxruntime").infer(frames).scores))
+    assert min(scores["dent6"], scores["dent7"]) > max(scores["good6"], scores["good7"]), scores

@@ -18,7 +18,8 @@ def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
     bundle = load_bundle(frozen_bundle)
     m = bundle.manifest
     assert m["backbone"]["name"] == "efficientnet_lite0" and m["embedding_dim"] == 1280
-    assert m["input"] == {"height": 96, "width": 96, "colour_order": "BGR", "dtype": "uint8", "layout": "NHWC"}
+    assert m["input"] == {"height": 96, "width": 96, "colour_order": "BGR", "dtype": "uint8", "layout": "NHWC",
+                          "size_from": "--size"}  # the tests give the size; a user who does not gets the shots' shape
     assert m["normalisation"]["mean"] == [127.0] * 3 and m["normalisation"]["std"] == [128.0] * 3
     assert m["threshold"]["method"] == "leave-one-out" and m["threshold"]["value"] > 0
     assert m["training"]["shots"] == 8 and len(m["training"]["dataset_fingerprint"]) == 64
@@ -136,3 +137,16 @@ def test_tile_titles_keep_the_end_of_a_file_name_where_frames_differ():
     from coft.train.evaluate import short_name
     assert short_name("cam1-000000123-reject.jpg") == "…000123-reject.jpg" and short_name("a.png") == "a.png"
     assert short_name("cam1-000000123-reject.jpg") != short_name("cam1-000000124-reject.jpg")
+
+
+def test_the_input_size_follows_the_shots_shape_unless_they_disagree():
+    from coft.train.shape import PATCH, input_size, size_for_aspect
+
+    size, why = input_size([(230, 100, 3)] * 9 + [(240, 100, 3)])  # a tall part, photographed the same way
+    assert size == (518, 224) and size[0] % PATCH == 0  # the short side kept, the long one 2.3 times it
+    assert "height/width 2.30" in why and "2.3x the patches" in why
+    assert input_size([(100, 230, 3)] * 10)[0] == (224, 518)  # and lying down
+    assert input_size([(300, 300, 3)] * 10)[0] == (224, 224)  # square parts stay square
+    mixed, why = input_size([(230, 100, 3), (400, 600, 3), (300, 300, 3)])  # a folder of several shapes
+    assert mixed == (224, 224) and "vary from 0.67 to 2.30" in why
+    assert size_for_aspect(40.0) == size_for_aspect(4.0) == (896, 224)  # clamped at 4:1

@@ -18,6 +18,7 @@ from coft.runtime.errors import CoftError
 from coft.runtime.images import load_folder
 from coft.runtime.scoring import pool
 from coft.train import progress
+from coft.train.shape import input_size
 from coft.train.anomalies import synthesise
 from coft.train.augment import AugmentConfig, augment
 from coft.train.backbones import load_backbone
@@ -42,7 +43,7 @@ POOLING = {"patch": "max", "knn": "top1pct"}  # image score from patch scores, u
 class TrainOptions:
     backbone: str = "dinov2_vits14"  # see README, Accuracy: the few-shot benchmark decides this default
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
-    size: tuple[int, int] = (224, 224)  # model input (height, width)
+    size: tuple[int, int] | None = None  # model input (height, width); None: from the shots' shape (train/shape.py)
     method: str = "frozen"  # see README: the few-shot benchmark decides this default
     scorer: str = "knn"  # knn | patch | global | auto (self-check on synthetic defects); see README, Accuracy
     pooling: str | None = None  # patch scorers: worst patch (max) or mean of the worst 1% (top1pct); None: POOLING
@@ -135,6 +136,15 @@ def _check_new(out: str | Path, options: TrainOptions) -> None:
         raise CoftError(f"unknown scorer {options.scorer!r}; choose one of {', '.join(SCORERS)}")
 
 
+def chosen_size(options: TrainOptions, images: list[np.ndarray]) -> tuple[tuple[int, int], str]:
+    """The input size --size gave, or the one the shots' shape calls for; and why, for the log and manifest."""
+    if options.size:
+        return options.size, "--size"
+    size, why = input_size([image.shape for image in images])
+    log.info("input %dx%d: %s (--size chooses another)", *size, why)
+    return size, why
+
+
 def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, options: TrainOptions,
              selection: dict | None = None) -> Path:
     """Train on these good images; `selection` says how they were chosen when not simply given."""
@@ -142,14 +152,15 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     _check_new(out, options)
     started = time.perf_counter()
     progress.shown = options.progress
+    asked, size_from = chosen_size(options, images)
     sizes = {image.shape[:2] for image in images}
     if len(sizes) > 1:
-        log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *options.size)
+        log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *asked)
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     device = resolve_device(options.device)
-    backbone = load_backbone(options.backbone, options.weights, options.size, options.layers).to(device)
-    size = getattr(backbone, "size", options.size)  # a ViT rounds it to its patch size
+    backbone = load_backbone(options.backbone, options.weights, asked, options.layers).to(device)
+    size = getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
     pixels = to_pixels(images, size).to(device)
     log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
 
@@ -194,7 +205,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
                      **({"layers": list(backbone.layers), "pretrained": backbone.pretrained}
                         if hasattr(backbone, "layers") else {})},
         "input": {"height": size[0], "width": size[1], "colour_order": "BGR",
-                  "dtype": "uint8", "layout": "NHWC"},
+                  "dtype": "uint8", "layout": "NHWC", "size_from": size_from},
         "normalisation": {"colour_order": "RGB", "mean": backbone.mean.flatten().tolist(),
                           "std": backbone.std.flatten().tolist()},
         "embedding_dim": scoring.dim,

@@ -1,19 +1,22 @@
 """The model's input size from the part's own shape, not a square every part is squashed into.
 
 An elongated part squashed into 224x224 loses resolution along its length; the shots say what shape the part has.
-The rule keeps the patch budget of 224x224 (256 ViT patches of 14 pixels: the same cost on the box) and gives it
-the shots' median aspect ratio, clamped to 1:4 .. 4:1, each side a multiple of the patch.
+The rule keeps the short side at 224 and gives the long side the shots' median aspect ratio (clamped to 4:1), each
+side a multiple of the 14-pixel patch: an elongated part costs its aspect ratio times a square's patches. Shots
+whose shapes differ by more than AGREE (a folder mixing parts or orientations) keep the square: one aspect would
+distort the others. bench/shape.py measured the choices on magnetic tiles (README, Input shape): the square's
+patch budget at the shots' aspect gained on tall tiles and lost on wide ones; the short side kept gained on both.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 PATCH = 14
-BUDGET = 16 * 16  # patches of a 224x224 input
+SHORT_SIDE = 224
 MOST_ELONGATED = 4.0
+AGREE = 2.0  # the shots are one shape of part when their height/width ratios lie within this factor of each other
+SQUARE = (SHORT_SIDE, SHORT_SIDE)
 
 
 def median_aspect(shapes: list[tuple[int, ...]]) -> float:
@@ -21,13 +24,20 @@ def median_aspect(shapes: list[tuple[int, ...]]) -> float:
     return float(np.median([h / w for h, w, *_ in shapes]))
 
 
-def size_for_aspect(aspect: float, budget: int = BUDGET, patch: int = PATCH) -> tuple[int, int]:
-    """(height, width), multiples of `patch`, about `budget` patches, height/width as near `aspect` as that allows."""
+def size_for_aspect(aspect: float, short: int = SHORT_SIDE, patch: int = PATCH) -> tuple[int, int]:
+    """(height, width), multiples of `patch`, the short side `short`, height/width as near `aspect` as that allows."""
     aspect = min(max(aspect, 1 / MOST_ELONGATED), MOST_ELONGATED)
-    rows = max(1, round(math.sqrt(budget * aspect)))
-    columns = max(1, round(budget / rows))
-    return rows * patch, columns * patch
+    long = max(short, round(short * max(aspect, 1 / aspect) / patch) * patch)
+    return (long, short) if aspect >= 1 else (short, long)
 
 
-def input_size(images: list[np.ndarray]) -> tuple[int, int]:
-    return size_for_aspect(median_aspect([image.shape for image in images]))
+def input_size(shapes: list[tuple[int, ...]]) -> tuple[tuple[int, int], str]:
+    """The input (height, width) for shots of these shapes, and why, for the log and the manifest."""
+    ratios = [h / w for h, w, *_ in shapes]
+    if max(ratios) > AGREE * min(ratios):
+        return SQUARE, f"square: the shots' height/width ratios vary from {min(ratios):.2f} to {max(ratios):.2f}"
+    aspect = median_aspect(shapes)
+    size = size_for_aspect(aspect)
+    cost = size[0] * size[1] / SHORT_SIDE**2
+    return size, f"the shots' height/width {aspect:.2f}, short side {SHORT_SIDE}" + (
+        f" ({cost:.1f}x the patches of 224x224)" if cost > 1.05 else "")

@@ -22,7 +22,7 @@ from coft.train.embed import to_pixels
 from coft.train.evaluate import short_name
 from coft.train.funad import FunadConfig, FunadResult, find_suspects
 from coft.train.patches import patch_features
-from coft.train.pipeline import TrainOptions, resolve_device, train_on
+from coft.train.pipeline import TrainOptions, chosen_size, resolve_device, train_on
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ def train_unlabelled(folder: str | Path, out: str | Path, options: TrainOptions,
             raise CoftError(f"{path}: already exists; choose another --out or remove it first")
     config = config or FunadConfig()
     paths, images = load_folder(folder)
-    backbone = load_backbone(options.backbone, options.weights, options.size, options.layers)
-    size = getattr(backbone, "size", options.size)  # a ViT rounds it to its patch size
+    asked = chosen_size(options, images)[0]
+    backbone = load_backbone(options.backbone, options.weights, asked, options.layers)
+    size = getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
     features = patch_features(backbone.to(resolve_device(options.device)), to_pixels(images, size), coarse=True)
     result = find_suspects(features, config, options.seed, options.progress)
     kept = np.flatnonzero(~result.suspects)
