@@ -88,10 +88,15 @@ def product_features(root: Path, cache: Path):
     return category, data, frames, backbone, unit(patches.float().numpy())
 
 
+def shot_patches(backbone, shots: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Every pose of the shots, as unit patch features [rows, C]: what the product's bank is cut from."""
+    views = unit(bank_views(backbone, to_pixels(list(shots), size), AugmentConfig()))
+    return views.reshape(-1, views.shape[-1])
+
+
 def shots_bank(backbone, shots: np.ndarray, size: tuple[int, int], seed: int) -> MemoryBank:
     """The product's k-shot bank: every pose of the shots, cut to the cap by the greedy coreset."""
-    views = unit(bank_views(backbone, to_pixels(list(shots), size), AugmentConfig()))
-    flat = views.reshape(-1, views.shape[-1])
+    flat = shot_patches(backbone, shots, size)
     return MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
 
 

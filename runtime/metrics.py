@@ -8,7 +8,7 @@ from coft.runtime.errors import CoftError
 
 
 class Metrics:
-    def __init__(self, cameras: tuple[str, ...] | list[str] = ()):
+    def __init__(self, cameras: tuple[str, ...] | list[str] = (), sparkplug: bool = False, opcua: bool = False):
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("coft_frames_total", "Frames read from the camera", ["camera"], registry=r)
@@ -46,13 +46,14 @@ class Metrics:
         self.threshold = Gauge("coft_threshold", "The threshold each camera judges with now (live changes included)",
                                ["camera"], registry=r)
         self.model = Gauge("coft_model_info", "1 for the model the runtime judges with", ["model_id"], registry=r)
-        self.sparkplug_up = Gauge("coft_sparkplug_connected", "1 while the Sparkplug edge node is connected and its "
-                                  "births are out (absent without sparkplug:)", registry=r)
-        self.opcua_up = Gauge("coft_opcua_serving", "1 while the OPC UA server runs (absent without opcua:)",
-                              registry=r)
-        self.opcua_certificate_days = Gauge("coft_opcua_certificate_days_left", "Days until the OPC UA server "
-                                            "certificate expires (renew with coft opcua-certificate --renew)",
-                                            registry=r)
+        if sparkplug:  # only where configured: an alert on 0 must not fire on boxes without the protocol
+            self.sparkplug_up = Gauge("coft_sparkplug_connected", "1 while the Sparkplug edge node is connected and "
+                                      "its births are out", registry=r)
+        if opcua:
+            self.opcua_up = Gauge("coft_opcua_serving", "1 while the OPC UA server runs", registry=r)
+            self.opcua_certificate_expiry = Gauge("coft_opcua_certificate_expiry_timestamp_seconds", "When the OPC "
+                                                  "UA server certificate expires (Unix time; renew with coft "
+                                                  "opcua-certificate --renew)", registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
                             self.broker_refused):

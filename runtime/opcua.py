@@ -203,9 +203,6 @@ class OpcUaServer(LoopService):
         self.heartbeat_node = None
         self.certificate: x509.Certificate | None = None  # the server's, once made or loaded (SecurityPolicy None: none)
 
-    def certificate_days_left(self) -> float:
-        return round(opcua_identity.days_left(self.certificate), 1)
-
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Listen, or raise a one-line CoftError (port taken, bad certificate) before inspection starts."""

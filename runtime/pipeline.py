@@ -122,7 +122,7 @@ class Runtime:
         self._adopt(self.bundle, names)
         if not config.control.threshold:
             log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
-        self.metrics = Metrics(names)
+        self.metrics = Metrics(names, sparkplug=config.sparkplug is not None, opcua=config.opcua is not None)
         self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
                              int(config.outbox.max_mb * 2**20), self._gap,
                              lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n))
@@ -747,7 +747,7 @@ class Runtime:
             if self.opcua:
                 self.metrics.opcua_up.set(int(self.opcua.alive()))
                 if self.opcua.certificate is not None:
-                    self.metrics.opcua_certificate_days.set(self.opcua.certificate_days_left())
+                    self.metrics.opcua_certificate_expiry.set(self.opcua.certificate.not_valid_after_utc.timestamp())
             self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links})
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)

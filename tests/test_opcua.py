@@ -7,7 +7,9 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
 import time
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
@@ -195,7 +197,8 @@ def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_ch
         _wait_for_line(runtime, log, "opcua: serving")
         seen = node_client("opcua_plc.js", {"url": f"opc.tcp://127.0.0.1:{port}/", "user": "plc",
                                             "password": PASSWORD, "pki": str(tmp_path / "pki"), "parts": 10})
-        days_left = metric(metrics_port, "coft_opcua_certificate_days_left")
+        days_left = (metric(metrics_port, "coft_opcua_certificate_expiry_timestamp_seconds") - time.time()) / 86400
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     finally:
         runtime.send_signal(signal.SIGTERM)
         code = runtime.wait(timeout=30)
@@ -217,6 +220,8 @@ def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_ch
     assert "AUDIT threshold camera=cam2" in text and "via=opcua" in text
     assert PASSWORD not in text and "Traceback" not in text
     assert 3640 < days_left <= 3650  # the certificate's lifetime, in the metrics a monitoring system alerts on
+    linted = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True)
+    assert linted.returncode == 0, linted.stderr.decode()  # Prometheus' own linter, with the OPC UA series
 
 
 def test_the_server_certificate_is_one_identity_for_years_renewed_only_by_the_operator(tmp_path, monkeypatch, caplog):
