@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine  # noqa: E402
-from learn import measure, product_features, shots_bank  # noqa: E402
+from learn import headline_cells, measure, product_features, shots_bank, write_report  # noqa: E402
 
 from coft.runtime.bank_growth import with_marked_defects  # noqa: E402
 from coft.runtime.scoring import defect_pull, pool  # noqa: E402
@@ -111,8 +111,7 @@ def write(args, category: Path, runs: list[dict]) -> None:
     steps = list(dict.fromkeys(r["step"] for r in runs))
     for step in steps:
         rs = [r for r in runs if r["step"] == step]
-        lines.append(f"| {step} | " + " | ".join(f"{np.mean([r[k] for r in rs]):.3f}" for k in
-                                                 ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr")) + " |")
+        lines.append(f"| {step} | {headline_cells(rs)} |")
     lines += ["", "Per defect type, AUROC / escape at 1% false-reject (marked-some: * a type marked in that seed; "
               "the rest were never marked):", "", "| step | seed | " + " | ".join(kinds) + " |",
               "|---|---|" + "---|" * len(kinds)]
@@ -120,10 +119,7 @@ def write(args, category: Path, runs: list[dict]) -> None:
         cells = [f"{r['per_type'][k]['auroc']:.3f} / {r['per_type'][k]['escape_at_1pct_frr']:.2f}"
                  + ("*" if r["step"] == "marked-some" and k in r["marked_types"] else "") for k in kinds]
         lines.append(f"| {r['step']} | {r['seed']} | " + " | ".join(cells) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defects.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-    (args.out / "defects.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "defects", {"meta": meta, "runs": runs}, lines)
 
 
 if __name__ == "__main__":

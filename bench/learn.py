@@ -65,9 +65,12 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+HEADLINE = ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr")  # what every benchmark table leads with
+
+
 def measure(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict:
     m = detection_metrics(labels, scores)
-    row = {k: round(float(m[k]), 4) for k in ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr")}
+    row = {k: round(float(m[k]), 4) for k in HEADLINE}
     if threshold is not None:
         row.update({k: round(v, 4) for k, v in rates_at(labels, scores, threshold).items()})
     return row
@@ -86,6 +89,19 @@ def product_features(root: Path, cache: Path):
            f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")
     patches = cached_features(backbone, frames, size, 1, cache, key)[1]
     return category, data, frames, backbone, unit(patches.float().numpy())
+
+
+def headline_cells(runs: list[dict]) -> str:
+    """AUROC, AP and the escapes at 1% and 5% false-reject, each the mean over these runs, as table cells."""
+    return " | ".join(f"{np.mean([r[k] for r in runs]):.3f}" for k in HEADLINE)
+
+
+def write_report(out: Path, name: str, report: dict, lines: list[str]) -> None:
+    """<name>.json (everything measured) and <name>.md (the table) under `out`, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def shot_patches(backbone, shots: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
-from learn import measure, shots_bank, unit  # noqa: E402
+from learn import headline_cells, measure, shots_bank, unit, write_report  # noqa: E402
 
 from coft.runtime.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.scoring import pool  # noqa: E402
@@ -153,13 +153,9 @@ def write(args, category: Path, runs: list[dict]) -> None:
         sizes = ", ".join(dict.fromkeys(f"{r['size'][0]}x{r['size'][1]}" for r in rs))
         ms = [r["ms_per_frame"] for r in rs if r["ms_per_frame"] is not None]
         patches = ", ".join(dict.fromkeys(str(r["patches"]) for r in rs))
-        lines.append(f"| {variant} | {sizes} | {patches} | " + " | ".join(
-            f"{np.mean([r[k] for r in rs]):.3f}" for k in ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr"))
-            + (f" | {np.mean(ms):.0f} |" if ms else " | - |"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "shape.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    (args.out / "shape.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {variant} | {sizes} | {patches} | {headline_cells(rs)}"
+                     + (f" | {np.mean(ms):.0f} |" if ms else " | - |"))
+    write_report(args.out, "shape", {"meta": meta, "runs": runs}, lines)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine  # noqa: E402
-from learn import measure, product_features, shot_patches  # noqa: E402
+from learn import headline_cells, measure, product_features, shot_patches, write_report  # noqa: E402
 
 from coft.runtime.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.scoring import pool  # noqa: E402
@@ -100,12 +100,8 @@ def write(args, category: Path, size, runs: list[dict]) -> None:
              "| scorer | AUROC | AP | escape@1% | escape@5% |", "|---|---|---|---|---|"]
     for step in dict.fromkeys(r["step"] for r in runs):
         rs = [r for r in runs if r["step"] == step]
-        lines.append(f"| {step} | " + " | ".join(f"{np.mean([r[k] for r in rs]):.3f}" for k in
-                                                 ("auroc", "ap", "escape_at_1pct_frr", "escape_at_5pct_frr")) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "subspace.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    (args.out / "subspace.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {step} | {headline_cells(rs)} |")
+    write_report(args.out, "subspace", {"meta": meta, "runs": runs}, lines)
 
 
 if __name__ == "__main__":
