@@ -133,9 +133,10 @@ def _sessions_on_secured_channels_only(iserver, throttled: Throttled) -> None:
     async def secured_only(self, typeid, requesthdr, seqhdr, body):
         if typeid in SESSION_REQUESTS and self.iserver in SECURED_ONLY and \
                 self._connection.security_policy.URI == SecurityPolicyNone.URI:
-            SECURED_ONLY[self.iserver].log(logging.WARNING, ("unsecured", self.name), "opcua: refused a session from %s on an "
-                          "unsecured channel (SecurityPolicy None): connect with Basic256Sha256 and the client's "
-                          "certificate", self.name[0] if isinstance(self.name, tuple) else self.name)
+            peer = self.name[0] if isinstance(self.name, tuple) else self.name  # (address, port): once per address
+            SECURED_ONLY[self.iserver].log(logging.WARNING, ("unsecured", peer), "opcua: refused a session from %s "
+                                           "on an unsecured channel (SecurityPolicy None): connect with "
+                                           "Basic256Sha256 and the client's certificate", peer)
             raise ServiceError(ua.StatusCodes.BadSecurityPolicyRejected)
         return await process(self, typeid, requesthdr, seqhdr, body)
 
