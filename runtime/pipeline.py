@@ -650,7 +650,9 @@ class Runtime:
         if self.web:
             self.web.start()
         if self.opcua:
-            self.opcua.start()
+            self.opcua.start()  # its certificate is made or loaded by now, and does not change while it runs
+            if self.opcua.certificate is not None:
+                self.metrics.opcua_certificate_expiry.set(self.opcua.certificate.not_valid_after_utc.timestamp())
         for link in self.links.values():
             link.start()
             link.publish_state(self.threshold.describe(link.camera, "start"))
@@ -746,8 +748,6 @@ class Runtime:
                 self.metrics.sparkplug_up.set(int(self.sparkplug.born()))
             if self.opcua:
                 self.metrics.opcua_up.set(int(self.opcua.alive()))
-                if self.opcua.certificate is not None:
-                    self.metrics.opcua_certificate_expiry.set(self.opcua.certificate.not_valid_after_utc.timestamp())
             self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links})
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
