@@ -19,7 +19,7 @@ the same durable outbox as the plain MQTT topics (channel `@sparkplug`), and a D
 encoded when it is sent, so an outage or a restart loses none: they go out after the births
 of the next session; a lost camera's verdicts (its fail-safe rejects) wait in the outbox for its DBIRTH. DDATA
 goes at QoS 0 as the specification requires (`data_qos: 1` makes
-the broker acknowledge each). A command with an unknown metric or a wrong type changes
+the broker acknowledge each, and sends the births at QoS 1 too, so that none overtakes data). A command with an unknown metric or a wrong type changes
 nothing and says why on `<prefix>/<line>/<camera>/error` (or `<prefix>/<line>/error`).
 Payloads are protobuf, from `sparkplug_b.proto` in this folder.
 """
@@ -111,8 +111,10 @@ class SparkplugNode(Link):
         self.session_bdseq = self._stored_bdseq()  # the last session's
         self.bdseq = self.session_bdseq
         self.sequence = threading.Lock()  # seq numbers and publishes in one order, whichever thread publishes
-        # paho holds back QoS 1 messages beyond its in-flight limit but sends QoS 0 at once: with data_qos 1 a
-        # rebirth (QoS 0, seq 0) overtook DDATA numbered before it. The outbox's window bounds what is in flight.
+        # paho, and the broker towards a host, hold back QoS 1 messages beyond their in-flight limit but send QoS 0
+        # at once: with data_qos 1 a QoS 0 rebirth (seq 0) overtook DDATA numbered before it. So every seq-numbered
+        # message goes at data_qos (births at 0 as 3.0 says, unless data_qos 1 is asked for), and paho's limit is
+        # off here (the outbox's window bounds what is in flight).
         self.client.max_inflight_messages_set(0)
         self.host_online = config.primary_host_id is None  # no primary host: as if one were always online
         self.host_stamp = -1  # the STATE timestamp last taken: older ones (a retained echo) are ignored
@@ -192,7 +194,7 @@ class SparkplugNode(Link):
                     metric.alias = NODE_ALIASES[name]
                 put(metric, datatype, value)
             self.seq, self.born_in = 0, self.connections
-            self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=0)
+            self.client.publish(self.topic("NBIRTH"), node.SerializeToString(), qos=self.config.data_qos)
             for camera in self.cameras:
                 if camera not in self.lost:
                     self._device_birth(camera)
@@ -202,8 +204,7 @@ class SparkplugNode(Link):
     def _device_birth(self, camera: str) -> None:
         """A camera's DBIRTH (under the seq lock): every metric, typed, named, with its current value."""
         birth = self._device_payload(camera, self.last.get(camera), names=True)
-        self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=0)
-        self.reported[camera] = {m.alias: _value(m) for m in birth.metrics}
+        self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=self.config.data_qos)
         self.born_at[camera] = birth.timestamp / 1000  # a verdict captured before it is history
 
     def camera_state(self, camera: str, up: bool) -> None:
@@ -221,7 +222,7 @@ class SparkplugNode(Link):
                 self.notify_all()  # its verdicts held back meanwhile go out now
             else:
                 self._numbered(self.topic("DDEATH", camera), Payload(timestamp=round(time.time() * 1000),
-                                                                       seq=self._next_seq()), qos=0)
+                                                                       seq=self._next_seq()))
         log.info("sparkplug: %s for camera %s", "DBIRTH" if up else "DDEATH", camera)
 
     def holding_back(self) -> bool:
@@ -279,10 +280,10 @@ class SparkplugNode(Link):
             self.last[camera] = verdict
         return info
 
-    def _numbered(self, topic: str, data: Payload, qos: int | None = None) -> mqtt.MQTTMessageInfo:
+    def _numbered(self, topic: str, data: Payload) -> mqtt.MQTTMessageInfo:
         """Publish a payload that took the next seq; one paho would not take (its queue full, not connected)
         gives its number back, so a host never sees a gap within a session."""
-        info = self.client.publish(topic, data.SerializeToString(), qos=self.config.data_qos if qos is None else qos)
+        info = self.client.publish(topic, data.SerializeToString(), qos=self.config.data_qos)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.seq = (self.seq - 1) % 256
         return info
