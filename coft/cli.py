@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> None:
     out = _train_module("retrain").retrain(args.bundle, args.harvest, args.out, args.camera, args.recalibrate,
-                                           args.weights, progress=not args.quiet)
+                                           args.weights, progress=not args.quiet, defects=args.defects)
     print(f"retrained bundle written: {out} (FUN-AD's suspects: {out}.funad/ where present)")
 
 
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("harvest", type=_folder, help="the harvest folder; frames sorted into good/ and defect/ in it count as labelled")
     p.add_argument("--out", type=Path, help="new bundle (default: <bundle>-harvest)")
     p.add_argument("--camera", help="use only this camera's frames (needed when the harvest holds several)")
+    p.add_argument("--defects", type=_folder, metavar="FOLDER",
+                   help="a folder of real defects an operator marked (the live view's 'real defect' files them in the "
+                        "harvest's defect/): never trained on; a knn bank takes their worst patches as defect rows")
     p.add_argument("--recalibrate", metavar="RULE", help="threshold from the sorted frames: 'f1' or 'escape=RATE'")
     p.add_argument("--weights", help="pretrained weights file, for backbones that need one (see coft train)")
     p.set_defaults(func=cmd_retrain)

@@ -95,11 +95,16 @@ def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
         raise
 
 
-def update_manifest(bundle_dir: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
-    """Add what export derives from the model (ONNX graph, engine), or retraining decided, and re-seal."""
+def update_manifest(bundle_dir: str | Path, changes: dict[str, Any],
+                    files: dict[str, Callable[[Path], None]] | None = None) -> dict[str, Any]:
+    """Add what export derives from the model (ONNX graph, engine), or retraining decided, and re-seal; `files`
+    (name -> a function that writes it to a path) replace files through a new one, as `revise` says why."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     manifest.update(changes)
+    for name, write in (files or {}).items():
+        write(bundle_dir / f"new-{name}")
+        os.replace(bundle_dir / f"new-{name}", bundle_dir / name)
     _seal(bundle_dir, manifest)
     return manifest
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from coft.export.onnx import export_onnx
-from coft.runtime.bank_growth import LearnConfig, grow
+from coft.runtime.bank_growth import DEFECT_PATCHES, LearnConfig, grow
 from coft.runtime.bundle import load_bundle
 from coft.runtime.engines.ort_engine import OnnxRuntimeEngine
 from coft.runtime.errors import CoftError
@@ -129,6 +129,36 @@ def test_the_line_s_variation_enters_the_bank_its_defects_and_rejects_do_not():
     assert growth.bank.score(scar[None])[0] > 0.3 and growth.bank.score(texture).max() < 0.05
     assert min(growth.scores_after[7], growth.scores_before[20]) > 0.3 and growth.scores_after[20] < 0.1
     assert growth.report["rows_added"] == owned.sum() and growth.report["rows_dropped"] == 0
+
+
+def test_retrain_takes_a_folder_of_marked_defects_never_trains_on_them_and_raises_patches_like_them(
+        tmp_path, cells, cell_bundle):
+    good, defect = cells
+    plain, marked = tmp_path / "line", tmp_path / "marked"
+    for path in good[10:90]:
+        _link(path, plain / path.name)
+    for path in defect[:4]:
+        _link(path, marked / path.name)
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "--quiet", "retrain", str(cell_bundle), str(plain),
+                             "--defects", str(marked), "--out", str(tmp_path / "retrained")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    new = load_bundle(tmp_path / "retrained")
+    assert new.manifest["harvest"] == {**new.manifest["harvest"], "frames": 84, "trained_pool": 80,
+                                       "sorted_defects": 4, "defects_folder": str(marked), "defect_rows_from": 4}
+    assert new.scoring.defects.shape == (4 * DEFECT_PATCHES, new.scoring.dim)
+    # the marked cells' worst patches pull unmarked defects up, and the good rows alone would score them lower
+    export_onnx(new.path, max_batch=16)
+    unseen = np.stack([resize_to_input(read_image(p), new.input_size) for p in defect[4:40]])
+    flagged = OnnxRuntimeEngine(load_bundle(new.path)).infer(unseen)
+    good_only = pool(MemoryBank(new.scoring.features).score(flagged.embeddings), "top1pct")
+    assert (flagged.scores >= good_only - 1e-6).all() and (flagged.scores > good_only + 1e-4).sum() >= 3
+
+    (tmp_path / "none").mkdir()
+    result = subprocess.run([sys.executable, "-m", "coft.cli", "retrain", str(cell_bundle), str(plain),
+                             "--defects", str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "none: no images of marked defects" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_learn_refuses_what_it_cannot_learn_from(tmp_path, cells, cell_bundle, exported_bundle):

@@ -86,13 +86,31 @@ def bundle_scores(bundle: Bundle, paths: list[Path], progress: bool = True, batc
                   np.concatenate(maps) if maps and maps[0] is not None else None)
 
 
+def bundle_pixels(bundle: Bundle, frames: list[np.ndarray]):
+    """Decoded BGR frames as the bundle's input tensor, resized as the runtime does."""
+    return to_pixels([resize_to_input(f, bundle.input_size) for f in frames], bundle.input_size)
+
+
+def frame_features(bundle: Bundle, paths: list[Path], progress: bool = True, batch: int = 32) -> np.ndarray:
+    """The readable images' patch features [n, P, C] from a patch bundle's backbone (unit rows, as it scores them)."""
+    backbone = restore_bundle_backbone(bundle)
+    features = []
+    for start in bars.bar(range(0, len(paths), batch), desc="patch features", unit="batch", show=progress):
+        frames = [f for f in map(read_image, paths[start:start + batch]) if f is not None]
+        if frames:
+            features.append(patch_features(backbone, bundle_pixels(bundle, frames)).numpy())
+    if not features:
+        raise CoftError(f"none of the {len(paths)} images could be read; check that they are not corrupt")
+    return np.concatenate(features)
+
+
 def frame_scorer(bundle: Bundle):
     """A function from decoded BGR frames (resized as the runtime does) to scores and, for patch scorers, maps."""
     m = bundle.manifest
     backbone = restore_bundle_backbone(bundle)
 
     def score(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        pixels = to_pixels([resize_to_input(f, bundle.input_size) for f in frames], bundle.input_size)
+        pixels = bundle_pixels(bundle, frames)
         if bundle.scores_patches:
             patch_scores = bundle.scoring.score(patch_features(backbone, pixels).numpy())
             return (pool(patch_scores, m["patch"]["pooling"]),

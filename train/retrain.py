@@ -5,8 +5,10 @@ verdict JSON (camera, model id, score). Retraining fits a new bundle with the sa
 settings on those frames, leaving out first the frames the line's own scores mark as
 suspects (runtime.commissioning's trimmed fit), then FUN-AD's, and records where it came
 from (`revision_of`, `harvest`). Operators may
-sort frames into `good/` and `defect/` folders inside the harvest: sorted defects are
-never trained on, and with `--recalibrate` the labelled frames set the threshold.
+sort frames into `good/` and `defect/` folders inside the harvest, and `--defects` names
+a folder of real defects kept anywhere: marked defects are never trained on, a knn
+bundle's bank takes their worst patches as defect rows (as `coft learn` does on the box),
+and with `--recalibrate` the labelled frames set the threshold.
 Frames of another camera or another model's line are refused: their JSON says whose they are.
 """
 
@@ -19,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.bundle import lineage, load_bundle, update_manifest
+from coft.runtime.bundle import BANK, lineage, load_bundle, update_manifest
 from coft.runtime.commissioning import MIN_FRAMES, suspects
+from coft.runtime.bank_growth import with_marked_defects
 from coft.runtime.errors import CoftError
+from coft.runtime.images import list_images
 from coft.runtime.learning import LineFrames, line_frames
 from coft.train.augment import AugmentConfig
 from coft.train.coftad import FinetuneConfig
@@ -54,15 +58,40 @@ def options_of(manifest: dict, progress: bool, weights: str | None) -> TrainOpti
         finetune=FinetuneConfig(**(training["finetune"] or {})), augment=AugmentConfig(**training["augment"]))
 
 
+def marked_defects(frames: LineFrames, folder: str | Path | None) -> LineFrames:
+    """The harvest's frames with the images of `folder` (--defects) added, each sorted as a defect."""
+    if folder is None:
+        return frames
+    extra = list_images(Path(folder), recursive=True)
+    if not extra:
+        raise CoftError(f"{folder}: no images of marked defects (looked for .png/.jpg files); give the folder "
+                        "the operators' real defects were saved in")
+    return LineFrames(frames.paths + extra, frames.labels + ["defect"] * len(extra),
+                      np.concatenate([frames.rejected, np.ones(len(extra), bool)]),
+                      np.concatenate([frames.scores, np.full(len(extra), np.nan)]), frames.camera)
+
+
+def with_defect_rows(staged: Path, paths: list[Path], progress: bool) -> int:
+    """A knn bundle's bank with the marked defects' worst patches as defect rows; how many frames gave them."""
+    from coft.train.evaluate import frame_features
+    bundle = load_bundle(staged)
+    if bundle.manifest.get("scorer") != "knn" or not paths:
+        return 0
+    features = frame_features(bundle, paths, progress)
+    update_manifest(staged, {}, files={BANK: with_marked_defects(bundle.scoring, features).save})
+    return len(features)
+
+
 def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None = None, camera: str | None = None,
-            recalibrate: str | None = None, weights: str | None = None, progress: bool = True) -> Path:
+            recalibrate: str | None = None, weights: str | None = None, progress: bool = True,
+            defects: str | Path | None = None) -> Path:
     from coft.train.evaluate import bundle_scores
     from coft.train.threshold import labelled_threshold
     from coft.train.unlabelled import train_unlabelled
 
     bundle = load_bundle(bundle_dir)
     harvest = Path(harvest)
-    frames = line_frames(harvest, bundle.model_id, camera)
+    frames = marked_defects(line_frames(harvest, bundle.model_id, camera), defects)
     labels, camera = frames.labels, frames.camera
     commissioned = bundle.manifest.get("commissioning", {}).get("cameras")
     if commissioned and camera and camera not in commissioned:
@@ -80,6 +109,7 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
         staged = Path(work) / "bundle"
         train_unlabelled(pool, staged, options_of(bundle.manifest, progress, weights))
         sorted_ = [i for i, label in enumerate(labels) if label]
+        marked = with_defect_rows(staged, [frames.paths[i] for i in sorted_ if labels[i] == "defect"], progress)
         threshold = None
         if recalibrate:
             if {labels[i] for i in sorted_} != {"good", "defect"}:
@@ -89,7 +119,8 @@ def retrain(bundle_dir: str | Path, harvest: str | Path, out: str | Path | None 
             threshold = labelled_threshold(truth, scored.scores, recalibrate)
         update_manifest(staged, {"revision_of": bundle.model_id, "harvest": {
             "folder": str(harvest), "camera": camera, "frames": len(frames.paths), "trained_pool": len(trainable),
-            "sorted_good": labels.count("good"), "sorted_defects": labels.count("defect")},
+            "sorted_good": labels.count("good"), "sorted_defects": labels.count("defect"), "defects_folder": str(defects) if defects else None,
+            "defect_rows_from": marked},
             **({"threshold": threshold} if threshold else {})})
         shutil.move(str(staged), out)
         if (Path(work) / "bundle.funad").exists():
