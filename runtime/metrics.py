@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
 
 from coft.runtime.errors import CoftError
 
 
 class Metrics:
-    def __init__(self, cameras: tuple[str, ...] | list[str] = (), sparkplug: bool = False, opcua: bool = False):
+    def __init__(self, cameras: tuple[str, ...] | list[str] = (), sparkplug: bool = False, opcua: bool = False,
+                 learning: bool = False):
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("coft_frames_total", "Frames read from the camera", ["camera"], registry=r)
@@ -54,6 +55,10 @@ class Metrics:
             self.opcua_certificate_expiry = Gauge("coft_opcua_certificate_expiry_timestamp_seconds", "When the OPC "
                                                   "UA server certificate expires (Unix time; renew with coft "
                                                   "opcua-certificate --renew)", registry=r)
+        if learning:  # commissioning.learn: a failed learn must be seen where the line is watched, not only logged
+            self.learning = Enum("coft_learning", "Growing the bank after commissioning: waiting for commissioning, "
+                                 "learning, done (running the grown revision) or failed (running the commissioned one)",
+                                 states=["waiting", "learning", "done", "failed"], registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
                             self.broker_refused):

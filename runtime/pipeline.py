@@ -26,6 +26,7 @@ import time
 from collections import deque
 from datetime import datetime, timezone
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 
@@ -122,7 +123,10 @@ class Runtime:
         self._adopt(self.bundle, names)
         if not config.control.threshold:
             log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
-        self.metrics = Metrics(names, sparkplug=config.sparkplug is not None, opcua=config.opcua is not None)
+        self.learns = bool(config.commissioning and config.commissioning.learn
+                           and self.bundle.manifest.get("scorer") == "knn")  # grows its bank after commissioning
+        self.metrics = Metrics(names, sparkplug=config.sparkplug is not None, opcua=config.opcua is not None,
+                               learning=self.learns)
         self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
                              int(config.outbox.max_mb * 2**20), self._gap,
                              lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n))
@@ -467,9 +471,35 @@ class Runtime:
                       self.bundle.path, exc)
             return
         self._run(load_bundle(revision, self.config.trusted_keys), self.engine, old["value"], "commissioning")
-        if self.config.commissioning.learn and self.bundle.manifest.get("scorer") == "knn" and commissioning.folder:
-            threading.Thread(target=self._learn, args=(revision, commissioning.folder), name="learner",
-                             daemon=True).start()
+        if self.learns and commissioning.folder:
+            self._start_learning(revision, commissioning.folder)
+
+    def _start_learning(self, revision, frames) -> None:
+        threading.Thread(target=self._learn, args=(revision, frames), name="learner", daemon=True).start()
+
+    def _resume_learning(self) -> None:
+        """A start that finds the bundle commissioned but not yet learned from its commissioning frames (the runtime
+        stopped while learning, or learning failed) learns now: a restart must not drop the step silently."""
+        if not self.learns:
+            return
+        if "learning" in self.bundle.manifest:
+            self.learning = {"state": "done", "revision": self.bundle.model_id}
+            self.metrics.learning.state("done")
+            return
+        done = self.bundle.manifest.get("commissioning") or {}
+        folder = Path(done["frames_folder"]) if done.get("frames_folder") else None
+        if self.commissioning is not None or folder is None:
+            self.metrics.learning.state("waiting")
+            return
+        if not folder.is_dir():
+            log.error("learn: %s was commissioned but its bank was never grown, and its commissioning frames (%s) are "
+                      "gone; run 'coft learn' on a folder of the line's frames", self.bundle.model_id, folder)
+            self.learning = {"state": "failed", "error": f"commissioning frames gone: {folder}"}
+            self.metrics.learning.state("failed")
+            return
+        log.warning("learn: %s was commissioned but its bank was not yet grown from %s (the runtime stopped, or "
+                    "learning failed, before); growing it now", self.bundle.model_id, folder)
+        self._start_learning(self.bundle.path, folder)
 
     def _run(self, bundle, engine, old: float, why: str) -> None:
         """Judge with this revision from now on (between two batches: no verdict lost), say who owns each camera's
@@ -502,6 +532,7 @@ class Runtime:
         except (AttributeError, OSError):
             pass
         self.learning = {"state": "learning", "frames": str(frames)}
+        self.metrics.learning.state("learning")
         log.info("learn: growing the bank from the %s frames in %s, in the background", self.bundle.model_id, frames)
         try:
             grown = load_bundle(learn(revision, frames, threads=1), self.config.trusted_keys)
@@ -509,9 +540,11 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001  (whatever it was, the line inspects on with the commissioned model)
             log.error("learn: %s; inspecting on with the commissioned bank", exc)
             self.learning = {"state": "failed", "error": str(exc)[:300]}
+            self.metrics.learning.state("failed")
             return
         self.learning = {"state": "done", "revision": grown.model_id, **{
             k: grown.manifest["learning"][k] for k in ("frames", "frames_in_bank", "suspects", "rows_added")}}
+        self.metrics.learning.state("done")
 
     def _owner_after(self, why: str, camera: str, bundle: float, fitted: float,
                      operator: tuple[float, str] | None) -> None:
@@ -659,6 +692,7 @@ class Runtime:
         if self.sparkplug:
             self.sparkplug.start()
         self.last_inspection_ok = time.monotonic()
+        self._resume_learning()
         self.inspector.start()  # it warms the engine up first; the cameras start once it has
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from coft.runtime.learning import learn
 from coft.runtime.scoring import MemoryBank, pool
 from coft.train.demo import _link, elpv_cells
 from coft.train.pipeline import TrainOptions, train_bundle
+from tests.conftest import free_port
 from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config
 
 SIZE = (112, 112)  # 8 x 8 patches of the real DINOv2 weights: quick, and still the real features
@@ -180,30 +182,54 @@ def test_learn_refuses_what_it_cannot_learn_from(tmp_path, cells, cell_bundle, e
         learn(cell_bundle, tmp_path / "empty")
 
 
-def test_after_commissioning_the_line_learns_in_the_background_and_switches_without_losing_a_verdict(
+def _learning_metric(port: int) -> str | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next((line.split('"')[1] for line in text.splitlines()
+                 if line.startswith("coft_learning{") and line.endswith(" 1.0")), None)
+
+
+def _wait_for_log(runtime, log, text: str, after: int = 0, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text()[after:] and time.time() < deadline:
+        assert runtime.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.5)
+    assert text in log.read_text()[after:], log.read_text()[-2000:]
+
+
+def test_after_commissioning_the_line_learns_in_the_background_resumes_after_a_restart_and_loses_no_verdict(
         tmp_path, cells, cell_bundle, mosquitto):
     good, defect = cells
     source = tmp_path / "camera"
     for path in good[10:130] + defect[:6]:
         _link(path, source / path.name)
     bundle = shutil.copytree(cell_bundle, tmp_path / "models/cells")
+    port = free_port()
     config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(source), "loop": True,
-                                                              "fps": 10}], commissioning={"frames": 120, "learn": True})
+                                                              "fps": 10}], commissioning={"frames": 120, "learn": True},
+                          metrics_port=port)
+    log = tmp_path / "runtime.log"
     plc = Subscriber(mosquitto.port)
-    runtime = start_runtime(config, tmp_path / "runtime.log")
+    runtime = start_runtime(config, log)
+    try:  # stopped while it learns (a deploy, a power cut): the next start must learn, not forget it
+        _wait_for_log(runtime, log, "learn: growing the bank from the")
+        assert _learning_metric(port) == "learning"
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        runtime.wait(timeout=30)
+    assert "learn done" not in log.read_text()
+    restarted = len(log.read_text())
+    runtime = start_runtime(config, log)
     try:
-        deadline = time.time() + 600
-        while "learn done: now running" not in (tmp_path / "runtime.log").read_text() and time.time() < deadline:
-            assert runtime.poll() is None, (tmp_path / "runtime.log").read_text()[-2000:]
-            time.sleep(1)
+        _wait_for_log(runtime, log, "learn done: now running", after=restarted)
+        assert _learning_metric(port) == "done"
         seen = len(plc.payloads("verdict"))
         plc.wait_for("verdict", seen + 20)
     finally:
         runtime.send_signal(signal.SIGTERM)
         runtime.wait(timeout=30)
     plc.close()
-    log = (tmp_path / "runtime.log").read_text()
-    assert "learn done: now running" in log, log[-2000:]
+    second = log.read_text()[restarted:]
+    assert "was commissioned but its bank was not yet grown from" in second and "growing it now" in second
     verdicts = plc.payloads("verdict")
     assert_complete_and_ordered(verdicts)
     models = list(dict.fromkeys(v["model_id"] for v in verdicts))
@@ -212,4 +238,4 @@ def test_after_commissioning_the_line_learns_in_the_background_and_switches_with
     learned = load_bundle(tmp_path / "models/cells-r3")
     assert learned.manifest["learning"]["frames"] == 120 and learned.manifest["learning"]["rows_added"] > 0
     assert {v["threshold"] for v in verdicts if v["model_id"] == learned.model_id} == {learned.threshold}
-    assert "learn: growing the bank from the" in log and "in the background" in log
+    assert "learn: growing the bank from the" in log.read_text() and "in the background" in log.read_text()
