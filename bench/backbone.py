@@ -30,14 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft.export.onnx import export_onnx, inspection_model  # noqa: E402
-from coft.runtime.bundle import load_bundle  # noqa: E402
 from coft.runtime.engines import open_engine  # noqa: E402
+from coft.runtime.model.bundle import load_bundle  # noqa: E402
 
 
 def demo_bundle(work: Path, scorer: str = "global", backbone: str = "efficientnet_lite0") -> Path:
     """A bundle trained on 10 ELPV cells and exported: Lite0 by default, or the product's default model
     (`backbone="default"`: TrainOptions' own backbone and scorer)."""
-    from coft.train.demo import prepare_folders
+    from coft.demo import prepare_folders
     from coft.train.pipeline import TrainOptions, train_bundle
 
     train_dir, _ = prepare_folders(work, shots=10, seed=0, test_limit=1)
@@ -52,7 +52,7 @@ def elpv_video(path: Path, frames: int = 200) -> Path:
     """The package's first ELPV cells (good and defective, as they come) as a 640x480 MJPG video at 30 fps."""
     import cv2
 
-    from coft.train.demo import elpv_cells
+    from coft.demo import elpv_cells
 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
     for cell in elpv_cells()[0][:frames]:

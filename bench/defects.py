@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot import knn_scores, machine  # noqa: E402
 from learn import headline_cells, measure, product_features, shots_bank, write_report  # noqa: E402
 
-from coft.runtime.bank_growth import with_marked_defects  # noqa: E402
-from coft.runtime.scoring import defect_pull, pool  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP  # noqa: E402
+from coft.runtime.model.bank_growth import with_marked_defects  # noqa: E402
+from coft.runtime.model.scoring import defect_pull, pool  # noqa: E402
 from coft.train.metrics import escape_at_false_reject, per_type_auroc  # noqa: E402
 from coft.train.pipeline import TrainOptions  # noqa: E402
+from coft.train.scorers.knn import DEFAULT_CAP  # noqa: E402
 
 
 def round_robin(bad: np.ndarray, types: np.ndarray, kinds: list[str], n: int, rng: np.random.Generator) -> np.ndarray:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from backbone import demo_bundle, elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from coft.runtime.bundle import load_bundle  # noqa: E402
+from coft.runtime.model.bundle import load_bundle  # noqa: E402
 from tests.conftest import Mosquitto, free_port  # noqa: E402
 from tests.plc import SimulatedPlc  # noqa: E402
 

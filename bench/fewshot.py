@@ -20,7 +20,7 @@ every other good image and every defective one is the test set. Methods:
 - patch+global: both scorers, each scaled by its own calibration scores (median and 99th
                 percentile of leave-one-out scores of good views: no defect involved) and
                 added; a candidate, not yet a bundle scorer
-- knn:          the memory-bank scorer (train/knn_scorer.py): the shots' patch features in
+- knn:          the memory-bank scorer (train/scorers/knn.py): the shots' patch features in
                 every pose (rotations/flips), greedy coreset to --cap rows, cosine distance
                 to the nearest, image score = mean of the worst 1% of patches; ablations:
                 knn-norot (the shots as they are), knn-l1 (first of --layers only),
@@ -54,28 +54,31 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coft.runtime.images import read_image, resize_to_input  # noqa: E402
-from coft.runtime.scoring import pool  # noqa: E402
+from coft.cli import size_argument  # noqa: E402
+from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
+from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.scoring import pool  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
 from coft.train.backbones import Backbone, load_backbone  # noqa: E402
 from coft.train.coftad import FinetuneConfig, finetune  # noqa: E402
 from coft.train.embed import embed_views, to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images, pixel_metrics  # noqa: E402
-from coft.train.gaussian import fit_gaussian  # noqa: E402
 from coft.train.metrics import detection_metrics, per_type_auroc, rates_at  # noqa: E402
-from coft.runtime.coreset import greedy_coreset  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit  # noqa: E402
-from coft.train.patch_scorer import (  # noqa: E402
+from coft.train.pipeline import TrainOptions, fingerprint, resolve_device  # noqa: E402
+from coft.train.scorers.gaussian import (
+    fit_gaussian,  # noqa: E402
+    global_fit,  # noqa: E402
+)
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit  # noqa: E402
+from coft.train.scorers.patch import (  # noqa: E402
     BLUR_SIGMA,
     calibration_views,
     fit_patch_gaussian,
     patch_fit,
     patch_views,
 )
-from coft.cli import size_argument  # noqa: E402
-from coft.train.pipeline import TrainOptions, fingerprint, resolve_device  # noqa: E402
 from coft.train.shape import input_size  # noqa: E402
-from coft.train.threshold import calibration_scores, global_fit, good_only_threshold, threshold_from_scores  # noqa: E402
+from coft.train.threshold import calibration_scores, good_only_threshold, threshold_from_scores  # noqa: E402
 
 METHODS = ("frozen", "coftad", "coftad-no-pp", "coftad-no-np", "patch-knn", "patch", "patch-top1pct", "patch-mid",
            "patch-deep", "patch+global", "knn", "knn-norot", "knn-l1", "knn-full", "knn-cap1024", "knn-cap4096",
@@ -88,7 +91,7 @@ PATCH_LAYERS = {"patch": slice(None), "patch-top1pct": slice(None), "patch-mid":
 
 def elpv_layout(work: Path) -> Path:
     """The elpv-dataset package's cells as good/ and defect/<cell type>/ (links; probability 0 good, 1 defective)."""
-    from coft.train.demo import _link, elpv_cells
+    from coft.demo import _link, elpv_cells
     paths, probability, cell_type = elpv_cells()
     for path, q, kind in zip(paths, probability, cell_type):
         if q in (0.0, 1.0):

@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import find_category, machine  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from coft.runtime.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
 from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import embed_views, to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.funad import FunadConfig, find_suspects  # noqa: E402
-from coft.train.gaussian import fit_gaussian  # noqa: E402
 from coft.train.metrics import detection_metrics  # noqa: E402
 from coft.train.patches import patch_features  # noqa: E402
+from coft.train.scorers.gaussian import fit_gaussian  # noqa: E402
 
 CONTAMINATION = (0, 5, 10, 20)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coft.runtime.engines.fused_nearest import FusedNearest  # noqa: E402
 from coft.runtime.engines.fused_scoring import FusedScorer  # noqa: E402
-from coft.runtime.scoring import Gaussian, MemoryBank, pool, pooled_patches  # noqa: E402
+from coft.runtime.model.scoring import Gaussian, MemoryBank, pool, pooled_patches  # noqa: E402
 
 HOLD_CYCLES = 400_000_000  # about 0.2 s of GPU sleep at 2 GHz: longer than queueing the calls takes
 PATCH_DIM, PATCHES = 152, 784  # Lite0 patch features at 224 px: 28 x 28 stride-8 patches

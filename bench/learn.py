@@ -9,7 +9,7 @@ defects; the test set is every image in neither. Compared, each scored with the 
 knn scorer (mean of the worst 1% of patches) on the same frozen DINOv2 features:
 
 - shots:   the k-shot bank, its threshold commissioned on the stream (runtime.commissioning)
-- learn:   `coft learn`'s step (runtime/bank_growth.py) on the stream after commissioning (frames above the
+- learn:   `coft learn`'s step (runtime/model/bank_growth.py) on the stream after commissioning (frames above the
            commissioned threshold are the line's rejects: never in the bank), its refitted threshold
 - naive:   every stream frame in the bank, no defence (what growing blindly costs)
 - clean:   only the stream's good frames (perfect filtering: the ceiling of this step)
@@ -44,18 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import cached_features, find_category, knn_scores, machine, product_size  # noqa: E402
 
-from coft.runtime.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
-from coft.runtime.commissioning import fit_threshold  # noqa: E402
-from coft.runtime.coreset import greedy_coreset  # noqa: E402
-from coft.runtime.images import read_image, resize_to_input  # noqa: E402
-from coft.runtime.scoring import MemoryBank, pool  # noqa: E402
+from coft.runtime.model.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
+from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
+from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.scoring import MemoryBank, pool  # noqa: E402
+from coft.runtime.model.threshold import fit_threshold  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
 from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP, bank_views  # noqa: E402
 from coft.train.metrics import detection_metrics, rates_at  # noqa: E402
 from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views  # noqa: E402
 
 TARGET_FRR = 0.01
 STEPS = ("shots", "learn", "naive", "clean")

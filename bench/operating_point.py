@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fewshot import find_category  # noqa: E402
 
-from coft.runtime.commissioning import FITS, fit_threshold  # noqa: E402
-from coft.runtime.images import list_images, read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.frames import LineFrames  # noqa: E402
+from coft.runtime.model.images import list_images, read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.threshold import FITS, fit_threshold  # noqa: E402
 from coft.train.evaluate import frame_scorer  # noqa: E402
 from coft.train.metrics import detection_metrics, escape_at_false_reject, rates_at  # noqa: E402
 from coft.train.pipeline import fingerprint  # noqa: E402
-from coft.runtime.learning import LineFrames  # noqa: E402
 from coft.train.retrain import trainable_frames  # noqa: E402
 
 DRAWS = 50
@@ -107,7 +107,7 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
     cache = args.out / f"scores-{category.name}-{content}-{args.backbone}-{args.scorer}-k{args.shots}-s{seed}.npz"
     if cache.is_file():
         return dict(np.load(cache))
-    from coft.runtime.bundle import load_bundle
+    from coft.runtime.model.bundle import load_bundle
 
     bundle = load_bundle(seed_bundle(category, seed, args, work))
     score = frame_scorer(bundle)
@@ -124,7 +124,7 @@ def seed_scores(category: Path, seed: int, args, work: Path) -> dict:
 
 def harvest_rows(category: Path, args, work: Path) -> list[dict]:
     """AUROC of bundles retrained on N harvested frames (5% defects) against the k-shot bundle, on held-out frames."""
-    from coft.runtime.bundle import load_bundle
+    from coft.runtime.model.bundle import load_bundle
     from coft.train.pipeline import TrainOptions
     from coft.train.unlabelled import train_unlabelled
 

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from coft.runtime.bundle import load_bundle  # noqa: E402
 from coft.runtime.engines import open_engine  # noqa: E402
-from coft.runtime.images import resize_to_input  # noqa: E402
+from coft.runtime.model.bundle import load_bundle  # noqa: E402
+from coft.runtime.model.images import resize_to_input  # noqa: E402
 from tests.conftest import Mosquitto, free_port  # noqa: E402
 
 

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
 from learn import headline_cells, measure, shots_bank, unit, write_report  # noqa: E402
 
-from coft.runtime.images import read_image, resize_to_input  # noqa: E402
-from coft.runtime.scoring import pool  # noqa: E402
+from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
+from coft.runtime.model.scoring import pool  # noqa: E402
 from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.evaluate import LabelledSet, labelled_images  # noqa: E402
 from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402

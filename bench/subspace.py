@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot import knn_scores, machine  # noqa: E402
 from learn import headline_cells, measure, product_features, shot_patches, write_report  # noqa: E402
 
-from coft.runtime.coreset import greedy_coreset  # noqa: E402
-from coft.runtime.scoring import pool  # noqa: E402
-from coft.train.knn_scorer import DEFAULT_CAP  # noqa: E402
+from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
+from coft.runtime.model.scoring import pool  # noqa: E402
 from coft.train.pipeline import TrainOptions  # noqa: E402
+from coft.train.scorers.knn import DEFAULT_CAP  # noqa: E402
 
 
 def subspace(rows: np.ndarray, variance: float) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from coft.runtime.errors import CoftError
+from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger("coft")
 
@@ -81,13 +81,13 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _train_module(name: str):
-    """Import a training module, or explain which extra is missing."""
+def _train_module(name: str, package: str = "coft.train", extra: str = "train"):
+    """Import a training module (or the demo), or explain which extra is missing."""
     try:
         import importlib
-        return importlib.import_module(f"coft.train.{name}")
+        return importlib.import_module(f"{package}.{name}")
     except ImportError as exc:
-        raise CoftError(f"this command needs the training extra ({exc.name} is missing): pip install 'coft[train]'") from exc
+        raise CoftError(f"this command needs the {extra} extra ({exc.name} is missing): pip install 'coft[{extra}]'") from exc
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -228,7 +228,7 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 
 
 def cmd_learn(args: argparse.Namespace) -> None:
-    from coft.runtime.learning import learn
+    from coft.runtime.line.learning import learn
     out = learn(args.bundle, args.frames, args.out, args.camera, args.target_frr, threads=args.threads)
     print(f"bank grown, new revision: {out} (every frame: {out}.learn.csv)")
 
@@ -252,16 +252,16 @@ def cmd_build_engine(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     options = _training_options(args)
-    _train_module("demo").run_demo(args.out, options, test_limit=args.test_limit, stream=args.stream,
-                                   broker=args.broker, commission=args.commission, force=args.force,
-                                   defect_share=args.defect_share)
+    _train_module("demo", "coft", "demo").run_demo(args.out, options, test_limit=args.test_limit, stream=args.stream,
+                                                   broker=args.broker, commission=args.commission, force=args.force,
+                                                   defect_share=args.defect_share)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from coft.runtime.config import load_config
     config = load_config(args.config)
     if args.check:
-        from coft.runtime.check import check
+        from coft.runtime.box.check import check
         print(f"{args.config}: OK ({check(config, args.config)})")
         return
     from coft.runtime.pipeline import Runtime
@@ -281,12 +281,12 @@ def cmd_commission(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from coft.runtime.status import print_status
+    from coft.runtime.box.status import print_status
     return print_status(args.config)
 
 
 def cmd_opcua_certificate(args: argparse.Namespace) -> None:
-    from coft.runtime import opcua_identity
+    from coft.runtime.comms import opcua_identity
     from coft.runtime.config import load_config
     config = load_config(args.config)
     if not config.opcua:
@@ -302,36 +302,42 @@ def cmd_opcua_certificate(args: argparse.Namespace) -> None:
 
 
 def cmd_flash(args: argparse.Namespace) -> None:
-    from coft.runtime.flash import flash
+    from coft.runtime.box.flash import flash
     print(flash(args.bundle, args.target, root=args.root, port=args.port, identity=args.identity,
                 ssh_options=args.ssh_option, remote_coft=args.remote_coft, engine=args.engine,
                 service=args.service or None))
 
 
+def _tensorrt_builder(bundle_dir: Path) -> Path:
+    from coft.export.tensorrt import build_engine
+    return build_engine(bundle_dir, fp16=True)
+
+
 def cmd_install(args: argparse.Namespace) -> None:
-    from coft.runtime.box import install
-    print(json.dumps(install(args.archive, args.root, args.engine, args.service or None, args.trust)))
+    from coft.runtime.box.install import install
+    print(json.dumps(install(args.archive, args.root, args.engine, args.service or None, args.trust,
+                             build=_tensorrt_builder)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    from coft.runtime.box import rollback
+    from coft.runtime.box.install import rollback
     print(json.dumps(rollback(args.root, args.service or None)))
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from coft.runtime.bundle import pack
+    from coft.runtime.model.bundle import pack
     bundle = Path(args.bundle)
     archive = args.out or bundle.with_name(bundle.name + ".tar")  # the whole name: line3-r2 and line3-harvest differ
     print(f"archive written: {pack(args.bundle, archive)}")
 
 
 def cmd_sign(args: argparse.Namespace) -> None:
-    from coft.runtime.bundle import sign
+    from coft.runtime.model.bundle import sign
     print(f"{args.bundle}: signed with key {sign(args.bundle, args.key)}; boxes that trust its .pub accept it")
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from coft.runtime.manifest import keygen
+    from coft.runtime.model.manifest import keygen
     private, public = keygen(args.name)
     print(f"private key {private} (keep it where bundles are signed, never on a box)\n"
           f"public key  {public} (copy to each box: /opt/coft/trusted-keys/, or trusted_keys in line.yaml)")
@@ -340,11 +346,11 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     import tempfile
 
-    from coft.runtime.bundle import SIGNATURE, load_bundle, unpack
+    from coft.runtime.model.bundle import SIGNATURE, load_bundle, unpack
     path = Path(args.bundle)
 
     def report(bundle) -> None:
-        from coft.runtime.check import graph_loads
+        from coft.runtime.box.check import graph_loads
         m = bundle.manifest
         graph = f"loads in {graph_loads(bundle)}" if "onnx" in m else "none yet: run 'coft export'"
         signed = (bundle.path / SIGNATURE).is_file()

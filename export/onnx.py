@@ -23,10 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
-from coft.runtime.errors import CoftError
-from coft.runtime.learning import BANK_CONSTANT
-from coft.runtime.scoring import Gaussian, MemoryBank, pooled_patches
+from coft.runtime.model.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import BANK_CONSTANT, Gaussian, MemoryBank, pooled_patches
 from coft.train.backbones import Backbone, restore_bundle_backbone
 from coft.train.progress import bar
 

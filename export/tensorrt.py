@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.bundle import load_bundle, sha256, update_manifest
-from coft.runtime.engines.trt_engine import TRT_MISSING, gpu_name, io_shapes
-from coft.runtime.errors import CoftError
+from coft.runtime.engines.tensorrt import TRT_MISSING, gpu_name, io_shapes
+from coft.runtime.model.bundle import load_bundle, sha256, update_manifest
+from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ if TRT_MISSING is None:
     import pycuda.driver as cuda
     import tensorrt as trt
 
-    from coft.runtime.engines.trt_engine import TrtLogger
+    from coft.runtime.engines.tensorrt import TrtLogger
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         """Feeds the bundle's calibration frames to TensorRT, and keeps the cache beside the bundle."""
@@ -148,7 +148,7 @@ def build_engine(bundle_dir: str | Path, fp16: bool = False, int8: bool = False,
     device = cuda.Device(0)
     update_manifest(bundle.path, {"engine": {
         "file": ENGINE_FILE, "tensorrt_version": trt.__version__, "gpu": gpu_name(),
-        "compute_capability": "%d.%d" % device.compute_capability(), "precision": precision,
+        "compute_capability": "{}.{}".format(*device.compute_capability()), "precision": precision,
         "max_batch": max_batch, "outputs": ["embedding"], "fused_scoring": True, "half_factor": half_factor,
         "onnx_sha256": sha256(bundle.path / onnx_info["file"]),
     }})

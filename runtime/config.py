@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coft.runtime.errors import CoftError
+from coft.runtime.model.errors import CoftError
 
 
 class Strict(BaseModel):

@@ -30,24 +30,24 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.box import switch
-from coft.runtime.bundle import commissioned_revision, load_bundle, revise
-from coft.runtime.commissioning import Commissioning
+from coft.runtime.box.install import switch
+from coft.runtime.cameras.sources import CameraThread, Frame
+from coft.runtime.comms.metrics import Metrics
+from coft.runtime.comms.mqtt import CameraLink, camera_topic
+from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused, Reserve, hold_line
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.drift import DriftWatch
-from coft.runtime.control import ThresholdState
 from coft.runtime.engines import open_engine
-from coft.runtime.errors import CoftError
-from coft.runtime.evidence import Evidence
-from coft.runtime.failsafe import FailSafe, Part
-from coft.runtime.heatmap import annotate, defect_box
-from coft.runtime.images import resize_to_input
+from coft.runtime.line.commissioning import Commissioning
+from coft.runtime.line.drift import DriftWatch
+from coft.runtime.line.evidence import Evidence
+from coft.runtime.line.failsafe import FailSafe, Part
+from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.logs import LastProblems, Throttled
-from coft.runtime.metrics import Metrics
-from coft.runtime.mqtt import CameraLink, camera_topic
-from coft.runtime.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused, Reserve, hold_line
-from coft.runtime.promise import describe
-from coft.runtime.sources import CameraThread, Frame
+from coft.runtime.model.bundle import commissioned_revision, load_bundle, revise
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.heatmap import annotate, defect_box
+from coft.runtime.model.images import resize_to_input
+from coft.runtime.model.promise import describe
 from coft.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Runtime:
                        for c in config.cameras}  # capture threads by camera name
         self.sparkplug = None
         if config.sparkplug:
-            from coft.runtime.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
+            from coft.runtime.comms.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
             self.sparkplug = SparkplugNode(  # MQTT 3.1.1: over 5 its QoS 0 DDATA showed a seq gap, cause not yet found
                 config.broker.model_copy(update={"protocol": "3.1.1"}), config.sparkplug, self.outbox, names, config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.set_threshold(camera, repr(value), "sparkplug"), self.threshold_of,
@@ -155,7 +155,7 @@ class Runtime:
             self.sparkplug.on_refused = self._broker_refused
         self.opcua = None
         if config.opcua:
-            from coft.runtime.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
+            from coft.runtime.comms.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
             self.opcua = OpcUaServer(self, config.opcua)
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
                                  self.stop_event) if any(c.trigger for c in config.cameras) else None
@@ -175,7 +175,7 @@ class Runtime:
         self.problems = LastProblems(names)
         self.web = None
         if config.web:
-            from coft.runtime.web import WebServer  # aiohttp only on boxes that serve the page
+            from coft.runtime.comms.web import WebServer  # aiohttp only on boxes that serve the page
             self.web = WebServer(self, config.web)
         self.throttled = Throttled(log)
         self.refusing = False  # the outbox cannot store verdicts (disk full)
@@ -526,7 +526,7 @@ class Runtime:
         a low priority (nice 10: about a tenth of a core a busy inspector leaves, so it still ends) and on one
         thread; the inspector takes the new model between batches. A failure keeps the commissioned model and
         says why."""
-        from coft.runtime.learning import learn
+        from coft.runtime.line.learning import learn
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
         except (AttributeError, OSError):

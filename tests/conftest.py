@@ -125,7 +125,7 @@ class Mosquitto:
                              f"persistence_location {workdir}/\nmax_queued_messages 100000\n")
         self.process = None
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         import socket
         import subprocess
         import time

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage import data
 
-from coft.runtime.errors import CoftError
+from coft.runtime.model.errors import CoftError
 from coft.train.backbones import load_backbone, restore_backbone
 
 

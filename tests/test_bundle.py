@@ -8,10 +8,21 @@ import tarfile
 import numpy as np
 import pytest
 
-from coft.runtime.bundle import GAUSSIAN, MANIFEST, SIGNATURE, load_bundle, new_bundle, pack, revise, sign, unpack, update_manifest
-from coft.runtime.errors import CoftError
-from coft.runtime.manifest import digest, keygen
-from coft.runtime.scoring import Gaussian
+from coft.runtime.model.bundle import (
+    GAUSSIAN,
+    MANIFEST,
+    SIGNATURE,
+    load_bundle,
+    new_bundle,
+    pack,
+    revise,
+    sign,
+    unpack,
+    update_manifest,
+)
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.manifest import digest, keygen
+from coft.runtime.model.scoring import Gaussian
 
 
 def _manifest() -> dict:
@@ -207,7 +218,7 @@ def test_pack_never_overwrites_and_verify_names_a_missing_file(tmp_path):
 def test_runtime_never_imports_torch(tmp_path):
     out = _write(tmp_path / "b")
     code = (
-        "import sys; from coft.cli import main; import coft.runtime.bundle, coft.runtime.images, coft.runtime.scoring; "
+        "import sys; from coft.cli import main; import coft.runtime.model.bundle, coft.runtime.model.images, coft.runtime.model.scoring; "
         f"rc = main(['-q', 'verify', {str(out)!r}]); "
         "assert rc == 0, rc; assert 'torch' not in sys.modules, 'runtime imported torch'"
     )

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from coft.runtime.bundle import load_bundle
-from coft.runtime.commissioning import Commissioning, fit_threshold
-from coft.runtime.errors import CoftError
+from coft.runtime.line.commissioning import Commissioning
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.threshold import fit_threshold
 from tests.test_runtime import Subscriber, start_runtime, write_config, write_video
 
 
@@ -163,7 +164,7 @@ def test_commission_command_with_too_few_frames_says_how_many(tmp_path, exported
 
 
 def test_drift_of_good_scores_is_one_warning_with_the_figures(caplog):
-    from coft.runtime.drift import WINDOW, DriftWatch
+    from coft.runtime.line.drift import WINDOW, DriftWatch
     from coft.train.evaluate import good_drift
 
     threshold = {"value": 2.0, "calibration_score_median": 1.0, "target_false_reject_rate": 0.01}
@@ -222,7 +223,7 @@ def test_a_commissioning_folder_that_goes_away_is_logged_not_fatal(tmp_path, cap
 def test_the_threshold_states_what_it_promises_and_the_promise_holds():
     from scipy.stats import beta
 
-    from coft.runtime.promise import best_promise, false_reject_bound, order_threshold
+    from coft.runtime.model.promise import best_promise, false_reject_bound, order_threshold
 
     for n, below in [(10, 10), (300, 297), (1000, 990), (5000, 4970)]:  # the order statistic's coverage
         assert false_reject_bound(n, below) == pytest.approx(beta.ppf(0.95, n + 1 - below, below), rel=1e-9)
@@ -252,7 +253,7 @@ def test_a_part_seen_in_several_frames_counts_once():
 def test_below_a_promise_s_frames_a_heavy_good_tail_does_not_fool_the_fit():
     """250 frames cannot promise 1% at 95%; split conformal's order statistic still meets 1% on average where a
     normal fitted to the core does not (a line whose good parts have a second, rarer look)."""
-    from coft.runtime.commissioning import FITS
+    from coft.runtime.model.threshold import FITS
 
     rng = np.random.default_rng(1)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coft.runtime.errors import CoftError
-from coft.runtime.flash import flash
+from coft.runtime.box.flash import flash
+from coft.runtime.model.errors import CoftError
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_flash_switches_atomically_and_rolls_back(exported_bundle, sshd, tmp_pat
     assert result.returncode == 0 and json.loads(result.stdout)["active"] == "line3-v1"
     assert (box / "current").resolve() == box / "models" / "line3-v1"
     assert not list((box / "incoming").iterdir())  # the archive is cleaned up on the box
-    from coft.runtime.bundle import pack
+    from coft.runtime.model.bundle import pack
     archive = pack(_copy_bundle(exported_bundle, "line3-v3", tmp_path), tmp_path / "line3-v3.tar")
     assert json.loads(_flash(archive, sshd, box))["active"] == "line3-v3"  # an archive from coft pack flashes too
     assert not (tmp_path / "pwned").exists()
@@ -87,7 +87,7 @@ def test_a_corrupt_bundle_leaves_the_box_on_its_previous_model(exported_bundle, 
     box = tmp_path / "box"
     _flash(_copy_bundle(exported_bundle, "good", tmp_path), sshd, box)
     bad = _copy_bundle(exported_bundle, "bad", tmp_path)
-    from coft.runtime.bundle import pack
+    from coft.runtime.model.bundle import pack
     archive = pack(bad, tmp_path / "bad.tar")
     (bad / "gaussian.npz").write_bytes(b"corrupted in transit")  # what the box receives no longer matches
     import tarfile
@@ -105,7 +105,7 @@ def test_unreachable_box_is_one_clear_error(exported_bundle, tmp_path):
 
 
 def test_rollback_without_a_previous_model(tmp_path):
-    from coft.runtime.box import rollback
+    from coft.runtime.box.install import rollback
     with pytest.raises(CoftError, match="no previous model"):
         rollback(tmp_path)
 
@@ -159,7 +159,7 @@ def test_runtime_tells_systemd_ready_feeds_the_watchdog_and_says_stopping(export
         try:
             notify.settimeout(2)
             messages.append(notify.recv(1024).decode())
-        except socket.timeout:
+        except TimeoutError:
             break
     assert messages[0].startswith("READY=1")
     assert "STOPPING=1" in messages

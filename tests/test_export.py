@@ -12,13 +12,13 @@ import torch
 
 from coft.export.onnx import check_matches_manifest, inspection_model
 from coft.export.tensorrt import build_engine, calibration_batches, load_calibration_frames
-from coft.runtime.bundle import load_bundle
 from coft.runtime.engines import open_engine, tensorrt_unavailable
 from coft.runtime.engines.fused_scoring import kernel_options, kernel_source, launch_grid
-from coft.runtime.engines.trt_engine import TRT_MISSING, check_engine_matches, io_shapes
-from coft.runtime.errors import CoftError
-from coft.runtime.manifest import digest
-from coft.runtime.images import load_folder, resize_to_input
+from coft.runtime.engines.tensorrt import TRT_MISSING, check_engine_matches, io_shapes
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.images import load_folder, resize_to_input
+from coft.runtime.model.manifest import digest
 from tests.conftest import CUDA_MISSING
 
 
@@ -178,7 +178,7 @@ def test_fused_patch_kernel_matches_the_numpy_reference():
     import pycuda.driver as cuda
 
     from coft.runtime.engines.fused_scoring import FusedScorer
-    from coft.train.patch_scorer import fit_patch_gaussian
+    from coft.train.scorers.patch import fit_patch_gaussian
 
     rng = np.random.default_rng(0)
     gaussian = fit_patch_gaussian(rng.normal(size=(4000, 152)).astype(np.float32) + 2)
@@ -210,7 +210,7 @@ def test_an_elongated_part_trains_in_its_own_shape_and_scores_so_on_onnx_runtime
     """The default input size follows the shots (train/shape.py): tall parts train at 518x224 with the default
     DINOv2 and knn, and the exported graph takes frames of that shape; a dent scores above the good parts."""
     from coft.cli import main
-    from coft.runtime.images import read_image, resize_to_input
+    from coft.runtime.model.images import read_image, resize_to_input
 
     rng = np.random.default_rng(3)
     good, test = tmp_path / "good", tmp_path / "test"

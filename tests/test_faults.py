@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coft.runtime.bundle import load_bundle
+from coft.runtime.comms.mqtt import CameraLink
+from coft.runtime.comms.outbox import Outbox
 from coft.runtime.config import BrokerConfig
-from coft.runtime.mqtt import CameraLink
-from coft.runtime.outbox import Outbox
+from coft.runtime.model.bundle import load_bundle
 from tests.conftest import Mosquitto, free_port
 from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config, write_video
 
@@ -112,7 +112,7 @@ def test_an_exception_in_any_callback_is_reported_and_the_link_lives_on(tmp_path
 INJECT = """
 import sys
 import threading
-import coft.runtime.mqtt
+import coft.runtime.comms.mqtt
 from coft.cli import main
 
 def fault(*args):
@@ -120,11 +120,11 @@ def fault(*args):
         raise RuntimeError("injected: an unguarded callback raised on paho's network thread")
     # "stall": the broker's acks never reach the sender
 
-start = coft.runtime.mqtt.CameraLink.start
+start = coft.runtime.comms.mqtt.CameraLink.start
 def start_with_fault(self):
     self.client.on_publish = fault
     start(self)
-coft.runtime.mqtt.CameraLink.start = start_with_fault
+coft.runtime.comms.mqtt.CameraLink.start = start_with_fault
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 
@@ -146,7 +146,7 @@ def test_a_dead_or_stalled_link_stops_the_watchdog_and_ends_the_process(
     while runtime.poll() is None and time.monotonic() < deadline:
         try:
             messages.append(notify.recv(1024).decode())
-        except socket.timeout:
+        except TimeoutError:
             pass
     runtime.kill()
     _, stderr = runtime.communicate()

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from coft.runtime.errors import CoftError
-from coft.runtime.images import load_folder, read_image, resize_to_input
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.images import load_folder, read_image, resize_to_input
 
 
 def test_grayscale_rgba_and_16_bit_become_bgr8(tmp_path):

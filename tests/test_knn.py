@@ -9,19 +9,20 @@ import pytest
 import torch
 
 from coft.export.onnx import export_onnx, inspection_model
-from coft.runtime.bundle import load_bundle
-from coft.runtime.engines import open_engine, patch_inference
+from coft.runtime.engines import open_engine
+from coft.runtime.engines.base import patch_inference
 from coft.runtime.engines.fused_nearest import kernel_options, launch_grid
-from coft.runtime.errors import CoftError
-from coft.runtime.scoring import MemoryBank, pool, pooled_patches
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.coreset import greedy_coreset
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import MemoryBank, pool, pooled_patches
+from coft.train.augment import AugmentConfig
+from coft.train.backbones import dinov2
+from coft.train.evaluate import evaluate
+from coft.train.pipeline import TrainOptions, train_bundle
+from coft.train.scorers.knn import fit_bank, poses
 from tests.conftest import CUDA_MISSING
 from tests.test_patch import masked_set  # noqa: F401  (fixture)
-from coft.train import dinov2
-from coft.train.augment import AugmentConfig
-from coft.train.evaluate import evaluate
-from coft.runtime.coreset import greedy_coreset
-from coft.train.knn_scorer import fit_bank, poses
-from coft.train.pipeline import TrainOptions, train_bundle
 
 VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
 
@@ -102,7 +103,7 @@ def test_coreset_keeps_one_patch_of_every_cluster():
 
 
 def test_a_bank_too_large_for_the_box_names_the_cap(monkeypatch):
-    from coft.train import knn_scorer
+    from coft.train.scorers import knn as knn_scorer
     monkeypatch.setattr(knn_scorer, "BANK_BYTES_LIMIT", 1000)
     with pytest.raises(CoftError, match=r"cap it with --coreset 31 \(at most 31\)"):
         fit_bank(np.ones((10, 64, 8), np.float32), cap=0)

@@ -12,15 +12,15 @@ import urllib.request
 import numpy as np
 import pytest
 
+from coft.demo import _link, elpv_cells
 from coft.export.onnx import export_onnx
-from coft.runtime.bank_growth import DEFECT_PATCHES, LearnConfig, grow
-from coft.runtime.bundle import load_bundle
-from coft.runtime.engines.ort_engine import OnnxRuntimeEngine
-from coft.runtime.errors import CoftError
-from coft.runtime.images import read_image, resize_to_input
-from coft.runtime.learning import learn
-from coft.runtime.scoring import MemoryBank, pool
-from coft.train.demo import _link, elpv_cells
+from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
+from coft.runtime.line.learning import learn
+from coft.runtime.model.bank_growth import DEFECT_PATCHES, LearnConfig, grow
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.images import read_image, resize_to_input
+from coft.runtime.model.scoring import MemoryBank, pool
 from coft.train.pipeline import TrainOptions, train_bundle
 from tests.conftest import free_port
 from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config
@@ -72,7 +72,7 @@ def test_learn_grows_the_bank_from_the_line_keeps_defects_out_and_states_its_pro
     model_id = load_bundle(cell_bundle).model_id
     frames = _line_folder(tmp_path / "line", good, defect, model_id)
     # on the box: the runtime's own process, no torch
-    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); from coft.runtime.learning import learn; "
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); from coft.runtime.line.learning import learn; "
             f"learn({str(cell_bundle)!r}, {str(frames)!r}, "
             f"{str(tmp_path / 'grown')!r}); assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-from coft.runtime.bundle import MANIFEST, _seal
 from coft.runtime.config import load_config
-from coft.runtime.errors import CoftError
+from coft.runtime.model.bundle import MANIFEST, _seal
+from coft.runtime.model.errors import CoftError
 from tests.conftest import Mosquitto, free_port, good_part
 from tests.test_faults import metric, stop
 from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
@@ -165,7 +165,7 @@ def test_a_thousand_idle_viewers_under_1024_open_files_do_not_slow_inspection(tm
 # -- item 4: triggered parts first ------------------------------------------------------------------------------
 SLOW_ENGINE = """
 import sys, time
-import coft.runtime.engines.ort_engine as ort_engine
+import coft.runtime.engines.onnxruntime as ort_engine
 infer = ort_engine.OnnxRuntimeEngine.infer
 def slow(self, frames):  # a CPU box scoring a big model: 40 ms a frame
     time.sleep(0.04 * len(frames))
@@ -318,7 +318,7 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
         "random bytes for a graph": ({"bundle": str(broken)}, "ONNX Runtime cannot load this graph"),
         "token variable unset": ({"web": {"token_env": "COFT_NO_SUCH_TOKEN"}},
                                  "web.token_env: environment variable COFT_NO_SUCH_TOKEN is not set"),
-        "outbox a folder": ({"outbox": {"path": str(tmp_path)}}, "%s is a folder" % tmp_path),
+        "outbox a folder": ({"outbox": {"path": str(tmp_path)}}, f"{tmp_path} is a folder"),
         "outbox under /proc": ({"outbox": {"path": "/proc/coft/outbox.db"}}, "/proc/coft/outbox.db"),
         "malformed trusted client": ({"opcua": {"allow_anonymous": True, "trusted_clients": [str(tmp_path / "plc.der")]}},
                                      "opcua.trusted_clients.0: %s is not a readable DER certificate" % (tmp_path / "plc.der")),
@@ -376,7 +376,7 @@ def test_tiny_frames_are_rejected_with_a_reason_and_latency_survives_a_clock_ste
 
 # -- item 10: mends -------------------------------------------------------------------------------------------
 def test_importing_the_runtime_changes_neither_pillows_guard_nor_the_environment():
-    probe = ("import os, PIL.Image as I; limit = I.MAX_IMAGE_PIXELS; import coft.runtime.images, coft.runtime.sources;"
+    probe = ("import os, PIL.Image as I; limit = I.MAX_IMAGE_PIXELS; import coft.runtime.model.images, coft.runtime.cameras.sources;"
              "print(I.MAX_IMAGE_PIXELS == limit, 'OPENCV_FFMPEG_CAPTURE_OPTIONS' in os.environ)")
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_CAPTURE_OPTIONS"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
@@ -386,7 +386,7 @@ def test_importing_the_runtime_changes_neither_pillows_guard_nor_the_environment
 def test_a_service_whose_set_up_outlives_its_timeout_says_so():
     import asyncio
 
-    from coft.runtime.loops import LoopService
+    from coft.runtime.comms.loops import LoopService
 
     class Slow(LoopService):
         async def setup(self):

@@ -229,8 +229,8 @@ def test_the_server_certificate_is_one_identity_for_years_renewed_only_by_the_op
     the box again. Ours is made once, kept as it is (warned about before it expires), renewed with the same key."""
     from cryptography import x509
 
-    from coft.runtime import opcua_identity
-    from coft.runtime.errors import CoftError
+    from coft.runtime.comms import opcua_identity
+    from coft.runtime.model.errors import CoftError
 
     cert, key = tmp_path / "server.der", tmp_path / "server.pem"
     first = opcua_identity.ensure(cert, key, "urn:coft:l1", "coft l1")

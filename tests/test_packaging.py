@@ -16,7 +16,7 @@ import importlib.util, subprocess, sys
 assert importlib.util.find_spec("coft") is not None
 clashes = [name for name in ("train", "export", "runtime") if importlib.util.find_spec(name) is not None]
 assert clashes == [], f"top-level modules installed: {clashes}"
-import coft.runtime.pipeline, coft.runtime.web, coft.runtime.bundle
+import coft.runtime.pipeline, coft.runtime.comms.web, coft.runtime.model.bundle
 assert "torch" not in sys.modules, "coft.runtime imported torch"
 assert coft.runtime.pipeline.__file__.startswith(sys.prefix), coft.runtime.pipeline.__file__
 version = subprocess.run([sys.prefix + "/bin/coft", "--version"], capture_output=True, text=True)
@@ -33,8 +33,8 @@ def test_the_wheel_installs_only_coft_and_its_runtime_imports_no_torch(tmp_path)
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"coft", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"coft/runtime/static/index.html", "coft/runtime/sparkplug/sparkplug_b.proto",
-            "coft/export/kernels/mahalanobis.cu", "coft/cli.py"} <= set(names)
+    assert {"coft/runtime/comms/web/static/index.html", "coft/runtime/comms/sparkplug/sparkplug_b.proto",
+            "coft/runtime/engines/kernels/mahalanobis.cu", "coft/cli.py"} <= set(names)
 
     fresh = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(fresh)

@@ -10,18 +10,19 @@ import torch
 import yaml
 
 from coft.export.onnx import export_onnx, inspection_model
-from coft.runtime.bundle import load_bundle
 from coft.runtime.config import load_config
-from coft.runtime.engines import open_engine, patch_inference, tensorrt_unavailable
-from coft.runtime.engines.trt_engine import io_shapes
-from coft.runtime.errors import CoftError
-from coft.runtime.manifest import digest
-from coft.runtime.heatmap import defect_box
+from coft.runtime.engines import open_engine, tensorrt_unavailable
+from coft.runtime.engines.base import patch_inference
+from coft.runtime.engines.tensorrt import io_shapes
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.heatmap import defect_box
+from coft.runtime.model.manifest import digest
 from coft.runtime.pipeline import Runtime
-from tests.conftest import CUDA_MISSING, SIZE, good_part
-from tests.test_runtime import Subscriber
 from coft.train.evaluate import evaluate, pro_score
 from coft.train.pipeline import TrainOptions, train_bundle
+from tests.conftest import CUDA_MISSING, SIZE, good_part
+from tests.test_runtime import Subscriber
 
 STAIN = (90, 40, 14)  # x, y, radius in the 128 px part
 
@@ -176,7 +177,7 @@ def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, m
     config.write_text(yaml.safe_dump({"bundle": str(patch_bundle), "cameras": [{"name": "cam1", "source": "0"}],
                                       "broker": {"port": mosquitto.port}, "outbox": {"path": str(tmp_path / "o.db")}}))
     runtime = Runtime(load_config(config))
-    from coft.runtime.sources import Frame
+    from coft.runtime.cameras.sources import Frame
     frame = Frame("cam1", 1, 0.0, np.zeros((128, 128, 3), np.uint8))
     with pytest.raises(CoftError, match="does not match the model input"):
         runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0, True)

@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from coft.runtime.config import ControlConfig, EvidenceConfig, load_config, valid_threshold
-from coft.runtime.control import ThresholdState
-from coft.runtime.errors import CoftError
-from coft.runtime.evidence import Evidence
-from coft.runtime.outbox import Outbox, OutboxRefused
+from coft.runtime.cameras.sources import Frame, crop, source_kind
+from coft.runtime.comms.outbox import Outbox, OutboxRefused
+from coft.runtime.config import CameraConfig, ControlConfig, EvidenceConfig, load_config, valid_threshold
+from coft.runtime.line.evidence import Evidence
+from coft.runtime.line.thresholds import ThresholdState
+from coft.runtime.model.errors import CoftError
 from coft.runtime.pipeline import FrameQueue
-from coft.runtime.sources import Frame, crop, source_kind
-from coft.runtime.config import CameraConfig
 
 
 def _put(outbox, camera, reject, n=1):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 
-from coft.runtime.errors import CoftError
-from coft.runtime.scoring import Gaussian, l2_normalise
-from coft.train.gaussian import fit_gaussian
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import Gaussian, l2_normalise
+from coft.train.scorers.gaussian import fit_gaussian
 
 
 def test_score_matches_scipy_mahalanobis():

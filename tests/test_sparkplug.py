@@ -17,12 +17,12 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from coft.runtime.sparkplug.sparkplug_b_pb2 import DataType, Payload
+from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from tests.conftest import CLIENTS, Mosquitto
 from tests.test_faults import _acl_broker
 from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
 
-SPARKPLUG = ROOT / "runtime/sparkplug"
+SPARKPLUG = ROOT / "runtime/comms/sparkplug"
 
 
 def test_the_generated_module_matches_the_proto(tmp_path):
@@ -31,7 +31,7 @@ def test_the_generated_module_matches_the_proto(tmp_path):
                              str(SPARKPLUG / "sparkplug_b.proto")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "sparkplug_b_pb2.py").read_text() == (SPARKPLUG / "sparkplug_b_pb2.py").read_text(), \
-        "runtime/sparkplug/sparkplug_b_pb2.py is stale: regenerate it (command in sparkplug_b.proto)"
+        "runtime/comms/sparkplug/sparkplug_b_pb2.py is stale: regenerate it (command in sparkplug_b.proto)"
 
 
 class Host:
@@ -346,7 +346,7 @@ def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_hist
     assert _metric(host.messages("NDEATH")[-1][1], "bdSeq")["value"] == bdseqs[-1]["value"]
     assert "alias" not in _metric(nbirths[0][1], "Node Control/Rebirth")  # asked for by name
     runs, run = [], []
-    for (topic, payload), kind in zip(everything, kinds):
+    for (_, payload), kind in zip(everything, kinds):
         if kind == "NBIRTH":
             run = [payload["seq"]]
             runs.append(run)

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from coft.runtime.bundle import load_bundle
-from coft.runtime.errors import CoftError
-from tests.conftest import SIZE
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
 from coft.train.coftad import FinetuneConfig
 from coft.train.evaluate import evaluate
 from coft.train.pipeline import TrainOptions, train_bundle
-from coft.train.threshold import global_fit, good_only_threshold, labelled_threshold
+from coft.train.scorers.gaussian import global_fit
+from coft.train.threshold import good_only_threshold, labelled_threshold
+from tests.conftest import SIZE
 
 
 def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
@@ -65,7 +66,7 @@ def test_recalibration_from_labels_writes_a_new_revision(frozen_bundle, parts, t
 
 def test_eval_from_the_command_line_says_what_it_did_and_keeps_earlier_reports(frozen_bundle, parts, tmp_path, capsys):
     from coft.cli import main
-    from coft.runtime.bundle import revise
+    from coft.runtime.model.bundle import revise
 
     lax = revise(frozen_bundle, {"threshold": {**load_bundle(frozen_bundle).manifest["threshold"], "value": 1e6}},
                  tmp_path / "lax.bundle")  # a threshold that lets every defect pass

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from coft.runtime.bundle import load_bundle
-from coft.runtime.errors import CoftError
-from tests.conftest import SIZE, defective_part, good_part
+from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.errors import CoftError
 from coft.train.funad import FunadConfig, find_suspects, mutual_pairs
 from coft.train.pipeline import TrainOptions
 from coft.train.unlabelled import train_unlabelled
+from tests.conftest import SIZE, defective_part, good_part
 
 
 @pytest.fixture(scope="module")

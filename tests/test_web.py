@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 @pytest.fixture(scope="module")
 def line(tmp_path_factory):
     """A patch bundle (maps and defect boxes) on 10 good mono cells, and a line folder of 24 good and 8 cracked ones."""
+    from coft.demo import elpv_cells
     from coft.export.onnx import export_onnx
-    from coft.train.demo import elpv_cells
     from coft.train.pipeline import TrainOptions, train_bundle
 
     root = tmp_path_factory.mktemp("web")

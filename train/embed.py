@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coft.runtime.images import resize_to_input
+from coft.runtime.model.images import resize_to_input
 from coft.train.augment import AugmentConfig, augment
 from coft.train.backbones import Backbone
 from coft.train.progress import bar

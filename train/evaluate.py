@@ -17,13 +17,13 @@ import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from coft.runtime.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
-from coft.runtime.drift import reference_median
-from coft.runtime.errors import CoftError
-from coft.runtime.heatmap import anomaly_map, overlay
-from coft.runtime.images import list_images, read_image, resize_to_input
-from coft.runtime.promise import describe
-from coft.runtime.scoring import pool
+from coft.runtime.model.bundle import PATCH_SCORERS, Bundle, load_bundle, revise
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.heatmap import anomaly_map, overlay
+from coft.runtime.model.images import list_images, read_image, resize_to_input
+from coft.runtime.model.promise import describe
+from coft.runtime.model.scoring import pool
+from coft.runtime.model.threshold import reference_median
 from coft.train import progress as bars
 from coft.train.backbones import restore_bundle_backbone
 from coft.train.embed import embed, to_pixels

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from coft.runtime.errors import CoftError
+from coft.runtime.model.errors import CoftError
 from coft.train.progress import bar
 
 log = logging.getLogger(__name__)

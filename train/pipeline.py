@@ -13,21 +13,21 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from coft.runtime.bundle import BANK, GAUSSIAN, new_bundle
-from coft.runtime.errors import CoftError
-from coft.runtime.images import load_folder
-from coft.runtime.scoring import pool
+from coft.runtime.model.bundle import BANK, GAUSSIAN, new_bundle
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.images import load_folder
+from coft.runtime.model.scoring import pool
 from coft.train import progress
-from coft.train.shape import input_size
 from coft.train.anomalies import synthesise
 from coft.train.augment import AugmentConfig, augment
 from coft.train.backbones import load_backbone
 from coft.train.coftad import FinetuneConfig, finetune
 from coft.train.embed import embed_views, to_pixels
-from coft.train.gaussian import fit_gaussian
-from coft.train.knn_scorer import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
-from coft.train.patch_scorer import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from coft.train.threshold import global_fit, good_only_threshold, threshold_from_scores
+from coft.train.scorers.gaussian import fit_gaussian, global_fit
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
+from coft.train.scorers.patch import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
+from coft.train.shape import input_size
+from coft.train.threshold import good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         scoring, file = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage), GAUSSIAN
         fit = global_fit(options.shrinkage)
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
-    threshold["calibration_images"] = len(paths)  # what an estimate from the shots rests on: no promise (runtime/promise.py)
+    threshold["calibration_images"] = len(paths)  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
     stride = backbone.patch_stride
     shot_digests = file_digests(paths)
     data_hash = fingerprint(paths, shot_digests)

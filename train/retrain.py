@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.bundle import BANK, lineage, load_bundle, update_manifest
-from coft.runtime.commissioning import MIN_FRAMES, suspects
-from coft.runtime.bank_growth import with_marked_defects
-from coft.runtime.errors import CoftError
-from coft.runtime.images import list_images
-from coft.runtime.learning import LineFrames, line_frames
+from coft.runtime.model.bank_growth import with_marked_defects
+from coft.runtime.model.bundle import BANK, lineage, load_bundle, update_manifest
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.frames import LineFrames, line_frames
+from coft.runtime.model.images import list_images
+from coft.runtime.model.threshold import MIN_FRAMES, suspects
 from coft.train.augment import AugmentConfig
 from coft.train.coftad import FinetuneConfig
 from coft.train.pipeline import TrainOptions

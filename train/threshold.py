@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from coft.runtime.errors import CoftError
-from coft.train.gaussian import fit_gaussian
+from coft.runtime.model.errors import CoftError
 from coft.train.metrics import f1_max
-
 
 log = logging.getLogger(__name__)
 
 Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
-
-
-def global_fit(shrinkage: str = "ledoit-wolf") -> Fit:
-    """Fit on embedding views [n, D]; the scorer maps views [m, D] to scores [m]."""
-    return lambda views: fit_gaussian(views, shrinkage).score
 
 
 def calibration_scores(views: np.ndarray, fit: Fit, scored: np.ndarray | None = None) -> tuple[np.ndarray, str]:

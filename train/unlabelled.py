@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from coft.runtime.errors import CoftError
-from coft.runtime.images import load_folder
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.images import load_folder
 from coft.train.backbones import load_backbone
 from coft.train.embed import to_pixels
 from coft.train.evaluate import short_name

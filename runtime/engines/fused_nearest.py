@@ -1,4 +1,4 @@
-"""The fused nearest-neighbour kernel (export/kernels/nearest.cu), compiled and launched with pycuda.
+"""The fused nearest-neighbour kernel (runtime/engines/kernels/nearest.cu), compiled and launched with pycuda.
 
 The knn scorer's TensorRT path: the engine writes every patch's features, and one launch
 scores all N x P patches against the memory bank (uploaded once) and pools each image.
@@ -12,8 +12,8 @@ from importlib import resources
 
 import numpy as np
 
-from coft.runtime.errors import CoftError
-from coft.runtime.scoring import MemoryBank, pooled_patches
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import MemoryBank, pooled_patches
 
 KERNEL_FILE = "nearest.cu"
 KERNEL_NAME = "nearest_fused"
@@ -22,7 +22,7 @@ BLOCK = (16, 16, 1)
 
 
 def kernel_source() -> str:
-    return resources.files("coft.export.kernels").joinpath(KERNEL_FILE).read_text()
+    return resources.files("coft.runtime.engines.kernels").joinpath(KERNEL_FILE).read_text()
 
 
 def kernel_options(dim: int, patches: int, topk: int, half_bank: bool) -> list[str]:

@@ -1,4 +1,4 @@
-"""The fused Gaussian scoring kernel (export/kernels/mahalanobis.cu), compiled and launched with pycuda.
+"""The fused Gaussian scoring kernel (runtime/engines/kernels/mahalanobis.cu), compiled and launched with pycuda.
 
 Compiled on the box itself for its GPU, with the embedding size fixed at compile time.
 The mean and Cholesky factor are uploaded once; each batch is one launch that reads the
@@ -11,8 +11,8 @@ from importlib import resources
 
 import numpy as np
 
-from coft.runtime.errors import CoftError
-from coft.runtime.scoring import Gaussian
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import Gaussian
 
 KERNEL_FILE = "mahalanobis.cu"
 KERNEL_NAME = "mahalanobis_fused"
@@ -21,7 +21,7 @@ SHARED_BYTES = 46 * 1024  # stay under the 48 KiB of static shared memory
 
 
 def kernel_source() -> str:
-    return resources.files("coft.export.kernels").joinpath(KERNEL_FILE).read_text()
+    return resources.files("coft.runtime.engines.kernels").joinpath(KERNEL_FILE).read_text()
 
 
 def row_groups(dim: int) -> int:

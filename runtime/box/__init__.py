@@ -1,0 +1,3 @@
+"""The box as the command line manages it (install, rollback, flash, status, check): never run inside the line."""
+
+__all__ = ["check", "flash", "install", "status"]

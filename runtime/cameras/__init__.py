@@ -1,0 +1,3 @@
+"""The cameras: frames from files, folders, V4L2/GStreamer devices and RTSP streams, each read on its own thread."""
+
+__all__ = ["sources"]

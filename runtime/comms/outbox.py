@@ -1,0 +1,244 @@
+"""The durable outbox: every message is on disk before it is published, and leaves only on the broker's ack.
+
+SQLite in WAL mode with synchronous=FULL: a message that `put` returned for survives a
+power cut, a SIGKILL or a broker outage, and goes out in order afterwards. With `fsync`
+off (synchronous=NORMAL) it still survives crashes, SIGKILL and restarts, not a power cut. Each verdict
+gets its sequence number here, from a counter stored in the same transaction, so numbers
+keep increasing across restarts and a subscriber recognises duplicates by them.
+
+When full (`max_messages`, or `max_bytes` of payload), the oldest *accept* messages are
+dropped first, then, only if nothing else is left, the oldest rejects; every drop is
+counted per camera (`dropped`, `on_drop` for the metric) and logged, throttled, never
+silent. When the disk itself is full, a verdict cannot be stored: `put_verdict` raises
+`OutboxRefused` (nothing already stored is touched), and the next verdict that fits skips
+the lost verdicts' sequence numbers and carries a gap message naming them, so a PLC that
+checks sequence numbers sees the loss. `Reserve` keeps free space for the outbox that the
+other writers (harvest, evidence, commissioning frames) leave alone, and `hold_line`
+keeps a second runtime off the same outbox. The file is readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from coft.runtime.logs import Throttled
+from coft.runtime.model.errors import CoftError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    camera TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    reject INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_camera ON message (camera, id);
+CREATE TABLE IF NOT EXISTS counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+SPARKPLUG_CHANNEL = "@sparkplug"  # verdicts for the Sparkplug node (camera names cannot start with @)
+
+
+class OutboxRefused(CoftError):
+    """A verdict could not be stored (disk full, or the file is unwritable); nothing stored before is lost."""
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    camera: str
+    topic: str
+    payload: bytes
+
+
+class Outbox:
+    """`gap(camera, first, last)` makes the messages that tell subscribers sequence numbers first..last were lost
+    (stored with the next verdict that fits); `on_drop(camera, n)` hears of every message dropped for room."""
+
+    def __init__(self, path: str | Path, max_messages: int = 100_000, fsync: bool = True, max_bytes: int = 256 << 20,
+                 gap: Callable[[str, int, int], list[tuple[str, bytes]]] | None = None,
+                 on_drop: Callable[[str, int], None] | None = None):
+        path = Path(path)
+        if path.is_dir():
+            raise CoftError(f"outbox.path: {path} is a folder; name the database file in it, e.g. {path}/outbox.db")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(path, 0o600)  # verdicts are the line's business; also fixes a file made by an older version
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self.db.executescript(SCHEMA)
+            self.bytes = self.db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM message").fetchone()[0]
+        except (OSError, sqlite3.Error) as exc:
+            raise CoftError(f"outbox {path}: cannot open ({exc}); check outbox.path and that the folder is writable") from exc
+        self.path, self.max_messages, self.max_bytes = path, max_messages, max_bytes
+        self.gap, self.on_drop = gap, on_drop or (lambda camera, n: None)
+        self.lock = threading.Lock()
+        self.dropped: Counter[str] = Counter()  # messages dropped for room, per channel
+        self.lost: Counter[str] = Counter()  # verdicts refused (disk full) since the camera's last stored one
+        self.throttled = Throttled(log)
+
+    def next_seq(self, camera: str, cursor: sqlite3.Cursor, step: int = 1) -> int:
+        cursor.execute("INSERT INTO counter (name, value) VALUES (?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET value = value + ?", (camera, step, step))
+        return cursor.execute("SELECT value FROM counter WHERE name = ?", (camera,)).fetchone()[0]
+
+    def put_verdict(self, camera: str, build: callable, reject: bool) -> int:
+        """Assign the camera's next sequence number, let `build(seq)` make [(topic, payload)], store all atomically.
+        A message may name another channel than the camera's as a third item (`(topic, payload, channel)`): the
+        link that publishes that channel sends it (Sparkplug's, for one)."""
+        with self.lock:
+            cursor = self.db.cursor()
+            added, lost = 0, self.lost[camera]
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                seq = self.next_seq(camera, cursor, 1 + lost)
+                now = time.time()
+                messages = build(seq)
+                if lost and self.gap:
+                    messages = self.gap(camera, seq - lost, seq - 1) + messages
+                for topic, payload, *channel in messages:
+                    cursor.execute("INSERT INTO message (camera, topic, payload, reject, created) VALUES (?, ?, ?, ?, ?)",
+                                   (channel[0] if channel else camera, topic, payload, int(reject), now))
+                    added += len(payload)
+                removed = self._enforce_limit(cursor, self.bytes + added)
+                cursor.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self.db.in_transaction:  # SQLite may have rolled back already (disk full): don't mask its error
+                    self.db.execute("ROLLBACK")
+                self.lost[camera] += 1
+                raise OutboxRefused(f"outbox {self.path}: cannot store a verdict ({exc}); free disk space or check "
+                                    "the disk; verdicts stored before are kept") from exc
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            self.bytes += added - removed
+            if lost:
+                log.warning("outbox: camera %s stores verdicts again; seq %d..%d were lost (disk full) and a gap "
+                            "message says so", camera, seq - lost, seq - 1)
+                del self.lost[camera]
+        return seq
+
+    def _enforce_limit(self, cursor: sqlite3.Cursor, total_bytes: int) -> int:
+        """Drop the oldest accepts (then rejects) until both limits hold; returns the payload bytes dropped."""
+        excess = cursor.execute("SELECT COUNT(*) FROM message").fetchone()[0] - self.max_messages
+        excess_bytes = total_bytes - self.max_bytes
+        removed = 0
+        for reject in (0, 1):
+            if excess <= 0 and excess_bytes <= 0:
+                break
+            dropped, by_camera = [], Counter()
+            for message_id, camera, size in self.db.execute(  # read lazily: only as far as needed
+                    "SELECT id, camera, LENGTH(payload) FROM message WHERE reject = ? ORDER BY id", (reject,)):
+                if excess <= 0 and excess_bytes <= 0:
+                    break
+                dropped.append((message_id,))
+                by_camera[camera] += 1
+                excess, excess_bytes, removed = excess - 1, excess_bytes - size, removed + size
+            cursor.executemany("DELETE FROM message WHERE id = ?", dropped)
+            for camera, n in by_camera.items():
+                self.dropped[camera] += n
+                self.on_drop(camera, n)
+            if dropped:
+                self.throttled.log(logging.ERROR, "full", "outbox full (%d messages or %.0f MB): dropping the oldest "
+                                   "messages to make room, accepts before rejects (coft_outbox_dropped_total counts "
+                                   "them); is the broker reachable?", self.max_messages, self.max_bytes / 2**20)
+        return removed
+
+    def pending(self, camera: str, after_id: int = 0, limit: int = 100) -> list[Message]:
+        with self.lock:
+            rows = self.db.execute("SELECT id, camera, topic, payload FROM message WHERE camera = ? AND id > ? "
+                                   "ORDER BY id LIMIT ?", (camera, after_id, limit)).fetchall()
+        return [Message(*row) for row in rows]
+
+    def ack(self, message_id: int) -> None:
+        with self.lock:
+            row = self.db.execute("DELETE FROM message WHERE id = ? RETURNING LENGTH(payload)", (message_id,)).fetchone()
+            self.bytes -= row[0] if row else 0
+
+    def depth(self, camera: str | None = None) -> int:
+        with self.lock:
+            if camera is None:
+                return self.db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+            return self.db.execute("SELECT COUNT(*) FROM message WHERE camera = ?", (camera,)).fetchone()[0]
+
+    def oldest_created(self, camera: str) -> float | None:
+        """When the camera's oldest unacknowledged message was stored (time.time()), or None."""
+        with self.lock:
+            row = self.db.execute("SELECT created FROM message WHERE camera = ? ORDER BY id LIMIT 1", (camera,)).fetchone()
+        return row[0] if row else None
+
+    def oldest_age_s(self) -> float | None:
+        with self.lock:
+            row = self.db.execute("SELECT MIN(created) FROM message").fetchone()
+        return None if row[0] is None else time.time() - row[0]
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class Reserve:
+    """Free space on the outbox's filesystem that only verdicts may use: other writers ask `allows` first and,
+    refused, stop writing (and say so, throttled) before a verdict would be refused for want of room."""
+
+    def __init__(self, outbox_path: Path, reserve_bytes: int):
+        self.folder, self.reserve = Path(outbox_path).parent, reserve_bytes
+        self.device = os.stat(self.folder).st_dev
+        self.throttled = Throttled(log)
+
+    def allows(self, folder: Path, size: int, writer: str) -> bool:
+        try:
+            if os.stat(folder).st_dev != self.device:
+                return True  # another filesystem: it cannot take the outbox's room
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return True  # the writer finds out itself, and says so
+        if free - size >= self.reserve:
+            self.throttled.clear(writer)
+            return True
+        self.throttled.log(logging.ERROR, writer, "%s: not writing: %.0f MB free on the outbox's filesystem (%s), "
+                           "%.0f MB of it reserved for verdicts (outbox.reserve_mb); free disk space or move %s to "
+                           "another disk", writer, free / 2**20, self.folder, self.reserve / 2**20, writer)
+        return False
+
+
+def hold_line(outbox_path: Path) -> TextIO:
+    """An exclusive lock beside the outbox for as long as the returned file stays open: two runtimes on one
+    outbox would take the broker connection from each other and interleave their verdicts."""
+    path = Path(outbox_path).with_name(Path(outbox_path).name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as exc:
+        raise CoftError(f"outbox {outbox_path}: cannot create its lock file {path} ({exc.strerror}); "
+                        "check outbox.path and that the folder is writable") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise CoftError(f"another coft runtime (PID {holder}) is running on {outbox_path}; stop it first, or give "
+                        "this one its own outbox.path (one runtime per line)") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock

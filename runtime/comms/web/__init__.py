@@ -1,0 +1,314 @@
+"""The live view: a small web page served by the runtime (aiohttp, on its own thread and event loop).
+
+Per camera it shows the last scored frame with the anomaly map and defect box, the last
+verdicts, a score chart with the threshold, counters and states; below, the evidence
+gallery. Frames are rendered here, at most `live_fps` a second and only while someone
+watches, so the inspection loop only stores a reference to its last frame.
+Anything that changes the line (threshold, marking a reject as a good part) needs the
+operator token in an `Authorization: Bearer` header and leaves an AUDIT log line; the
+token itself is never logged. `/api/status` and `/api/verdicts` are what the page and
+`coft status` read.
+
+Viewers can never take what inspection needs: at most `max_connections` are open at once
+(more are closed as they arrive, so they hold no file descriptor), at most `max_viewers`
+watch the live stream, and a connection that sends nothing, or a viewer that reads
+nothing, for `idle_timeout_s` is closed. The event loop's own errors are throttled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+from aiohttp import web
+
+from coft.runtime.comms.loops import LoopService
+from coft.runtime.config import WebConfig
+from coft.runtime.line.evidence import ANNOTATED
+from coft.runtime.logs import Throttled
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.heatmap import annotate
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("coft.audit")
+STATIC = Path(__file__).parent / "static"
+EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
+STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
+LABELS = ("good", "defect")  # what an operator may call a rejected frame: a false reject, or a real defect
+LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
+
+
+class WebServer(LoopService):
+    def __init__(self, runtime, config: WebConfig):
+        super().__init__("web")
+        self.runtime, self.config = runtime, config
+        self.token = config.token()
+        self.rendered: dict[str, tuple[dict, bytes]] = {}  # camera -> (verdict shown, its JPEG), shared by viewers
+        self.throttled = Throttled(log)
+        self.viewers = 0  # live streams being served
+        self.listener: asyncio.AbstractServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.add_routes([
+            web.get("/", self.index), web.static("/static", STATIC),
+            web.get("/api/status", self.status), web.get("/api/verdicts", self.verdicts),
+            web.get("/api/cameras/{camera}/live.mjpg", self.live_stream),
+            web.get("/api/cameras/{camera}/live.jpg", self.live_frame),
+            web.post("/api/cameras/{camera}/threshold", self.set_threshold),
+            web.get("/api/evidence", self.evidence_list),
+            web.get("/api/evidence/{camera}/{name}", self.evidence_file),
+            web.post("/api/evidence/{camera}/{stem}/{label:good|defect}", self.mark),
+        ])
+        return app
+
+    async def setup(self) -> web.AppRunner:
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2,
+                               keepalive_timeout=self.config.idle_timeout_s)
+        await runner.setup()
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self.loop_error)
+        server = runner.server
+
+        def connection() -> asyncio.Protocol:
+            if len(server.connections) < self.config.max_connections:
+                return server()
+            self.throttled.log(logging.WARNING, "connections", "web: %d connections are open (web.max_connections); "
+                               "closing new ones as they arrive", len(server.connections))
+            return _Closed()
+
+        self.listener = await loop.create_server(connection, self.config.bind, self.config.port, reuse_address=True)
+        return runner
+
+    async def teardown(self, runner: web.AppRunner) -> None:
+        self.listener.close()
+        await runner.cleanup()
+
+    def loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's own complaints (an accept() out of file descriptors, once a second), one line a minute."""
+        error = context.get("exception")
+        self.throttled.log(logging.ERROR, "loop", "web: %s%s", context.get("message", "event loop error"),
+                           f": {type(error).__name__}: {error}" if error else "")
+
+    def start(self) -> None:
+        """Listen, or raise a one-line CoftError (port taken, address not this box's) before inspection starts."""
+        try:
+            self.launch()
+        except OSError as exc:
+            raise CoftError(f"web.port {self.config.port} on {self.config.bind}: cannot listen "
+                            f"({exc.strerror or exc}); another process uses it, or the address is not "
+                            "this box's: change web.port or web.bind") from None
+        log.info("live view on http://%s:%d/ (operator actions %s)", self.config.bind, self.config.port,
+                 "need the token" if self.token else "off: no web.token_file or web.token_env")
+
+    # -- reading -----------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(self.runtime.status))
+
+    def camera(self, request: web.Request) -> str:
+        camera = request.match_info.get("camera") or request.query.get("camera")
+        if camera is not None and camera not in self.runtime.links:
+            raise _error(web.HTTPNotFound, f"no camera named {camera!r}; cameras: {', '.join(self.runtime.links)}")
+        return camera
+
+    async def verdicts(self, request: web.Request) -> web.Response:
+        """The recent verdicts of one camera (or all), oldest first; `after=SEQ` gives only newer ones."""
+        camera, after, limit = self.camera(request), _number(request, "after", -1), _number(request, "limit", 50)
+        chosen = [camera] if camera else list(self.runtime.recent)
+        found = [v for name in chosen for v in tuple(self.runtime.recent[name]) if v["seq"] > after]
+        found.sort(key=lambda v: v["capture_ts"])
+        return web.json_response({"verdicts": found[-min(max(limit, 1), 300):]})
+
+    async def live_jpeg(self, camera: str) -> bytes | None:
+        view = self.runtime.views.get(camera)
+        if view is None:
+            return None
+        frame, score_map, verdict = view
+        cached = self.rendered.get(camera)
+        if cached and cached[0] is verdict:
+            return cached[1]
+        picture = await asyncio.to_thread(annotate, frame.image, verdict, score_map, self.runtime.origin(camera),
+                                          LIVE_WIDTH)
+        ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        if not ok:
+            return None
+        self.rendered[camera] = (verdict, jpeg.tobytes())
+        return self.rendered[camera][1]
+
+    async def live_frame(self, request: web.Request) -> web.Response:
+        jpeg = await self.live_jpeg(self.camera(request))
+        if jpeg is None:
+            raise _error(web.HTTPServiceUnavailable, "no frame has been scored yet on this camera")
+        return web.Response(body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def live_stream(self, request: web.Request) -> web.StreamResponse:
+        """MJPEG: a new picture whenever a new verdict is in, at most live_fps a second."""
+        camera = self.camera(request)
+        if self.viewers >= self.config.max_viewers:
+            raise _error(web.HTTPServiceUnavailable, f"{self.viewers} viewers are watching already (web.max_viewers); "
+                         "close another page or raise web.max_viewers")
+        response = web.StreamResponse(headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame",
+                                               "Cache-Control": "no-store"})
+        self.viewers += 1
+        shown, first = None, True
+        try:
+            await response.prepare(request)
+            await response.write(b"--frame\r\n")
+            while not self.stopping.is_set():
+                view = self.runtime.views.get(camera)
+                if view is not None and view[2] is not shown:
+                    shown = view[2]
+                    jpeg = await self.live_jpeg(camera)
+                    if jpeg:  # a browser shows a part once the next one has begun: a new viewer gets the frame
+                        # twice, so the last frame of a camera that went quiet shows at once (a viewer that reads
+                        # nothing for idle_timeout_s is let go)
+                        part = b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n--frame\r\n" % (len(jpeg), jpeg)
+                        await asyncio.wait_for(response.write(part * (2 if first else 1)), self.config.idle_timeout_s)
+                        first = False
+                await asyncio.sleep(1 / self.config.live_fps)
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError):  # the viewer went away, or stopped reading
+            request.transport and request.transport.abort()
+        finally:
+            self.viewers -= 1
+        return response
+
+    def gallery(self):
+        evidence = self.runtime.evidence
+        if evidence is None:
+            raise _error(web.HTTPNotFound, "evidence is off: add an evidence: block to line.yaml to keep rejected frames")
+        return evidence
+
+    async def evidence_list(self, request: web.Request) -> web.Response:
+        """Rejected frames, newest first, each with its verdict and what an operator marked it ('good', 'defect')."""
+        camera, evidence = self.camera(request), self.gallery()
+        items = []
+        for path in await asyncio.to_thread(evidence.rejects, camera, min(_number(request, "limit", 24), 200)):
+            try:
+                verdict = json.loads(path.read_text())
+            except (OSError, ValueError):  # deleted for the budget, or half-written: not worth a tile
+                continue
+            stem, folder = path.stem, path.parent.name
+            items.append({"camera": folder, "stem": stem, "verdict": verdict,
+                          "raw": f"/api/evidence/{folder}/{stem}.jpg",
+                          "annotated": f"/api/evidence/{folder}/{stem}{ANNOTATED}"
+                          if path.with_name(stem + ANNOTATED).is_file() else None,
+                          "marked": next((label for label in LABELS
+                                          if (self.feedback_folder(label) / f"{stem}.json").is_file()), None)})
+        return web.json_response({"evidence": items})
+
+    async def evidence_file(self, request: web.Request) -> web.FileResponse:
+        camera, name = self.camera(request), request.match_info["name"]
+        path = self.gallery().config.dir / camera / name
+        if not EVIDENCE_FILE.match(name) or not path.is_file():
+            raise _error(web.HTTPNotFound, f"no evidence file {name} for camera {camera} (deleted for the disk budget?)")
+        return web.FileResponse(path)
+
+    # -- operator actions --------------------------------------------------------------------
+    def authorise(self, request: web.Request, action: str) -> str:
+        """Who is acting (for the AUDIT line), or an HTTP error; the token is compared in constant time."""
+        if not self.token:
+            raise _error(web.HTTPForbidden, "operator actions are off: set web.token_file or web.token_env in line.yaml")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            self.throttled.log(logging.WARNING, "token", "web: %s from %s refused: operator token missing or wrong",
+                               action, request.remote)
+            raise _error(web.HTTPUnauthorized, "operator token missing or wrong")
+        return f"web:{request.remote}"
+
+    async def read_json(self, request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise _error(web.HTTPBadRequest, 'send a JSON object, e.g. {"threshold": 0.42}')
+        return body
+
+    async def set_threshold(self, request: web.Request) -> web.Response:
+        camera = self.camera(request)
+        who = self.authorise(request, f"threshold change for camera {camera}")
+        value = (await self.read_json(request)).get("threshold")
+        if not self.runtime.config.control.threshold:
+            raise _error(web.HTTPForbidden, "threshold changes are off (control.threshold: false in line.yaml)")
+        try:
+            state = await asyncio.to_thread(self.runtime.set_threshold, camera, str(value), who)
+        except CoftError as exc:
+            log.warning("web: threshold for camera %s refused: %s", camera, exc)
+            raise _error(web.HTTPBadRequest, str(exc)) from None
+        return web.json_response(state)
+
+    def feedback_folder(self, label: str) -> Path:
+        """Where frames an operator marked go: the harvest's good/ or defect/ (coft learn and coft retrain read them),
+        else feedback/ and feedback-defect/ beside the evidence."""
+        harvest = self.runtime.harvest
+        if harvest:
+            return harvest.config.dir / label
+        return self.runtime.evidence.config.dir / ("feedback" if label == "good" else "feedback-defect")
+
+    async def mark(self, request: web.Request) -> web.Response:
+        """An operator's word on a rejected frame: a good part (a false reject) or a real defect."""
+        camera, stem, label = self.camera(request), request.match_info["stem"], request.match_info["label"]
+        who = self.authorise(request, f"marking {stem} {label}")
+        evidence = self.gallery()
+        if not STEM.match(stem) or not (evidence.config.dir / camera / f"{stem}.json").is_file():
+            raise _error(web.HTTPNotFound, f"no rejected frame {stem} for camera {camera} (deleted for the disk budget?)")
+        try:
+            target = await asyncio.to_thread(self._file_as, label, camera, stem, who)
+        except OSError as exc:
+            log.error("web: cannot keep %s as %s (%s); check the folder %s", stem, label, exc, self.feedback_folder(label))
+            raise _error(web.HTTPInternalServerError, f"cannot write to {self.feedback_folder(label)}: {exc}") from None
+        audit.info("AUDIT feedback camera=%s frame=%s verdict=reject operator=%s to=%s via=%s", camera, stem, label,
+                   target, who)
+        return web.json_response({"stem": stem, "marked": label, "saved_to": str(target)})
+
+    def _file_as(self, label: str, camera: str, stem: str, who: str) -> Path:
+        """The raw frame and its verdict, with the operator's word, in the label's folder. A frame the harvest kept
+        too is moved, so that learning sees it once, with its label; a frame marked before is moved to the new one."""
+        folder = self.feedback_folder(label)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        source = self.runtime.evidence.config.dir / camera
+        verdict = json.loads((source / f"{stem}.json").read_text())
+        verdict["operator"] = {"verdict": label, "by": who,
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        elsewhere = [self.runtime.harvest.config.dir / camera] if self.runtime.harvest else []
+        elsewhere += [self.feedback_folder(other) for other in LABELS if other != label]
+        moved = next((place for place in elsewhere if (place / f"{stem}.jpg").is_file()), None)
+        if moved:
+            shutil.move(moved / f"{stem}.jpg", folder / f"{stem}.jpg")
+            (moved / f"{stem}.json").unlink(missing_ok=True)
+        else:
+            shutil.copyfile(source / f"{stem}.jpg", folder / f"{stem}.jpg")
+        with open(os.open(folder / f"{stem}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(verdict, f)
+        return folder / f"{stem}.jpg"
+
+
+class _Closed(asyncio.Protocol):
+    """A connection over web.max_connections: closed as soon as it is accepted, so it holds no descriptor."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+def _number(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, default))
+    except ValueError:
+        raise _error(web.HTTPBadRequest, f"{name} must be a whole number") from None
+
+
+def _error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+    """An HTTP error whose body says, in one line of JSON, what is wrong and how to fix it."""
+    return kind(text=json.dumps({"error": message}), content_type="application/json")

@@ -1,0 +1,115 @@
+"""Commissioning: the first frames of a line set its threshold (model/threshold.py fits it and says why)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.threshold import fit_threshold, spread_ratio
+
+log = logging.getLogger(__name__)
+
+
+class Commissioning:
+    """Collects the scores (and frames) of the first `frames` inspected parts, then fits the line's threshold.
+
+    Premise check: the line's frames must be mostly good. When more than half of them score
+    above the old threshold, or their scores spread more than PREMISE_SPREAD times wider
+    than the good parts' did at training, the stream is likely mostly defective (or the
+    camera's images no longer look like training): the old threshold is kept.
+    """
+
+    PREMISE_SPREAD = 4.0
+
+    def __init__(self, frames: int, target: float, folder: Path | None, reserve=None):
+        self.wanted, self.target, self.folder, self.reserve = frames, target, folder, reserve
+        self.scores: list[float] = []
+        self.parts: set[tuple[str, str]] = set()  # (camera, part id) already counted
+        self.rows: list[str] = ["file,camera,frame_id,score"]
+        if folder:
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CoftError(f"commissioning: cannot create {folder} ({exc.strerror}); make the outbox's folder "
+                                "writable or set commissioning.keep_frames: false") from None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.scores) >= self.wanted
+
+    def add(self, camera: str, frame_id: int, image: np.ndarray, score: float, part_id: str | None = None) -> None:
+        if self.complete or not np.isfinite(score) or (camera, part_id) in self.parts:
+            return
+        if part_id:
+            self.parts.add((camera, part_id))
+        self.scores.append(score)
+        if len(self.scores) % max(1, self.wanted // 10) == 0:
+            log.info("commissioning: %d / %d frames", len(self.scores), self.wanted)
+        name = ""
+        if self.folder and (self.reserve is None or self.reserve.allows(self.folder, image.nbytes // 4,
+                                                                        "commissioning frames")):
+            import cv2
+
+            name = f"{len(self.scores):06d}-{camera}-{frame_id}.jpg"
+            if not cv2.imwrite(str(self.folder / name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                log.error("commissioning: could not write %s (disk full?); its score is kept", self.folder / name)
+                name = ""
+        self.rows.append(f"{name},{camera},{frame_id},{score:.6g}")
+
+    def fit(self, bundle_threshold: dict) -> dict:
+        """The new threshold, or a one-line CoftError saying why the old one stays."""
+        scores = np.array(self.scores)
+        if self.folder:
+            try:
+                (self.folder / "scores.csv").write_text("\n".join(self.rows) + "\n")
+            except OSError as exc:
+                log.error("commissioning: could not write %s (%s); fitting on the scores in memory",
+                          self.folder / "scores.csv", exc.strerror)
+        fitted = fit_threshold(scores, self.target)
+        ratio = spread_ratio(scores, bundle_threshold)
+        share_above = float((scores > bundle_threshold["value"]).mean())
+        fitted.update(spread_vs_training=ratio and round(ratio, 2), share_above_old_threshold=round(share_above, 4),
+                      previous=bundle_threshold["value"])
+        if share_above > 0.5 or (ratio is not None and ratio > self.PREMISE_SPREAD):
+            where = f"; look at the frames in {self.folder}" if self.folder else ""
+            raise CoftError(f"{share_above:.0%} of the {len(scores)} commissioning frames score above the old threshold "
+                            f"and they spread {ratio or float('nan'):.1f}x as wide as the good parts at training: the "
+                            "stream does not look mostly good (a defective batch, another product, or a camera whose "
+                            f"images differ from training){where}; keeping the old threshold")
+        return fitted
+
+    def histogram(self, old: float, new: float, bins: int = 12) -> str:
+        """A text histogram of the scores with both thresholds marked (for the log), and a PNG where matplotlib is."""
+        scores = np.array(self.scores)
+        edges = np.geomspace(scores.min(), scores.max(), bins + 1)
+        counts, _ = np.histogram(scores, edges)
+        lines = []
+        for count, low, high in zip(counts, edges, edges[1:]):
+            marks = "".join(m for m, t in (("  <- old threshold", old), ("  <- new threshold", new)) if low <= t < high)
+            lines.append(f"{low:10.4g} .. {high:<10.4g} {'#' * int(40 * count / counts.max())} {count}{marks}")
+        if self.folder:
+            try:
+                import matplotlib
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+            except ImportError:
+                pass
+            else:
+                figure, axis = plt.subplots(figsize=(7, 3.5))
+                axis.hist(scores, bins=np.geomspace(scores.min(), scores.max(), 40), color="#888")
+                axis.set_xscale("log")
+                for value, label, colour in ((old, "old threshold", "#c33"), (new, "new threshold", "#393")):
+                    axis.axvline(value, color=colour, label=f"{label} {value:.4g}")
+                axis.set_xlabel("score")
+                axis.set_ylabel("frames")
+                axis.legend()
+                figure.tight_layout()
+                try:
+                    figure.savefig(self.folder / "histogram.png", dpi=110)
+                except OSError as exc:
+                    log.error("commissioning: could not write %s (%s)", self.folder / "histogram.png", exc.strerror)
+                plt.close(figure)
+        return "\n".join(lines)

@@ -1,0 +1,337 @@
+"""The model bundle: the one contract between training, export and the runtime.
+
+A bundle is a directory with `manifest.json` (what the model is, how to feed it, its
+threshold, how it was trained, the SHA-256 of every other file, and a digest of itself)
+beside the files it names, and optionally `manifest.sig` (see runtime.manifest).
+Training writes it into a hidden temporary directory and renames it into place, so a
+crash never leaves a half-written bundle; the runtime refuses any bundle whose files or
+manifest do not match their checksums. A single-file tar archive carries it to the edge.
+A bundle is never changed in place once a box may have seen it: a new threshold makes a
+new revision with a new model id (`revise`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coft.runtime.model import manifest as manifests
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.scoring import Gaussian, MemoryBank
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: the manifest carries its own digest
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+GAUSSIAN = "gaussian.npz"
+BANK = "bank.npz"
+SCORERS = ("global", "patch", "knn")
+PATCH_SCORERS = ("patch", "knn")  # score every patch: anomaly maps, defect boxes
+REQUIRED_KEYS = ("format_version", "model_id", "backbone", "input", "normalisation", "embedding_dim", "threshold", "files")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(directory.iterdir())
+            if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")}
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _seal(directory: Path, manifest: dict[str, Any]) -> None:
+    """List every file's checksum, digest the manifest and write it; an old signature no longer applies."""
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = _checksums(directory)
+    manifest[manifests.DIGEST_KEY] = manifests.digest(manifest)
+    _write_json_atomically(directory / MANIFEST, manifest)
+    if (directory / SIGNATURE).exists():
+        (directory / SIGNATURE).unlink()
+        log.warning("%s: its signature was removed because the manifest changed; sign it again with 'coft sign'",
+                    directory)
+
+
+@contextmanager
+def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
+    """Yield a staging directory to write files into; on success, seal it with checksums and move it to `out`.
+
+    The caller may still fill `manifest` inside the block. On any error the staging
+    directory is removed and `out` is never created.
+    """
+    out = Path(out)
+    if out.exists():
+        raise CoftError(f"{out}: already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        _seal(staging, manifest)
+        staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def update_manifest(bundle_dir: str | Path, changes: dict[str, Any],
+                    files: dict[str, Callable[[Path], None]] | None = None) -> dict[str, Any]:
+    """Add what export derives from the model (ONNX graph, engine), or retraining decided, and re-seal; `files`
+    (name -> a function that writes it to a path) replace files through a new one, as `revise` says why."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    manifest.update(changes)
+    for name, write in (files or {}).items():
+        write(bundle_dir / f"new-{name}")
+        os.replace(bundle_dir / f"new-{name}", bundle_dir / name)
+    _seal(bundle_dir, manifest)
+    return manifest
+
+
+def lineage(model_id: str) -> str:
+    """The model id a bundle's revisions share (without -r2, -r3 ...)."""
+    return re.sub(r"(-r\d+)+$", "", model_id)
+
+
+def next_revision(bundle_dir: Path, model_id: str) -> tuple[Path, str]:
+    """Where the next revision of a bundle goes and its model id: NAME-r2, NAME-r3, ..."""
+    match = re.fullmatch(r"(.*)-r(\d+)", model_id)
+    base_id, number = (match.group(1), int(match.group(2)) + 1) if match else (model_id, 2)
+    base_dir = re.sub(r"-r\d+$", "", bundle_dir.name)
+    while (bundle_dir.parent / f"{base_dir}-r{number}").exists():
+        number += 1
+    return bundle_dir.parent / f"{base_dir}-r{number}", f"{base_id}-r{number}"
+
+
+def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -> Path | None:
+    """The newest revision beside `bundle_dir` that commissioning made of this model for these cameras, if any:
+    a config that names the bundle itself (not a box's `current` link) must not commission at every start."""
+    base = re.sub(r"-r\d+$", "", Path(bundle_dir).name)
+    found = []
+    for candidate in Path(bundle_dir).parent.glob(f"{glob.escape(base)}-r*"):
+        try:
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            match = re.fullmatch(r".*-r(\d+)", candidate.name)
+            if (match and manifest.get("revision_of") == model_id
+                    and set(cameras) <= set((manifest.get("commissioning") or {}).get("cameras", []))):
+                found.append((int(match.group(1)), candidate))
+        except (OSError, ValueError, AttributeError):
+            continue  # not a bundle, or a broken one: load_bundle would say why if it were chosen
+    return max(found)[1] if found else None
+
+
+def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None,
+           files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """A new bundle revision beside the old one: the same files, `changes` applied, a new model id.
+
+    The old bundle stays as it was, so a box running it (and the live threshold it saved
+    for that model id) is never changed behind its back, and `coft rollback` still has it.
+    Unchanged files are hard links to the old ones where the filesystem allows: a threshold
+    change costs a manifest, not another copy of the model (every writer of a bundle file
+    replaces it through a new file, so a shared one is never changed in place). `files`
+    names the files the revision writes anew: name -> a function that writes it to a path.
+    """
+    bundle_dir = Path(bundle_dir)
+    old = read_manifest(bundle_dir)
+    default_out, model_id = next_revision(bundle_dir, old["model_id"])
+    out = Path(out or default_out)
+    manifest = {k: v for k, v in old.items() if k not in ("files", manifests.DIGEST_KEY)}
+    manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
+    with new_bundle(out, manifest) as staging:
+        for name, write in (files or {}).items():
+            write(staging / name)
+        for name in set(old["files"]) - set(files or {}):
+            try:
+                os.link(bundle_dir / name, staging / name)
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copy2(bundle_dir / name, staging / name)
+    return out
+
+
+def sign(bundle_dir: str | Path, key: str | Path) -> str:
+    """Write manifest.sig with an Ed25519 key; returns the key id a box will see."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    signature = manifests.signature_for(manifest, Path(key))
+    _write_json_atomically(bundle_dir / SIGNATURE, signature)
+    return signature["key_id"]
+
+
+def read_manifest(bundle_dir: str | Path, trusted_keys: list[Path] | tuple = ()) -> dict[str, Any]:
+    """Read and verify a bundle's manifest: known format, its own digest, valid fields, every file present
+    and intact, and a trusted signature where the box has trusted keys."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.exists():
+        raise CoftError(f"{bundle_dir}: no such file or directory; check the path")
+    if not bundle_dir.is_dir():
+        raise CoftError(f"{bundle_dir}: not a model bundle directory; train one with 'coft train' or unpack its archive")
+    if not path.is_file():
+        raise CoftError(f"{bundle_dir}: no {MANIFEST}; this is not a model bundle (or it was copied incompletely)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CoftError(f"{path}: not valid JSON ({exc}); copy the bundle again") from exc
+    if not isinstance(manifest, dict):
+        raise CoftError(f"{path}: expected a JSON object; copy the bundle again")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        fix = "retrain it with this coft" if isinstance(version, int) and version < FORMAT_VERSION else "upgrade coft"
+        raise CoftError(f"{bundle_dir}: bundle format version {version!r} is not supported (this runtime reads "
+                        f"{FORMAT_VERSION}); {fix}")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise CoftError(f"{path}: missing keys {', '.join(missing)}; retrain or re-export the bundle")
+    manifests.validate(manifest, bundle_dir)
+    signature = None
+    if (bundle_dir / SIGNATURE).is_file():
+        try:
+            signature = json.loads((bundle_dir / SIGNATURE).read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise CoftError(f"{bundle_dir}: {SIGNATURE} is not valid JSON; sign the bundle again") from None
+    manifests.check_signature(manifest, signature if isinstance(signature, dict) else None, list(trusted_keys),
+                              bundle_dir)
+    for name, expected in manifest["files"].items():
+        file = bundle_dir / name
+        if not file.is_file():
+            raise CoftError(f"{bundle_dir}: file {name} listed in the manifest is missing; copy the whole bundle again")
+        if sha256(file) != expected:
+            raise CoftError(f"{bundle_dir}: checksum mismatch for {name} (corrupt or edited); copy the bundle again")
+    scorer = manifest.get("scorer", "global")
+    if scorer not in SCORERS:
+        raise CoftError(f"{bundle_dir}: scorer {scorer!r} is unknown to this runtime (it knows {', '.join(SCORERS)}); upgrade coft")
+    scoring_file = BANK if scorer == "knn" else GAUSSIAN
+    if scoring_file not in manifest["files"]:
+        raise CoftError(f"{bundle_dir}: manifest does not list {scoring_file}; retrain the bundle")
+    if scorer in PATCH_SCORERS and not {"stride", "grid", "pooling", "blur_sigma"} <= set(manifest.get("patch", {})):
+        raise CoftError(f"{bundle_dir}: {scorer} scorer without its 'patch' settings in the manifest; retrain the bundle")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its directory, manifest and what scores a part (a Gaussian or a memory bank)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    scoring: Gaussian | MemoryBank
+
+    @property
+    def gaussian(self) -> Gaussian:
+        if not isinstance(self.scoring, Gaussian):
+            raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no Gaussian")
+        return self.scoring
+
+    @property
+    def scores_patches(self) -> bool:
+        return self.manifest.get("scorer", "global") in PATCH_SCORERS
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.manifest["input"]["height"], self.manifest["input"]["width"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["threshold"]["value"])
+
+
+def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bundle:
+    """Verify and load a bundle directory (see `unpack` for an archive)."""
+    path = Path(path)
+    manifest = read_manifest(path, trusted_keys)
+    scoring = MemoryBank.load(path / BANK) if manifest.get("scorer") == "knn" else Gaussian.load(path / GAUSSIAN)
+    if scoring.dim != manifest["embedding_dim"]:
+        raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
+    return Bundle(path, manifest, scoring)
+
+
+def require_graph(manifest: dict, bundle_dir: Path) -> None:
+    """A box runs exported bundles only: refuse one without its ONNX graph before it travels or is installed."""
+    if "onnx" not in manifest:
+        raise CoftError(f"{bundle_dir}: the bundle has no ONNX graph (model.onnx) and cannot run on a box; run "
+                        f"'coft export {bundle_dir}' first")
+
+
+def pack(bundle_dir: str | Path, archive: str | Path) -> Path:
+    """Write a verified, exported bundle as one tar file for flashing to a box (never over an existing file)."""
+    bundle_dir, archive = Path(bundle_dir), Path(archive)
+    if archive.exists():
+        raise CoftError(f"{archive}: already exists; remove it or choose another --out")
+    manifest = read_manifest(bundle_dir)
+    require_graph(manifest, bundle_dir)
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    extra = [SIGNATURE] if (bundle_dir / SIGNATURE).is_file() else []
+    with tarfile.open(tmp, "w") as tar:
+        for name in [MANIFEST, *extra, *manifest["files"]]:
+            tar.add(bundle_dir / name, arcname=f"{bundle_dir.name}/{name}")
+    os.replace(tmp, archive)
+    return archive
+
+
+def _bundle_root(archive: Path, names: list[str]) -> tuple[str, str]:
+    """(folder inside the archive holding manifest.json, name to give the bundle): 'coft pack' archives hold
+    one folder; 'tar -C bundle -cf x.tar .' ones hold the files themselves, named after the archive."""
+    parts = [Path(n).parts for n in names if Path(n).parts]
+    if (MANIFEST,) in parts:
+        return "", archive.name.split(".")[0]
+    tops = {p[0] for p in parts}
+    if len(tops) != 1:
+        raise CoftError(f"{archive}: expected one bundle directory in the archive, found {len(tops)}; pack it with 'coft pack'")
+    top = tops.pop()
+    return top, top
+
+
+def unpack(archive: str | Path, dest_dir: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bundle:
+    """Extract a bundle archive under `dest_dir` and verify it; a bad archive leaves nothing behind."""
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    if not archive.is_file():
+        raise CoftError(f"{archive}: no such file; check the path")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CoftError(f"{dest_dir}: cannot create the folder to unpack into ({exc.strerror}); give a writable "
+                        "--unpack-to") from None
+    try:
+        with tarfile.open(archive) as tar:
+            inside, name = _bundle_root(archive, tar.getnames())
+            target = dest_dir / name
+            if target.exists():
+                raise CoftError(f"{target}: already exists; remove it or unpack elsewhere (--unpack-to)")
+            staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
+            try:
+                tar.extractall(staging, filter="data")
+                extracted = staging / inside
+                load_bundle(extracted, trusted_keys)
+                extracted.chmod(0o755)
+                os.rename(extracted, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except (tarfile.TarError, OSError) as exc:
+        raise CoftError(f"{archive}: not a readable bundle archive ({exc}); copy it again") from exc
+    return load_bundle(target, trusted_keys)

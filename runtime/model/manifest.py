@@ -1,0 +1,241 @@
+"""What a bundle's manifest may say, and how a box knows nobody changed it.
+
+Checksums protect the files a manifest lists; the manifest itself carries a digest of
+its canonical form (sorted keys, no whitespace), so a threshold edited by hand or a
+file dropped from `files` is refused like a corrupt weight file. A digest stops
+accidents, not attackers: a box given trusted Ed25519 public keys also demands a
+signature (`manifest.sig`, written by `coft sign`) from one of them.
+
+Every field the runtime reads is validated here (type, finite, in range), and every
+file a manifest names must be a plain name inside the bundle and listed in `files`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from coft.runtime.model.errors import CoftError
+
+DIGEST_KEY = "digest"
+FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a plain name: no folders, no '..', not hidden
+
+
+class Loose(BaseModel):
+    """Known fields are checked; unknown ones are kept for newer tools (forward compatible)."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class InputSpec(Loose):
+    height: int = Field(ge=14, le=8192)
+    width: int = Field(ge=14, le=8192)
+
+
+class Normalisation(Loose):
+    mean: list[float] = Field(default=[0.0, 0.0, 0.0], min_length=3, max_length=3)
+    std: list[float] = Field(default=[1.0, 1.0, 1.0], min_length=3, max_length=3)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite_values(cls, values, info):
+        for v in values:
+            _finite(v)
+            if info.field_name == "std" and v <= 0:
+                raise ValueError("standard deviations must be positive")
+        return values
+
+
+class ThresholdSpec(Loose):
+    value: float = Field(gt=0, le=1e7)
+    method: str
+
+    @field_validator("value")
+    @classmethod
+    def _finite_value(cls, value):
+        return _finite(value)
+
+
+class PatchSpec(Loose):
+    stride: int = Field(ge=1, le=1024)
+    grid: list[int] = Field(min_length=2, max_length=2)
+    pooling: Literal["max", "top1pct"]
+    blur_sigma: float = Field(ge=0, le=1000)
+
+
+class NamedFile(Loose):
+    file: str = Field(pattern=FILE_NAME)
+
+
+class BackboneSpec(Loose):
+    name: str
+    weights: str | None = Field(None, pattern=FILE_NAME)
+
+
+class KnnSpec(Loose):
+    bank: str = Field(pattern=FILE_NAME)
+
+
+class ManifestSchema(Loose):
+    format_version: int
+    model_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    backbone: BackboneSpec
+    input: InputSpec
+    normalisation: Normalisation
+    embedding_dim: int = Field(ge=1, le=65536)
+    scorer: str = "global"  # which ones this runtime knows is checked by runtime.bundle, with an upgrade hint
+    patch: PatchSpec | None = None
+    knn: KnnSpec | None = None
+    threshold: ThresholdSpec
+    files: dict[str, str]
+    onnx: NamedFile | None = None
+    engine: NamedFile | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, files):
+        for name, digest in files.items():
+            if not re.fullmatch(FILE_NAME, name):
+                raise ValueError(f"file name {name!r} is not a plain name inside the bundle")
+            if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
+                raise ValueError(f"checksum of {name} is not a SHA-256 hex digest")
+        return files
+
+
+def canonical(manifest: dict[str, Any]) -> bytes:
+    """The bytes the digest and the signature cover: the manifest without its digest, keys sorted."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    try:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise CoftError(f"manifest holds a number JSON cannot carry ({exc}); retrain the bundle") from None
+
+
+def digest(manifest: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(canonical(manifest)).hexdigest()
+
+
+def validate(manifest: dict[str, Any], where: Path) -> None:
+    """Refuse a manifest that was edited, or names files outside the bundle, or holds impossible values."""
+    try:
+        expected = digest(manifest)
+    except CoftError as exc:
+        raise CoftError(f"{where}: {exc}") from None
+    if manifest.get(DIGEST_KEY) != expected:
+        raise CoftError(f"{where}: manifest digest does not match its content (edited by hand or corrupt); "
+                        "change thresholds with 'coft eval --recalibrate', or copy the bundle again")
+    try:
+        spec = ManifestSchema.model_validate(manifest)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise CoftError(f"{where}: invalid manifest ({problems}); retrain or re-export the bundle") from None
+    named = [f.file for f in (spec.onnx, spec.engine) if f] + [spec.backbone.weights or ""] + \
+        ([spec.knn.bank] if spec.knn else [])
+    unlisted = [name for name in named if name and name not in spec.files]
+    if unlisted:
+        raise CoftError(f"{where}: manifest names {', '.join(unlisted)} but does not list its checksum; re-export the bundle")
+    if spec.scorer == "knn" and spec.threshold.value > 2:
+        raise CoftError(f"{where}: threshold {spec.threshold.value} is above 2, the largest cosine distance: "
+                        "nothing would ever be rejected; recalibrate with 'coft eval --recalibrate'")
+
+
+# -- signatures ------------------------------------------------------------------------------
+def _parsed_key(path: Path, loaders, unreadable: str):
+    """The first key one of `loaders` makes of the file, or None; a file that cannot be read is a one-line error."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CoftError(f"{path}: cannot read the {unreadable.format(exc.strerror)}") from None
+    for loader in loaders:
+        try:
+            return loader(data)
+        except (ValueError, TypeError):
+            continue
+    return None
+
+
+def _load_private_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+    key = _parsed_key(path, (lambda data: load_pem_private_key(data, password=None),
+                             lambda data: load_ssh_private_key(data, password=None)), "signing key ({})")
+    if key is None:
+        raise CoftError(f"{path}: not a readable unencrypted private key (PEM or OpenSSH); make one with 'coft keygen'")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CoftError(f"{path}: not an Ed25519 key; make one with 'coft keygen' or 'ssh-keygen -t ed25519'")
+    return key
+
+
+def load_public_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
+
+    key = _parsed_key(path, (load_pem_public_key, load_ssh_public_key), "trusted key ({}); check trusted_keys")
+    if not isinstance(key, Ed25519PublicKey):
+        raise CoftError(f"{path}: not an Ed25519 public key (PEM or OpenSSH .pub); use the .pub from 'coft keygen'")
+    return key
+
+
+def key_id(public_key) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
+
+
+def keygen(stem: Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair: STEM.key (owner-only, keep it off the boxes) and STEM.pub (give to every box)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    private, public = stem.with_suffix(".key"), stem.with_suffix(".pub")
+    for path in (private, public):
+        if path.exists():
+            raise CoftError(f"{path}: already exists; choose another name")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    with open(private, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
+        f.write(pem)
+    public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def signature_for(manifest: dict[str, Any], key_path: Path) -> dict[str, str]:
+    key = _load_private_key(key_path)
+    return {"key_id": key_id(key.public_key()),
+            "signature": base64.b64encode(key.sign(canonical(manifest))).decode()}
+
+
+def check_signature(manifest: dict[str, Any], signature: dict | None, trusted: list[Path], where: Path) -> str | None:
+    """With trusted keys: the key id that signed it, or a one-line refusal. Without: None (nothing demanded)."""
+    if not trusted:
+        return None
+    if signature is None:
+        raise CoftError(f"{where}: bundle is not signed and this box only accepts bundles signed by a trusted key; "
+                        "sign it with 'coft sign BUNDLE --key KEY'")
+    from cryptography.exceptions import InvalidSignature
+
+    keys = {key_id(k): k for k in (load_public_key(p) for p in trusted)}
+    key = keys.get(str(signature.get("key_id")))
+    if key is None:
+        raise CoftError(f"{where}: signed by key {signature.get('key_id')!r}, which is not among this box's "
+                        f"{len(keys)} trusted key(s); sign it with a trusted key or add its .pub to trusted_keys")
+    try:
+        key.verify(base64.b64decode(str(signature.get("signature", "")), validate=True), canonical(manifest))
+    except (InvalidSignature, ValueError):
+        raise CoftError(f"{where}: signature does not match the manifest (edited after signing); copy the bundle "
+                        "again or sign it again") from None
+    return key_id(key)

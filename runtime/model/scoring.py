@@ -1,0 +1,146 @@
+"""Gaussian anomaly scoring in numpy: the reference every accelerated path is checked against.
+
+A part is scored by the Mahalanobis distance of its L2-normalised embedding from the
+Gaussian fitted to good parts. With the precision P = L L^T (L lower-triangular, the
+Cholesky factor), the distance is ||(x - mean) L||, one matrix product per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coft.runtime.model.errors import CoftError
+
+BANK_CONSTANT = "scoring.bank_t"  # the knn graph's [C, rows] bank initializer, which coft learn replaces
+DEFECTS_CONSTANT = "scoring.defects_t"  # its [C, 1 + marked rows] defect rows, the zero row first
+
+
+def pooled_patches(patches: int, pooling: str) -> int:
+    """How many of an image's worst patches its score averages: 1 (max) or 1% of them (top1pct)."""
+    return 1 if pooling == "max" else max(1, patches // 100)
+
+
+def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
+    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
+    if pooling == "max":
+        return patch_scores.max(axis=1)
+    top = pooled_patches(patch_scores.shape[1], pooling)
+    return np.sort(patch_scores, axis=1)[:, -top:].mean(axis=1)
+
+
+def l2_normalise(embeddings: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return embeddings / np.maximum(norms, eps)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean and precision of good-part features, with the precision's Cholesky factor.
+
+    Global embeddings are L2-normalised before scoring (`normalised`); patch features are
+    scored as they are, since their magnitude carries part of what makes a defect.
+    """
+
+    mean: np.ndarray  # [D] float32
+    precision: np.ndarray  # [D, D] float32
+    cholesky: np.ndarray  # [D, D] float32, lower-triangular, precision = L @ L.T
+    normalised: bool = True
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of embeddings as the backbone gives them, [..., D] -> [...]."""
+        if embeddings.shape[-1] != self.dim:
+            raise CoftError(f"embeddings of shape {embeddings.shape} do not fit a Gaussian of dimension {self.dim}")
+        x = embeddings.astype(np.float32)
+        centred = (l2_normalise(x) if self.normalised else x) - self.mean
+        return np.sqrt(np.sum((centred @ self.cholesky) ** 2, axis=-1))
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean, precision=self.precision, cholesky=self.cholesky,
+                 normalised=np.array(self.normalised))
+
+    @classmethod
+    def load(cls, path: Path) -> Gaussian:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                normalised = bool(data["normalised"]) if "normalised" in data else True
+                gaussian = cls(*(data[key].astype(np.float32) for key in ("mean", "precision", "cholesky")), normalised)
+        except (OSError, KeyError, ValueError) as exc:
+            raise CoftError(f"{path}: not a valid Gaussian file ({exc}); retrain the bundle") from exc
+        d = gaussian.dim
+        if gaussian.precision.shape != (d, d) or gaussian.cholesky.shape != (d, d):
+            raise CoftError(f"{path}: mean of size {d} but precision {gaussian.precision.shape}; retrain the bundle")
+        return gaussian
+
+
+@dataclass(frozen=True)
+class MemoryBank:
+    """Patch features of good parts (unit rows); a patch's score is its cosine distance to the nearest one.
+
+    The kNN scorer: no distribution is assumed, so a handful of shots (and their rotations)
+    already describe "good" patch by patch. The exported graph does the same with the bank
+    as a constant (MatMul + ReduceMax); the TensorRT path with the fused nearest-neighbour kernel.
+
+    `defects` are the worst patches of frames an operator marked as real defects: a patch
+    more like one of them than like any good row scores more, by how much more (up to twice
+    its distance), so the defects a line has seen stand out further above its good parts."""
+
+    features: np.ndarray  # [M, C] float32, L2-normalised rows
+    defects: np.ndarray | None = None  # [K, C] float32 unit rows of marked defects, or None
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def defect_rows(self) -> np.ndarray:
+        """The defect rows with a zero row first (similarity 0: no defect pulls), as the graph's constant holds them."""
+        rows = np.zeros((1, self.dim), np.float32)
+        return rows if self.defects is None else np.concatenate([rows, self.defects.astype(np.float32)])
+
+    def score(self, features: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """1 - max cosine similarity to the bank, raised where a marked defect is nearer, [..., C] -> [...];
+        features are unit vectors as the backbone gives them."""
+        if features.shape[-1] != self.dim:
+            raise CoftError(f"patch features of shape {features.shape} do not fit a memory bank of dimension {self.dim}")
+        flat = features.reshape(-1, self.dim).astype(np.float32)
+        defects = self.defect_rows.T
+        scores = []
+        for i in range(0, len(flat), chunk):
+            best = (flat[i:i + chunk] @ self.features.T).max(axis=1)
+            scores.append(defect_pull(best, (flat[i:i + chunk] @ defects).max(axis=1)))
+        return np.concatenate(scores).reshape(features.shape[:-1])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, features=self.features, **({} if self.defects is None else {"defects": self.defects}))
+
+    @classmethod
+    def load(cls, path: Path) -> MemoryBank:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                features = data["features"].astype(np.float32)
+                defects = data["defects"].astype(np.float32) if "defects" in data else None
+        except (OSError, KeyError, ValueError) as exc:
+            raise CoftError(f"{path}: not a valid memory-bank file ({exc}); retrain the bundle") from exc
+        if features.ndim != 2 or not len(features):
+            raise CoftError(f"{path}: memory bank of shape {features.shape}, expected [patches, dim]; retrain the bundle")
+        if defects is not None and (defects.ndim != 2 or defects.shape[1] != features.shape[1]):
+            raise CoftError(f"{path}: defect rows of shape {defects.shape} do not fit the bank's {features.shape}; "
+                            "run coft learn again")
+        return cls(features, defects)
+
+
+def defect_pull(best: np.ndarray, near_defect: np.ndarray) -> np.ndarray:
+    """A patch's score from its best similarity to good rows and to marked defects (the zero row included, so
+    never below 0): 1 - best, plus how much nearer the defect is (measured on magnetic tiles, 3 seeds, 10 shots
+    and 10 marked defects: image AUROC 0.873 -> 0.885; see README, Marked defects)."""
+    return 1.0 - best + np.maximum(near_defect - best, 0.0)

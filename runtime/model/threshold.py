@@ -1,0 +1,156 @@
+"""A threshold fitted on the line's own frames, unlabelled and mostly good (FUN-AD's premise).
+
+Good parts' scores are tight, defects' spread to the right, and a line may well have a
+third of its parts defective. On a log scale (scores are distances with a long right
+tail), a median and MAD are refitted on the frames within TRIM_Z spreads above the
+centre until they settle (the spread corrected for the cut), so the defects stop
+pulling them; the threshold is where a normal with that centre and spread leaves the
+target share of good parts above it, and frames beyond the trim are the suspects.
+Chosen on bench/operating_point.py (ELPV and magnetic tiles, 3 seeds, 300 frames: it
+met 3 of the 4 targets, the most of the fits kept in FITS); the README gives the figures.
+
+The promise (runtime/model/promise.py) is an order statistic's, on the frames within PROMISE_Z
+spreads of the centre: a cut far enough out that good parts are (nearly) never beyond it,
+so only frames there are assumed defects, and any defect inside only makes the promise
+more cautious. Where those frames are enough to promise the target (about 300 for 1% at
+95% confidence), the default fit takes the lowest order statistic that does ("conformal");
+with fewer, split conformal's order statistic (the target met in expectation); either way
+the threshold states what it promises (bench/operating_point.py measures how often it holds).
+A part seen in several frames counts once (frames thinned by part id where they have one).
+"""
+
+from __future__ import annotations
+
+import logging
+from statistics import NormalDist
+
+import numpy as np
+
+from coft.runtime.model.errors import CoftError
+from coft.runtime.model.promise import expected_threshold, order_threshold, promise
+
+log = logging.getLogger(__name__)
+
+MIN_FRAMES = 100  # below this a 1% tail is a guess
+TRIM_Z = 2.0
+PROMISE_Z = 3.5  # a normal's share beyond it is 0.02%: frames there are taken for defects in the promise
+MAD_TO_SIGMA = 1.4826
+
+
+def _truncated_mad(z: float) -> float:
+    """1.4826 x MAD of a unit normal cut at +z: what the trimmed fit's spread shrinks to, to be undone."""
+    unit = NormalDist()
+    cut = np.array([unit.inv_cdf(u) for u in np.linspace(0, unit.cdf(z), 20001)[1:-1]])
+    return MAD_TO_SIGMA * float(np.median(np.abs(cut - np.median(cut))))
+
+
+TRUNCATED_MAD = _truncated_mad(TRIM_Z)
+
+
+def _robust(log_scores: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(log_scores))
+    spread = MAD_TO_SIGMA * float(np.median(np.abs(log_scores - centre)))
+    return centre, max(spread, 1e-6)
+
+
+def _trimmed(log_scores: np.ndarray) -> tuple[float, float]:
+    """Median and MAD refitted on the scores within TRIM_Z spreads above the centre, until they settle."""
+    centre, spread = _robust(log_scores)
+    for _ in range(20):
+        kept = log_scores[log_scores <= centre + TRIM_Z * spread]
+        new_centre, new_spread = _robust(kept)
+        new_spread /= TRUNCATED_MAD
+        if abs(new_centre - centre) < 1e-9 and abs(new_spread - spread) < 1e-9:
+            break
+        centre, spread = new_centre, new_spread
+    return centre, spread
+
+
+def _right_side(log_scores: np.ndarray) -> tuple[float, float]:
+    """The trimmed centre, and a spread read from the scores between it and the trim only: the good parts'
+    upper side, which is the side the threshold cuts (good scores are often skewed to the left)."""
+    centre, spread = _trimmed(log_scores)
+    upper = log_scores[(log_scores > centre) & (log_scores <= centre + TRIM_Z * spread)] - centre
+    if len(upper) < 10:
+        return centre, spread
+    unit = NormalDist()
+    half_median = unit.inv_cdf(0.5 + (unit.cdf(TRIM_Z) - 0.5) / 2)  # median of a unit normal's (0, TRIM_Z] part
+    return centre, max(float(np.median(upper)) / half_median, 1e-6)
+
+
+def _normal(centre_spread: tuple[float, float], target: float) -> float:
+    centre, spread = centre_spread
+    return float(np.exp(centre + NormalDist().inv_cdf(1 - target) * spread))
+
+
+def _trimmed_quantile(scores: np.ndarray, target: float) -> float:
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    return float(np.quantile(scores[logs <= centre + TRIM_Z * spread], 1 - target, method="higher"))
+
+
+def promise_pool(scores: np.ndarray) -> np.ndarray:
+    """The frames a promise is stated on: all but those beyond PROMISE_Z spreads of the good parts' fit."""
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    return scores[logs <= centre + PROMISE_Z * spread]
+
+
+def _conformal(scores: np.ndarray, target: float) -> float:
+    """The lowest order statistic of the promise pool that promises the target, where the pool is big enough;
+    else split conformal's, which meets the target in expectation (a normal misjudges a heavy good tail: on
+    magnetic tiles, 285 frames, it rejected 7% of good parts for a 1% target); else the trimmed normal."""
+    pool = promise_pool(scores)
+    for fit in (order_threshold, expected_threshold):
+        value = fit(pool, target)
+        if value is not None:
+            return value
+    return _normal(_trimmed(np.log(scores)), target)
+
+
+FITS = {"conformal": _conformal,
+        "trimmed-normal": lambda scores, target: _normal(_trimmed(np.log(scores)), target),
+        "right-side-normal": lambda scores, target: _normal(_right_side(np.log(scores)), target),
+        "median-mad-normal": lambda scores, target: _normal(_robust(np.log(scores)), target),
+        "trimmed-quantile": _trimmed_quantile}
+
+
+def reference_median(threshold: dict) -> float | None:
+    """Where good parts scored when the threshold was set (training's held-out views, or commissioning)."""
+    value = threshold.get("calibration_score_median") or threshold.get("score_median")
+    return float(value) if value and 0 < value < threshold["value"] else None
+
+
+def suspects(scores: np.ndarray, z: float = TRIM_Z) -> np.ndarray:
+    """Which frames lie beyond `z` spreads of the good parts' fit (the trim by default): the ones not to learn from."""
+    logs = np.log(np.asarray(scores, np.float64))
+    centre, spread = _trimmed(logs)
+    return logs > centre + z * spread
+
+
+def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal") -> dict:
+    """The commissioning threshold and what it was fitted on (recorded in the new revision's manifest)."""
+    scores = np.asarray(scores, np.float64)
+    scores = scores[np.isfinite(scores)]
+    if len(scores) < MIN_FRAMES:
+        raise CoftError(f"commissioning needs at least {MIN_FRAMES} frames to set a {target:.0%} false-reject "
+                        f"threshold, got {len(scores)}; run it longer (--frames)")
+    if (scores <= 0).any():
+        raise CoftError("commissioning expects positive scores (distances); this bundle's scorer gives others")
+    logs = np.log(scores)
+    centre, spread = _trimmed(logs)
+    beyond = logs > centre + TRIM_Z * spread
+    value = FITS[fit](scores, target)
+    return {"value": value, "method": f"commissioning-{fit}", "target_false_reject_rate": target,
+            "frames": int(len(scores)), "suspects_dropped": int(beyond.sum()), "score_median": float(np.exp(centre)),
+            "promise": promise(promise_pool(scores), value)}
+
+
+def spread_ratio(scores: np.ndarray, threshold: dict) -> float | None:
+    """How much wider the frames' scores spread than the good parts' did at training (log scale), or None
+    when the bundle's threshold does not say where its good scores lay."""
+    median = reference_median(threshold)
+    if median is None:
+        return None
+    trained = np.log(threshold["value"] / median) / NormalDist().inv_cdf(1 - threshold.get("target_false_reject_rate", 0.01))
+    return _trimmed(np.log(scores))[1] / trained
