@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from tests.conftest import Mosquitto  # noqa: E402
-from tests.test_runtime import Subscriber  # noqa: E402
+from tests.support.broker import Mosquitto, Subscriber  # noqa: E402
 
 
 def outbox_depth(path: Path) -> int:

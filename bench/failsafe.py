@@ -5,7 +5,7 @@
 Runs `python -m coft.runtime` as its own process against a real Mosquitto, with one camera in
 trigger mode replaying ELPV cells (640x480, 60 fps, so every part finds a fresh frame) and,
 beside it, a continuous camera inspecting every frame at --continuous-fps (0: none), and the
-simulated PLC of tests/plc.py triggering parts on a fixed schedule. Reports, per rate, the
+simulated PLC of tests/support/plc.py triggering parts on a fixed schedule. Reports, per rate, the
 distribution of trigger-sent to result-received, how many parts were answered by their
 verdict and how many by a fail-safe reject (and why), any part left silent, and what the
 continuous camera got (verdicts, frames dropped).
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from backbone import demo_bundle, elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from coft.runtime.model.bundle import load_bundle  # noqa: E402
-from tests.conftest import Mosquitto, free_port  # noqa: E402
-from tests.plc import SimulatedPlc  # noqa: E402
+from tests.support.broker import Mosquitto, free_port  # noqa: E402
+from tests.support.plc import SimulatedPlc  # noqa: E402
 
 
 def camera_total(port: int, name: str, camera: str) -> float:

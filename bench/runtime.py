@@ -44,7 +44,7 @@ from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys
 from coft.runtime.engines import open_engine  # noqa: E402
 from coft.runtime.model.bundle import load_bundle  # noqa: E402
 from coft.runtime.model.images import resize_to_input  # noqa: E402
-from tests.conftest import Mosquitto, free_port  # noqa: E402
+from tests.support.broker import Mosquitto, free_port  # noqa: E402
 
 
 def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int = 200) -> float:

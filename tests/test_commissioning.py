@@ -13,7 +13,9 @@ from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.threshold import fit_threshold
-from tests.test_runtime import Subscriber, start_runtime, write_config, write_video
+from tests.support.broker import Subscriber
+from tests.support.parts import write_video
+from tests.support.runtime import start_runtime, write_config
 
 
 def _line(rng, frames: int, defect_share: float) -> tuple[np.ndarray, np.ndarray]:

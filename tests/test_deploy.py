@@ -17,7 +17,7 @@ import yaml
 
 from coft.runtime.box.flash import flash
 from coft.runtime.model.errors import CoftError
-from tests.conftest import free_port
+from tests.support.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COFT = str(Path(sys.executable).parent / "coft")

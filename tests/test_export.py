@@ -19,7 +19,7 @@ from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import load_folder, resize_to_input
 from coft.runtime.model.manifest import digest
-from tests.conftest import CUDA_MISSING
+from tests.support.gpu import CUDA_MISSING
 
 
 @pytest.fixture
@@ -154,6 +154,7 @@ def test_fused_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, dim, half, p
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 @pytest.mark.parametrize("half,rtol", [(False, 1e-4), (True, 2e-3)])
 def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
@@ -173,6 +174,7 @@ def test_fused_kernel_matches_the_numpy_reference(exported, half, rtol):
         np.testing.assert_allclose(scores, bundle.gaussian.score(embeddings), rtol=rtol)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 def test_fused_patch_kernel_matches_the_numpy_reference():
     import pycuda.driver as cuda
@@ -194,6 +196,7 @@ def test_fused_patch_kernel_matches_the_numpy_reference():
     np.testing.assert_allclose(image_scores, reference.max(axis=1), rtol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(TRT_MISSING is not None, reason=f"{TRT_MISSING}: engines are built and tested on the Jetson")
 def test_tensorrt_engine_matches_onnx_runtime(exported, parts, tmp_path):
     copy = tmp_path / "b"

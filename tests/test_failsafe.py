@@ -1,4 +1,4 @@
-"""The fail-safe handshake, driven by a simulated PLC (tests/plc.py) against a real Mosquitto: every triggered
+"""The fail-safe handshake, driven by a simulated PLC (tests/support/plc.py) against a real Mosquitto: every triggered
 part is answered within its deadline (accept, reject, or a fail-safe reject saying why), or the heartbeat has
 stopped so the PLC's default applies. No part is ever silently without an answer."""
 
@@ -12,8 +12,9 @@ import time
 
 from coft.runtime.config import load_config
 from coft.runtime.pipeline import Runtime
-from tests.plc import SimulatedPlc
-from tests.test_runtime import Subscriber, start_runtime, write_config
+from tests.support.broker import Subscriber
+from tests.support.plc import SimulatedPlc
+from tests.support.runtime import start_runtime, write_config
 
 DEADLINE_MS = 400
 HEARTBEAT_TIMEOUT_S = 0.6  # what the PLC allows between heartbeats (3 periods of heartbeat_s 0.2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -28,28 +27,15 @@ from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox
 from coft.runtime.config import BrokerConfig
 from coft.runtime.model.bundle import load_bundle
-from tests.conftest import Mosquitto, free_port
-from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config, write_video
+from tests.support.broker import Mosquitto, Subscriber, acl_broker, free_port, metric
+from tests.support.parts import write_video
+from tests.support.runtime import ROOT, assert_complete_and_ordered, start_runtime, stop, write_config
 
 COFT = str(Path(sys.executable).parent / "coft")
 
 
-def metric(port: int, name: str, camera: str | None = None) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    label = f'{{camera="{camera}"}}' if camera else ""
-    for line in text.splitlines():
-        if line.startswith(f"{name}{label} "):
-            return float(line.split()[-1])
-    return None
-
-
 def bundle_threshold(bundle: Path) -> float:
     return json.loads((bundle / "manifest.json").read_text())["threshold"]["value"]
-
-
-def stop(runtime: subprocess.Popen) -> int:
-    runtime.send_signal(signal.SIGTERM)
-    return runtime.wait(timeout=30)
 
 
 def png_bomb(path: Path, side: int) -> Path:
@@ -270,16 +256,6 @@ def test_remote_threshold_control_can_be_switched_off(tmp_path, exported_bundle,
     assert "set/threshold is off" in (tmp_path / "runtime.log").read_text()
 
 
-def _acl_broker(tmp_path: Path, acl: Path) -> Mosquitto:
-    """A Mosquitto with the shipped accounts (coft, plc, scada, operator) and the given ACL."""
-    passwords = tmp_path / "passwd"
-    for i, user in enumerate(("coft", "plc", "scada", "operator")):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwords), user, f"{user}-pw"],
-                       check=True, capture_output=True)
-    return Mosquitto(tmp_path / "broker", settings=f"allow_anonymous false\npassword_file {passwords}\n"
-                                                   f"acl_file {acl}\n").start()
-
-
 def _acl_line(tmp_path: Path, bundle: Path, port: int, parts: Path, **extra) -> Path:
     config = write_config(tmp_path, bundle, port,
                           [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5},
@@ -293,7 +269,7 @@ def _acl_line(tmp_path: Path, bundle: Path, port: int, parts: Path, **extra) -> 
 
 def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_changes_thresholds(
         tmp_path, exported_bundle, parts, monkeypatch):
-    broker = _acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
     metrics_port = free_port()
     config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
                        sparkplug={"group_id": "plant", "edge_node_id": "line1"})
@@ -339,7 +315,7 @@ def test_a_publish_the_broker_refuses_is_counted_logged_and_shown(tmp_path, expo
     acl = tmp_path / "no-result.acl"  # an ACL that forgot the fail-safe answers
     acl.write_text("\n".join(line for line in (ROOT / "deploy/mosquitto/coft.acl").read_text().splitlines()
                              if line != "topic write coft/+/+/result") + "\n")
-    broker = _acl_broker(tmp_path, acl)
+    broker = acl_broker(tmp_path, acl)
     metrics_port, web_port = free_port(), free_port()
     config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
                        web={"port": web_port})

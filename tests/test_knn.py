@@ -21,8 +21,7 @@ from coft.train.backbones import dinov2
 from coft.train.evaluate import evaluate
 from coft.train.pipeline import TrainOptions, train_bundle
 from coft.train.scorers.knn import fit_bank, poses
-from tests.conftest import CUDA_MISSING
-from tests.test_patch import masked_set  # noqa: F401  (fixture)
+from tests.support.gpu import CUDA_MISSING
 
 VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
 
@@ -171,6 +170,7 @@ def test_nearest_kernel_compiles_for_jetson_orin_and_hopper(tmp_path, arch, dim,
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 @pytest.mark.parametrize("half,rtol", [(False, 1e-5), (True, 2e-3)])
 @pytest.mark.parametrize("batch", [1, 8, 64])

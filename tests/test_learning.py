@@ -22,8 +22,8 @@ from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import read_image, resize_to_input
 from coft.runtime.model.scoring import MemoryBank, pool
 from coft.train.pipeline import TrainOptions, train_bundle
-from tests.conftest import free_port
-from tests.test_runtime import ROOT, Subscriber, assert_complete_and_ordered, start_runtime, write_config
+from tests.support.broker import Subscriber, free_port
+from tests.support.runtime import ROOT, assert_complete_and_ordered, start_runtime, write_config
 
 SIZE = (112, 112)  # 8 x 8 patches of the real DINOv2 weights: quick, and still the real features
 

@@ -23,9 +23,9 @@ import pytest
 from coft.runtime.config import load_config
 from coft.runtime.model.bundle import MANIFEST, _seal
 from coft.runtime.model.errors import CoftError
-from tests.conftest import Mosquitto, free_port, good_part
-from tests.test_faults import metric, stop
-from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
+from tests.support.broker import Mosquitto, Subscriber, free_port, metric
+from tests.support.parts import good_part
+from tests.support.runtime import ROOT, start_runtime, stop, write_config
 
 COFT = str(Path(sys.executable).parent / "coft")
 

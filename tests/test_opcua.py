@@ -19,9 +19,9 @@ from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import free_port, node_client
-from tests.test_faults import metric
-from tests.test_runtime import start_runtime, write_config
+from tests.support.broker import free_port, metric
+from tests.support.clients import node_client
+from tests.support.runtime import start_runtime, write_config
 
 PASSWORD = "plc-pass-4711"
 

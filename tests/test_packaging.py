@@ -9,7 +9,7 @@ import sys
 import venv
 import zipfile
 
-from tests.test_runtime import ROOT
+from tests.support.runtime import ROOT
 
 CHECK = """
 import importlib.util, subprocess, sys

@@ -21,33 +21,9 @@ from coft.runtime.model.manifest import digest
 from coft.runtime.pipeline import Runtime
 from coft.train.evaluate import evaluate, pro_score
 from coft.train.pipeline import TrainOptions, train_bundle
-from tests.conftest import CUDA_MISSING, SIZE, good_part
-from tests.test_runtime import Subscriber
-
-STAIN = (90, 40, 14)  # x, y, radius in the 128 px part
-
-
-def stained(rng):
-    image = good_part(rng)
-    cv2.circle(image, STAIN[:2], STAIN[2], 235, thickness=-1)
-    return image
-
-
-@pytest.fixture(scope="module")
-def masked_set(tmp_path_factory):
-    """good/, defect/stain/ and mask/stain/ (magnetic-tile layout), with the stain's true pixels."""
-    root = tmp_path_factory.mktemp("masked")
-    rng = np.random.default_rng(3)
-    for folder in ("train/good", "test/good", "test/defect/stain", "test/mask/stain"):
-        (root / folder).mkdir(parents=True)
-    for i in range(8):
-        cv2.imwrite(str(root / f"train/good/g{i}.png"), good_part(rng))
-        cv2.imwrite(str(root / f"test/good/g{i}.png"), good_part(rng))
-        cv2.imwrite(str(root / f"test/defect/stain/s{i}.png"), stained(rng))
-        mask = np.zeros((128, 128), np.uint8)
-        cv2.circle(mask, STAIN[:2], STAIN[2], 255, thickness=-1)
-        cv2.imwrite(str(root / f"test/mask/stain/s{i}.png"), mask)
-    return root
+from tests.support.broker import Subscriber
+from tests.support.gpu import CUDA_MISSING
+from tests.support.parts import SIZE, STAIN
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +74,10 @@ def test_onnx_patch_graph_matches_pytorch_and_numpy(patch_bundle, masked_set):
         score, full_map, features = inspection_model(bundle)(torch.from_numpy(frames))
     np.testing.assert_allclose(result.scores, score.numpy(), rtol=1e-4)
     np.testing.assert_allclose(result.maps, full_map.numpy(), rtol=1e-4, atol=1e-5)
-    box = defect_box(result.maps[0], bundle.threshold)
-    assert box is not None
+    peak = float(result.maps[0].max())  # the verdict's rule (line/inspector.py): above the threshold and half the peak
+    x, y, w, h = defect_box(result.maps[0], max(bundle.threshold, 0.5 * peak))  # around the stain, not the part
+    cx, cy = (STAIN[0] * 96 / 128, STAIN[1] * 96 / 128)
+    assert x <= cx <= x + w and y <= cy <= y + h and w * h < 0.5 * 96 * 96  # 96 px: receptive fields spread it
 
 
 def test_patch_scores_alone_give_the_graphs_scores_and_maps(patch_bundle, masked_set):
@@ -113,6 +91,7 @@ def test_patch_scores_alone_give_the_graphs_scores_and_maps(patch_bundle, masked
     assert tensorrt_unavailable(bundle).startswith("the bundle has no TensorRT engine")  # patch bundles are welcome
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(CUDA_MISSING is not None, reason=f"needs a CUDA GPU and pycuda: {CUDA_MISSING}")
 @pytest.mark.parametrize("half,rtol", [(False, 1e-4), (True, 2e-3)])
 def test_fused_patch_kernel_gives_the_graphs_scores_and_maps(patch_bundle, masked_set, half, rtol):
@@ -180,5 +159,5 @@ def test_unknown_scorer_and_wrong_map_size_are_refused(patch_bundle, tmp_path, m
     from coft.runtime.cameras.sources import Frame
     frame = Frame("cam1", 1, 0.0, np.zeros((128, 128, 3), np.uint8))
     with pytest.raises(CoftError, match="does not match the model input"):
-        runtime.defect(frame, np.zeros((40, 40), np.float32), 1.0, True)
+        runtime.inspector.defect(frame, np.zeros((40, 40), np.float32), 1.0, True)
     runtime.outbox.close()

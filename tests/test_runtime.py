@@ -3,102 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-import yaml
 
-from tests.conftest import Mosquitto, defective_part, free_port, good_part
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Subscriber:
-    """A PLC-like subscriber with a persistent session, so QoS 1 messages wait for it across broker restarts."""
-
-    def __init__(self, port: int, topic: str = "coft/#", username: str | None = None, password: str | None = None):
-        self.messages: list[tuple[str, bytes]] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{username or 'plc'}-{port}",
-                                  clean_session=False)
-        if username:
-            self.client.username_pw_set(username, password)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        time.sleep(0.3)
-
-    def _on_message(self, client, userdata, message):
-        with self.lock:
-            self.messages.append((message.topic, message.payload))
-
-    def payloads(self, leaf: str) -> list:
-        with self.lock:
-            items = list(self.messages)
-        out = []
-        for topic, payload in items:
-            if topic.endswith("/" + leaf):
-                try:
-                    out.append(json.loads(payload))
-                except ValueError:
-                    out.append(payload.decode())
-        return out
-
-    def wait_for(self, leaf: str, count: int, timeout: float = 30) -> list:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(self.payloads(leaf)) < count:
-            time.sleep(0.1)
-        return self.payloads(leaf)
-
-    def close(self):
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def write_video(path: Path, frames: int, defect_every: int = 10, fps: int = 25) -> Path:
-    rng = np.random.default_rng(0)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (128, 128))
-    for i in range(frames):
-        image = defective_part(rng, "scratch") if i % defect_every == defect_every - 1 else good_part(rng)
-        writer.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
-    writer.release()
-    return path
-
-
-def write_config(tmp_path: Path, bundle: Path, port: int, cameras: list[dict], **extra) -> Path:
-    config = {"bundle": str(bundle), "cameras": cameras, "queue_size": 1000,
-              "broker": {"port": port, "line": "l1", "client_id": f"coft-test-{port}"},
-              "outbox": {"path": str(tmp_path / "outbox.db")}, "heartbeat_s": 1, **extra}
-    path = tmp_path / "line.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def start_runtime(config: Path, log: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "coft.runtime", "--config", str(config), *extra],
-                            cwd=ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
-
-
-def assert_complete_and_ordered(verdicts: list[dict]) -> list[int]:
-    """Every seq from 1 to the last, first occurrences in order; duplicates allowed (recognisable by seq)."""
-    seqs = [v["seq"] for v in verdicts]
-    first = list(dict.fromkeys(seqs))
-    assert first == sorted(first), "verdicts arrived out of order"
-    assert first == list(range(1, max(seqs) + 1)), f"missing seqs: {sorted(set(range(1, max(seqs) + 1)) - set(seqs))}"
-    return first
+from tests.support.broker import Mosquitto, Subscriber, free_port
+from tests.support.parts import write_video
+from tests.support.runtime import ROOT, assert_complete_and_ordered, start_runtime, write_config
 
 
 def outbox_depth(tmp_path: Path) -> int:
@@ -276,7 +192,7 @@ def _start_rtsp(port: int) -> subprocess.Popen:
     if probe.returncode != 0:
         pytest.fail("GStreamer RTSP server not installed: apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi "
                     "gstreamer1.0-plugins-ugly (see .ci/run)")
-    server = subprocess.Popen([system_python, str(ROOT / "tests/rtsp_server.py"), str(port)],
+    server = subprocess.Popen([system_python, str(ROOT / "tests/support/rtsp_server.py"), str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert server.stdout.readline().strip() == "ready"
     return server

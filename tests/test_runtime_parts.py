@@ -1,6 +1,8 @@
 """The runtime's parts on their own: outbox policy, frame queue, config, evidence, threshold state."""
 
 import json
+import math
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ from coft.runtime.cameras.sources import Frame, crop, source_kind
 from coft.runtime.comms.outbox import Outbox, OutboxRefused
 from coft.runtime.config import CameraConfig, ControlConfig, EvidenceConfig, load_config, valid_threshold
 from coft.runtime.line.evidence import Evidence
+from coft.runtime.line.inspector import FrameQueue
 from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.model.errors import CoftError
-from coft.runtime.pipeline import FrameQueue
 
 
 def _put(outbox, camera, reject, n=1):
@@ -171,3 +173,40 @@ def test_evidence_keeps_rejects_every_nth_pass_within_budget(tmp_path):
     files = sorted((tmp_path / "cam1").iterdir())
     assert sum(f.stat().st_size for f in files) <= 0.05 * 1024 * 1024
     assert files[-1].name == "cam1-000000029-reject.json"  # the newest kept, the oldest deleted
+
+
+def test_a_verdict_s_wire_encodings_are_pinned_mqtt_json_sparkplug_metrics_and_opc_ua_values():
+    """One verdict, every encoding a PLC or host reads: a change to any of them must be a change to this test."""
+    from coft.runtime.comms.opcua import VERDICT_NODES
+    from coft.runtime.comms.sparkplug import DEVICE_METRICS
+    from coft.runtime.line.verdict import Verdict
+
+    verdict = Verdict("cam1", "l1", 42, "A-1017", 1767225600.125, 0.731, 0.5, True, "m-r2", commissioning=True,
+                      defect={"box": [10, 20, 30, 40], "peak": 0.9}, seq=7, latency_ms=12.5)
+    wire = verdict.as_dict()
+    assert json.dumps(wire) == (
+        '{"camera": "cam1", "line": "l1", "frame_id": 42, "part_id": "A-1017", '
+        '"captured_at": "2026-01-01T00:00:00.125+00:00", "capture_ts": 1767225600.125, "score": 0.731, '
+        '"threshold": 0.5, "verdict": "reject", "model_id": "m-r2", "commissioning": true, '
+        '"defect": {"box": [10, 20, 30, 40], "peak": 0.9}, "seq": 7, "latency_ms": 12.5}')
+    assert verdict.plc_reject() == {"seq": 7, "part_id": "A-1017", "frame_id": 42, "score": 0.731,
+                                    "box": [10, 20, 30, 40]}
+    assert verdict.answer(30.0) == {"seq": 7, "part_id": "A-1017", "frame_id": 42, "result": "reject",
+                                    "reason": "score", "score": 0.731, "answered_ms": 30.0}
+    assert [(name, read(wire)) for name, _, read in DEVICE_METRICS] == [
+        ("Verdict/Seq", 7), ("Verdict/Part ID", "A-1017"), ("Verdict/Frame ID", 42), ("Verdict/Reject", True),
+        ("Verdict/Reason", "score"), ("Verdict/Score", 0.731), ("Verdict/Threshold", 0.5),
+        ("Verdict/Box", "[10, 20, 30, 40]"), ("Verdict/Latency ms", 12.5), ("Verdict/Time", 1767225600125)]
+    values = {name: read(wire) for name, _, read in VERDICT_NODES}
+    assert values.pop("Json") == json.dumps(wire)
+    assert values == {"Seq": 7, "PartId": "A-1017", "FrameId": 42, "Result": "reject", "Reject": True,
+                      "Reason": "score", "Score": 0.731, "Threshold": 0.5, "Box": "[10, 20, 30, 40]", "LatencyMs": 12.5,
+                      "Time": datetime(2026, 1, 1, 0, 0, 0, 125000, tzinfo=timezone.utc)}
+    # a fail-safe reject has no score: every encoding says so its own way
+    failsafe = Verdict("cam1", "l1", 0, "A-1018", 1767225600.0, None, 0.5, True, "m-r2", reason="deadline",
+                       failsafe=True, seq=8, latency_ms=250.0).as_dict()
+    assert failsafe["score"] is None and failsafe["failsafe"] is True and "defect" not in failsafe
+    opcua = {name: read(failsafe) for name, _, read in VERDICT_NODES}
+    assert math.isnan(opcua["Score"]) and opcua["Reason"] == "deadline" and opcua["Reject"] is True
+    sparkplug = {name: read(failsafe) for name, _, read in DEVICE_METRICS}
+    assert sparkplug["Verdict/Score"] is None and sparkplug["Verdict/Reason"] == "deadline"

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
-from tests.conftest import CLIENTS, Mosquitto
-from tests.test_faults import _acl_broker
-from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
+from tests.support.broker import Mosquitto, Subscriber, acl_broker
+from tests.support.clients import CLIENTS
+from tests.support.runtime import ROOT, start_runtime, write_config
 
 SPARKPLUG = ROOT / "runtime/comms/sparkplug"
 
@@ -290,7 +290,7 @@ def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_hist
     """A host we did not write (Tahu's decoder, MQTT.js), with the scada account of deploy/mosquitto: births,
     aliases, seq per session, bdSeq, DDEATH and DBIRTH when the camera goes and comes back, an outage's backlog
     as historical data at its capture times, a rebirth asked for by name, and a DCMD refused with control off."""
-    broker = _acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
     line = shutil.copytree(parts / "test/good", tmp_path / "line")
     config = write_config(tmp_path, exported_bundle, broker.port,
                           [{"name": "cam1", "source": str(line), "loop": True, "fps": 10}],

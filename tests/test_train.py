@@ -12,7 +12,7 @@ from coft.train.evaluate import evaluate
 from coft.train.pipeline import TrainOptions, train_bundle
 from coft.train.scorers.gaussian import global_fit
 from coft.train.threshold import good_only_threshold, labelled_threshold
-from tests.conftest import SIZE
+from tests.support.parts import SIZE
 
 
 def test_frozen_bundle_is_complete_and_verifiable(frozen_bundle):
@@ -54,13 +54,18 @@ def test_recalibration_from_labels_writes_a_new_revision(frozen_bundle, parts, t
     original = load_bundle(copy).manifest
     report = evaluate(copy, parts / "test", tmp_path / "r", recalibrate="escape=0", progress=False)
     assert report["at_threshold"]["escape_rate"] == 0.0 and report["revision"] == str(tmp_path / "b-r2")
+    # held out, "no escapes" cannot hold: the fold with the lowest-scoring defect was fitted without it
+    assert report["held_out"]["escape_rate"] > 0
     revised = load_bundle(report["revision"])
     assert revised.manifest["threshold"]["method"] == "labelled-escape-rate"
     assert revised.model_id == original["model_id"] + "-r2" and load_bundle(copy).manifest == original
     report = evaluate(revised.path, parts / "test", tmp_path / "r2", recalibrate="f1", progress=False)
     assert load_bundle(tmp_path / "b-r3").threshold == pytest.approx(report["metrics"]["f1_max_threshold"])
     held = report["held_out"]  # the rates of a threshold on parts it was not fitted on, beside the flattering ones
-    assert held["folds"] == 5 and 0 <= held["false_reject_rate"] <= 1 and 0 <= held["escape_rate"] <= 1
+    n_good, n_defect = report["counts"]["good"], report["counts"]["defect"]
+    assert held["folds"] == 5  # whole parts: rates are counts over the set's parts, not fractions of a fit
+    assert (held["false_reject_rate"] * n_good) == pytest.approx(round(held["false_reject_rate"] * n_good))
+    assert (held["escape_rate"] * n_defect) == pytest.approx(round(held["escape_rate"] * n_defect))
     assert "held out (5-fold" in (tmp_path / "r2/report.md").read_text()
 
 

@@ -12,7 +12,7 @@ from coft.runtime.model.errors import CoftError
 from coft.train.funad import FunadConfig, find_suspects, mutual_pairs
 from coft.train.pipeline import TrainOptions
 from coft.train.unlabelled import train_unlabelled
-from tests.conftest import SIZE, defective_part, good_part
+from tests.support.parts import SIZE, defective_part, good_part
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import Mosquitto, free_port
-from tests.test_runtime import ROOT, Subscriber, start_runtime, write_config
+from tests.support.broker import Mosquitto, Subscriber, free_port
+from tests.support.runtime import ROOT, start_runtime, write_config
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 TOKEN = "op-7f3a-line-token"

@@ -71,7 +71,7 @@ def build_engine_if_possible(bundle_dir: Path, mode: str, build: EngineBuilder |
         return "skipped (--engine no)"
     from coft.runtime.engines.tensorrt import TRT_MISSING
     missing = TRT_MISSING or (None if build else "no engine builder was given (coft install passes export's)")
-    if missing:
+    if missing or build is None:
         if mode == "yes":
             raise CoftError(f"{missing}; install with --engine auto to run on ONNX Runtime instead")
         return f"skipped ({missing}); the runtime uses ONNX Runtime"

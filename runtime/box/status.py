@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from coft.runtime.comms.outbox import Outbox
-from coft.runtime.config import RuntimeConfig, load_config
+from coft.runtime.config import WebConfig, load_config
 from coft.runtime.line.thresholds import STATE_ERRORS, read_state
 
 NOT_RUNNING = 3  # exit status, as systemctl's for an inactive unit
@@ -30,10 +30,10 @@ def live_thresholds(state: Path) -> str:
         return f"unreadable {state} ({type(exc).__name__}: {exc}); the runtime ignores it and uses the bundle's"
 
 
-def fetch_status(config: RuntimeConfig) -> dict:
+def fetch_status(web: WebConfig) -> dict:
     """The running runtime's /api/status; raises OSError when nothing answers."""
-    host = "127.0.0.1" if config.web.bind in ("0.0.0.0", "::") else config.web.bind
-    with urllib.request.urlopen(f"http://{host}:{config.web.port}/api/status", timeout=5) as response:
+    host = "127.0.0.1" if web.bind in ("0.0.0.0", "::") else web.bind
+    with urllib.request.urlopen(f"http://{host}:{web.port}/api/status", timeout=5) as response:
         return json.loads(response.read())
 
 
@@ -72,7 +72,7 @@ def print_status(config_path: str | Path) -> int:
         print("runtime     unknown: add a web: block to the config for live figures (coft status reads /api/status)")
     else:
         try:
-            running = fetch_status(config)
+            running = fetch_status(config.web)
         except OSError as exc:
             reason = getattr(exc, "reason", exc)
             print(f"runtime     NOT RUNNING: nothing answers on port {config.web.port} ({reason}); "

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,7 +39,7 @@ class Frame:
     captured_at: float  # time.time() when OpenCV returned it
     image: np.ndarray  # uint8 BGR, after the ROI crop
     part_id: str | None = None
-    part: object | None = None  # the triggered part (runtime.failsafe.Part) it is inspected for
+    part: Any = None  # the triggered part (line/failsafe.py's Part) it is inspected for: cameras do not know the line
     captured_mono: float = field(default_factory=time.monotonic)  # for latencies: the wall clock can step back
 
 
@@ -211,7 +212,8 @@ class CameraThread(threading.Thread):
             try:
                 image, part_id = reader.read()
                 if image is not None:
-                    check_pixels(*image.shape[:2], f"camera {self.camera.name}")
+                    height, width = image.shape[:2]
+                    check_pixels(height, width, f"camera {self.camera.name}")
                     image = crop(image, self.camera.roi)
             except (CoftError, ValueError) as exc:  # a frame we cannot use: skip it, say so once
                 self.throttled.log(logging.ERROR, "frame", "camera %s: %s; skipping such frames (fix the camera or "

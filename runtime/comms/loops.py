@@ -62,5 +62,5 @@ class LoopService:
 
     def stop(self, timeout_s: float = 10) -> None:
         self.stopping.set()
-        if self.alive():
+        if self.thread is not None and self.thread.is_alive():
             self.thread.join(timeout=timeout_s)

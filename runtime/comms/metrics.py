@@ -10,6 +10,7 @@ from coft.runtime.model.errors import CoftError
 class Metrics:
     def __init__(self, cameras: tuple[str, ...] | list[str] = (), sparkplug: bool = False, opcua: bool = False,
                  learning: bool = False):
+        self.cameras = list(cameras)
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames_in = Counter("coft_frames_total", "Frames read from the camera", ["camera"], registry=r)
@@ -66,9 +67,17 @@ class Metrics:
             for verdict in ("accept", "reject"):
                 self.verdicts.labels(camera, verdict)
 
+    def count(self, name: str, camera: str, **labels) -> int:
+        """A counter's value for a camera, as the JSON integer a PLC's counter expects."""
+        return int(self.registry.get_sample_value(name, {"camera": camera, **labels}) or 0)
+
+    def refused(self) -> int:
+        """Verdicts the outbox refused, over every camera."""
+        return sum(self.count("coft_verdicts_refused_total", camera) for camera in self.cameras)
+
     def judging_with(self, model_id: str, thresholds: dict[str, float]) -> None:
         """The model and thresholds in force (set once a second: an operator's change shows within it)."""
-        for sample in list(self.model.collect()[0].samples):
+        for sample in list(next(iter(self.model.collect())).samples):
             if sample.labels["model_id"] != model_id:
                 self.model.remove(sample.labels["model_id"])
         self.model.labels(model_id).set(1)

@@ -36,6 +36,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
@@ -47,6 +48,10 @@ from coft.runtime.model.errors import CoftError
 log = logging.getLogger(__name__)
 
 INFLIGHT_WINDOW = 32
+
+
+def _path(path: Path | str | None) -> str | None:
+    return str(path) if path else None
 
 
 def camera_topic(broker: BrokerConfig, camera: str, leaf: str) -> str:
@@ -105,8 +110,8 @@ class Link:
             client.username_pw_set(broker.username, broker.password())
         if broker.tls:
             try:
-                client.tls_set(ca_certs=broker.tls.ca and str(broker.tls.ca), certfile=broker.tls.cert and str(broker.tls.cert),
-                               keyfile=broker.tls.key and str(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
+                client.tls_set(ca_certs=_path(broker.tls.ca), certfile=_path(broker.tls.cert),
+                               keyfile=_path(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ValueError) as exc:
                 raise CoftError(f"broker.tls: cannot load the certificates ({exc}); check tls.ca, tls.cert and tls.key") from None
             client.tls_insecure_set(broker.tls.insecure)
@@ -151,8 +156,11 @@ class Link:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         log.info("mqtt %s: connecting to %s:%d as %s", self.name, self.broker.host, self.broker.port, self.client_id)
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s,
-                                  **({"clean_start": True} if self.v5 else {}))
+        if self.v5:
+            self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s,
+                                      clean_start=True)
+        else:
+            self.client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
         self.network.start()
         self.sender.start()
 
@@ -283,7 +291,7 @@ class Link:
             else:
                 self.throttled.clear("send")
 
-    def _send_pending(self, inflight: dict[int, int], last_sent: int) -> int:
+    def _send_pending(self, inflight: dict[int, tuple[int, str]], last_sent: int) -> int:
         """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
         while True:
             try:

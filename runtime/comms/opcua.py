@@ -190,9 +190,10 @@ def _per_node_refusals(server: Server, double_writes: set[ua.NodeId]) -> None:
 
 
 class OpcUaServer(LoopService):
-    def __init__(self, runtime, config: OpcUaConfig):
+    def __init__(self, view, controls, config: OpcUaConfig):
+        """`view`: what the server shows (pipeline.LineView); `controls`: what a PLC may write (pipeline.LineControls)."""
         super().__init__("opcua")
-        self.runtime, self.config = runtime, config
+        self.view, self.controls, self.config = view, controls, config
         self.password = config.password()
         if not config.allow_anonymous and not (config.username and self.password):
             raise CoftError("opcua: give username and password_file (or password_env), or allow_anonymous: true")
@@ -221,7 +222,7 @@ class OpcUaServer(LoopService):
         await server.stop()
 
     async def setup(self) -> Server:
-        line = self.runtime.config.broker.line
+        line = self.view.config.broker.line
         uri = f"urn:coft:{line}"
         server = Server(user_manager=Passwords(self.config.username, self.password, self.config.allow_anonymous,
                                                self.throttled))
@@ -256,14 +257,14 @@ class OpcUaServer(LoopService):
                                              value, kind)
 
         self.heartbeat_node = await variable(root, "Heartbeat", 0, ua.VariantType.UInt64)
-        self.model_node = await variable(root, "ModelId", self.runtime.bundle.model_id, ua.VariantType.String)
-        writable = self.config.threshold_writable and self.runtime.config.control.threshold
+        self.model_node = await variable(root, "ModelId", self.view.model_id, ua.VariantType.String)
+        writable = self.config.threshold_writable and self.view.config.control.threshold
         waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
-        bounds = self.runtime.threshold
+        bounds = self.view.thresholds
         ranges = {"Score": (ONE, 0.0, bounds.high), "Threshold": (ONE, bounds.low, bounds.high),
-                  "LatencyMs": (MILLISECOND, 0.0, float(self.runtime.config.control.trigger_deadline_ms))}
+                  "LatencyMs": (MILLISECOND, 0.0, float(self.view.config.control.trigger_deadline_ms))}
         doubles = set()
-        for camera in self.runtime.config.cameras:
+        for camera in self.view.config.cameras:
             name = camera.name
             node = await root.add_object(ua.NodeId(f"{line}.{name}", index), ua.QualifiedName(name, index))
             folders = {folder: await node.add_object(ua.NodeId(f"{line}.{name}.{folder}", index),
@@ -281,7 +282,7 @@ class OpcUaServer(LoopService):
                                                    ua.VariantType.String)
             nodes["State/BrokerConnected"] = await variable(folders["State"], f"{name}.State.BrokerConnected", False,
                                                             ua.VariantType.Boolean)
-            threshold = await variable(node, f"{name}.Threshold", self.runtime.threshold_of(name),
+            threshold = await variable(node, f"{name}.Threshold", self.view.threshold_of(name),
                                        ua.VariantType.Double)
             nodes["Threshold"] = threshold
             for analog, (units, low, high) in ranges.items():  # the standard properties' names are in namespace 0
@@ -326,11 +327,11 @@ class OpcUaServer(LoopService):
     # -- writes from clients (the server's event loop) -----------------------------------------------
     def _threshold_setter(self, camera: str):
         def setter(node, attribute, value: ua.DataValue) -> None:
-            if value.Value.Value == self.runtime.threshold_of(camera):  # the heartbeat showing the value in force
+            if value.Value.Value == self.view.threshold_of(camera):  # the heartbeat showing the value in force
                 node.attributes[attribute].value = value
                 return
             try:  # the same guards, saving and AUDIT line as MQTT; a refusal changes nothing
-                state = self.runtime.set_threshold(camera, repr(float(value.Value.Value)), "opcua")
+                state = self.controls.set_threshold(camera, repr(float(value.Value.Value)), "opcua")
             except (CoftError, TypeError, ValueError) as exc:
                 log.warning("opcua: threshold for camera %s refused: %s", camera, exc)
                 raise ua.uaerrors.BadOutOfRange from None
@@ -341,7 +342,7 @@ class OpcUaServer(LoopService):
         def setter(node, attribute, value: ua.DataValue) -> None:
             part = str(value.Value.Value or "").strip()
             try:
-                self.runtime.trigger_from_plc(camera, part)
+                self.controls.trigger(camera, part)
             except CoftError as exc:
                 log.warning("opcua: trigger for camera %s refused: %s", camera, exc)
                 raise ua.uaerrors.BadInvalidArgument from None
@@ -367,12 +368,12 @@ class OpcUaServer(LoopService):
 
     async def _heartbeat(self, beat: int, counters: dict) -> None:
         await self.heartbeat_node.write_value(ua.Variant(beat, ua.VariantType.UInt64))
-        await self.model_node.write_value(ua.Variant(self.runtime.bundle.model_id, ua.VariantType.String))
+        await self.model_node.write_value(ua.Variant(self.view.model_id, ua.VariantType.String))
         for camera, c in counters.items():
             nodes = self.nodes[camera]
             for name, key in (("Frames", "frames"), ("Dropped", "dropped"), ("Accepts", "accepts"), ("Rejects", "rejects")):
                 await nodes[f"Counters/{name}"].write_value(ua.Variant(int(c[key]), ua.VariantType.UInt64))
             await nodes["State/Camera"].write_value(ua.Variant(c["camera"], ua.VariantType.String))
             await nodes["State/BrokerConnected"].write_value(ua.Variant(c["broker_connected"], ua.VariantType.Boolean))
-            await nodes["Threshold"].write_value(ua.Variant(self.runtime.threshold_of(camera), ua.VariantType.Double))
+            await nodes["Threshold"].write_value(ua.Variant(self.view.threshold_of(camera), ua.VariantType.Double))
 

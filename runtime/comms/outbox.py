@@ -99,7 +99,7 @@ class Outbox:
                        "ON CONFLICT (name) DO UPDATE SET value = value + ?", (camera, step, step))
         return cursor.execute("SELECT value FROM counter WHERE name = ?", (camera,)).fetchone()[0]
 
-    def put_verdict(self, camera: str, build: callable, reject: bool) -> int:
+    def put_verdict(self, camera: str, build: Callable[[int], list[tuple]], reject: bool) -> int:
         """Assign the camera's next sequence number, let `build(seq)` make [(topic, payload)], store all atomically.
         A message may name another channel than the camera's as a third item (`(topic, payload, channel)`): the
         link that publishes that channel sends it (Sparkplug's, for one)."""
@@ -144,7 +144,8 @@ class Outbox:
         for reject in (0, 1):
             if excess <= 0 and excess_bytes <= 0:
                 break
-            dropped, by_camera = [], Counter()
+            dropped: list[tuple[int]] = []
+            by_camera: Counter[str] = Counter()
             for message_id, camera, size in self.db.execute(  # read lazily: only as far as needed
                     "SELECT id, camera, LENGTH(payload) FROM message WHERE reject = ? ORDER BY id", (reject,)):
                 if excess <= 0 and excess_bytes <= 0:

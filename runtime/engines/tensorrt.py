@@ -86,7 +86,7 @@ def gpu_name() -> str:
 def scoring_kernel(bundle: Bundle, max_batch: int, half: bool) -> FusedScorer | FusedNearest:
     """The fused kernel for the bundle's scorer; `half` stores its factor or bank in fp16."""
     if bundle.manifest["scorer"] == "knn":
-        return FusedNearest(bundle.scoring, max_batch, patches_per_image(bundle), bundle.manifest["patch"]["pooling"], half)
+        return FusedNearest(bundle.bank, max_batch, patches_per_image(bundle), bundle.manifest["patch"]["pooling"], half)
     return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=patches_per_image(bundle))
 
 
@@ -146,7 +146,7 @@ class TensorRTEngine:
                 if defects is None:
                     parts.append(patch_inference(self.bundle, patch_scores, embeddings, self.host_image_scores[:n].copy()))
                 else:  # marked defects' rows: a few dozen, in numpy on the features the engine gave (MemoryBank.score)
-                    near = (embeddings @ self.bundle.scoring.defect_rows.T).max(axis=2)
+                    near = (embeddings @ self.bundle.bank.defect_rows.T).max(axis=2)
                     parts.append(patch_inference(self.bundle, defect_pull(1.0 - patch_scores, near), embeddings))
             else:
                 parts.append(Inference(self.host_scores[:n].copy(), embeddings))

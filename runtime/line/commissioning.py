@@ -99,7 +99,7 @@ class Commissioning:
                 pass
             else:
                 figure, axis = plt.subplots(figsize=(7, 3.5))
-                axis.hist(scores, bins=np.geomspace(scores.min(), scores.max(), 40), color="#888")
+                axis.hist(scores, bins=np.geomspace(scores.min(), scores.max(), 40).tolist(), color="#888")
                 axis.set_xscale("log")
                 for value, label, colour in ((old, "old threshold", "#c33"), (new, "new threshold", "#393")):
                     axis.axvline(value, color=colour, label=f"{label} {value:.4g}")

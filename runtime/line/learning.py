@@ -132,7 +132,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     threshold = bundle.manifest["threshold"]
     pooling = bundle.manifest["patch"]["pooling"]
     commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
-    bank = with_marked_defects(bundle.scoring, patches[defect])
+    bank = with_marked_defects(bundle.bank, patches[defect])
     growth = grow(bank, patches, pooling, good, barred, config,
                   reject_above=float(threshold["value"]) if commissioned else None, scores=scores)
     target = target or threshold.get("target_false_reject_rate", 0.01)
@@ -149,7 +149,10 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     onnx_file = bundle.manifest["onnx"]["file"]
     try:
         graph_with_bank(bundle.path / onnx_file, growth.bank, stage)
-        sample = np.stack([resize_to_input(read_image(frames.paths[i]), bundle.input_size) for i in readable[:2]])
+        images = [read_image(frames.paths[i]) for i in readable[:2]]
+        if any(image is None for image in images):
+            raise CoftError(f"{folder}: frames changed while it learned; run it again")
+        sample = np.stack([resize_to_input(image, bundle.input_size) for image in images if image is not None])
         _check_graph(stage, sample, pool(growth.bank.score(patches[:2]), pooling))
         changes = {"threshold": fitted, "learning": growth.report,
                    "knn": {**bundle.manifest["knn"], "bank_size": len(growth.bank)}}

@@ -97,7 +97,7 @@ def new_bundle(out: str | Path, manifest: dict[str, Any]) -> Iterator[Path]:
 
 
 def update_manifest(bundle_dir: str | Path, changes: dict[str, Any],
-                    files: dict[str, Callable[[Path], None]] | None = None) -> dict[str, Any]:
+                    files: dict[str, Callable[[Path], object]] | None = None) -> dict[str, Any]:
     """Add what export derives from the model (ONNX graph, engine), or retraining decided, and re-seal; `files`
     (name -> a function that writes it to a path) replace files through a new one, as `revise` says why."""
     bundle_dir = Path(bundle_dir)
@@ -143,7 +143,7 @@ def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -
 
 
 def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None,
-           files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+           files: dict[str, Callable[[Path], object]] | None = None) -> Path:
     """A new bundle revision beside the old one: the same files, `changes` applied, a new model id.
 
     The old bundle stays as it was, so a box running it (and the live threshold it saved
@@ -242,6 +242,12 @@ class Bundle:
     def gaussian(self) -> Gaussian:
         if not isinstance(self.scoring, Gaussian):
             raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no Gaussian")
+        return self.scoring
+
+    @property
+    def bank(self) -> MemoryBank:
+        if not isinstance(self.scoring, MemoryBank):
+            raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no memory bank")
         return self.scoring
 
     @property

@@ -70,7 +70,8 @@ class Gaussian:
         try:
             with np.load(path, allow_pickle=False) as data:
                 normalised = bool(data["normalised"]) if "normalised" in data else True
-                gaussian = cls(*(data[key].astype(np.float32) for key in ("mean", "precision", "cholesky")), normalised)
+                mean, precision, cholesky = (data[key].astype(np.float32) for key in ("mean", "precision", "cholesky"))
+                gaussian = cls(mean, precision, cholesky, normalised)
         except (OSError, KeyError, ValueError) as exc:
             raise CoftError(f"{path}: not a valid Gaussian file ({exc}); retrain the bundle") from exc
         d = gaussian.dim
@@ -121,7 +122,10 @@ class MemoryBank:
         return np.concatenate(scores).reshape(features.shape[:-1])
 
     def save(self, path: Path) -> None:
-        np.savez(path, features=self.features, **({} if self.defects is None else {"defects": self.defects}))
+        if self.defects is None:
+            np.savez(path, features=self.features)
+        else:
+            np.savez(path, features=self.features, defects=self.defects)
 
     @classmethod
     def load(cls, path: Path) -> MemoryBank:

@@ -47,9 +47,10 @@ LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more,
 
 
 class WebServer(LoopService):
-    def __init__(self, runtime, config: WebConfig):
+    def __init__(self, view, controls, config: WebConfig):
+        """`view`: what the page shows (pipeline.LineView); `controls`: what an operator with the token may change."""
         super().__init__("web")
-        self.runtime, self.config = runtime, config
+        self.view, self.controls, self.config = view, controls, config
         self.token = config.token()
         self.rendered: dict[str, tuple[dict, bytes]] = {}  # camera -> (verdict shown, its JPEG), shared by viewers
         self.throttled = Throttled(log)
@@ -115,31 +116,31 @@ class WebServer(LoopService):
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(self.runtime.status))
+        return web.json_response(await asyncio.to_thread(self.view.status))
 
     def camera(self, request: web.Request) -> str:
         camera = request.match_info.get("camera") or request.query.get("camera")
-        if camera is not None and camera not in self.runtime.links:
-            raise _error(web.HTTPNotFound, f"no camera named {camera!r}; cameras: {', '.join(self.runtime.links)}")
+        if camera is not None and camera not in self.view.cameras:
+            raise _error(web.HTTPNotFound, f"no camera named {camera!r}; cameras: {', '.join(self.view.cameras)}")
         return camera
 
     async def verdicts(self, request: web.Request) -> web.Response:
         """The recent verdicts of one camera (or all), oldest first; `after=SEQ` gives only newer ones."""
         camera, after, limit = self.camera(request), _number(request, "after", -1), _number(request, "limit", 50)
-        chosen = [camera] if camera else list(self.runtime.recent)
-        found = [v for name in chosen for v in tuple(self.runtime.recent[name]) if v["seq"] > after]
+        chosen = [camera] if camera else list(self.view.recent)
+        found = [v for name in chosen for v in tuple(self.view.recent[name]) if v["seq"] > after]
         found.sort(key=lambda v: v["capture_ts"])
         return web.json_response({"verdicts": found[-min(max(limit, 1), 300):]})
 
     async def live_jpeg(self, camera: str) -> bytes | None:
-        view = self.runtime.views.get(camera)
+        view = self.view.views.get(camera)
         if view is None:
             return None
         frame, score_map, verdict = view
         cached = self.rendered.get(camera)
         if cached and cached[0] is verdict:
             return cached[1]
-        picture = await asyncio.to_thread(annotate, frame.image, verdict, score_map, self.runtime.origin(camera),
+        picture = await asyncio.to_thread(annotate, frame.image, verdict, score_map, self.view.origin(camera),
                                           LIVE_WIDTH)
         ok, jpeg = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
         if not ok:
@@ -167,7 +168,7 @@ class WebServer(LoopService):
             await response.prepare(request)
             await response.write(b"--frame\r\n")
             while not self.stopping.is_set():
-                view = self.runtime.views.get(camera)
+                view = self.view.views.get(camera)
                 if view is not None and view[2] is not shown:
                     shown = view[2]
                     jpeg = await self.live_jpeg(camera)
@@ -185,7 +186,7 @@ class WebServer(LoopService):
         return response
 
     def gallery(self):
-        evidence = self.runtime.evidence
+        evidence = self.view.evidence
         if evidence is None:
             raise _error(web.HTTPNotFound, "evidence is off: add an evidence: block to line.yaml to keep rejected frames")
         return evidence
@@ -240,10 +241,10 @@ class WebServer(LoopService):
         camera = self.camera(request)
         who = self.authorise(request, f"threshold change for camera {camera}")
         value = (await self.read_json(request)).get("threshold")
-        if not self.runtime.config.control.threshold:
+        if not self.view.config.control.threshold:
             raise _error(web.HTTPForbidden, "threshold changes are off (control.threshold: false in line.yaml)")
         try:
-            state = await asyncio.to_thread(self.runtime.set_threshold, camera, str(value), who)
+            state = await asyncio.to_thread(self.controls.set_threshold, camera, str(value), who)
         except CoftError as exc:
             log.warning("web: threshold for camera %s refused: %s", camera, exc)
             raise _error(web.HTTPBadRequest, str(exc)) from None
@@ -252,10 +253,10 @@ class WebServer(LoopService):
     def feedback_folder(self, label: str) -> Path:
         """Where frames an operator marked go: the harvest's good/ or defect/ (coft learn and coft retrain read them),
         else feedback/ and feedback-defect/ beside the evidence."""
-        harvest = self.runtime.harvest
+        harvest = self.view.harvest
         if harvest:
             return harvest.config.dir / label
-        return self.runtime.evidence.config.dir / ("feedback" if label == "good" else "feedback-defect")
+        return self.view.evidence.config.dir / ("feedback" if label == "good" else "feedback-defect")
 
     async def mark(self, request: web.Request) -> web.Response:
         """An operator's word on a rejected frame: a good part (a false reject) or a real defect."""
@@ -278,11 +279,11 @@ class WebServer(LoopService):
         too is moved, so that learning sees it once, with its label; a frame marked before is moved to the new one."""
         folder = self.feedback_folder(label)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        source = self.runtime.evidence.config.dir / camera
+        source = self.view.evidence.config.dir / camera
         verdict = json.loads((source / f"{stem}.json").read_text())
         verdict["operator"] = {"verdict": label, "by": who,
                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        elsewhere = [self.runtime.harvest.config.dir / camera] if self.runtime.harvest else []
+        elsewhere = [self.view.harvest.config.dir / camera] if self.view.harvest else []
         elsewhere += [self.feedback_folder(other) for other in LABELS if other != label]
         moved = next((place for place in elsewhere if (place / f"{stem}.jpg").is_file()), None)
         if moved:

@@ -1,6 +1,6 @@
 """A real RTSP server for the tests: GStreamer's gst-rtsp-server (Debian packages), run with the system Python.
 
-    /usr/bin/python3 tests/rtsp_server.py PORT      serves rtsp://127.0.0.1:PORT/line (H.264, 10 fps)
+    /usr/bin/python3 tests/support/rtsp_server.py PORT      serves rtsp://127.0.0.1:PORT/line (H.264, 10 fps)
 """
 
 import sys

@@ -1,0 +1,67 @@
+"""A verdict on one part, typed, and its wire encodings: the MQTT JSON (the outbox stores it, the page, evidence
+and the Sparkplug node read it back), the PLC's reject and result messages. Sparkplug's metrics and OPC UA's
+node values are read from the JSON by tables beside those servers (tests/test_runtime_parts.py pins all three)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+
+@dataclass
+class Verdict:
+    camera: str
+    line: str
+    frame_id: int | None  # None: a fail-safe reject for a part no frame came for
+    part_id: str | None
+    capture_ts: float  # Unix time of the frame (or, for a fail-safe reject, of the trigger)
+    score: float | None  # None: the model could not judge the part (or the fail-safe answered)
+    threshold: float
+    reject: bool
+    model_id: str
+    reason: str | None = None  # why a reject is one without a score: frame_too_small, deadline, ...
+    failsafe: bool = False  # the fail-safe answered: no frame was judged in time
+    commissioning: bool = False  # judged while commissioning set the threshold
+    late: bool = False  # judged after the fail-safe had answered the part: recorded, nothing more sent
+    fired: bool = True  # False: judged a reject while commissioning with rejects off; nothing went to the line
+    defect: dict | None = None  # {"box": [x, y, w, h] in camera pixels, "peak": score}
+    seq: int | None = None  # the camera's sequence number, given when the outbox stores it
+    latency_ms: float | None = None  # capture (or trigger) to the outbox
+
+    @property
+    def verdict(self) -> str:
+        return "reject" if self.reject else "accept"
+
+    def as_dict(self) -> dict:
+        """The verdict topic's JSON (README, MQTT topics): optional keys only where they say something."""
+        captured_at = datetime.fromtimestamp(self.capture_ts, timezone.utc).isoformat(timespec="milliseconds")
+        out: dict[str, Any] = {"camera": self.camera, "line": self.line, "frame_id": self.frame_id,
+                               "part_id": self.part_id, "captured_at": captured_at, "capture_ts": self.capture_ts,
+                               "score": self.score, "threshold": self.threshold, "verdict": self.verdict,
+                               "model_id": self.model_id}
+        for key, value in (("reason", self.reason), ("failsafe", self.failsafe), ("commissioning", self.commissioning),
+                           ("late", self.late)):
+            if value:
+                out[key] = value
+        if not self.fired:
+            out["fired"] = False
+        if self.defect is not None:
+            out["defect"] = self.defect
+        out["seq"], out["latency_ms"] = self.seq, self.latency_ms
+        return out
+
+    def plc_reject(self) -> dict:
+        """The reject topic's message: what a PLC needs to divert the part."""
+        out = {"seq": self.seq, "part_id": self.part_id, "frame_id": self.frame_id, "score": self.score}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.defect is not None:
+            out["box"] = self.defect["box"]
+        return out
+
+    def answer(self, answered_ms: float) -> dict:
+        """The result topic's message: the one answer a PLC waits for after a trigger, and how long it took."""
+        return {"seq": self.seq, "part_id": self.part_id, "frame_id": self.frame_id, "result": self.verdict,
+                "reason": self.reason or ("score" if self.reject else None), "score": self.score,
+                "answered_ms": answered_ms}
