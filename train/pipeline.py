@@ -41,11 +41,11 @@ POOLING = {"patch": "max", "knn": "top1pct"}  # image score from patch scores, u
 
 @dataclass
 class TrainOptions:
-    backbone: str = "dinov2_vits14"  # see README, Accuracy: the few-shot benchmark decides this default
+    backbone: str = "dinov2_vits14"  # see docs/accuracy.md: the few-shot benchmark decides this default
     weights: str | None = None  # ImageNet weights file for backbones other than Lite0
     size: tuple[int, int] | None = None  # model input (height, width); None: from the shots' shape (train/shape.py)
-    method: str = "frozen"  # see README: the few-shot benchmark decides this default
-    scorer: str = "knn"  # knn | patch | global | auto (self-check on synthetic defects); see README, Accuracy
+    method: str = "frozen"  # see docs/accuracy.md: the few-shot benchmark decides this default
+    scorer: str = "knn"  # knn | patch | global | auto (self-check on synthetic defects); see docs/accuracy.md
     pooling: str | None = None  # patch scorers: worst patch (max) or mean of the worst 1% (top1pct); None: POOLING
     layers: tuple[int, ...] | None = None  # ViT blocks whose patch tokens are compared; None: the backbone's default
     coreset: int = DEFAULT_CAP  # knn: most patches kept in the memory bank (0: all)

@@ -4,7 +4,7 @@ An elongated part squashed into 224x224 loses resolution along its length; the s
 The rule keeps the short side at 224 and gives the long side the shots' median aspect ratio (clamped to 4:1), each
 side a multiple of the 14-pixel patch: an elongated part costs its aspect ratio times a square's patches. Shots
 whose shapes differ by more than AGREE (a folder mixing parts or orientations) keep the square: one aspect would
-distort the others. bench/shape.py measured the choices on magnetic tiles (README, Input shape): the square's
+distort the others. bench/shape.py measured the choices on magnetic tiles (docs/accuracy.md, Input shape): the square's
 patch budget at the shots' aspect gained on tall tiles and lost on wide ones; the short side kept gained on both.
 """
 

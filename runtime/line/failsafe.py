@@ -9,7 +9,7 @@ Whichever comes first answers the part, exactly once:
   in time (inference stalled or behind). A verdict that comes later is still recorded,
   marked late, and changes nothing for the part.
 When the runtime itself is gone nobody can answer: the PLC rejects by default once the
-heartbeat counter stops moving (see README, "Wiring the PLC").
+heartbeat counter stops moving (see docs/plc.md).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Verdict:
         return "reject" if self.reject else "accept"
 
     def as_dict(self) -> dict:
-        """The verdict topic's JSON (README, MQTT topics): optional keys only where they say something."""
+        """The verdict topic's JSON (docs/plc.md, MQTT topics): optional keys only where they say something."""
         captured_at = datetime.fromtimestamp(self.capture_ts, timezone.utc).isoformat(timespec="milliseconds")
         out: dict[str, Any] = {"camera": self.camera, "line": self.line, "frame_id": self.frame_id,
                                "part_id": self.part_id, "captured_at": captured_at, "capture_ts": self.capture_ts,

@@ -19,7 +19,7 @@ among those frames must stay out of the bank, or the bank learns to accept them:
    keeps every kind of patch once, old or new, so a shot's rows leave only where the
    line's frames cover them.
 
-Measured and left out (README, The line learns): admitting a patch only where other frames
+Measured and left out (docs/learning.md, The line learns): admitting a patch only where other frames
 vouch for it. On magnetic tiles the defects that pass the frame filter were vouched for
 by good frames, and every cut that removed any of their patches removed more rare good
 patches, and lost AUROC.
@@ -61,7 +61,7 @@ class Growth:
     report: dict
 
 
-DEFECT_PATCHES = 3  # a marked frame's worst patches that join the defect rows (1, 2, 3, 5 measured: README)
+DEFECT_PATCHES = 3  # a marked frame's worst patches that join the defect rows (1, 2, 3, 5 measured: docs/learning.md)
 DEFECT_CAP = 1_024  # defect rows kept, the newest: a few dozen marks are what a line gives
 
 

@@ -7,7 +7,7 @@ centre until they settle (the spread corrected for the cut), so the defects stop
 pulling them; the threshold is where a normal with that centre and spread leaves the
 target share of good parts above it, and frames beyond the trim are the suspects.
 Chosen on bench/operating_point.py (ELPV and magnetic tiles, 3 seeds, 300 frames: it
-met 3 of the 4 targets, the most of the fits kept in FITS); the README gives the figures.
+met 3 of the 4 targets, the most of the fits kept in FITS); docs/accuracy.md gives the figures.
 
 The promise (runtime/model/promise.py) is an order statistic's, on the frames within PROMISE_Z
 spreads of the centre: a cut far enough out that good parts are (nearly) never beyond it,

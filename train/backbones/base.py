@@ -60,7 +60,7 @@ class Backbone(nn.Module):
 
     patch_stride = 8
     patch_stages = 3  # stages that patch features need: up to stride 16, the last stage is skipped
-    default_trainable = 1  # COFT-AD trains the last stage (the patch scorer reads stages 2-3: see README)
+    default_trainable = 1  # COFT-AD trains the last stage (the patch scorer reads stages 2-3: see docs/accuracy.md)
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, P, C] from the first `patch_stages` stages only (see `patches_from_maps`)."""
