@@ -67,6 +67,11 @@ class Revisions:
             return None
         if not again:
             done = self.inspector.bundle.manifest.get("commissioning") or {}
+            fitted_on = done.get("engine")
+            if fitted_on and fitted_on != self.inspector.engine.name and "bf16" in fitted_on + self.inspector.engine.name:
+                log.warning("commissioning: %s's threshold was fitted on %s scores and this box runs %s, whose scores "
+                            "differ; commission again ('coft commission') or set backend: %s", self.inspector.bundle.model_id,
+                            fitted_on, self.inspector.engine.name, fitted_on)
             if set(self.cameras) <= set(done.get("cameras", [])):
                 log.info("commissioning: %s was commissioned for %s on %d frames; inspecting at once at its threshold "
                          "(%.6g); 'coft commission' fits it again", self.inspector.bundle.model_id, ", ".join(self.cameras),
@@ -109,7 +114,8 @@ class Revisions:
             revision = revise(self.inspector.bundle.path.resolve(), {"threshold": fitted, "commissioning": {
                 "frames": fitted["frames"], "suspects_dropped": fitted["suspects_dropped"],
                 "quantile": 1 - fitted["target_false_reject_rate"], "cameras": sorted(self.cameras),
-                "frames_folder": str(commissioning.folder) if commissioning.folder else None}})
+                "frames_folder": str(commissioning.folder) if commissioning.folder else None,
+                "engine": self.inspector.engine.name}})  # the scores it was fitted on: bf16 moves them
         except (CoftError, OSError) as exc:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.inspector.bundle.path, exc)

@@ -140,6 +140,35 @@ def test_knn_graph_matches_pytorch_and_the_numpy_bank(knn_bundle, masked_set):  
     np.testing.assert_allclose(readout.maps, out.maps, rtol=1e-3, atol=1e-4)
 
 
+def test_openvino_scores_as_onnx_runtime_does_and_auto_keeps_the_faster_engine(knn_bundle, masked_set, caplog,
+                                                                                monkeypatch):  # noqa: F811
+    import logging
+    import sys
+
+    import cv2
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'coft[openvino]')")
+    bundle = load_bundle(knn_bundle)
+    frames = np.stack([cv2.resize(cv2.imread(str(p)), VIT_SIZE[::-1]) for p in sorted((masked_set / "test").rglob("*.png"))[:6]])
+    reference = open_engine(bundle, "onnxruntime").infer(frames)
+    engine = open_engine(bundle, "openvino")
+    assert engine.name == "openvino"
+    out = engine.infer(np.concatenate([frames, frames[:4]]))  # more than max_batch: chunked as ONNX Runtime is
+    np.testing.assert_allclose(out.scores[:6], reference.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.scores[6:], reference.scores[:4], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.maps[:6], reference.maps, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out.embeddings[:6], reference.embeddings, rtol=1e-3, atol=1e-4)
+    assert open_engine(bundle, "openvino-bf16").name == "openvino-bf16"  # a hint: f32 where the CPU has no bf16
+
+    with caplog.at_level(logging.INFO, logger="coft.runtime.engines"):
+        chosen = open_engine(bundle, "auto")
+    said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("engine auto: "))
+    assert said.startswith(f"engine auto: {chosen.name} (") and "onnxruntime" in said and "openvino" in said
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as on a box without the extra
+    with pytest.raises(CoftError, match=r"^OpenVINO is not installed: pip install 'coft\[openvino\]'"):
+        open_engine(bundle, "openvino")
+
+
 def test_onnx_graph_holds_the_bank_as_one_matmul(knn_bundle):
     import onnx
     graph = onnx.load(str(knn_bundle / "model.onnx")).graph

@@ -1,13 +1,20 @@
 """Inference backends behind one interface (base.py): uint8 frames in, scores and embeddings out; one file each,
 named like its BACKENDS key, and kernels/ with the CUDA sources the box compiles.
 
-An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded default),
-`tensorrt` runs a bundle's engine with the fused CUDA scoring kernel on a Jetson or GPU.
+An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded default), `openvino` on Intel
+CPUs (f32, or `openvino-bf16` where the CPU has AMX or AVX512-BF16), `tensorrt` runs a bundle's engine with the
+fused CUDA scoring kernel on a Jetson or GPU. `auto` takes TensorRT where it can run, else times the installed
+CPU engines on the bundle's own graph and keeps the faster, at the precision the bundle was calibrated with.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import time
 from collections.abc import Callable
+
+import numpy as np
 
 from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
@@ -15,10 +22,18 @@ from coft.runtime.model.errors import CoftError
 
 __all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "tensorrt_unavailable"]
 
+log = logging.getLogger(__name__)
+TIMED_RUNS = 5  # batch-1 runs per CPU engine when `auto` chooses between them (after two to warm up)
+
 
 def _onnxruntime(bundle: Bundle, threads: int) -> Engine:
     from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
     return OnnxRuntimeEngine(bundle, threads=threads)
+
+
+def _openvino(bundle: Bundle, threads: int, precision: str = "f32") -> Engine:
+    from coft.runtime.engines.openvino import OpenVinoEngine
+    return OpenVinoEngine(bundle, threads=threads, precision=precision)
 
 
 def _tensorrt(bundle: Bundle, threads: int) -> Engine:  # noqa: ARG001  (TensorRT schedules the GPU itself)
@@ -26,7 +41,9 @@ def _tensorrt(bundle: Bundle, threads: int) -> Engine:  # noqa: ARG001  (TensorR
     return TensorRTEngine(bundle)
 
 
-BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {"onnxruntime": _onnxruntime, "tensorrt": _tensorrt}
+BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {
+    "onnxruntime": _onnxruntime, "openvino": _openvino,
+    "openvino-bf16": lambda bundle, threads: _openvino(bundle, threads, "bf16"), "tensorrt": _tensorrt}
 
 
 def tensorrt_unavailable(bundle: Bundle) -> str | None:
@@ -37,12 +54,48 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
     return TRT_MISSING
 
 
-def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0) -> Engine:
-    """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else ONNX Runtime.
+def installed_cpu_engines() -> list[str]:
+    """The CPU engines `auto` chooses between: ONNX Runtime always, OpenVINO where it is installed (at f32: a bf16
+    engine is chosen by name only, since its scores move; docs/speed.md)."""
+    try:
+        found = importlib.util.find_spec("openvino") is not None
+    except ValueError:  # in sys.modules without a spec: as good as absent
+        found = False
+    return ["onnxruntime"] + (["openvino"] if found else [])
 
-    `threads` sets ONNX Runtime's CPU threads (0: all cores)."""
+
+def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
+    """Time each installed CPU engine on the bundle's own graph at batch 1 and keep the faster; say which."""
+    names = installed_cpu_engines()
+    if len(names) == 1:
+        return BACKENDS[names[0]](bundle, threads)
+    frame = np.zeros((1, *bundle.input_size, 3), np.uint8)
+    timed: list[tuple[float, str, Engine]] = []
+    for name in names:
+        engine = BACKENDS[name](bundle, threads)
+        for _ in range(2):
+            engine.infer(frame)
+        runs = []
+        for _ in range(TIMED_RUNS):
+            started = time.perf_counter()
+            engine.infer(frame)
+            runs.append(time.perf_counter() - started)
+        timed.append((float(np.median(runs)) * 1000, name, engine))
+    timed.sort(key=lambda t: t[0])
+    log.info("engine auto: %s (%s a frame at batch 1 on this graph)", timed[0][1],
+             ", ".join(f"{name} {ms:.1f} ms" for ms, name, _ in timed))
+    return timed[0][2]
+
+
+def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0) -> Engine:
+    """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else the faster
+    of the installed CPU engines on this graph (fastest_cpu_engine).
+
+    `threads` sets the CPU engines' threads (0: all cores)."""
     if backend == "auto":
-        backend = "onnxruntime" if tensorrt_unavailable(bundle) else "tensorrt"
+        if tensorrt_unavailable(bundle):
+            return fastest_cpu_engine(bundle, threads)
+        backend = "tensorrt"
     if backend not in BACKENDS:
         raise CoftError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
     return BACKENDS[backend](bundle, threads)
