@@ -33,7 +33,7 @@ from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
 from coft.runtime.comms.recorder import Recorder, gap_messages
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines import open_engine
+from coft.runtime.engines import installed_cpu_engines, provisional_engine
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe, Part
 from coft.runtime.line.inspector import FrameQueue, Inspector
@@ -116,8 +116,10 @@ class Runtime:
         self.line_lock = hold_line(config.outbox.path)  # first: a second runtime must not touch anything
         raise_open_files_limit()
         bundle = load_bundle(config.bundle, config.trusted_keys)
-        engine = open_engine(bundle, config.backend, config.threads)
-        log.info("model %s on %s, threshold %.6g", bundle.model_id, engine.name, bundle.threshold)
+        engine, choose_engine = provisional_engine(bundle, config.backend, config.threads)
+        log.info("model %s on %s, threshold %.6g", bundle.model_id,
+                 f"the fastest of {', '.join(installed_cpu_engines())} (timed at warm-up)" if choose_engine
+                 else engine.name, bundle.threshold)
         names = [c.name for c in config.cameras]
         if not config.control.threshold:
             log.info("set/threshold is off (control.threshold: false): thresholds change only with a new bundle")
@@ -149,7 +151,7 @@ class Runtime:
         self.inspector = Inspector(config, bundle, engine, self.queue, self.metrics, self.recorder.record,
                                    self.failsafe, self.evidence, self.harvest, self.stop_event,
                                    between_batches=lambda: self.revisions.between_batches(),
-                                   after_batch=self._after_batch)
+                                   after_batch=self._after_batch, choose_engine=choose_engine)
         self.revisions = Revisions(config, self.inspector, self.metrics, self.reserve, self._publish_states)
         self.recent: dict[str, deque[dict]] = {name: deque(maxlen=RECENT) for name in names}
         self.view, self.controls = LineView(self), LineControls(self)
@@ -223,6 +225,7 @@ class Runtime:
                 if frame.part is None:
                     return
                 frame.part_id = frame.part.part_id or None
+            self.inspector.prepare(frame)
             self.queue.put(frame)
         return deliver
 

@@ -188,7 +188,7 @@ class Revisions:
         log.info("learn: growing the bank from the %s frames in %s, in the background", self.inspector.bundle.model_id, frames)
         try:
             grown = load_bundle(learn(revision, frames, threads=1), self.config.trusted_keys)
-            self._grown = (grown, open_engine(grown, self.config.backend, self.config.threads))
+            self._grown = (grown, open_engine(grown, self.inspector.engine.name, self.config.threads))
         except Exception as exc:  # noqa: BLE001  (whatever it was, the line inspects on with the commissioned model)
             log.error("learn: %s; inspecting on with the commissioned bank", exc)
             self.learning = {"state": "failed", "error": str(exc)[:300]}

@@ -40,6 +40,7 @@ class Frame:
     image: np.ndarray  # uint8 BGR, after the ROI crop
     part_id: str | None = None
     part: Any = None  # the triggered part (line/failsafe.py's Part) it is inspected for: cameras do not know the line
+    model_input: np.ndarray | None = None  # resized to the model's input on the capture thread, off the engine's path
     captured_mono: float = field(default_factory=time.monotonic)  # for latencies: the wall clock can step back
 
 

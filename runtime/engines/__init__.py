@@ -4,7 +4,7 @@ named like its BACKENDS key, and kernels/ with the CUDA sources the box compiles
 An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded default), `openvino` on Intel
 CPUs (f32, or `openvino-bf16` where the CPU has AMX or AVX512-BF16), `tensorrt` runs a bundle's engine with the
 fused CUDA scoring kernel on a Jetson or GPU. `auto` takes TensorRT where it can run, else times the installed
-CPU engines on the bundle's own graph and keeps the faster, at the precision the bundle was calibrated with.
+CPU engines on the bundle's own graph and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
 
-__all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "tensorrt_unavailable"]
+__all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "provisional_engine", "tensorrt_unavailable"]
 
 log = logging.getLogger(__name__)
 TIMED_RUNS = 5  # batch-1 runs per CPU engine when `auto` chooses between them (after two to warm up)
@@ -55,13 +55,18 @@ def tensorrt_unavailable(bundle: Bundle) -> str | None:
 
 
 def installed_cpu_engines() -> list[str]:
-    """The CPU engines `auto` chooses between: ONNX Runtime always, OpenVINO where it is installed (at f32: a bf16
-    engine is chosen by name only, since its scores move; docs/speed.md)."""
+    """The CPU engines `auto` chooses between: ONNX Runtime always, OpenVINO where it is installed, and OpenVINO's
+    bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16). On magnetic tiles and ELPV bf16 moved no
+    operating point (docs/speed.md); commissioning records the engine its threshold was fitted on."""
     try:
         found = importlib.util.find_spec("openvino") is not None
     except ValueError:  # in sys.modules without a spec: as good as absent
         found = False
-    return ["onnxruntime"] + (["openvino"] if found else [])
+    if not found:
+        return ["onnxruntime"]
+    import openvino as ov
+    native_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ["onnxruntime", "openvino", *(["openvino-bf16"] if native_bf16 else [])]
 
 
 def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
@@ -72,7 +77,11 @@ def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
     frame = np.zeros((1, *bundle.input_size, 3), np.uint8)
     timed: list[tuple[float, str, Engine]] = []
     for name in names:
-        engine = BACKENDS[name](bundle, threads)
+        try:
+            engine = BACKENDS[name](bundle, threads)
+        except CoftError as exc:  # one engine that cannot take the graph leaves the others
+            log.warning("engine auto: %s left out: %s", name, exc)
+            continue
         for _ in range(2):
             engine.infer(frame)
         runs = []
@@ -85,6 +94,15 @@ def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
     log.info("engine auto: %s (%s a frame at batch 1 on this graph)", timed[0][1],
              ", ".join(f"{name} {ms:.1f} ms" for ms, name, _ in timed))
     return timed[0][2]
+
+
+def provisional_engine(bundle: Bundle, backend: str, threads: int) -> tuple[Engine, Callable[[], Engine] | None]:
+    """An engine to start with and, where `auto` has CPU engines to choose between, the choice to make later: the
+    runtime times them in its inspector's warm-up, which its stall check watches (a graph that hangs must end
+    the process, not its start)."""
+    if backend == "auto" and tensorrt_unavailable(bundle) and len(installed_cpu_engines()) > 1:
+        return BACKENDS["onnxruntime"](bundle, threads), lambda: fastest_cpu_engine(bundle, threads)
+    return open_engine(bundle, backend, threads), None
 
 
 def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0) -> Engine:

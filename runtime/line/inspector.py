@@ -82,10 +82,12 @@ class FrameQueue:
 class Inspector:
     def __init__(self, config: RuntimeConfig, bundle: Bundle, engine: Engine, queue: FrameQueue, metrics,
                  record: Record, failsafe: FailSafe | None, evidence: Evidence | None, harvest: Evidence | None,
-                 stop_event: threading.Event, between_batches: Callable[[], None], after_batch: Callable[[], None]):
+                 stop_event: threading.Event, between_batches: Callable[[], None], after_batch: Callable[[], None],
+                 choose_engine: Callable[[], Engine] | None = None):
         self.config, self.queue, self.metrics, self.record = config, queue, metrics, record
         self.failsafe, self.evidence, self.harvest, self.stop_event = failsafe, evidence, harvest, stop_event
         self.between_batches, self.after_batch = between_batches, after_batch  # the root's model switches
+        self.choose_engine = choose_engine  # backend auto: timed in the warm-up, under the stall check
         self.cameras = [c.name for c in config.cameras]
         self.rois = {c.name: c.roi for c in config.cameras}
         self.throttled = Throttled(log)
@@ -119,7 +121,10 @@ class Inspector:
         Runtime: hundreds of ms), which the first triggered part would otherwise pay against its deadline."""
         started = time.perf_counter()
         try:
-            self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
+            if self.choose_engine is not None:  # each candidate warms up as it is timed
+                self.engine = self.choose_engine()
+            else:
+                self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
         except Exception as exc:  # the frames will fail the same way, and say so; the stall check ends it
             log.error("engine warm-up failed: %s: %s", type(exc).__name__, exc)
             return
@@ -156,6 +161,21 @@ class Inspector:
             self.last_ok = time.monotonic()
             self.throttled.clear("inspect")
 
+    def prepare(self, frame: Frame) -> None:
+        """On the camera's capture thread: the frame resized to the model input, so that the inspector's thread
+        spends its time in the engine (at 2448x2048 the resize costs about half a bf16 inference on a CPU box;
+        docs/speed.md). A frame it cannot resize is resized, or refused, where it is inspected."""
+        if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE:
+            try:
+                frame.model_input = resize_to_input(frame.image, self.bundle.input_size)
+            except Exception:  # noqa: BLE001  (the inspector meets it again and says what it is)
+                frame.model_input = None
+
+    def _model_input(self, frame: Frame) -> np.ndarray:
+        ready = frame.model_input
+        size = self.bundle.input_size
+        return ready if ready is not None and ready.shape[:2] == size else resize_to_input(frame.image, size)
+
     def inspect(self, frames: list[Frame]) -> None:
         self.between_batches()
         usable: list[Frame] = []
@@ -170,7 +190,7 @@ class Inspector:
             self.judge(frame, math.nan, self.threshold.value(frame.camera), reason="frame_too_small")
         if not usable:
             return
-        batch = np.stack([resize_to_input(f.image, self.bundle.input_size) for f in usable])
+        batch = np.stack([self._model_input(f) for f in usable])
         started = time.perf_counter()
         result = self.engine.infer(batch)
         self.metrics.inference.observe(time.perf_counter() - started)
