@@ -37,7 +37,8 @@ def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exporte
     config = write_config(tmp_path, exported_bundle, mosquitto.port, [
         {"name": "cam1", "source": str(line), "loop": True, "fps": 30, "trigger": True, "reconnect_max_s": 0.5},
         {"name": "slow", "source": str(parts / "test/good"), "loop": True, "fps": 0.5, "trigger": True},
-    ], control={"trigger_deadline_ms": DEADLINE_MS}, heartbeat_s=0.2)
+    ], control={"trigger_deadline_ms": DEADLINE_MS}, heartbeat_s=0.2,
+       backend="onnxruntime")  # the engine the fault is injected into: auto would time and swap it at warm-up
     runtime = Runtime(load_config(config))
     stall, infer = threading.Event(), runtime.engine.infer
 
