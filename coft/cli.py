@@ -138,7 +138,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="patch scorers: image score = worst patch or mean of the worst 1%% (default: max for patch, "
                         "top1pct for knn)")
     s.add_argument("--coreset", type=_at_least(0), default=None,
-                   help="knn: most patches kept in the memory bank, chosen by greedy coreset (0: all; default 16384)")
+                   help="knn: most patches kept in the memory bank, chosen by greedy coreset (0: all; default 4096, "
+                        "bench/caps.py)")
     s.add_argument("--views", type=_at_least(2), default=16, help="N_A: augmented views per image for the Gaussian")
     s.add_argument("--shrinkage", choices=("ledoit-wolf", "oas"), default="ledoit-wolf",
                    help="Gaussian scorers: covariance shrinkage for few samples (default ledoit-wolf)")

@@ -26,7 +26,7 @@ from coft.train.threshold import Fit
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAP = 16_384  # bank rows; see docs/accuracy.md for what the cap costs
+DEFAULT_CAP = 4_096  # bank rows: the cheapest cap within 0.003 AUROC of 16,384 on tiles and ELPV (bench/caps.py)
 BANK_BYTES_LIMIT = 2 << 30  # a bank above this does not fit an edge box next to the model
 
 Pose = tuple[int, bool]  # (quarter turns, mirrored first)
