@@ -1,1 +1,3 @@
 """Export of trained bundles to ONNX and TensorRT."""
+
+__all__ = ["onnx", "tensorrt"]

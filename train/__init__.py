@@ -1,1 +1,4 @@
-"""Training: backbones, COFT-AD fine-tuning, Gaussian scoring, evaluation."""
+"""Training: backbones/ and scorers/, COFT-AD fine-tuning, FUN-AD, thresholds, evaluation, retraining."""
+
+__all__ = ["anomalies", "augment", "backbones", "coftad", "embed", "evaluate", "funad", "losses", "metrics", "patches",
+           "pipeline", "progress", "retrain", "scorers", "shape", "threshold", "unlabelled"]

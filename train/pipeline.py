@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from coft.runtime.model.bundle import BANK, GAUSSIAN, new_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import load_folder
-from coft.runtime.model.scoring import pool
+from coft.runtime.model.scoring import Gaussian, MemoryBank, pool
 from coft.train import progress
 from coft.train.anomalies import synthesise
 from coft.train.augment import AugmentConfig, augment
@@ -145,30 +145,22 @@ def chosen_size(options: TrainOptions, images: list[np.ndarray]) -> tuple[tuple[
     return size, why
 
 
-def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, options: TrainOptions,
-             selection: dict | None = None) -> Path:
-    """Train on these good images; `selection` says how they were chosen when not simply given."""
-    out = Path(out)
-    _check_new(out, options)
-    started = time.perf_counter()
-    progress.shown = options.progress
-    asked, size_from = chosen_size(options, images)
-    sizes = {image.shape[:2] for image in images}
-    if len(sizes) > 1:
-        log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *asked)
-    torch.manual_seed(options.seed)
-    generator = torch.Generator().manual_seed(options.seed)
-    device = resolve_device(options.device)
-    backbone = load_backbone(options.backbone, options.weights, asked, options.layers).to(device)
-    size = getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
-    pixels = to_pixels(images, size).to(device)
-    log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
+@dataclass
+class FittedScorer:
+    """What a scorer fitted on the shots' views gives a bundle: its scoring file, threshold, and how it was chosen."""
 
-    history: list[dict[str, float]] = []
-    if options.finetune.trainable_stages is None:
-        options.finetune = replace(options.finetune, trainable_stages=backbone.default_trainable)
-    if options.method == "coftad" and options.finetune.steps > 0:
-        history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
+    name: str  # knn | patch | global
+    scoring: MemoryBank | Gaussian
+    file: str
+    pooling: str | None
+    poses: int | None  # knn: the poses each shot entered the bank in
+    threshold: dict
+    self_check: dict | None  # --scorer auto: each scorer's AUROC on synthetic defects
+
+
+def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator: torch.Generator,
+               shots: int) -> FittedScorer:
+    """The scorer the options ask for (or the self-check picks), fitted on the shots, with its good-only threshold."""
     scorer, self_check = options.scorer, None
     if scorer == "auto":
         self_check = scorer_self_check(backbone, pixels, options, generator)
@@ -193,12 +185,20 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         scoring, file = fit_gaussian(views.reshape(-1, views.shape[2]), options.shrinkage), GAUSSIAN
         fit = global_fit(options.shrinkage)
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
-    threshold["calibration_images"] = len(paths)  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
+    threshold["calibration_images"] = shots  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
+    return FittedScorer(scorer, scoring, file, pooling, views.shape[1] if scorer == "knn" else None, threshold,
+                        self_check)
+
+
+def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tuple[int, int], size_from: str,
+                    fitted: FittedScorer, history: list[dict[str, float]], selection: dict | None, device,
+                    seconds: float) -> dict:
+    """The new bundle's manifest: where every choice came from, so a bundle can be judged and retrained alike."""
     stride = backbone.patch_stride
     shot_digests = file_digests(paths)
     data_hash = fingerprint(paths, shot_digests)
     created = datetime.now(timezone.utc)
-    manifest = {
+    return {
         "model_id": f"{options.backbone}-k{len(paths)}-{data_hash[:8]}-{created:%Y%m%dT%H%M%SZ}",
         "created": created.isoformat(timespec="seconds"),
         "backbone": {"name": options.backbone, "weights": BACKBONE_WEIGHTS,
@@ -208,13 +208,13 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
                   "dtype": "uint8", "layout": "NHWC", "size_from": size_from},
         "normalisation": {"colour_order": "RGB", "mean": backbone.mean.flatten().tolist(),
                           "std": backbone.std.flatten().tolist()},
-        "embedding_dim": scoring.dim,
-        "scorer": scorer,
-        **({"patch": {"stride": stride, "pooling": pooling, "grid": [size[0] // stride, size[1] // stride],
-                      "blur_sigma": BLUR_SIGMA}} if scorer in POOLING else {}),
-        **({"knn": {"bank": BANK, "bank_size": len(scoring), "coreset_cap": options.coreset, "metric": "cosine",
-                    "poses": views.shape[1]}} if scorer == "knn" else {}),
-        "threshold": threshold,
+        "embedding_dim": fitted.scoring.dim,
+        "scorer": fitted.name,
+        **({"patch": {"stride": stride, "pooling": fitted.pooling, "grid": [size[0] // stride, size[1] // stride],
+                      "blur_sigma": BLUR_SIGMA}} if fitted.name in POOLING else {}),
+        **({"knn": {"bank": BANK, "bank_size": len(fitted.scoring), "coreset_cap": options.coreset,
+                    "metric": "cosine", "poses": fitted.poses}} if fitted.name == "knn" else {}),
+        "threshold": fitted.threshold,
         "training": {
             "method": options.method,
             "shots": len(paths),
@@ -226,17 +226,45 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
             "final_losses": history[-1] if history else None,
             "images": [p.name for p in paths],
             "selection": selection or {"method": "given", "note": "every image was taken as good"},
-            "scorer_self_check": self_check,
+            "scorer_self_check": fitted.self_check,
             "dataset_fingerprint": data_hash,
             "shot_fingerprints": shot_digests,  # coft eval leaves them out
             "device": str(device),
-            "seconds": round(time.perf_counter() - started, 1),
+            "seconds": seconds,
         },
     }
+
+
+def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, options: TrainOptions,
+             selection: dict | None = None) -> Path:
+    """Train on these good images; `selection` says how they were chosen when not simply given."""
+    out = Path(out)
+    _check_new(out, options)
+    started = time.perf_counter()
+    progress.shown = options.progress
+    asked, size_from = chosen_size(options, images)
+    sizes = {image.shape[:2] for image in images}
+    if len(sizes) > 1:
+        log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *asked)
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    device = resolve_device(options.device)
+    backbone = load_backbone(options.backbone, options.weights, asked, options.layers).to(device)
+    size = getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
+    pixels = to_pixels(images, size).to(device)
+    log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
+    history: list[dict[str, float]] = []
+    if options.finetune.trainable_stages is None:
+        options.finetune = replace(options.finetune, trainable_stages=backbone.default_trainable)
+    if options.method == "coftad" and options.finetune.steps > 0:
+        history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
+    fitted = fit_scorer(backbone, pixels, options, generator, len(paths))
+    manifest = bundle_manifest(paths, options, backbone, size, size_from, fitted, history, selection, device,
+                               round(time.perf_counter() - started, 1))
     calibration = calibration_frames(pixels, options.augment, generator)
     with new_bundle(out, manifest) as staging:
-        scoring.save(staging / file)
+        fitted.scoring.save(staging / fitted.file)
         np.savez(staging / CALIBRATION, frames=calibration)
         torch.save(backbone.cpu().state_dict(), staging / BACKBONE_WEIGHTS)
-    log.info("wrote bundle %s (threshold %.4f by %s)", out, threshold["value"], threshold["method"])
+    log.info("wrote bundle %s (threshold %.4f by %s)", out, fitted.threshold["value"], fitted.threshold["method"])
     return out

@@ -43,6 +43,7 @@ from coft.runtime.config import BrokerConfig, SparkplugConfig
 from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger(__name__)
+__all__ = ["DEVICE_METRICS", "SparkplugNode"]
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"

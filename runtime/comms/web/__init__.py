@@ -38,6 +38,7 @@ from coft.runtime.model.errors import CoftError
 from coft.runtime.model.heatmap import annotate
 
 log = logging.getLogger(__name__)
+__all__ = ["WebServer"]
 audit = logging.getLogger("coft.audit")
 STATIC = Path(__file__).parent / "static"
 EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
