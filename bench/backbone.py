@@ -48,23 +48,24 @@ def demo_bundle(work: Path, scorer: str = "global", backbone: str = "efficientne
     return bundle
 
 
-def elpv_video(path: Path, frames: int = 200) -> Path:
-    """The package's first ELPV cells (good and defective, as they come) as a 640x480 MJPG video at 30 fps."""
+def elpv_video(path: Path, frames: int = 200, size: tuple[int, int] = (640, 480)) -> Path:
+    """The package's first ELPV cells (good and defective, as they come) as an MJPG video at 30 fps, (width, height)."""
     import cv2
 
     from coft.demo import elpv_cells
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, size)
     for cell in elpv_cells()[0][:frames]:
-        writer.write(cv2.resize(cv2.imread(str(cell)), (640, 480)))
+        writer.write(cv2.resize(cv2.imread(str(cell)), size))
     writer.release()
     return path
 
 
-def runtime_bundle(given: Path | None, work: Path, scorer: str = "global") -> Path:
-    """What a runtime benchmark runs: the bundle given (exported first if it has no graph), or the demo one."""
+def runtime_bundle(given: Path | None, work: Path, scorer: str = "global", backbone: str = "efficientnet_lite0") -> Path:
+    """What a runtime benchmark runs: the bundle given (exported first if it has no graph), or one trained on 10
+    ELPV cells (`backbone="default"`: the product's default model)."""
     if given is None:
-        return demo_bundle(work / "demo", scorer)
+        return demo_bundle(work / "demo", scorer, backbone)
     if "onnx" not in load_bundle(given).manifest:
         export_onnx(given)
     return given
@@ -100,7 +101,7 @@ def cuda_graph(run):
 
 def gpu_rows(bundle, batches: list[int], seconds: float) -> list[dict]:
     """Eager vs CUDA graphs, fp32 vs fp16, per batch; the fused kernel's share beside the fp16 graph."""
-    from bench.kernel import bench_case
+    from bench.kernel import bench_case, bench_knn_case
 
     model = inspection_model(bundle).cuda().to(memory_format=torch.channels_last)
     h, w = bundle.input_size
@@ -115,7 +116,9 @@ def gpu_rows(bundle, batches: list[int], seconds: float) -> list[dict]:
             for name, run in (("PyTorch eager", eager), ("CUDA graphs", cuda_graph(eager))):
                 row = measure(lambda _, run=run: (run(), torch.cuda.synchronize()), frames, seconds)
                 rows.append({"scorer": bundle.manifest["scorer"], "path": f"{name} {precision}", **row})
-        kernel_us = bench_case(bundle.gaussian, batch, 0, False, 200, np.random.default_rng(0))["fused_us"]
+        rng = np.random.default_rng(0)
+        kernel_us = (bench_knn_case(bundle.bank, batch, True, 200, rng) if bundle.manifest["scorer"] == "knn" else
+                     bench_case(bundle.gaussian, batch, 0, False, 200, rng))["fused_us"]
         rows[-1]["fused_kernel_us"] = kernel_us
         rows[-1]["fused_kernel_share"] = kernel_us / (rows[-1]["median_ms"] * 1e3)
     return rows

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine  # noqa: E402
-from learn import headline_cells, measure, product_features, shots_bank, write_report  # noqa: E402
+from learn import draw_shots, headline_cells, measure, product_features, shots_bank, write_report  # noqa: E402
 
 from coft.runtime.model.bank_growth import with_marked_defects  # noqa: E402
 from coft.runtime.model.scoring import defect_pull, pool  # noqa: E402
@@ -77,8 +77,7 @@ def main() -> None:
     kinds = sorted(set(types[bad]))
     runs = []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)
-        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        shots, rng = draw_shots(good, args.shots, seed)
         bank = shots_bank(backbone, frames[shots], size, seed)
         draws = {"marked": round_robin(bad, types, kinds, args.marked, rng)}
         if len(kinds) > 1:  # a set with one defect type has no type left unmarked

@@ -91,6 +91,12 @@ def product_features(root: Path, cache: Path):
     return category, data, frames, backbone, unit(patches.float().numpy())
 
 
+def draw_shots(good: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """k good shots as bench/fewshot.py draws them for a seed, and the generator for what a benchmark draws next."""
+    rng = np.random.default_rng(seed)
+    return good[rng.choice(len(good), shots, replace=False)], rng
+
+
 def headline_cells(runs: list[dict]) -> str:
     """AUROC, AP and the escapes at 1% and 5% false-reject, each the mean over these runs, as table cells."""
     return " | ".join(f"{np.mean([r[k] for r in runs]):.3f}" for k in HEADLINE)
@@ -153,8 +159,7 @@ def main() -> None:
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
     runs, skipped = [], []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)
-        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        shots, rng = draw_shots(good, args.shots, seed)
         shot_bank = shots_bank(backbone, frames[shots], size, seed)
         for n in args.frames:
             for share in args.shares:

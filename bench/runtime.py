@@ -1,12 +1,15 @@
 """What the runtime costs on top of inference: frames/s and capture-to-publish latency.
 
-    python bench/runtime.py [BUNDLE] [--seconds 30] [--soak-s 600]
+    python bench/runtime.py [BUNDLE] [--backend auto] [--seconds 30] [--soak-s 600]
 
 Runs `python -m coft.runtime` as a separate process against a real Mosquitto broker (Debian
-package), with 1 and 4 cameras replaying a 640x480 video written from ELPV cells, and a
+package), with 1 and 2 cameras replaying a video written from ELPV cells (640x480, or --frame-size), and a
 subscriber that timestamps each verdict on arrival. Measured:
 
-- bare inference: ONNX Runtime on one resized frame (batch 1), the floor for latency;
+- bare inference: the same engine on one resized frame (batch 1), in this process: the floor for latency;
+- preprocessing: what the runtime does to a camera frame before the engine (JPEG decode, then the
+  resize to the model input, colour order kept) at 640x480 and machine-vision sizes (1280x1024,
+  2448x2048), against the bare inference;
 - max load: unpaced cameras, verdicts/s sustained (frames beyond that are dropped and counted);
 - paced load: cameras at 70% of the max, capture-to-publish latency p50/p99 and the
   runtime's overhead at p50 = (latency p50 - inference p50) / inference p50;
@@ -14,7 +17,8 @@ subscriber that timestamps each verdict on arrival. Measured:
 - live view (--viewers N): the 1-camera cases again with web: on and N browsers' worth of MJPEG
   streams open, to show what the page costs the inspection loop (frames/s, latency).
 
-Without BUNDLE, a frozen Lite0 bundle is trained on 10 ELPV cells and exported first.
+Without BUNDLE, a bundle of the product's default model (`--model default`, DINOv2 knn) or of
+EfficientNet-Lite0 (`--model lite0`) is trained on 10 ELPV cells and exported first.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ from coft.runtime.model.images import resize_to_input  # noqa: E402
 from tests.support.broker import Mosquitto, free_port  # noqa: E402
 
 
-def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int = 200) -> float:
+def bare_inference_ms(bundle_dir: Path, video: Path, backend: str, threads: int, repeats: int = 100
+                      ) -> tuple[float, str]:
     bundle = load_bundle(bundle_dir)
-    engine = open_engine(bundle, "onnxruntime", threads=threads)
+    engine = open_engine(bundle, backend, threads=threads)
     ok, frame = cv2.VideoCapture(str(video)).read()
     batch = resize_to_input(frame, bundle.input_size)[None]
     for _ in range(10):
@@ -59,7 +64,28 @@ def bare_inference_ms(bundle_dir: Path, video: Path, threads: int, repeats: int 
         t = time.perf_counter()
         engine.infer(batch)
         times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+    return float(np.median(times) * 1000), engine.name
+
+
+def preprocessing_ms(bundle_dir: Path, video: Path, repeats: int = 30) -> dict[str, dict[str, float]]:
+    """Median ms of decoding a camera's JPEG and of resizing the frame to the model input, per frame size."""
+    size = load_bundle(bundle_dir).input_size
+    ok, frame = cv2.VideoCapture(str(video)).read()
+    out = {}
+    for width, height in ((640, 480), (1280, 1024), (2448, 2048)):
+        image = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+        jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+        decode, resize = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            decoded = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+            decode.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            resize_to_input(decoded, size)
+            resize.append(time.perf_counter() - t)
+        out[f"{width}x{height}"] = {"decode_ms": round(float(np.median(decode)) * 1000, 2),
+                                    "resize_ms": round(float(np.median(resize)) * 1000, 2)}
+    return out
 
 
 def rss_mb(pid: int) -> float:
@@ -124,10 +150,11 @@ class Viewer(threading.Thread):
 
 
 def run_case(bundle: Path, port: int, video: Path, cameras: int, fps: float | None, seconds: float,
-             work: Path, threads: int, soak: bool = False, fsync: bool = True, viewers: int = 0) -> dict:
+             work: Path, threads: int, soak: bool = False, fsync: bool = True, viewers: int = 0,
+             backend: str = "auto") -> dict:
     work.mkdir(parents=True, exist_ok=True)
     web_port = free_port() if viewers else None
-    config = {"bundle": str(bundle), "backend": "onnxruntime", "threads": threads, "max_batch": 8, "queue_size": 4,
+    config = {"bundle": str(bundle), "backend": backend, "threads": threads, "max_batch": 8, "queue_size": 4,
               "cameras": [{"name": f"cam{i}", "source": str(video), "loop": True, **({"fps": fps} if fps else {})}
                           for i in range(cameras)],
               "broker": {"port": port, "line": "bench"}, "outbox": {"path": str(work / "outbox.db"), "fsync": fsync},
@@ -182,40 +209,56 @@ def main() -> None:
                         help="skip the speed cases; soak one camera paced at FPS (memory does not need an idle CPU)")
     parser.add_argument("--viewers", type=int, default=0,
                         help="also run the 1-camera cases with the live view on and this many MJPEG viewers")
+    parser.add_argument("--model", choices=("default", "lite0"), default="default",
+                        help="without BUNDLE: the product's default model, or EfficientNet-Lite0 (with --scorer)")
     parser.add_argument("--scorer", choices=("global", "patch"), default="global",
-                        help="the demo bundle's scorer when no BUNDLE is given (patch: the live view draws maps)")
+                        help="the Lite0 bundle's scorer (patch: the live view draws maps)")
+    parser.add_argument("--backend", default="auto", help="the engine, as line.yaml's backend: (default auto)")
+    parser.add_argument("--frame-size", default="640x480", help="the camera's frames, WIDTHxHEIGHT (e.g. 1280x1024)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
-    bundle = runtime_bundle(args.bundle, work, args.scorer)
-    video = elpv_video(work / "line.avi")
-    inference_ms = bare_inference_ms(bundle, video, args.threads)
+    bundle = runtime_bundle(args.bundle, work, args.scorer, "default" if args.model == "default" else "efficientnet_lite0")
+    video = elpv_video(work / "line.avi", size=tuple(int(v) for v in args.frame_size.split("x")))
+    inference_ms, engine = bare_inference_ms(bundle, video, args.backend, args.threads)
+    preprocessing = preprocessing_ms(bundle, video)
     broker = Mosquitto(work / "broker").start()
     rows = []
     try:
-        for cameras in (1, 4) if not args.soak_only else ():
+        for cameras in (1, 2) if not args.soak_only else ():
             top = run_case(bundle, broker.port, video, cameras, None, args.seconds, work / f"max{cameras}", args.threads,
-                           fsync=not args.no_fsync)
+                           fsync=not args.no_fsync, backend=args.backend)
             rows.append({"load": "max", **top})
             paced_fps = round(0.7 * top["verdicts_per_s"] / cameras, 1)
             rows.append({"load": "70% of max", **run_case(bundle, broker.port, video, cameras, paced_fps, args.seconds,
-                                                          work / f"paced{cameras}", args.threads, fsync=not args.no_fsync)})
+                                                          work / f"paced{cameras}", args.threads, fsync=not args.no_fsync,
+                                                          backend=args.backend)})
             if cameras == 1 and args.viewers:
                 for load, fps in (("max", None), ("70% of max", paced_fps)):
                     rows.append({"load": load, **run_case(bundle, broker.port, video, 1, fps, args.seconds,
                                                           work / f"web-{load[:3]}", args.threads,
-                                                          fsync=not args.no_fsync, viewers=args.viewers)})
+                                                          fsync=not args.no_fsync, viewers=args.viewers,
+                                                          backend=args.backend)})
         soak = None
         if args.soak_s:
             fps = args.soak_only or round(0.7 * rows[0]["verdicts_per_s"], 1)
-            soak = run_case(bundle, broker.port, video, 1, fps, args.soak_s, work / "soak", args.threads, soak=True)
+            soak = run_case(bundle, broker.port, video, 1, fps, args.soak_s, work / "soak", args.threads, soak=True,
+                            backend=args.backend)
     finally:
         broker.stop()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads, "
-               f"outbox fsync {'off' if args.no_fsync else 'on'}")
-    lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, 224x224 Lite0, frame to score): "
+    model = load_bundle(bundle).manifest
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {engine} {args.threads} threads, "
+               f"outbox fsync {'off' if args.no_fsync else 'on'}, camera frames {args.frame_size}")
+    lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, {model['input']['height']}x"
+             f"{model['input']['width']} {model['backbone']['name']} {model['scorer']}, frame to score): "
              f"{inference_ms:.1f} ms", "",
+             "| camera frame | JPEG decode ms | resize to the input ms | both, against the bare inference |",
+             "|---|---|---|---|"]
+    for size, p in preprocessing.items():
+        lines.append(f"| {size} | {p['decode_ms']:.2f} | {p['resize_ms']:.2f} | "
+                     f"{(p['decode_ms'] + p['resize_ms']) / inference_ms:.0%} |")
+    lines += ["",
              "| cameras | load | live view | fps/camera | verdicts/s | dropped/s | capture-to-publish p50 ms | p99 ms | "
              "overhead at p50 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -234,7 +277,7 @@ def main() -> None:
                   f"(samples: {', '.join(f'{m:.0f}' for _, m in soak['rss_samples'])})"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtime.json").write_text(json.dumps({"machine": machine, "inference_ms": inference_ms, "rows": rows,
-                                                        "soak": soak}, indent=2) + "\n")
+                                                        "preprocessing": preprocessing, "soak": soak}, indent=2) + "\n")
     (args.out / "runtime.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import cached_features, find_category, knn_scores, machine  # noqa: E402
-from learn import headline_cells, measure, shots_bank, unit, write_report  # noqa: E402
+from learn import draw_shots, headline_cells, measure, shots_bank, unit, write_report  # noqa: E402
 
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.model.scoring import pool  # noqa: E402
@@ -118,8 +118,7 @@ def main() -> None:
     done: dict[tuple, tuple] = {}
     runs = []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)
-        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        shots, rng = draw_shots(good, args.shots, seed)
         test = np.setdiff1d(np.arange(len(images)), shots)
         shapes = [images[i].shape for i in shots]
         aspect = median_aspect(shapes)

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine  # noqa: E402
-from learn import headline_cells, measure, product_features, shot_patches, write_report  # noqa: E402
+from learn import draw_shots, headline_cells, measure, product_features, shot_patches, write_report  # noqa: E402
 
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.scoring import pool  # noqa: E402
@@ -72,8 +72,7 @@ def main() -> None:
     good = np.flatnonzero(data.labels == 0)
     runs = []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)
-        shots = good[rng.choice(len(good), args.shots, replace=False)]
+        shots, rng = draw_shots(good, args.shots, seed)
         test = np.setdiff1d(np.arange(len(frames)), shots)
         rows = shot_patches(backbone, frames[shots], size)
         bank = torch.from_numpy(np.ascontiguousarray(rows[greedy_coreset(rows, DEFAULT_CAP, seed)]))
