@@ -76,10 +76,12 @@ def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
         return BACKENDS[names[0]](bundle, threads)
     frame = np.zeros((1, *bundle.input_size, 3), np.uint8)
     timed: list[tuple[float, str, Engine]] = []
+    refused: CoftError | None = None
     for name in names:
         try:
             engine = BACKENDS[name](bundle, threads)
         except CoftError as exc:  # one engine that cannot take the graph leaves the others
+            refused = refused or exc
             log.warning("engine auto: %s left out: %s", name, exc)
             continue
         for _ in range(2):
@@ -90,6 +92,8 @@ def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
             engine.infer(frame)
             runs.append(time.perf_counter() - started)
         timed.append((float(np.median(runs)) * 1000, name, engine))
+    if not timed and refused is not None:
+        raise refused  # none can take the graph: ONNX Runtime's one-line error says why
     timed.sort(key=lambda t: t[0])
     log.info("engine auto: %s (%s a frame at batch 1 on this graph)", timed[0][1],
              ", ".join(f"{name} {ms:.1f} ms" for ms, name, _ in timed))
