@@ -33,7 +33,7 @@ from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
 from coft.runtime.comms.recorder import Recorder, gap_messages
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines import installed_cpu_engines, provisional_engine
+from coft.runtime.engines import provisional_engine
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe, Part
 from coft.runtime.line.inspector import FrameQueue, Inspector
@@ -118,7 +118,7 @@ class Runtime:
         bundle = load_bundle(config.bundle, config.trusted_keys)
         engine, choose_engine = provisional_engine(bundle, config.backend, config.threads)
         log.info("model %s on %s, threshold %.6g", bundle.model_id,
-                 f"the fastest of {', '.join(installed_cpu_engines())} (timed at warm-up)" if choose_engine
+                 "the fastest installed CPU engine (timed at warm-up)" if choose_engine
                  else engine.name, bundle.threshold)
         names = [c.name for c in config.cameras]
         if not config.control.threshold:

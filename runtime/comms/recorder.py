@@ -37,17 +37,19 @@ class Recorder:
         self.throttled = Throttled(log)
 
     def record(self, verdict: Verdict, latency_ms: Callable[[], float], answered_ms: Callable[[], float] | None,
-               fire: bool) -> bool:
+               fire: bool) -> dict | None:
         """Store the verdict and its messages in one outbox transaction; `answered_ms` where a triggered part
-        waits for its result. False when the outbox refused it (counted, logged)."""
+        waits for its result. The verdict's JSON as stored, or None when the outbox refused it (counted, logged)."""
         broker, camera = self.broker, verdict.camera
+        stored: dict = {}
 
         def messages(seq: int) -> list[tuple]:
             verdict.seq, verdict.latency_ms = seq, latency_ms()
-            wire = verdict.as_dict()
-            out: list[tuple] = [(camera_topic(broker, camera, "verdict"), json.dumps(wire).encode())]
+            stored.update(verdict.as_dict())
+            payload = json.dumps(stored).encode()
+            out: list[tuple] = [(camera_topic(broker, camera, "verdict"), payload)]
             if self.sparkplug:  # encoded as DDATA when the node sends it
-                out.append((camera, json.dumps(wire).encode(), SPARKPLUG_CHANNEL))
+                out.append((camera, payload, SPARKPLUG_CHANNEL))
             if verdict.late:  # recorded, but the part has its answer: nothing more for the PLC
                 return out
             if answered_ms is not None:
@@ -65,14 +67,13 @@ class Recorder:
             if not self.refusing:
                 self.refusing = True
                 self.on_refusing(f"verdicts are not being recorded: {exc}")
-            return False
+            return None
         if self.refusing:
             self.refusing = False
             self.metrics.outbox_refusing.set(0)
             self.throttled.clear("outbox")
             log.warning("outbox accepts verdicts again (%.0f verdicts were refused in all)", self.metrics.refused())
-        wire = verdict.as_dict()
         self.metrics.verdicts.labels(camera, "unfired_reject" if not verdict.fired else verdict.verdict).inc()
         for sink in self.sinks:
-            sink(wire)
-        return True
+            sink(stored)
+        return stored

@@ -34,8 +34,8 @@ from coft.runtime.model.images import resize_to_input
 log = logging.getLogger(__name__)
 MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a broken ROI or camera mode)
 
-# verdict, latency_ms(), answered_ms() or None, fire -> stored
-Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], bool]
+# verdict, latency_ms(), answered_ms() or None, fire -> its JSON as stored, or None when the outbox refused it
+Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], dict | None]
 
 
 class FrameQueue:
@@ -241,12 +241,11 @@ class Inspector:
                           commissioning=commissioning, late=late, fired=not (reject and rejects_off))
         if score_map is not None and judged:
             verdict.defect = self.defect(frame, score_map, threshold, reject)
-        stored = self.record(verdict, lambda: round((time.monotonic() - frame.captured_mono) * 1000, 2),
-                             part.waited_ms if part is not None else None, reject and verdict.fired)
-        if not stored:
+        wire = self.record(verdict, lambda: round((time.monotonic() - frame.captured_mono) * 1000, 2),
+                           part.waited_ms if part is not None else None, reject and verdict.fired)
+        if wire is None:  # the outbox refused it: counted and said by the recorder
             return
         self.metrics.latency.observe(time.monotonic() - frame.captured_mono)
-        wire = verdict.as_dict()
         self.views[frame.camera] = (frame, score_map, wire)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
             self.harvest.save(frame.image, wire)  # as the camera gave it: what retraining needs
