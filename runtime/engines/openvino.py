@@ -18,6 +18,7 @@ class OpenVinoEngine:
     def __init__(self, bundle: Bundle, threads: int = 0, precision: str = "f32"):
         try:
             import openvino as ov
+            from openvino.frontend import FrontEndManager
         except ImportError as exc:
             raise CoftError("OpenVINO is not installed: pip install 'coft[openvino]', or set backend: onnxruntime in "
                             "line.yaml") from exc
@@ -31,11 +32,13 @@ class OpenVinoEngine:
         self.max_batch = int(onnx_info["max_batch"])
         path = bundle.path / onnx_info["file"]
         core = ov.Core()
+        onnx_frontend = FrontEndManager().load_by_framework("onnx")
         config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            # the ONNX reader alone: read_model tries every frontend, and TensorFlow's writes the graph's bytes to stderr
+            self.compiled = core.compile_model(onnx_frontend.convert(onnx_frontend.load(str(path))), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with pages of detail
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise CoftError(f"{path}: OpenVINO cannot compile this graph ({detail}); export the bundle again with "
