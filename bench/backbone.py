@@ -48,13 +48,17 @@ def demo_bundle(work: Path, scorer: str = "global", backbone: str = "efficientne
     return bundle
 
 
-def elpv_video(path: Path, frames: int = 200, size: tuple[int, int] = (640, 480)) -> Path:
-    """The package's first ELPV cells (good and defective, as they come) as an MJPG video at 30 fps, (width, height)."""
+def elpv_video(path: Path, frames: int = 200, size: tuple[int, int] = (640, 480), codec: str = "mjpg") -> Path:
+    """The package's first ELPV cells (good and defective, as they come) as a video at 30 fps, (width, height):
+    MJPG (a USB camera's frames, decoded on the box) or raw (a machine-vision camera's: uncompressed BGR, at most
+    600 MB of them, so at 2448x2048 it loops over 39 cells)."""
     import cv2
 
     from coft.demo import elpv_cells
 
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, size)
+    if codec == "raw":
+        frames = max(10, min(frames, int(600e6 // (size[0] * size[1] * 3))))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG") if codec == "mjpg" else 0, 30, size)
     for cell in elpv_cells()[0][:frames]:
         writer.write(cv2.resize(cv2.imread(str(cell)), size))
     writer.release()

@@ -11,7 +11,8 @@ scores every image not among the shots; reported are image AUROC, escape at 1% f
 (oracle threshold), false-reject and escape at the bundle's own threshold, the largest score
 difference to the first engine listed, the mean cosine of the patch features to its, and the
 verdicts that flip at the bundle's threshold. `--engines ... onnxruntime-int8 openvino-int8w` adds
-the ViT's weights compressed to int8 (ONNX Runtime's dynamic quantisation, NNCF's weight compression). Writes
+the ViT's weights compressed to int8 (ONNX Runtime's dynamic quantisation, NNCF's weight compression:
+`pip install -e '.[bench]'`). Writes
 cpu_engines.json and cpu_engines.md under --out.
 """
 
@@ -38,53 +39,29 @@ from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.pipeline import TrainOptions, train_bundle  # noqa: E402
 
-ENGINES = ("onnxruntime", "openvino", "openvino-bf16")
-COMPRESSED = ("onnxruntime-int8", "openvino-int8w")  # the ViT's weights in int8; the bank's product left in float
+ENGINES = ("onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8")
+COMPRESSED = ("openvino-int8w",)  # the ViT's weights in int8 for OpenVINO; the bank's product left in float
 
 
-def scoring_matmuls(graph_path: Path) -> list[str]:
-    """The ONNX nodes that multiply by the bank or the defect rows: left out of weight compression (the bank's
-    precision is a question of its own, bench/caps.py)."""
-    import onnx
+def compressed_engine(bundle, threads: int):
+    """NNCF's int8 weight compression on OpenVINO: the same engine class, another graph (measured, not shipped)."""
+    import nncf
+    import openvino as ov
 
+    from coft.runtime.engines.openvino import OpenVinoEngine
     from coft.runtime.model.scoring import BANK_CONSTANT, DEFECTS_CONSTANT
-    return [n.name for n in onnx.load(str(graph_path)).graph.node if {BANK_CONSTANT, DEFECTS_CONSTANT} & set(n.input)]
-
-
-def compressed_engine(bundle, name: str, threads: int, work: Path):
-    """ONNX Runtime's dynamic int8 quantisation of the MatMuls (weights per channel, activations per batch), or
-    NNCF's int8 weight compression on OpenVINO: the same engine classes, another graph."""
-    source = bundle.path / bundle.manifest["onnx"]["file"]
-    keep = scoring_matmuls(source)
-    if name == "onnxruntime-int8":
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
-        target = work / "int8.onnx"
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep)
-        engine = OnnxRuntimeEngine(bundle, threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        engine.session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-    else:
-        import nncf
-        import openvino as ov
-
-        from coft.runtime.engines.openvino import OpenVinoEngine
-        engine = OpenVinoEngine(bundle, threads)
-        core = ov.Core()
-        model = core.read_model(str(source))
-        bank_ops = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul" and any(
-            c in inp.get_source_output().get_node().get_friendly_name() for inp in op.inputs()
-            for c in ("bank_t", "defects_t"))]
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                      ignored_scope=nncf.IgnoredScope(names=bank_ops, validate=False))
-        engine.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                             "PERFORMANCE_HINT": "LATENCY"})
-        engine.request = engine.compiled.create_infer_request()
-    engine.name = name
+    engine = OpenVinoEngine(bundle, threads)
+    core = ov.Core()
+    model = core.read_model(str(bundle.path / bundle.manifest["onnx"]["file"]))
+    bank_ops = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul" and any(
+        c in inp.get_source_output().get_node().get_friendly_name() for inp in op.inputs()
+        for c in (BANK_CONSTANT, DEFECTS_CONSTANT))]
+    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                  ignored_scope=nncf.IgnoredScope(names=bank_ops, validate=False))
+    engine.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                         "PERFORMANCE_HINT": "LATENCY"})
+    engine.request = engine.compiled.create_infer_request()
+    engine.name = "openvino-int8w"
     return engine
 
 
@@ -144,7 +121,7 @@ def main() -> None:
         for options in (TrainOptions(progress=False),
                         TrainOptions(backbone="efficientnet_lite0", method="frozen", scorer="patch", progress=False)):
             bundle = load_bundle(trained(category, [data.paths[i] for i in shots], Path(work), options))
-            engines = {name: compressed_engine(bundle, name, args.threads, Path(work)) if name in COMPRESSED
+            engines = {name: compressed_engine(bundle, args.threads) if name in COMPRESSED
                        else open_engine(bundle, name, args.threads) for name in args.engines}
             frames = np.stack([resize_to_input(read_image(data.paths[i]), bundle.input_size) for i in test])
             speed[options.backbone] = timed(engines, frames[:20], args.rounds)

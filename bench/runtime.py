@@ -1,9 +1,10 @@
 """What the runtime costs on top of inference: frames/s and capture-to-publish latency.
 
-    python bench/runtime.py [BUNDLE] [--backend auto] [--seconds 30] [--soak-s 600]
+    python bench/runtime.py [BUNDLE] [--backend auto] [--camera raw|mjpg] [--frame-size 1280x1024] [--seconds 30]
 
 Runs `python -m coft.runtime` as a separate process against a real Mosquitto broker (Debian
-package), with 1 and 2 cameras replaying a video written from ELPV cells (640x480, or --frame-size), and a
+package), with 1 and 2 cameras replaying a video written from ELPV cells (640x480, or --frame-size; uncompressed as
+a machine-vision camera delivers them, or `--camera mjpg` as a USB camera's), and a
 subscriber that timestamps each verdict on arrival. Measured:
 
 - bare inference: the same engine on one resized frame (batch 1), in this process: the floor for latency;
@@ -214,13 +215,15 @@ def main() -> None:
     parser.add_argument("--scorer", choices=("global", "patch"), default="global",
                         help="the Lite0 bundle's scorer (patch: the live view draws maps)")
     parser.add_argument("--backend", default="auto", help="the engine, as line.yaml's backend: (default auto)")
+    parser.add_argument("--camera", choices=("raw", "mjpg"), default="raw",
+                        help="raw: uncompressed frames (GigE/USB3 Vision); mjpg: JPEG frames decoded on the box")
     parser.add_argument("--frame-size", default="640x480", help="the camera's frames, WIDTHxHEIGHT (e.g. 1280x1024)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/runtime"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="coft-runtime-bench-"))
     bundle = runtime_bundle(args.bundle, work, args.scorer, "default" if args.model == "default" else "efficientnet_lite0")
-    video = elpv_video(work / "line.avi", size=tuple(int(v) for v in args.frame_size.split("x")))
+    video = elpv_video(work / "line.avi", size=tuple(int(v) for v in args.frame_size.split("x")), codec=args.camera)
     inference_ms, engine = bare_inference_ms(bundle, video, args.backend, args.threads)
     preprocessing = preprocessing_ms(bundle, video)
     broker = Mosquitto(work / "broker").start()
@@ -249,7 +252,7 @@ def main() -> None:
         broker.stop()
     model = load_bundle(bundle).manifest
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {engine} {args.threads} threads, "
-               f"outbox fsync {'off' if args.no_fsync else 'on'}, camera frames {args.frame_size}")
+               f"outbox fsync {'off' if args.no_fsync else 'on'}, camera frames {args.frame_size} {args.camera}")
     lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, {model['input']['height']}x"
              f"{model['input']['width']} {model['backbone']['name']} {model['scorer']}, frame to score): "
              f"{inference_ms:.1f} ms", "",

@@ -207,7 +207,7 @@ class OpcUaConfig(Strict):
 
 class RuntimeConfig(Strict):
     bundle: Path
-    backend: Literal["auto", "onnxruntime", "openvino", "openvino-bf16", "tensorrt"] = Field(
+    backend: Literal["auto", "onnxruntime", "openvino", "openvino-bf16", "onnxruntime-int8", "tensorrt"] = Field(
         "auto", description="auto: TensorRT where the bundle has an engine, else the fastest installed CPU engine")
     threads: int = Field(0, ge=0, description="CPU engine threads (0: all cores)")
     max_batch: int = Field(8, ge=1, description="frames scored together when several are waiting")

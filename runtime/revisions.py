@@ -13,7 +13,7 @@ from pathlib import Path
 
 from coft.runtime.box.install import switch
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines import Engine, open_engine
+from coft.runtime.engines import Engine, open_engine, precision_of
 from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.line.inspector import Inspector
 from coft.runtime.model.bundle import Bundle, commissioned_revision, load_bundle, revise
@@ -68,7 +68,7 @@ class Revisions:
         if not again:
             done = self.inspector.bundle.manifest.get("commissioning") or {}
             fitted_on = done.get("engine")
-            if fitted_on and fitted_on != self.inspector.engine.name and "bf16" in fitted_on + self.inspector.engine.name:
+            if fitted_on and precision_of(fitted_on) != precision_of(self.inspector.engine.name):
                 log.warning("commissioning: %s's threshold was fitted on %s scores and this box runs %s, whose scores "
                             "differ; commission again ('coft commission') or set backend: %s", self.inspector.bundle.model_id,
                             fitted_on, self.inspector.engine.name, fitted_on)
@@ -115,7 +115,7 @@ class Revisions:
                 "frames": fitted["frames"], "suspects_dropped": fitted["suspects_dropped"],
                 "quantile": 1 - fitted["target_false_reject_rate"], "cameras": sorted(self.cameras),
                 "frames_folder": str(commissioning.folder) if commissioning.folder else None,
-                "engine": self.inspector.engine.name}})  # the scores it was fitted on: bf16 moves them
+                "engine": self.inspector.engine.name}})  # the scores it was fitted on: bf16 and int8 move them
         except (CoftError, OSError) as exc:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.inspector.bundle.path, exc)

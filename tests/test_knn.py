@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coft.export.onnx import export_onnx, inspection_model
-from coft.runtime.engines import open_engine
+from coft.runtime.engines import open_engine, precision_of
 from coft.runtime.engines.base import patch_inference
 from coft.runtime.engines.fused_nearest import kernel_options, launch_grid
 from coft.runtime.model.bundle import load_bundle
@@ -167,6 +167,29 @@ def test_openvino_scores_as_onnx_runtime_does_and_auto_keeps_the_faster_engine(k
     monkeypatch.setitem(sys.modules, "openvino", None)  # as on a box without the extra
     with pytest.raises(CoftError, match=r"^OpenVINO is not installed: pip install 'coft\[openvino\]'"):
         open_engine(bundle, "openvino")
+
+
+def test_int8_weights_keep_the_bank_in_float_and_score_close_to_f32(knn_bundle, masked_set):  # noqa: F811
+    import cv2
+    import onnx
+
+    from coft.runtime.engines.onnxruntime import int8_graph
+    from coft.runtime.model.scoring import BANK_CONSTANT
+    bundle = load_bundle(knn_bundle)
+    frames = np.stack([cv2.resize(cv2.imread(str(p)), VIT_SIZE[::-1]) for p in sorted((masked_set / "test").rglob("*.png"))])
+    reference = open_engine(bundle, "onnxruntime").infer(frames)
+    engine = open_engine(bundle, "onnxruntime-int8")
+    assert engine.name == "onnxruntime-int8" and precision_of(engine.name) == "int8" != precision_of("openvino")
+    out = engine.infer(frames)
+    a, b = out.embeddings, reference.embeddings
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.mean() > 0.99, cosine.mean()
+    assert np.corrcoef(out.scores, reference.scores)[0, 1] > 0.98, (out.scores, reference.scores)
+    graph = onnx.load_from_string(int8_graph(knn_bundle / "model.onnx")).graph
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)  # the ViT did go int8
+    bank = next(i for i in graph.initializer if i.name == BANK_CONSTANT)
+    assert bank.data_type == onnx.TensorProto.FLOAT  # the bank's product, which `coft learn` rewrites, stays float
+    assert all(n.op_type == "MatMul" for n in graph.node if BANK_CONSTANT in n.input)
 
 
 def test_onnx_graph_holds_the_bank_as_one_matmul(knn_bundle):

@@ -20,15 +20,15 @@ from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
 
-__all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "provisional_engine", "tensorrt_unavailable"]
+__all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "precision_of", "provisional_engine", "tensorrt_unavailable"]
 
 log = logging.getLogger(__name__)
 TIMED_RUNS = 5  # batch-1 runs per CPU engine when `auto` chooses between them (after two to warm up)
 
 
-def _onnxruntime(bundle: Bundle, threads: int) -> Engine:
+def _onnxruntime(bundle: Bundle, threads: int, precision: str = "f32") -> Engine:
     from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
-    return OnnxRuntimeEngine(bundle, threads=threads)
+    return OnnxRuntimeEngine(bundle, threads=threads, precision=precision)
 
 
 def _openvino(bundle: Bundle, threads: int, precision: str = "f32") -> Engine:
@@ -42,8 +42,15 @@ def _tensorrt(bundle: Bundle, threads: int) -> Engine:  # noqa: ARG001  (TensorR
 
 
 BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {
-    "onnxruntime": _onnxruntime, "openvino": _openvino,
+    "onnxruntime": _onnxruntime, "onnxruntime-int8": lambda bundle, threads: _onnxruntime(bundle, threads, "int8"),
+    "openvino": _openvino,
     "openvino-bf16": lambda bundle, threads: _openvino(bundle, threads, "bf16"), "tensorrt": _tensorrt}
+
+
+def precision_of(engine_name: str) -> str:
+    """The arithmetic an engine's scores come from (f32, bf16, int8): a threshold fitted on one holds on another
+    of the same precision only."""
+    return engine_name.partition("-")[2] or "f32"
 
 
 def tensorrt_unavailable(bundle: Bundle) -> str | None:
