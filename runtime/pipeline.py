@@ -225,7 +225,8 @@ class Runtime:
                 if frame.part is None:
                     return
                 frame.part_id = frame.part.part_id or None
-            self.inspector.prepare(frame)
+            if triggered or self.queue.has_room(camera):  # a part's frame is always inspected; others maybe not
+                self.inspector.prepare(frame)
             self.queue.put(frame)
         return deliver
 

@@ -55,7 +55,9 @@ def test_frame_queue_drops_oldest_and_counts():
     for i in range(5):
         queue.put(Frame("cam1", i, 0.0, np.zeros((2, 2, 3), np.uint8)))
     assert [f.frame_id for f in dropped] == [0, 1, 2]
+    assert not queue.has_room("cam1") and queue.has_room("cam2")  # a full camera's frames are not resized ahead
     assert [f.frame_id for f in queue.take(8, 0.1)] == [3, 4]
+    assert queue.has_room("cam1")
     assert queue.take(8, 0.01) == []
 
 

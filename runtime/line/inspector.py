@@ -62,6 +62,13 @@ class FrameQueue:
     def __len__(self) -> int:
         return len(self.triggered) + sum(len(q) for q in self.continuous.values())
 
+    def has_room(self, camera: str) -> bool:
+        """Whether a continuous camera's next frame joins without pushing one out: where it would, the engine is
+        behind, and a frame resized now may be dropped unused (a 30 fps camera at 2448x2048 would spend most
+        of a core resizing frames a 10 fps engine never sees)."""
+        with self.ready:
+            return len(self.continuous.get(camera, ())) < self.size
+
     def take(self, max_frames: int, timeout: float) -> list[Frame]:
         with self.ready:
             if not len(self):
@@ -164,7 +171,8 @@ class Inspector:
     def prepare(self, frame: Frame) -> None:
         """On the camera's capture thread: the frame resized to the model input, so that the inspector's thread
         spends its time in the engine (at 2448x2048 the resize costs about half a bf16 inference on a CPU box;
-        docs/speed.md). A frame it cannot resize is resized, or refused, where it is inspected."""
+        docs/speed.md). A frame it cannot resize, or did not (FrameQueue.has_room), is resized, or refused,
+        where it is inspected."""
         if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE:
             try:
                 frame.model_input = resize_to_input(frame.image, self.bundle.input_size)
