@@ -28,8 +28,9 @@ every other good image and every defective one is the test set. Methods:
                 (each pose also shifted by half a patch right, down and both)
 - coftad-knn:   COFT-AD fine-tuning of the last --trainable stages, then knn on its features
 
-Nearest-neighbour similarities are computed in bfloat16 here (AMX makes that 4x faster on
-this CPU; the bundle's graph uses float32); `--fp32-knn` checks that this changes nothing.
+Nearest-neighbour similarities are computed in bfloat16 where the CPU multiplies it natively (AMX made
+that 4x faster on an Intel Xeon; elsewhere torch emulates bf16, far slower than float32, so float32 is
+used; the bundle's graph uses float32); `--fp32-knn` checks that this changes nothing.
 
 Frozen features of every image are computed once; a fine-tuned model re-runs only its
 trained last stage on the cached maps of the frozen stages (valid since those stages
@@ -154,9 +155,19 @@ def cached_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
     return out
 
 
-def knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, fp32: bool = False, chunk: int = 16):
-    """Patch distances [n, P] of test patch features [n, P, C] to a bank [M, C] of unit rows (1 - max cosine)."""
-    dtype = torch.float32 if fp32 else torch.bfloat16
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX, AVX512-BF16; Linux's flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, fp32: bool | None = None, chunk: int = 16):
+    """Patch distances [n, P] of test patch features [n, P, C] to a bank [M, C] of unit rows (1 - max cosine),
+    in float32 or bfloat16 (None: bfloat16 where native_bf16)."""
+    dtype = torch.float32 if (not native_bf16() if fp32 is None else fp32) else torch.bfloat16
     bank_t = bank.to(dtype).T.contiguous()
     out = []
     for i in range(0, len(test_patches), chunk):
@@ -384,7 +395,7 @@ def main() -> None:
                     train_seconds = time.perf_counter() - started
                     test_patches = test_patches[..., torch.as_tensor(layers) if isinstance(layers, np.ndarray) else layers].float()
                     test_patches = test_patches / test_patches.norm(dim=-1, keepdim=True)
-                    patch_scores = knn_scores(bank, test_patches, args.fp32_knn)
+                    patch_scores = knn_scores(bank, test_patches, args.fp32_knn or None)
                     scores = pool(patch_scores, "top1pct")
                     if method == "knn":  # the shipped scorer's good-only threshold, calibrated as training does
                         _, loo = fit_and_calibrate(views, cap, "top1pct", seed)
@@ -441,7 +452,7 @@ def main() -> None:
                       f"train {train_seconds:.1f}s", flush=True)
     meta = {"dataset": str(category), "backbone": args.backbone, "size": size, "device": str(device),
             "layers": list(getattr(backbone, "layers", [])), "cap": args.cap, "trainable": args.trainable,
-            "knn_precision": "float32" if args.fp32_knn else "bfloat16",
+            "knn_precision": "float32" if args.fp32_knn or not native_bf16() else "bfloat16",
             "machine": machine(), "steps": args.steps, "lr": args.lr, "l2sp": args.l2sp, "views": args.views,
             "n_good": int(len(good)), "n_defect": int((data.labels == 1).sum())}
     table = summarise(runs)
