@@ -205,6 +205,8 @@ class Inspector:
         maps = result.maps if result.maps is not None else [None] * len(usable)
         for frame, score, score_map in zip(usable, result.scores, maps):
             self.judge(frame, float(score), self.threshold.value(frame.camera), score_map)
+            if self.commissioning is not None and self.commissioning.complete:
+                self.after_batch()  # its revision has the same graph: the rest of this batch is judged on it
 
     def defect(self, frame: Frame, score_map: np.ndarray, threshold: float, reject: bool) -> dict:
         """Where the defect is, in the camera frame's pixels: the box around the hottest connected region of
