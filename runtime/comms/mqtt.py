@@ -266,6 +266,7 @@ class Link:
 
     def _send_loop(self) -> None:
         inflight: dict[int, tuple[int, str]] = {}  # paho mid -> (outbox message id, topic)
+        held: set[str] = set()  # topics with a message held back: theirs wait for the rescan, in order
         last_sent = 0
         while not self.stopping.is_set():
             self.wake.wait(timeout=0.5)
@@ -273,6 +274,7 @@ class Link:
             if self.reconnected.is_set():  # resend everything unacked, in order (duplicates carry their seq)
                 self.reconnected.clear()
                 inflight.clear()
+                held.clear()
                 last_sent = 0
                 try:
                     self.session_started()
@@ -281,9 +283,10 @@ class Link:
                                        self.name, type(exc).__name__, exc, exc_info=exc)
             if self.rescan.is_set():
                 self.rescan.clear()
+                held.clear()
                 last_sent = 0
             try:
-                last_sent = self._send_pending(inflight, last_sent)
+                last_sent = self._send_pending(inflight, last_sent, held)
             except Exception as exc:  # the outbox's disk, most likely: say so, keep trying
                 self.throttled.log(logging.ERROR, "send", "mqtt %s: sending from the outbox failed: %s: %s; retrying",
                                    self.name, type(exc).__name__, exc)
@@ -291,8 +294,10 @@ class Link:
             else:
                 self.throttled.clear("send")
 
-    def _send_pending(self, inflight: dict[int, tuple[int, str]], last_sent: int) -> int:
-        """Settle the acks that arrived, then publish what the window has room for; returns the last id sent."""
+    def _send_pending(self, inflight: dict[int, tuple[int, str]], last_sent: int, held: set[str]) -> int:
+        """Settle the acks that arrived, then publish what the window has room for; returns the last id sent. A
+        topic with a message held back sends nothing more until the rescan: a camera's verdicts never overtake
+        each other (a host saw seq 43 before 42 when a camera came back between two passes)."""
         while True:
             try:
                 mid, reason = self.acks.get_nowait()
@@ -313,8 +318,9 @@ class Link:
             if message.id in flying:  # sent, its ack still to come (a rescan sees it again)
                 last_sent = message.id
                 continue
-            info = self.publish_message(message)
+            info = None if message.topic in held else self.publish_message(message)
             if info is None:  # held back by the link (a Sparkplug device that is dead): it stays in the outbox
+                held.add(message.topic)
                 last_sent = message.id
                 continue
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
