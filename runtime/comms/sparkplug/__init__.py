@@ -105,7 +105,7 @@ class SparkplugNode(Link):
                         for i, camera in enumerate(cameras)}
         self.last: dict[str, dict] = {}  # camera -> last verdict sent, for the values a rebirth declares
         self.reported: dict[str, dict[int, object]] = {}  # camera -> {alias: value} the host holds (by exception)
-        self.born_at: dict[str, float] = {}  # camera -> when its DBIRTH of this session went out (epoch s)
+        self.born_at: dict[str, int] = {}  # camera -> its DBIRTH's timestamp in this session (epoch ms, as sent)
         self.lost: set[str] = set()  # cameras not delivering frames: DDEATH sent, DBIRTH when they are back
         self.seq = 0
         self.connections = self.born_in = 0  # connections made; the one whose births numbered the seq
@@ -206,7 +206,7 @@ class SparkplugNode(Link):
         """A camera's DBIRTH (under the seq lock): every metric, typed, named, with its current value."""
         birth = self._device_payload(camera, self.last.get(camera), names=True)
         self.client.publish(self.topic("DBIRTH", camera), birth.SerializeToString(), qos=self.config.data_qos)
-        self.born_at[camera] = birth.timestamp / 1000  # a verdict captured before it is history
+        self.born_at[camera] = birth.timestamp  # a verdict stamped before it is history
 
     def camera_state(self, camera: str, up: bool) -> None:
         """A camera lost is a DDEATH, one found again a DBIRTH (3.0: a host must not keep a dead device's tags
@@ -274,7 +274,8 @@ class SparkplugNode(Link):
                 return info
             if camera in self.lost:
                 return None
-            historical = verdict["capture_ts"] < self.born_at.get(camera, 0)
+            # in the milliseconds a host compares: a frame 0.3 ms before the birth is stamped the birth's ms
+            historical = round(verdict["capture_ts"] * 1000) < self.born_at.get(camera, 0)
             data = self._device_payload(camera, verdict, names=False, historical=historical)
             info = self._numbered(self.topic("DDATA", camera), data)
         if not historical:
