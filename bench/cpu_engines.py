@@ -61,7 +61,7 @@ def compressed_engine(bundle, threads: int):
     engine.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                          "PERFORMANCE_HINT": "LATENCY"})
     engine.request = engine.compiled.create_infer_request()
-    engine.name = "openvino-int8w"
+    engine.name, engine.precision = "openvino-int8w", "int8"
     return engine
 
 

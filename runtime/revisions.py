@@ -13,7 +13,7 @@ from pathlib import Path
 
 from coft.runtime.box.install import switch
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines import Engine, open_engine, precision_of
+from coft.runtime.engines import Engine, fitted_precision, open_engine
 from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.line.inspector import Inspector
 from coft.runtime.model.bundle import Bundle, commissioned_revision, load_bundle, revise
@@ -67,11 +67,12 @@ class Revisions:
             return None
         if not again:
             done = self.inspector.bundle.manifest.get("commissioning") or {}
-            fitted_on = done.get("engine")
-            if fitted_on and precision_of(fitted_on) != precision_of(self.inspector.engine.name):
-                log.warning("commissioning: %s's threshold was fitted on %s scores and this box runs %s, whose scores "
-                            "differ; commission again ('coft commission') or set backend: %s", self.inspector.bundle.model_id,
-                            fitted_on, self.inspector.engine.name, fitted_on)
+            fitted_on = fitted_precision(self.inspector.bundle.manifest)
+            if fitted_on and fitted_on != self.inspector.engine.precision:
+                log.warning("commissioning: %s's threshold was fitted on %s scores and this box's %s computes in %s, "
+                            "whose scores differ; commission again ('coft commission') or choose a backend that computes "
+                            "in %s", self.inspector.bundle.model_id, fitted_on, self.inspector.engine.name,
+                            self.inspector.engine.precision, fitted_on)
             if set(self.cameras) <= set(done.get("cameras", [])):
                 log.info("commissioning: %s was commissioned for %s on %d frames; inspecting at once at its threshold "
                          "(%.6g); 'coft commission' fits it again", self.inspector.bundle.model_id, ", ".join(self.cameras),
@@ -115,7 +116,7 @@ class Revisions:
                 "frames": fitted["frames"], "suspects_dropped": fitted["suspects_dropped"],
                 "quantile": 1 - fitted["target_false_reject_rate"], "cameras": sorted(self.cameras),
                 "frames_folder": str(commissioning.folder) if commissioning.folder else None,
-                "engine": self.inspector.engine.name}})  # the scores it was fitted on: bf16 and int8 move them
+                "engine": self.inspector.engine.name, "precision": self.inspector.engine.precision}})  # bf16, int8 move scores
         except (CoftError, OSError) as exc:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.inspector.bundle.path, exc)

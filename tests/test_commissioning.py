@@ -75,6 +75,7 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     assert fired == {v["seq"] for v in verdicts if v["verdict"] == "reject"} and fired & {v["seq"] for v in during}
     revision = load_bundle(models / "line3-r2")
     assert revision.manifest["commissioning"]["frames"] == 100 and revision.threshold != load_bundle(bundle).threshold
+    assert revision.manifest["commissioning"]["precision"] == "f32"  # what a box on another engine is warned against
     assert (tmp_path / "box/current").resolve() == models / "line3-r2"
     assert (tmp_path / "box/previous").resolve() == bundle
     folder = tmp_path / f"commissioning-{load_bundle(bundle).model_id}"
@@ -97,7 +98,9 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     first_reject = min(v["seq"] for v in again if v["verdict"] == "reject")
     assert first_reject in {r["seq"] for r in plc.payloads("reject")}
     assert not (models / "line3-r3").exists()
-    assert "was commissioned for cam1 on 100 frames; inspecting at once" in (tmp_path / "restart.log").read_text()
+    restart_log = (tmp_path / "restart.log").read_text()
+    assert "was commissioned for cam1 on 100 frames; inspecting at once" in restart_log
+    assert "whose scores differ" not in restart_log  # the same engine: nothing to warn of
     print(f"restart to the first reject at the PLC: {first_fired_s:.1f}s (process start included; its seq {first_reject})")
 
 

@@ -12,9 +12,9 @@ import torch
 
 from coft.export.onnx import check_matches_manifest, inspection_model
 from coft.export.tensorrt import build_engine, calibration_batches, load_calibration_frames
-from coft.runtime.engines import installed_cpu_engines, open_engine, tensorrt_unavailable
+from coft.runtime.engines import fitted_precision, installed_cpu_engines, open_engine, tensorrt_unavailable
 from coft.runtime.engines.fused_scoring import kernel_options, kernel_source, launch_grid
-from coft.runtime.engines.tensorrt import TRT_MISSING, check_engine_matches, io_shapes
+from coft.runtime.engines.tensorrt import TRT_MISSING, check_engine_matches, engine_precision, io_shapes
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import load_folder, resize_to_input
@@ -126,6 +126,16 @@ def test_engine_from_another_box_is_refused():
         check_engine_matches(built, "10.3.0", "NVIDIA H100", "abc")
     with pytest.raises(CoftError, match="another model.onnx"):
         check_engine_matches(built, "10.3.0", "Orin", "def")
+
+
+def test_a_line_threshold_is_known_by_the_precision_of_the_scores_it_was_fitted_on():
+    assert fitted_precision({}) is None  # the shots' threshold: the line fitted none
+    assert fitted_precision({"commissioning": {"engine": "openvino-bf16"}}) == "bf16"  # a record from before precision
+    assert fitted_precision({"commissioning": {"engine": "openvino-bf16", "precision": "f32"}}) == "f32"  # no native bf16
+    assert fitted_precision({"commissioning": {"engine": "tensorrt", "precision": "fp16"},
+                             "learning": {"engine": "onnxruntime", "precision": "f32"}}) == "f32"  # learning refitted it
+    built = [{"precision": "fp32"}, {"precision": "fp32", "half_factor": True}, {"precision": "int8+fp16"}]
+    assert [engine_precision(meta) for meta in built] == ["f32", "fp16", "int8+fp16"]  # TensorRT's name says none of it
 
 
 def test_engine_io_shapes_follow_the_bundle(exported):

@@ -20,7 +20,7 @@ from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
 
-__all__ = ["BACKENDS", "Engine", "Inference", "open_engine", "precision_of", "provisional_engine", "tensorrt_unavailable"]
+__all__ = ["BACKENDS", "Engine", "Inference", "fitted_precision", "open_engine", "provisional_engine", "tensorrt_unavailable"]
 
 log = logging.getLogger(__name__)
 TIMED_RUNS = 5  # batch-1 runs per CPU engine when `auto` chooses between them (after two to warm up)
@@ -47,10 +47,17 @@ BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {
     "openvino-bf16": lambda bundle, threads: _openvino(bundle, threads, "bf16"), "tensorrt": _tensorrt}
 
 
-def precision_of(engine_name: str) -> str:
-    """The arithmetic an engine's scores come from (f32, bf16, int8): a threshold fitted on one holds on another
-    of the same precision only."""
-    return engine_name.partition("-")[2] or "f32"
+def fitted_precision(manifest: dict) -> str | None:
+    """The arithmetic (an engine's `precision`) of the scores the line fitted the bundle's threshold on: the learn
+    step's, else commissioning's; None where the line fitted none. A threshold holds on engines of that precision
+    only. A record written before engines stated their precision names the backend alone."""
+    for step in ("learning", "commissioning"):
+        done = manifest.get(step) or {}
+        if "precision" in done:
+            return done["precision"]
+        if "engine" in done:
+            return done["engine"].partition("-")[2] or "f32"
+    return None
 
 
 def tensorrt_unavailable(bundle: Bundle) -> str | None:

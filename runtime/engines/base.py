@@ -41,6 +41,7 @@ def concatenate(parts: list[Inference]) -> Inference:
 
 class Engine(Protocol):
     name: str
+    precision: str  # the arithmetic its scores come from (f32, bf16, fp16, int8): a threshold holds within one
 
     def infer(self, frames: np.ndarray) -> Inference:
         """uint8 frames [N, H, W, 3] in the bundle's colour order -> scores, embeddings and maps."""

@@ -66,7 +66,7 @@ class OnnxRuntimeEngine:
             raise CoftError(f"{bundle.path}: the bundle has no ONNX model; run 'coft export {bundle.path}' first")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.bundle = bundle
+        self.bundle, self.precision = bundle, precision
         self.name = "onnxruntime" if precision == "f32" else f"onnxruntime-{precision}"
         self.max_batch = int(onnx_info["max_batch"])
         path = bundle.path / onnx_info["file"]

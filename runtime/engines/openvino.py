@@ -27,7 +27,7 @@ class OpenVinoEngine:
         onnx_info = bundle.manifest.get("onnx")
         if not onnx_info:
             raise CoftError(f"{bundle.path}: the bundle has no ONNX model; run 'coft export {bundle.path}' first")
-        self.bundle, self.precision = bundle, precision
+        self.bundle = bundle
         self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
         self.max_batch = int(onnx_info["max_batch"])
         path = bundle.path / onnx_info["file"]
@@ -43,6 +43,8 @@ class OpenVinoEngine:
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise CoftError(f"{path}: OpenVINO cannot compile this graph ({detail}); export the bundle again with "
                             "'coft export', or set backend: onnxruntime") from None
+        # what the CPU really computes in: a bf16 hint runs in f32 where the CPU has no bf16
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.request = self.compiled.create_infer_request()
         self.outputs = ["score", "embedding"] + (["anomaly_map"] if bundle.scores_patches else [])
 

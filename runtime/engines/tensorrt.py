@@ -90,6 +90,15 @@ def scoring_kernel(bundle: Bundle, max_batch: int, half: bool) -> FusedScorer | 
     return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=patches_per_image(bundle))
 
 
+def engine_precision(meta: dict) -> str:
+    """The arithmetic a built engine's scores come from: its build flags, and fp16 where only the fused kernel's
+    factor or bank is half (a threshold fitted on f32 scores does not carry over to either)."""
+    built = meta.get("precision", "fp32")
+    if built == "fp32":
+        return "fp16" if meta.get("half_factor") else "f32"
+    return built
+
+
 class TensorRTEngine:
     name = "tensorrt"
 
@@ -102,6 +111,7 @@ class TensorRTEngine:
         onnx_file = bundle.manifest.get("onnx", {}).get("file")
         check_engine_matches(meta, trt.__version__, gpu_name(), sha256(bundle.path / onnx_file) if onnx_file else None)
         self.bundle, self.max_batch = bundle, int(meta["max_batch"])
+        self.precision = engine_precision(meta)
         runtime = trt.Runtime(TrtLogger())
         self.engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
         if self.engine is None:

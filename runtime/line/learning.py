@@ -144,7 +144,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     fitted.update(method="learn-conformal", previous=threshold["value"])
     growth.report.update(folder=str(folder), camera=frames.camera, unreadable=len(frames.paths) - len(readable),
                          sorted_defects=int(defect.sum()), line_rejects=int(frames.rejected[readable].sum()),
-                         engine=engine.name)
+                         engine=engine.name, precision=engine.precision)
     stage = out.with_name(f".{out.name}.graph")
     onnx_file = bundle.manifest["onnx"]["file"]
     try:
