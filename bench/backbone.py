@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from host import cpu_name  # noqa: E402
 
 from coft.export.onnx import export_onnx, inspection_model  # noqa: E402
 from coft.runtime.engines import open_engine  # noqa: E402
@@ -162,7 +163,7 @@ def main() -> None:
             frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
             for name, run in (("ONNX Runtime", ort_engine.infer), ("PyTorch eager", torch_run)):
                 rows.append({"scorer": bundle.manifest["scorer"], "path": name, **measure(run, frames, args.seconds)})
-    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    meta = {"machine": cpu_name(), "threads": args.threads,
             "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
             "model": f"{bundle.manifest['backbone']['name']} {h}x{w}, frame to score"}
     lines = [f"Backbone speed, {meta['model']}, {meta['machine']} with {args.threads} threads "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import sqlite3
 import subprocess
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from host import cpu_name  # noqa: E402
 
 from tests.support.broker import Mosquitto, Subscriber  # noqa: E402
 
@@ -126,7 +126,7 @@ def main() -> None:
                for i in range(args.cameras)}
     cameras = {f"cam{i}": per_camera(verdicts, rejects[f"cam{i}"], f"cam{i}") for i in range(args.cameras)}
     text = log.read_text()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Mosquitto on loopback"
+    machine = f"{cpu_name()}, Mosquitto on loopback"
     result = {"machine": machine, "cameras": args.cameras, "fps_per_camera": args.fps, "outage_s": args.outage_s,
               "kills": args.kills, "backlog_at_reconnect": backlog, "drain_s": round(drain_s, 1),
               "max_outbox_depth": max(depths), "final_outbox_depth": outbox_depth(outbox), "exit_codes": exit_codes,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backbone import demo_bundle, elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from host import cpu_name  # noqa: E402
 
 from coft.runtime.model.bundle import load_bundle  # noqa: E402
 from tests.support.broker import Mosquitto, free_port  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> None:
                          work / f"rate{rate:g}", args.continuous_fps) for rate in args.rates]
     finally:
         broker.stop()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ONNX Runtime {args.threads} threads"
+    machine = f"{cpu_name()}, ONNX Runtime {args.threads} threads"
     model = load_bundle(bundle).manifest
     lines = [f"Trigger-to-answer at the PLC on {machine}; model {model['backbone']['name']} ({model.get('scorer')}), "
              f"deadline {args.deadline_ms} ms, triggered camera at 60 fps"

@@ -55,6 +55,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from host import cpu_name, native_bf16  # noqa: E402
+
 from coft.cli import size_argument  # noqa: E402
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
@@ -155,15 +157,6 @@ def cached_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
     return out
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX, AVX512-BF16; Linux's flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def knn_scores(bank: torch.Tensor, test_patches: torch.Tensor, fp32: bool | None = None, chunk: int = 16):
     """Patch distances [n, P] of test patch features [n, P, C] to a bank [M, C] of unit rows (1 - max cosine),
     in float32 or bfloat16 (None: bfloat16 where native_bf16)."""
@@ -253,7 +246,7 @@ def finetune_config(method: str, args) -> FinetuneConfig:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
             "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

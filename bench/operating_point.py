@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fewshot import find_category  # noqa: E402
+from host import cpu_name  # noqa: E402
 
 from coft.runtime.model.frames import LineFrames  # noqa: E402
 from coft.runtime.model.images import list_images, read_image, resize_to_input  # noqa: E402
@@ -251,7 +251,7 @@ def main() -> None:
     harvest = harvest_rows(category, args, work) if args.harvest else []
     name = (f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
             + (f"-defects{args.defect_share:g}" if args.defect_share is not None else ""))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = cpu_name()
     lines = [f"Operating point on {name} (backbone-scorer), k={args.shots}, seeds {args.seeds}, target false-reject "
              f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); share of defects in the "
              f"commissioning frames {args.defect_share if args.defect_share is not None else np.mean([r['labels'].mean() for r in runs]):.0%}"

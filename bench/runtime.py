@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backbone import elpv_video, runtime_bundle  # noqa: E402  (bench/ is on sys.path when run as a script)
+from host import cpu_name  # noqa: E402
 
 from coft.runtime.engines import open_engine  # noqa: E402
 from coft.runtime.model.bundle import load_bundle  # noqa: E402
@@ -256,7 +256,7 @@ def main() -> None:
         broker.stop()
     after_ms = bare_inference_ms(bundle, video, args.backend, args.threads)[0]  # a shared VM's speed drifts
     model = load_bundle(bundle).manifest
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {engine} {args.threads} threads, "
+    machine = (f"{cpu_name()}, {engine} {args.threads} threads, "
                f"outbox fsync {'off' if args.no_fsync else 'on'}, camera frames {args.frame_size} {args.camera}")
     lines = [f"Runtime benchmark on {machine}; bare inference (batch 1, {model['input']['height']}x"
              f"{model['input']['width']} {model['backbone']['name']} {model['scorer']}, frame to score): "
