@@ -237,5 +237,6 @@ def test_after_commissioning_the_line_learns_in_the_background_resumes_after_a_r
     assert models == [original, f"{original}-r2", f"{original}-r3"]  # shots, commissioned, learned
     learned = load_bundle(tmp_path / "models/cells-r3")
     assert learned.manifest["learning"]["frames"] == 120 and learned.manifest["learning"]["rows_added"] > 0
+    assert learned.manifest["learning"]["precision"] == "f32"  # its threshold's scores: ONNX Runtime's, whatever ran
     assert {v["threshold"] for v in verdicts if v["model_id"] == learned.model_id} == {learned.threshold}
     assert "learn: growing the bank from the" in log.read_text() and "in the background" in log.read_text()
