@@ -140,7 +140,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     if len(calibration) < MIN_FRAMES:
         raise CoftError(f"{folder}: {len(calibration)} frames not sorted as defects; the threshold of a grown bank "
                         f"is fitted on at least {MIN_FRAMES}: give more frames")
-    fitted = fit_threshold(calibration, target)
+    fitted = fit_threshold(calibration, target, good=good[~defect])
     fitted.update(method="learn-conformal", previous=threshold["value"])
     growth.report.update(folder=str(folder), camera=frames.camera, unreadable=len(frames.paths) - len(readable),
                          sorted_defects=int(defect.sum()), line_rejects=int(frames.rejected[readable].sum()),

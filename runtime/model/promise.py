@@ -98,8 +98,13 @@ def describe(threshold: dict) -> str:
     """One line for logs, eval, `coft status` and the page: the promise, or why there is none."""
     stated = threshold.get("promise")
     if stated:
-        return (f"false-reject <= {stated['false_reject_rate']:.1%} with {stated['confidence']:.0%} confidence "
+        line = (f"false-reject <= {stated['false_reject_rate']:.1%} with {stated['confidence']:.0%} confidence "
                 f"from {stated['frames']} frames")
+        if stated.get("assumed_defects"):
+            line += (f", taking the {stated['assumed_defects']} frames scored above {stated['assumed_above']:.4g} for "
+                     f"defects (were they good parts: <= {stated['if_all_good']:.1%}; sort the good ones into good/ "
+                     "beside the kept frames and run coft learn)")
+        return line
     images = threshold.get("calibration_images")
     target = threshold.get("target_false_reject_rate", 0.01)
     if images:
