@@ -100,10 +100,11 @@ def describe(threshold: dict) -> str:
     if stated:
         line = (f"false-reject <= {stated['false_reject_rate']:.1%} with {stated['confidence']:.0%} confidence "
                 f"from {stated['frames']} frames")
-        if stated.get("assumed_defects"):
-            line += (f", taking the {stated['assumed_defects']} frames scored above {stated['assumed_above']:.4g} for "
-                     f"defects (were they good parts: <= {stated['if_all_good']:.1%}; sort the good ones into good/ "
-                     "beside the kept frames and run coft learn)")
+        assumed = stated.get("if_defects")
+        if assumed:
+            line += (f"; <= {assumed['false_reject_rate']:.1%} if the {assumed['frames']} frames scored above "
+                     f"{assumed['above']:.4g} are defects (sort the good ones among them into good/ beside the kept "
+                     "frames and run coft learn)")
         return line
     images = threshold.get("calibration_images")
     target = threshold.get("target_false_reject_rate", 0.01)
