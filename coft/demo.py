@@ -45,7 +45,7 @@ def elpv_cells() -> tuple[list[Path], np.ndarray, list[str]]:
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.symlink(source, target)
+        os.symlink(source.resolve(), target)  # a relative source (the default demo-out/) would dangle from there
     except OSError:
         shutil.copyfile(source, target)
 

@@ -28,10 +28,12 @@ def test_corrupt_and_non_image_files_are_skipped_by_name(tmp_path, caplog):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "marked.png").symlink_to("elsewhere/marked.png")  # a relative link made from another folder
     with caplog.at_level(logging.WARNING):
         paths, images = load_folder(tmp_path)
     assert [p.name for p in paths] == ["ok.png"] and len(images) == 1
     assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
+    assert "1 image links point nowhere and are left out" in caplog.text and "elsewhere/marked.png" in caplog.text
 
 
 def test_folder_with_no_readable_image_is_an_error(tmp_path):

@@ -33,7 +33,12 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise CoftError(f"{folder}: not a folder of images; give the path of a folder that holds .png/.jpg files")
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    named = [p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES]
+    broken = [p for p in named if p.is_symlink() and not p.exists()]
+    if broken:  # an operator's mark made as a link that points nowhere is lost otherwise, without a word
+        log.warning("%s: %d image links point nowhere and are left out, e.g. %s -> %s; link to absolute paths",
+                    folder, len(broken), broken[0], os.readlink(broken[0]))
+    return sorted(p for p in named if p.is_file())
 
 
 def check_pixels(height: int, width: int, source: str) -> None:
