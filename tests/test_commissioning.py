@@ -58,8 +58,10 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     bundle = shutil.copytree(exported_bundle, models / "line3")
     (tmp_path / "box/current").symlink_to(bundle)
     video = write_video(tmp_path / "line.avi", 150, defect_every=10)
+    # one engine pinned: `auto` times the CPU engines at each start and, where bf16 is native, may pick another
     config = write_config(tmp_path, tmp_path / "box/current", mosquitto.port,
-                          [{"name": "cam1", "source": str(video), "fps": 50}], commissioning={"frames": 100})
+                          [{"name": "cam1", "source": str(video), "fps": 50}], commissioning={"frames": 100},
+                          backend="onnxruntime")
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
     assert runtime.wait(timeout=180) == 0
