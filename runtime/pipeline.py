@@ -33,7 +33,7 @@ from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
 from coft.runtime.comms.recorder import Recorder, gap_messages
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines import provisional_engine
+from coft.runtime.engines import fitted_precision, provisional_engine
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe, Part
 from coft.runtime.line.inspector import FrameQueue, Inspector
@@ -116,7 +116,8 @@ class Runtime:
         self.line_lock = hold_line(config.outbox.path)  # first: a second runtime must not touch anything
         raise_open_files_limit()
         bundle = load_bundle(config.bundle, config.trusted_keys)
-        engine, choose_engine = provisional_engine(bundle, config.backend, config.threads)
+        engine, choose_engine = provisional_engine(  # auto keeps the arithmetic the line's threshold was fitted on
+            bundle, config.backend, config.threads, None if commission else fitted_precision(bundle.manifest))
         log.info("model %s on %s, threshold %.6g", bundle.model_id,
                  "the fastest installed CPU engine (timed at warm-up)" if choose_engine
                  else engine.name, bundle.threshold)
@@ -390,6 +391,7 @@ class Runtime:
                     _touch(alive)
                     next_check = time.monotonic() + 1.0
                 if self.inspector.warmed.is_set() and not self.cameras_started:
+                    self.revisions.check_precision()  # the engine auto chose is known once warmed up
                     self.start_cameras()
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()

@@ -59,6 +59,17 @@ class Revisions:
         return {"frames": len(self.commissioning.scores), "of": self.commissioning.wanted,
                 "rejects_fired": self.config.commissioning.rejects}
 
+    def check_precision(self) -> None:
+        """Say where the engine the line runs (auto's choice, known after the warm-up) computes in another precision
+        than the scores its threshold was fitted on: that threshold then holds no longer. A line commissioning now
+        fits its own."""
+        fitted_on = fitted_precision(self.inspector.bundle.manifest)
+        engine = self.inspector.engine
+        if self.commissioning is None and fitted_on and fitted_on != engine.precision:
+            log.warning("commissioning: %s's threshold was fitted on %s scores and this box's %s computes in %s, "
+                        "whose scores differ; commission again ('coft commission') or choose a backend that computes "
+                        "in %s", self.inspector.bundle.model_id, fitted_on, engine.name, engine.precision, fitted_on)
+
     def _planned(self, again: bool) -> Commissioning | None:
         """Commission only a bundle not yet commissioned for these cameras (or when asked again): a restart, by
         the watchdog, a crash or a reboot, resumes inspection at once with the commissioned threshold."""
@@ -67,12 +78,6 @@ class Revisions:
             return None
         if not again:
             done = self.inspector.bundle.manifest.get("commissioning") or {}
-            fitted_on = fitted_precision(self.inspector.bundle.manifest)
-            if fitted_on and fitted_on != self.inspector.engine.precision:
-                log.warning("commissioning: %s's threshold was fitted on %s scores and this box's %s computes in %s, "
-                            "whose scores differ; commission again ('coft commission') or choose a backend that computes "
-                            "in %s", self.inspector.bundle.model_id, fitted_on, self.inspector.engine.name,
-                            self.inspector.engine.precision, fitted_on)
             if set(self.cameras) <= set(done.get("cameras", [])):
                 log.info("commissioning: %s was commissioned for %s on %d frames; inspecting at once at its threshold "
                          "(%.6g); 'coft commission' fits it again", self.inspector.bundle.model_id, ", ".join(self.cameras),

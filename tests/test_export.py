@@ -138,6 +138,24 @@ def test_a_line_threshold_is_known_by_the_precision_of_the_scores_it_was_fitted_
     assert [engine_precision(meta) for meta in built] == ["f32", "fp16", "int8+fp16"]  # TensorRT's name says none of it
 
 
+def test_auto_keeps_the_precision_the_threshold_was_fitted_on(exported, monkeypatch, caplog):
+    import logging
+
+    from coft.runtime import engines
+    bundle = load_bundle(exported)
+    monkeypatch.setattr(engines, "installed_cpu_engines", lambda: ["onnxruntime", "openvino", "openvino-bf16"])
+    assert engines.auto_candidates(bundle, None) == ["onnxruntime", "openvino", "openvino-bf16"]  # nothing fitted yet
+    assert engines.auto_candidates(bundle, "f32") == ["onnxruntime", "openvino"]  # bf16 was timed fastest on a Zen 5
+    assert engines.auto_candidates(bundle, "bf16") == ["openvino-bf16"]
+    monkeypatch.setattr(engines, "installed_cpu_engines", lambda: ["onnxruntime", "openvino-bf16"])
+    engine, choice = engines.provisional_engine(bundle, "auto", 1, "f32")
+    assert (engine.name, engine.precision, choice) == ("onnxruntime", "f32", None)  # one candidate: nothing to time
+    monkeypatch.setattr(engines, "installed_cpu_engines", lambda: ["onnxruntime", "openvino"])  # a CPU without bf16
+    with caplog.at_level(logging.INFO, logger="coft.runtime.engines"):
+        assert engines.auto_candidates(bundle, "bf16") == ["onnxruntime", "openvino"]
+    assert "no installed CPU engine computes in bf16" in caplog.text  # the start then says to commission again
+
+
 def test_engine_io_shapes_follow_the_bundle(exported):
     bundle = load_bundle(exported)
     assert io_shapes(bundle, 4) == {"frame": (4, 96, 96, 3), "embedding": (4, 1280)}

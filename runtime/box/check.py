@@ -18,8 +18,8 @@ KERNEL_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
 def graph_loads(bundle: Bundle, backend: str = "onnxruntime", threads: int = 1) -> str:
     """Open the bundle's graph with the engine the box would use (a sealed bundle can still hold a graph no
     engine reads); returns the engine's name or raises a one-line CoftError."""
-    from coft.runtime.engines import open_engine
-    return open_engine(bundle, backend, threads).name
+    from coft.runtime.engines import fitted_precision, open_engine
+    return open_engine(bundle, backend, threads, fitted_precision(bundle.manifest)).name
 
 
 def writable_file(path: Path, key: str) -> None:

@@ -4,7 +4,8 @@ named like its BACKENDS key, and kernels/ with the CUDA sources the box compiles
 An explicit table, no discovery: `onnxruntime` runs anywhere (the embedded default), `openvino` on Intel
 CPUs (f32, or `openvino-bf16` where the CPU has AMX or AVX512-BF16), `tensorrt` runs a bundle's engine with the
 fused CUDA scoring kernel on a Jetson or GPU. `auto` takes TensorRT where it can run, else times the installed
-CPU engines on the bundle's own graph and keeps the fastest.
+CPU engines on the bundle's own graph and keeps the fastest, among those that compute in the precision the line
+fitted the bundle's threshold on (a threshold holds on scores of that arithmetic only).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
 
-__all__ = ["BACKENDS", "Engine", "Inference", "fitted_precision", "open_engine", "provisional_engine", "tensorrt_unavailable"]
+__all__ = ["BACKENDS", "CPU_PRECISION", "Engine", "Inference", "auto_candidates", "fitted_precision", "open_engine", "provisional_engine", "tensorrt_unavailable"]
 
 log = logging.getLogger(__name__)
 TIMED_RUNS = 5  # batch-1 runs per CPU engine when `auto` chooses between them (after two to warm up)
+CPU_PRECISION = {"onnxruntime": "f32", "openvino": "f32", "openvino-bf16": "bf16"}  # auto's candidates' arithmetic
 
 
 def _onnxruntime(bundle: Bundle, threads: int, precision: str = "f32") -> Engine:
@@ -83,9 +85,22 @@ def installed_cpu_engines() -> list[str]:
     return ["onnxruntime", "openvino", *(["openvino-bf16"] if native_bf16 else [])]
 
 
-def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
-    """Time each installed CPU engine on the bundle's own graph at batch 1 and keep the faster; say which."""
+def auto_candidates(bundle: Bundle, keep: str | None) -> list[str]:
+    """The installed CPU engines `auto` may take: those computing in `keep` (the precision the bundle's threshold was
+    fitted on) where any does, else all of them (the start then warns that the threshold needs commissioning again)."""
     names = installed_cpu_engines()
+    kept = [name for name in names if CPU_PRECISION[name] == keep]
+    if keep and not kept:
+        log.warning("engine auto: no installed CPU engine computes in %s, the precision %s's threshold was fitted on; "
+                    "choosing among %s", keep, bundle.model_id, ", ".join(names))
+    elif keep and kept != names:
+        log.info("engine auto: %s only (%s's threshold was fitted on %s scores)", " or ".join(kept), bundle.model_id, keep)
+    return kept or names
+
+
+def fastest_cpu_engine(bundle: Bundle, threads: int, names: list[str]) -> Engine:
+    """Time each of these CPU engines (auto_candidates) on the bundle's own graph at batch 1 and keep the faster; say
+    which."""
     if len(names) == 1:
         return BACKENDS[names[0]](bundle, threads)
     frame = np.zeros((1, *bundle.input_size, 3), np.uint8)
@@ -114,23 +129,27 @@ def fastest_cpu_engine(bundle: Bundle, threads: int) -> Engine:
     return timed[0][2]
 
 
-def provisional_engine(bundle: Bundle, backend: str, threads: int) -> tuple[Engine, Callable[[], Engine] | None]:
+def provisional_engine(bundle: Bundle, backend: str, threads: int,
+                       keep: str | None = None) -> tuple[Engine, Callable[[], Engine] | None]:
     """An engine to start with and, where `auto` has CPU engines to choose between, the choice to make later: the
     runtime times them in its inspector's warm-up, which its stall check watches (a graph that hangs must end
-    the process, not its start)."""
-    if backend == "auto" and tensorrt_unavailable(bundle) and len(installed_cpu_engines()) > 1:
-        return BACKENDS["onnxruntime"](bundle, threads), lambda: fastest_cpu_engine(bundle, threads)
-    return open_engine(bundle, backend, threads), None
+    the process, not its start). `keep`: the precision auto keeps (open_engine)."""
+    if backend == "auto" and tensorrt_unavailable(bundle):
+        names = auto_candidates(bundle, keep)
+        if len(names) > 1:
+            return BACKENDS[names[0]](bundle, threads), lambda: fastest_cpu_engine(bundle, threads, names)
+    return open_engine(bundle, backend, threads, keep), None
 
 
-def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0) -> Engine:
+def open_engine(bundle: Bundle, backend: str = "auto", threads: int = 0, keep: str | None = None) -> Engine:
     """The requested backend; `auto` takes TensorRT where the bundle has an engine and it can run, else the faster
-    of the installed CPU engines on this graph (fastest_cpu_engine).
+    of the installed CPU engines on this graph (fastest_cpu_engine), among those computing in `keep` where given
+    (fitted_precision: the line's threshold holds on that arithmetic only).
 
     `threads` sets the CPU engines' threads (0: all cores)."""
     if backend == "auto":
         if tensorrt_unavailable(bundle):
-            return fastest_cpu_engine(bundle, threads)
+            return fastest_cpu_engine(bundle, threads, auto_candidates(bundle, keep))
         backend = "tensorrt"
     if backend not in BACKENDS:
         raise CoftError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
