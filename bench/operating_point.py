@@ -8,9 +8,12 @@ other good and every defective image) is the line. For each seed a bundle is tra
 the default options (`coft train`), every test image is scored once (cached), then:
 
 (a) commissioning: N unlabelled frames (100 / 300 / 1000) drawn from the line with its
-    natural share of defects, the threshold fitted on them by `runtime.commissioning`
-    (and the alternatives it was chosen against), false-reject and escape measured on the
-    frames not drawn; against the bundle's good-only threshold and the oracle threshold
+    natural share of defects, the threshold fitted on them as commissioning does (row
+    "commissioning": the conformal fit, checked against the bundle's threshold where N is
+    too few to promise the target) and by each fit alone (the alternatives it was chosen
+    against; "conformal" is commissioning before that check), false-reject and escape
+    measured on the frames not drawn (at least --measure-at-least of them; an N that
+    leaves fewer is a "not run" row); against the bundle's good-only threshold and the oracle threshold
     (the one that rejects the target share of the remaining good frames; its escape is the
     best any threshold at that false-reject rate can do). 50 draws per N and seed.
 (b) camera pipeline: the good test images resized to the model input as stills, through an
@@ -159,7 +162,7 @@ def harvest_rows(category: Path, args, work: Path) -> list[dict]:
     return rows
 
 
-MEASURED_AT_LEAST = 300  # frames left after commissioning to measure it on
+MEASURED_AT_LEAST = 300  # frames left after commissioning to measure it on, unless --measure-at-least says fewer
 
 
 def draw(labels: np.ndarray, size: int, share: float | None, rng: np.random.Generator) -> np.ndarray:
@@ -174,20 +177,29 @@ def draw(labels: np.ndarray, size: int, share: float | None, rng: np.random.Gene
     return drawn
 
 
-def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share: float | None = None) -> list[dict]:
+def not_run(runs: list[dict], size: int, share: float | None, measured: int) -> str | None:
+    """Why commissioning on `size` frames cannot be measured on this line, or None."""
+    frames = min(len(r["scores"]) for r in runs)
+    if frames - size < measured:
+        return (f"the line has {frames} frames, {frames - size} left after {size} to measure on "
+                f"(--measure-at-least {max(frames - size, 0)} would measure on them)")
+    bad = 0 if share is None else round(share * size)
+    goods, defects = min((r["labels"] == 0).sum() for r in runs), min((r["labels"] == 1).sum() for r in runs)
+    if share is not None and (size - bad > goods - min(100, measured // 3) or bad > defects - 10):
+        return f"{size} frames at {share:.0%} defects leave too few of the line's {goods} good or {defects} defective"
+    return None
+
+
+def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share: float | None = None,
+                       measured: int = MEASURED_AT_LEAST) -> list[dict]:
     rows = []
     for size in sizes:
-        if any(len(run["scores"]) - size < MEASURED_AT_LEAST for run in runs):
-            print(f"commissioning on {size} frames skipped: it would leave fewer than {MEASURED_AT_LEAST} of the "
-                  f"{min(len(r['scores']) for r in runs)} to measure on")
+        why = not_run(runs, size, share, measured)
+        if why:
+            rows.append({"frames": size, "threshold": "not run", "why": why})
             continue
-        if share is not None and any(size - round(share * size) > (run["labels"] == 0).sum() - 100
-                                     or round(share * size) > (run["labels"] == 1).sum() - 10 for run in runs):
-            print(f"commissioning on {size} frames with {share:.0%} defects skipped: too few good or defective "
-                  "frames left to measure on")
-            continue
-        for fit in ["bundle", "oracle", *FITS]:
-            frr, esc, held = [], [], []
+        for fit in ["bundle", "oracle", "commissioning", *FITS]:
+            frr, esc, held, kept_bundle = [], [], [], []
             for run in runs:
                 labels, scores = run["labels"], run["scores"]
                 rng = np.random.default_rng(size)
@@ -198,6 +210,10 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share:
                         threshold = float(run["threshold"])
                     elif fit == "oracle":
                         threshold = float(np.quantile(rest_scores[rest_labels == 0], 1 - target, method="higher"))
+                    elif fit == "commissioning":
+                        fitted = fit_threshold(scores[drawn], target, bundle=float(run["threshold"]))
+                        threshold = fitted["value"]
+                        kept_bundle.append(fitted["method"] == "commissioning-kept-bundle")
                     else:
                         fitted = fit_threshold(scores[drawn], target, fit)
                         threshold = fitted["value"]
@@ -216,7 +232,8 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share:
                              "promise_held": float(np.mean([h[0] for h in held])) if held else None,
                              "promised": float(np.mean([h[1] for h in held])) if held else None,
                              "if_defects_held": float(np.mean([h[2] for h in held])) if held else None,
-                             "if_defects": float(np.mean([h[3] for h in held])) if held else None})
+                             "if_defects": float(np.mean([h[3] for h in held])) if held else None,
+                             "kept_bundle": float(np.mean(kept_bundle)) if kept_bundle else None})
     return rows
 
 
@@ -243,6 +260,9 @@ def main() -> None:
     parser.add_argument("--target-frr", type=float, default=0.01)
     parser.add_argument("--defect-share", type=float, default=None,
                         help="commissioning frames drawn with this share of defects (default: the set's own)")
+    parser.add_argument("--measure-at-least", type=int, default=MEASURED_AT_LEAST,
+                        help="frames left after commissioning to measure it on (default %(default)s); a short line "
+                             "measures on fewer, stated in the table")
     parser.add_argument("--out", type=Path, default=Path("bench-out/operating_point"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +270,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="coft-op-"))
     runs = [seed_scores(category, seed, args, work) for seed in args.seeds[:1 if args.camera_only else None]]
     commissioning = [] if args.camera_only else commissioning_rows(runs, args.target_frr, args.frames,
-                                                                     args.defect_share)
+                                                                     args.defect_share, args.measure_at_least)
     camera = [] if args.no_camera else camera_rows(runs[0], args.target_frr)
     harvest = harvest_rows(category, args, work) if args.harvest else []
     name = (f"{'elpv' if args.dataset == 'elpv' else category.name}-{args.backbone}-{args.scorer}"
@@ -259,7 +279,8 @@ def main() -> None:
     lines = [f"Operating point on {name} (backbone-scorer), k={args.shots}, seeds {args.seeds}, target false-reject "
              f"{args.target_frr:.0%}, {DRAWS} draws per N and seed ({machine}); share of defects in the "
              f"commissioning frames {args.defect_share if args.defect_share is not None else np.mean([r['labels'].mean() for r in runs]):.0%}"
-             + ("" if args.defect_share is None else " (drawn at that share)"), "",
+             + ("" if args.defect_share is None else " (drawn at that share)")
+             + f"; measured on the frames not drawn, at least {args.measure_at_least}", "",
              f"Whole line at the oracle threshold (the best any threshold does): escape at 1% false-reject "
              f"{np.mean([escape_at_false_reject(r['labels'], r['scores'], 0.01) for r in runs]):.1%}, at 5% "
              f"{np.mean([escape_at_false_reject(r['labels'], r['scores'], 0.05) for r in runs]):.1%}; image AUROC "
@@ -267,8 +288,10 @@ def main() -> None:
              "| commissioning frames | threshold | false-reject | escape | promised false-reject (95%) | promise held "
              "| if the frames beyond the cut are defects | held |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['frames']} | {r['threshold']} | {r['false_reject']:.2%} ± {r['false_reject_std']:.2%} | "
-              f"{r['escape']:.3f} ± {r['escape_std']:.3f} | "
+    lines += [f"| {r['frames']} | not run: {r['why']} | | | | | | |" if r["threshold"] == "not run" else
+              f"| {r['frames']} | {r['threshold']}"
+              + (f" (bundle's kept in {r['kept_bundle']:.0%})" if r.get("kept_bundle") is not None else "")
+              + f" | {r['false_reject']:.2%} ± {r['false_reject_std']:.2%} | {r['escape']:.3f} ± {r['escape_std']:.3f} | "
               + (f"{r['promised']:.2%} | {r['promise_held']:.0%} | {r['if_defects']:.2%} | {r['if_defects_held']:.0%} |"
                  if r["promised"] is not None else "- | - | - | - |")
               for r in commissioning]

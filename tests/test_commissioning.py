@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
 import numpy as np
 import pytest
 
+from coft.runtime.engines import CPU_PRECISION
 from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
@@ -36,6 +38,41 @@ def test_fit_holds_the_target_on_a_contaminated_line(defect_share):
         held += rates[-1] <= fitted["promise"]["false_reject_rate"]
     assert np.mean(rates) <= 0.02 and held >= 18  # what it promises holds (95% confidence: 19 of 20 expected)
     assert fitted["frames"] == 300 and (fitted["suspects_dropped"] > 50) == (defect_share > 0)
+
+
+def test_on_frames_too_few_to_promise_the_fit_never_makes_the_line_worse_than_the_bundle(caplog):
+    """A heavy good tail (as on an elongated-part line) where 100 frames cannot promise 1%: the fit alone, a normal's
+    guess, rejected 5% of good parts; checked against the bundle's threshold on frames it was not fitted on, it is
+    kept only where it does as well, and a bundle threshold far too low for the line is still replaced."""
+    import logging
+    rng = np.random.default_rng(0)
+    good_parts = np.exp(0.15 * rng.standard_t(3, 200_000))
+
+    def line(frames: int) -> np.ndarray:
+        defect = rng.random(frames) < 0.05
+        good = np.exp(0.15 * rng.standard_t(3, frames))
+        return np.where(defect, good * np.exp(rng.uniform(0.3, 1.5, frames)), good)
+
+    bundle = float(np.quantile(good_parts, 0.99))
+    for frames in (100, 300):
+        fit_alone, checked = [], []
+        for _ in range(20):
+            scores = line(frames)
+            fit_alone.append((good_parts > fit_threshold(scores, 0.01)["value"]).mean())
+            fitted = fit_threshold(scores, 0.01, bundle=bundle)
+            checked.append((good_parts > fitted["value"]).mean())
+        if frames == 100:
+            assert np.mean(fit_alone) > 0.03 and np.mean(checked) < 0.015  # the bundle's 1% kept, not the fit's 5%
+            assert fitted["held_out"]["frames"] >= 90 and fitted["method"] == "commissioning-kept-bundle"
+        else:
+            assert checked == fit_alone and "held_out" not in fitted  # 300 frames promise 1%: the fit stands
+    too_low = float(np.quantile(good_parts, 0.8))  # shots that scored lower than the line's good parts do
+    fitted = fit_threshold(line(100), 0.01, bundle=too_low)
+    assert fitted["method"] == "commissioning-conformal" and fitted["value"] > too_low
+    assert fitted["held_out"]["bundle_false_reject"] > 0.1 and fitted["held_out"]["kept"] == "fit"
+    with caplog.at_level(logging.WARNING, logger="coft.runtime.line.commissioning"):
+        Commissioning(100, 0.01, None)
+    assert "100 frames can promise at best false-reject <= 3.0% at 95%; 299 are needed for 1%" in caplog.text
 
 
 def test_too_few_frames_and_a_mostly_defective_stream_keep_the_old_threshold(tmp_path):
@@ -85,7 +122,10 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     log = (tmp_path / "runtime.log").read_text()
     assert "<- new threshold" in log and "commissioning done: now running" in log
 
-    # a restart (watchdog, crash, reboot) resumes inspection at once with the commissioned threshold
+    # a restart (watchdog, crash, reboot) resumes inspection at once with the commissioned threshold; under `auto` on
+    # an engine of the precision it was fitted on (where bf16 is native, auto timed openvino-bf16 fastest and warned)
+    write_config(tmp_path, tmp_path / "box/current", mosquitto.port, [{"name": "cam1", "source": str(video), "fps": 50}],
+                 commissioning={"frames": 100}, backend="auto")
     started = time.monotonic()
     restarted = start_runtime(config, tmp_path / "restart.log", "--until-end")
     while not any(r["seq"] > 150 for r in plc.payloads("reject")) and time.monotonic() - started < 60:
@@ -102,7 +142,9 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     assert not (models / "line3-r3").exists()
     restart_log = (tmp_path / "restart.log").read_text()
     assert "was commissioned for cam1 on 100 frames; inspecting at once" in restart_log
-    assert "whose scores differ" not in restart_log  # the same engine: nothing to warn of
+    assert "whose scores differ" not in restart_log  # the same precision: nothing to warn of
+    chosen = re.search(r"engine auto: (\S+) \(", restart_log)
+    assert chosen is None or CPU_PRECISION[chosen[1]] == "f32", chosen
     print(f"restart to the first reject at the PLC: {first_fired_s:.1f}s (process start included; its seq {first_reject})")
 
 
@@ -222,9 +264,9 @@ def test_a_commissioning_folder_that_goes_away_is_logged_not_fatal(tmp_path, cap
     shutil.rmtree(tmp_path / "frames")  # the disk went away under it
     for i, score in enumerate(scores[1:], 1):
         commissioning.add("cam1", i, np.zeros((8, 8, 3), np.uint8), float(score))
-    fitted = commissioning.fit({"value": 10.0, "target_false_reject_rate": 0.01})
+    fitted = commissioning.fit({"value": 1.2, "target_false_reject_rate": 0.01})
     assert fitted["frames"] == 120 and "commissioning: could not write" in caplog.text
-    assert "<- new threshold" in commissioning.histogram(10.0, fitted["value"])
+    assert "<- new threshold" in commissioning.histogram(1.2, fitted["value"])
 
 
 def test_the_threshold_states_what_it_promises_and_the_promise_holds():

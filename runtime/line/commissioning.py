@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from coft.runtime.model.errors import CoftError
+from coft.runtime.model.promise import best_promise, frames_to_promise
 from coft.runtime.model.threshold import fit_threshold, spread_ratio
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,12 @@ class Commissioning:
 
     def __init__(self, frames: int, target: float, folder: Path | None, reserve=None):
         self.wanted, self.target, self.folder, self.reserve = frames, target, folder, reserve
+        needed = frames_to_promise(target)
+        if frames < needed:
+            log.warning("commissioning: %d frames can promise at best false-reject <= %.1f%% at 95%%; %d are needed "
+                        "for %.0f%% (commissioning.frames): the fit is taken only where frames it was not fitted on "
+                        "show it delivers as well as the bundle's threshold", frames, 100 * best_promise(frames),
+                        needed, 100 * target)
         self.scores: list[float] = []
         self.parts: set[tuple[str, str]] = set()  # (camera, part id) already counted
         self.rows: list[str] = ["file,camera,frame_id,score"]
@@ -68,7 +75,14 @@ class Commissioning:
             except OSError as exc:
                 log.error("commissioning: could not write %s (%s); fitting on the scores in memory",
                           self.folder / "scores.csv", exc.strerror)
-        fitted = fit_threshold(scores, self.target)
+        fitted = fit_threshold(scores, self.target, bundle=bundle_threshold["value"])
+        checked = fitted.get("held_out")
+        if checked:
+            log.info("commissioning: on the %d frames each was not fitted on, the fit (%.6g) rejected %.1f%% and the "
+                     "bundle's threshold (%.6g) %.1f%% against a %.0f%% target: keeping the %s's", checked["frames"],
+                     checked["fit"], 100 * checked["fit_false_reject"], checked["bundle"],
+                     100 * checked["bundle_false_reject"], 100 * self.target,
+                     "fit" if checked["kept"] == "fit" else "bundle")
         ratio = spread_ratio(scores, bundle_threshold)
         share_above = float((scores > bundle_threshold["value"]).mean())
         fitted.update(spread_vs_training=ratio and round(ratio, 2), share_above_old_threshold=round(share_above, 4),

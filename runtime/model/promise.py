@@ -61,6 +61,11 @@ def best_promise(n: int, confidence: float = CONFIDENCE) -> float:
     return 1 - (1 - confidence) ** (1 / n) if n > 0 else 1.0
 
 
+def frames_to_promise(target: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest good frames that can promise `target` with `confidence` (299 for 1% at 95%)."""
+    return math.ceil(math.log(1 - confidence) / math.log(1 - target))
+
+
 def order_threshold(scores: np.ndarray, target: float, confidence: float = CONFIDENCE) -> float | None:
     """The lowest threshold among the scores that promises `target` with `confidence`, or None when there are
     too few scores for that promise."""

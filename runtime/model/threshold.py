@@ -18,6 +18,12 @@ conformal's (the target met in expectation). What it states as its promise count
 frame, since "rarely" is not "never" (a rare look of good parts lies beyond the cut too), and
 beside it what holds if the frames beyond are defects (bench/operating_point.py measures both).
 A part seen in several frames counts once (frames thinned by part id where they have one).
+
+Frames too few to promise the target (fewer than 299 for 1%) leave the fit a normal's guess at the tail, which on
+an elongated-part line at 100 frames sat below the bundle's threshold and tripled its false rejects. There the fit
+and the bundle's threshold are each judged on frames they were not fitted on (two folds of alternate frames), and
+the fit is taken only where it rejects no more of them beyond the target than the bundle's threshold does
+(held_out_choice; docs/learning.md gives the figures).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from statistics import NormalDist
 import numpy as np
 
 from coft.runtime.model.errors import CoftError
-from coft.runtime.model.promise import expected_threshold, order_threshold, promise
+from coft.runtime.model.promise import expected_threshold, frames_to_promise, order_threshold, promise
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +96,17 @@ def _trimmed_quantile(scores: np.ndarray, target: float) -> float:
     return float(np.quantile(scores[logs <= centre + TRIM_Z * spread], 1 - target, method="higher"))
 
 
-def promise_pool(scores: np.ndarray, good: np.ndarray | None = None) -> np.ndarray:
-    """The frames a promise is stated on: all but those beyond PROMISE_Z spreads of the good parts' fit, except
+def in_pool(scores: np.ndarray, good: np.ndarray | None = None) -> np.ndarray:
+    """Which frames a promise is stated on: all but those beyond PROMISE_Z spreads of the good parts' fit, except
     frames an operator sorted as good (`good`), which always count."""
     logs = np.log(scores)
     centre, spread = _trimmed(logs)
     kept = logs <= centre + PROMISE_Z * spread
-    return scores[kept if good is None else kept | good]
+    return kept if good is None else kept | good
+
+
+def promise_pool(scores: np.ndarray, good: np.ndarray | None = None) -> np.ndarray:
+    return scores[in_pool(scores, good)]
 
 
 def _conformal(scores: np.ndarray, target: float, good: np.ndarray | None = None) -> float:
@@ -131,9 +141,31 @@ def suspects(scores: np.ndarray, z: float = TRIM_Z) -> np.ndarray:
     return logs > centre + z * spread
 
 
-def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal", good: np.ndarray | None = None) -> dict:
+def held_out_choice(scores: np.ndarray, target: float, fitted: float, bundle: float,
+                    good: np.ndarray | None = None) -> dict:
+    """The fit (`fitted`, on every frame) or the bundle's threshold, by what each delivers on frames it was not
+    fitted on: the fit refitted on alternate frames and judged on the others, both ways round, against the
+    bundle's threshold on the same frames (those in the promise pool: frames beyond it are taken for defects by
+    both). The fit is kept where it rejects no more of them beyond the target than the bundle's threshold does;
+    a lower fit is never taken for being lower."""
+    pooled = in_pool(scores, good)
+    alternate = np.arange(len(scores)) % 2 == 0
+    fit_rejects = 0
+    for fold in (alternate, ~alternate):
+        value = _conformal(scores[fold], target, None if good is None else good[fold])
+        fit_rejects += int((scores[~fold & pooled] > value).sum())
+    judged = int(pooled.sum())
+    rates = {"fit": fit_rejects / judged, "bundle": float((scores[pooled] > bundle).sum()) / judged}
+    kept = "fit" if max(rates["fit"] - target, 0) <= max(rates["bundle"] - target, 0) else "bundle"
+    return {"kept": kept, "fit": fitted, "bundle": bundle, "frames": judged,
+            "fit_false_reject": round(rates["fit"], 5), "bundle_false_reject": round(rates["bundle"], 5)}
+
+
+def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal", good: np.ndarray | None = None,
+                  bundle: float | None = None) -> dict:
     """The commissioning threshold and what it was fitted on (recorded in the new revision's manifest); `good`
-    marks frames an operator sorted as good parts."""
+    marks frames an operator sorted as good parts; `bundle` is the threshold the line ran before, which frames too
+    few to promise the target keep where it is shown to deliver more nearly what the fit would (held_out_choice)."""
     scores = np.asarray(scores, np.float64)
     finite = np.isfinite(scores)
     scores, good = scores[finite], None if good is None else np.asarray(good, bool)[finite]
@@ -146,9 +178,14 @@ def fit_threshold(scores: np.ndarray, target: float, fit: str = "conformal", goo
     centre, spread = _trimmed(logs)
     beyond = logs > centre + TRIM_Z * spread
     value = _conformal(scores, target, good) if fit == "conformal" else FITS[fit](scores, target)
-    return {"value": value, "method": f"commissioning-{fit}", "target_false_reject_rate": target,
+    method, checked = f"commissioning-{fit}", None
+    if bundle is not None and fit == "conformal" and len(scores) < frames_to_promise(target):
+        checked = held_out_choice(scores, target, value, bundle, good)
+        if checked["kept"] == "bundle":
+            value, method = bundle, "commissioning-kept-bundle"
+    return {"value": value, "method": method, "target_false_reject_rate": target,
             "frames": int(len(scores)), "suspects_dropped": int(beyond.sum()), "score_median": float(np.exp(centre)),
-            "promise": stated_promise(scores, value, good)}
+            "promise": stated_promise(scores, value, good), **({"held_out": checked} if checked else {})}
 
 
 def stated_promise(scores: np.ndarray, value: float, good: np.ndarray | None = None) -> dict:
