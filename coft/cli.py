@@ -104,6 +104,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="model input, e.g. 224 or 320x480 (default: short side 224, the long side the shots' aspect "
                         "ratio, or 224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+", help="dinov2_vits14: blocks whose patch tokens are compared, e.g. 9 12 (default 9)")
+    g.add_argument("--tiles", type=float, default=None, metavar="SCALE",
+                   help="knn: score overlapping windows of --size (default 224x224) over the frame at SCALE of the "
+                        "shots' size (1 = the camera's own pixels, at most 1), instead of one resize; costs in "
+                        "proportion to the frame's area (default: one resize; docs/accuracy.md, Tiles)")
     g.add_argument("--shots", type=_at_least(1), help="use only K images of the folder, chosen with --seed (default: all)")
     g.add_argument("--seed", type=int, default=0, help="random seed for --shots, augmentation and fine-tuning "
                                                         "(default 0; the same seed gives the same bundle)")
@@ -156,7 +160,7 @@ def _training_options(args: argparse.Namespace):
     return pipeline.TrainOptions(
         backbone=backbone, weights=args.weights, size=args.size,
         method=args.method or defaults.method, scorer=args.scorer or defaults.scorer, pooling=args.pooling,
-        layers=tuple(args.layers) if args.layers else None,
+        layers=tuple(args.layers) if args.layers else None, tiles=args.tiles,
         coreset=defaults.coreset if args.coreset is None else args.coreset,
         shots=args.shots, seed=args.seed, views=args.views, shrinkage=args.shrinkage,
         target_false_reject_rate=args.target_frr, device=args.device, progress=not args.quiet,

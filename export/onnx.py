@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from coft.runtime.model.bundle import PATCH_SCORERS, Bundle, load_bundle, update_manifest
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.scoring import BANK_CONSTANT, Gaussian, MemoryBank, pooled_patches
+from coft.runtime.model.tiles import Tiling
 from coft.train.backbones import Backbone, restore_bundle_backbone
 from coft.train.progress import bar
 
@@ -91,11 +92,16 @@ class NearestNeighbourPatches(nn.Module):
 
 
 class PatchInspectionModel(nn.Module):
-    """A patch scorer as one module: frame in; score, anomaly map and patch features out."""
+    """A patch scorer as one module: frame in; score, anomaly map and patch features out. A tiled bundle's frame is
+    cut into its windows (constant slices), scored window by window in one batch, and the windows' patch scores
+    placed on the frame's grid and averaged where they overlap, as runtime/model/tiles.py does in numpy."""
 
-    def __init__(self, backbone: Backbone, scoring: nn.Module, colour_order: str, patch: dict, size: tuple[int, int]):
+    def __init__(self, backbone: Backbone, scoring: nn.Module, colour_order: str, patch: dict, size: tuple[int, int],
+                 tiling: Tiling | None = None):
         super().__init__()
-        self.backbone, self.scoring = backbone, scoring
+        self.backbone, self.scoring, self.tiling = backbone, scoring, tiling
+        if tiling is not None:
+            self.register_buffer("coverage", torch.from_numpy(tiling.coverage()).flatten())
         self.register_buffer("to_rgb", _channel_order(colour_order))
         self.pooling, self.grid, self.size = patch["pooling"], patch["grid"], size
         sigma = float(patch["blur_sigma"])
@@ -104,10 +110,27 @@ class PatchInspectionModel(nn.Module):
         self.register_buffer("blur", (taps / taps.sum()).view(1, 1, 1, -1))
         self.radius = radius
 
+    def windows(self, pixels: torch.Tensor) -> torch.Tensor:
+        h, w = self.tiling.window
+        return torch.stack([pixels[..., y:y + h, x:x + w] for y, x in self.tiling.origins], dim=1).flatten(0, 1)
+
+    def stitched(self, window_scores: torch.Tensor) -> torch.Tensor:
+        """[N * tiles, h * w] -> [N, rows * cols]: each window's scores padded into place, summed, averaged."""
+        (rows, cols), (h, w), stride = self.tiling.grid, self.tiling.window_grid, self.tiling.stride
+        scores = window_scores.reshape(-1, len(self.tiling), h, w)
+        total = sum(F.pad(scores[:, t], (x // stride, cols - x // stride - w, y // stride, rows - y // stride - h))
+                    for t, (y, x) in enumerate(self.tiling.origins))
+        return total.flatten(1) / self.coverage
+
     def forward(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = frame.permute(0, 3, 1, 2).float().index_select(1, self.to_rgb)
-        features = self.backbone.patch_features(pixels)
-        patch_scores = self.scoring(features)
+        if self.tiling is None:
+            features = self.backbone.patch_features(pixels)
+            patch_scores = self.scoring(features)
+        else:
+            window_features = self.backbone.patch_features(self.windows(pixels))
+            patch_scores = self.stitched(self.scoring(window_features))
+            features = window_features.reshape(-1, len(self.tiling) * window_features.shape[1], window_features.shape[2])
         if self.pooling == "max":
             score = patch_scores.amax(dim=1)
         else:
@@ -125,7 +148,8 @@ def inspection_model(bundle: Bundle) -> nn.Module:
     backbone = restore_bundle_backbone(bundle)
     if bundle.scores_patches:
         scoring = NearestNeighbourPatches(bundle.scoring) if m["scorer"] == "knn" else MahalanobisPatches(bundle.gaussian)
-        return PatchInspectionModel(backbone, scoring, m["input"]["colour_order"], m["patch"], bundle.input_size).eval()
+        return PatchInspectionModel(backbone, scoring, m["input"]["colour_order"], m["patch"], bundle.input_size,
+                                    bundle.tiling).eval()
     return InspectionModel(backbone, bundle.gaussian.mean, bundle.gaussian.cholesky, m["input"]["colour_order"]).eval()
 
 
@@ -179,8 +203,8 @@ def export_onnx(bundle_dir: str | Path, max_batch: int = 64, simplify: bool = Tr
     tmp.replace(target)
     outputs = {SCORE: ["batch"], EMBEDDING: ["batch", bundle.scoring.dim]}
     if patch:
-        grid = bundle.manifest["patch"]["grid"]
-        outputs = {SCORE: ["batch"], ANOMALY_MAP: ["batch", h, w], EMBEDDING: ["batch", grid[0] * grid[1], bundle.scoring.dim]}
+        outputs = {SCORE: ["batch"], ANOMALY_MAP: ["batch", h, w],
+                   EMBEDDING: ["batch", bundle.patch_rows, bundle.scoring.dim]}
     update_manifest(bundle.path, {"onnx": {"file": ONNX_FILE, "opset": OPSET, "max_batch": max_batch,
                                            "inputs": {INPUT: ["batch", h, w, 3]}, "outputs": outputs}})
     log.info("wrote %s (opset %d, batch 1..%d)", target, OPSET, max_batch)

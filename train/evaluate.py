@@ -28,7 +28,7 @@ from coft.train import progress as bars
 from coft.train.backbones import restore_bundle_backbone
 from coft.train.embed import embed, to_pixels
 from coft.train.metrics import detection_metrics, per_type_auroc, rates_at
-from coft.train.patches import patch_features
+from coft.train.patches import frame_patch_features
 from coft.train.pipeline import file_digests
 from coft.train.threshold import held_out_rates, labelled_threshold
 
@@ -98,7 +98,7 @@ def frame_features(bundle: Bundle, paths: list[Path], progress: bool = True, bat
     for start in bars.bar(range(0, len(paths), batch), desc="patch features", unit="batch", show=progress):
         frames = [f for f in map(read_image, paths[start:start + batch]) if f is not None]
         if frames:
-            features.append(patch_features(backbone, bundle_pixels(bundle, frames)).numpy())
+            features.append(frame_patch_features(backbone, bundle_pixels(bundle, frames), bundle.tiling).numpy())
     if not features:
         raise CoftError(f"none of the {len(paths)} images could be read; check that they are not corrupt")
     return np.concatenate(features)
@@ -112,7 +112,10 @@ def frame_scorer(bundle: Bundle):
     def score(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         pixels = bundle_pixels(bundle, frames)
         if bundle.scores_patches:
-            patch_scores = bundle.scoring.score(patch_features(backbone, pixels).numpy())
+            tiling = bundle.tiling
+            patch_scores = bundle.scoring.score(frame_patch_features(backbone, pixels, tiling).numpy())
+            if tiling:  # the windows' scores on the frame's grid, as the graph stitches them
+                patch_scores = tiling.stitched(patch_scores)
             return (pool(patch_scores, m["patch"]["pooling"]),
                     patch_scores.reshape(len(frames), *m["patch"]["grid"]))
         return bundle.gaussian.score(embed(backbone, pixels)), None

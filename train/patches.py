@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from coft.runtime.model.tiles import Tiling
 from coft.train.backbones.base import Backbone, patch_features_from_maps
 from coft.train.progress import bar
 
@@ -25,3 +26,17 @@ def patch_features(backbone: Backbone, pixels: torch.Tensor, coarse: bool = Fals
         return patch_features_from_maps(backbone.feature_maps(chunk), 16)
     return torch.cat([one(pixels[i:i + batch].to(device)).cpu()
                       for i in bar(range(0, len(pixels), batch), "patch features")])
+
+
+def windows(pixels: torch.Tensor, tiling: Tiling | None) -> torch.Tensor:
+    """[N, 3, H, W] frames -> [N * tiles, 3, h, w], each frame's windows in turn (the frames as they are, untiled)."""
+    if tiling is None:
+        return pixels
+    h, w = tiling.window
+    return torch.stack([pixels[..., y:y + h, x:x + w] for y, x in tiling.origins], dim=1).flatten(0, 1)
+
+
+def frame_patch_features(backbone: Backbone, pixels: torch.Tensor, tiling: Tiling | None) -> torch.Tensor:
+    """[N, P, C] patch features of frames, a tiled bundle's [N, tiles * P, C] (window-major, as its graph gives)."""
+    features = patch_features(backbone, windows(pixels, tiling))
+    return features.reshape(len(pixels), -1, features.shape[-1])

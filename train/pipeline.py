@@ -17,16 +17,21 @@ from coft.runtime.model.bundle import BANK, GAUSSIAN, new_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import load_folder
 from coft.runtime.model.scoring import Gaussian, MemoryBank, pool
+from coft.runtime.model.tiles import MIN_OVERLAP, Tiling, tiled_size
 from coft.train import progress
 from coft.train.anomalies import synthesise
 from coft.train.augment import AugmentConfig, augment
 from coft.train.backbones import load_backbone
+from coft.train.backbones.dinov2 import NAME as DINOV2
+from coft.train.backbones.dinov2 import PATCH as VIT_PATCH
+from coft.train.backbones.dinov2 import round_to_patch
 from coft.train.coftad import FinetuneConfig, finetune
 from coft.train.embed import embed_views, to_pixels
+from coft.train.patches import frame_patch_features, windows
 from coft.train.scorers.gaussian import fit_gaussian, global_fit
-from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit, tiled_view_scores
 from coft.train.scorers.patch import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from coft.train.shape import input_size
+from coft.train.shape import SQUARE, input_size
 from coft.train.threshold import good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class TrainOptions:
     pooling: str | None = None  # patch scorers: worst patch (max) or mean of the worst 1% (top1pct); None: POOLING
     layers: tuple[int, ...] | None = None  # ViT blocks whose patch tokens are compared; None: the backbone's default
     coreset: int = DEFAULT_CAP  # knn: most patches kept in the memory bank (0: all)
+    tiles: float | None = None  # knn: score overlapping windows of the frame at this scale of the shots (1 at most)
     shots: int | None = None  # train on k images of the folder chosen with the seed; None = all
     seed: int = 0
     views: int = 16  # N_A: augmented views per good image for the Gaussian
@@ -145,6 +151,40 @@ def chosen_size(options: TrainOptions, images: list[np.ndarray]) -> tuple[tuple[
     return size, why
 
 
+def chosen_tiling(options: TrainOptions, images: list[np.ndarray]) -> Tiling | None:
+    """The windows --tiles asks for over the shots' median size at that scale, or None where it fits one window."""
+    if not options.tiles:
+        return None
+    if not 0 < options.tiles <= 1:
+        raise CoftError(f"--tiles {options.tiles:g}: a scale between 0 and 1 of the shots' size (1:1 at most: tiles "
+                        "keep the camera's pixels, never magnify them), e.g. --tiles 1")
+    if options.scorer != "knn" or options.backbone != DINOV2:
+        raise CoftError(f"--tiles scores windows of {DINOV2} patch features against a memory bank: use it with "
+                        f"--scorer knn --backbone {DINOV2}")
+    median = (int(np.median([i.shape[0] for i in images])), int(np.median([i.shape[1] for i in images])))
+    frame = tiled_size(median, options.tiles, VIT_PATCH)
+    tiling = Tiling.over(frame, round_to_patch(options.size or SQUARE), VIT_PATCH)
+    if len(tiling) == 1:
+        log.info("tiles: the shots at x%g (%dx%d) fit one window; scoring them whole", options.tiles, *frame)
+        return None
+    log.info("tiles: %d windows of %dx%d over the shots at x%g (%dx%d), %.0f%% overlap at least", len(tiling),
+             *tiling.window, options.tiles, *frame, 100 * MIN_OVERLAP)
+    return tiling
+
+
+@torch.inference_mode()
+def backbone_cost(backbone, frame: torch.Tensor, tiling: Tiling | None) -> float:
+    """Milliseconds the backbone takes on one frame here (its windows, where tiled): the cost coft train states."""
+    frame_patch_features(backbone, frame, tiling)  # the first run allocates
+    started = time.perf_counter()
+    frame_patch_features(backbone, frame, tiling)
+    ms = (time.perf_counter() - started) * 1000
+    log.info("cost: %.0f ms a frame for the backbone (%s, torch on %s)", ms,
+             f"{len(tiling)} windows of {tiling.window[0]}x{tiling.window[1]}" if tiling else "one window",
+             next(backbone.parameters()).device)
+    return round(ms, 1)
+
+
 @dataclass
 class FittedScorer:
     """What a scorer fitted on the shots' views gives a bundle: its scoring file, threshold, and how it was chosen."""
@@ -159,8 +199,9 @@ class FittedScorer:
 
 
 def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator: torch.Generator,
-               shots: int) -> FittedScorer:
-    """The scorer the options ask for (or the self-check picks), fitted on the shots, with its good-only threshold."""
+               shots: int, tiling: Tiling | None = None) -> FittedScorer:
+    """The scorer the options ask for (or the self-check picks), fitted on the shots (a tiled frame's windows),
+    with its good-only threshold."""
     scorer, self_check = options.scorer, None
     if scorer == "auto":
         self_check = scorer_self_check(backbone, pixels, options, generator)
@@ -170,8 +211,12 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
     pooling = options.pooling or POOLING.get(scorer)
     threshold = None
     if scorer == "knn":
-        views = bank_views(backbone, pixels, options.augment)
-        scoring, loo = fit_and_calibrate(views, options.coreset, pooling, options.seed)
+        views = bank_views(backbone, windows(pixels, tiling), options.augment)  # a tiled frame's windows, each posed
+        views = views.reshape(len(pixels), -1, *views.shape[2:])
+        scoring, loo = fit_and_calibrate(views, options.coreset, pooling, options.seed,
+                                         tiled_view_scores(tiling, options.augment, pooling) if tiling else None)
+        if loo is None and tiling:
+            raise CoftError("--tiles: a tiled bundle's threshold is calibrated leaving one shot out; give 3 or more shots")
         file, fit = BANK, knn_fit(options.coreset, pooling)
         if loo is not None:
             threshold = threshold_from_scores(loo, "leave-one-out", options.target_false_reject_rate)
@@ -186,13 +231,13 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
         fit = global_fit(options.shrinkage)
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
     threshold["calibration_images"] = shots  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
-    return FittedScorer(scorer, scoring, file, pooling, views.shape[1] if scorer == "knn" else None, threshold,
-                        self_check)
+    poses = views.shape[1] // (len(tiling) if tiling else 1) if scorer == "knn" else None
+    return FittedScorer(scorer, scoring, file, pooling, poses, threshold, self_check)
 
 
 def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tuple[int, int], size_from: str,
                     fitted: FittedScorer, history: list[dict[str, float]], selection: dict | None, device,
-                    seconds: float) -> dict:
+                    seconds: float, tiling: Tiling | None = None, ms_per_frame: float | None = None) -> dict:
     """The new bundle's manifest: where every choice came from, so a bundle can be judged and retrained alike."""
     stride = backbone.patch_stride
     shot_digests = file_digests(paths)
@@ -211,7 +256,8 @@ def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tu
         "embedding_dim": fitted.scoring.dim,
         "scorer": fitted.name,
         **({"patch": {"stride": stride, "pooling": fitted.pooling, "grid": [size[0] // stride, size[1] // stride],
-                      "blur_sigma": BLUR_SIGMA}} if fitted.name in POOLING else {}),
+                      "blur_sigma": BLUR_SIGMA, **({"tiles": tiling.as_manifest(options.tiles)} if tiling else {})}}
+           if fitted.name in POOLING else {}),
         **({"knn": {"bank": BANK, "bank_size": len(fitted.scoring), "coreset_cap": options.coreset,
                     "metric": "cosine", "poses": fitted.poses}} if fitted.name == "knn" else {}),
         "threshold": fitted.threshold,
@@ -231,6 +277,7 @@ def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tu
             "shot_fingerprints": shot_digests,  # coft eval leaves them out
             "device": str(device),
             "seconds": seconds,
+            "backbone_ms_per_frame": ms_per_frame,  # torch, on the machine that trained: what a frame costs
         },
     }
 
@@ -249,8 +296,12 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     device = resolve_device(options.device)
-    backbone = load_backbone(options.backbone, options.weights, asked, options.layers).to(device)
-    size = getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
+    tiling = chosen_tiling(options, images)
+    backbone = load_backbone(options.backbone, options.weights, tiling.window if tiling else asked,
+                             options.layers).to(device)
+    size = tiling.frame if tiling else getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
+    if tiling:
+        size_from = f"--tiles {options.tiles:g}: the shots' median size at that scale, in {len(tiling)} windows"
     pixels = to_pixels(images, size).to(device)
     log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
     history: list[dict[str, float]] = []
@@ -258,9 +309,10 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
         options.finetune = replace(options.finetune, trainable_stages=backbone.default_trainable)
     if options.method == "coftad" and options.finetune.steps > 0:
         history = finetune(backbone, pixels, options.finetune, options.augment, generator, options.progress)
-    fitted = fit_scorer(backbone, pixels, options, generator, len(paths))
+    fitted = fit_scorer(backbone, pixels, options, generator, len(paths), tiling)
+    ms_per_frame = backbone_cost(backbone, pixels[:1], tiling)
     manifest = bundle_manifest(paths, options, backbone, size, size_from, fitted, history, selection, device,
-                               round(time.perf_counter() - started, 1))
+                               round(time.perf_counter() - started, 1), tiling, ms_per_frame)
     calibration = calibration_frames(pixels, options.augment, generator)
     with new_bundle(out, manifest) as staging:
         fitted.scoring.save(staging / fitted.file)

@@ -47,9 +47,11 @@ def trainable_frames(frames: LineFrames) -> list[Path]:
 def options_of(manifest: dict, progress: bool, weights: str | None) -> TrainOptions:
     """The training options a bundle was made with, so the retrained model is the same kind of model."""
     training = manifest["training"]
+    tiles = manifest.get("patch", {}).get("tiles")  # the same windows at the same scale of the frames
     return TrainOptions(
-        backbone=manifest["backbone"]["name"], weights=weights,
-        size=(manifest["input"]["height"], manifest["input"]["width"]), method=training["method"],
+        backbone=manifest["backbone"]["name"], weights=weights, tiles=tiles["scale"] if tiles else None,
+        size=tuple(tiles["window"]) if tiles else (manifest["input"]["height"], manifest["input"]["width"]),
+        method=training["method"],
         scorer=manifest.get("scorer", "global"), pooling=manifest.get("patch", {}).get("pooling"),
         layers=tuple(manifest["backbone"]["layers"]) if "layers" in manifest["backbone"] else None,
         coreset=manifest.get("knn", {}).get("coreset_cap", TrainOptions.coreset), seed=training["seed"],

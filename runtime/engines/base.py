@@ -22,11 +22,13 @@ class Inference:
 
 def patch_inference(bundle: Bundle, patch_scores: np.ndarray, features: np.ndarray,
                     image_scores: np.ndarray | None = None) -> Inference:
-    """A patch bundle's outputs from its patch scores [N, P]: image scores by the bundle's pooling, and maps.
+    """A patch bundle's outputs from its patch scores [N, P] (a tiled bundle's: [N, tiles * P]): image scores by the bundle's pooling, and maps.
 
     `image_scores`, where the fused kernel already wrote each image's worst patch, saves
     pooling again for max-pooled bundles."""
-    patch = bundle.manifest["patch"]
+    patch, tiling = bundle.manifest["patch"], bundle.tiling
+    if tiling is not None:  # the windows' patch scores onto the frame's grid, as the graph stitches them
+        patch_scores, image_scores = tiling.stitched(patch_scores), None
     if image_scores is None or patch["pooling"] != "max":
         image_scores = pool(patch_scores, patch["pooling"])
     maps = anomaly_maps(patch_scores, tuple(patch["grid"]), bundle.input_size, float(patch["blur_sigma"]))

@@ -50,18 +50,10 @@ def check_engine_matches(engine: dict, tensorrt_version: str, gpu: str, onnx_sha
         raise CoftError(f"engine was built from another model.onnx than the one in the bundle; {rebuild}")
 
 
-def patches_per_image(bundle: Bundle) -> int:
-    """Rows of patch features per image for a patch or knn bundle, 0 for a global one."""
-    if not bundle.scores_patches:
-        return 0
-    rows, cols = bundle.manifest["patch"]["grid"]
-    return rows * cols
-
-
 def io_shapes(bundle: Bundle, batch: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the engine's input and output tensors for a batch: embeddings [N, D] or patch features [N, P, D]."""
     h, w = bundle.input_size
-    patches = patches_per_image(bundle)
+    patches = bundle.patch_rows
     dim = bundle.manifest["embedding_dim"]
     return {"frame": (batch, h, w, 3), "embedding": (batch, patches, dim) if patches else (batch, dim)}
 
@@ -86,8 +78,8 @@ def gpu_name() -> str:
 def scoring_kernel(bundle: Bundle, max_batch: int, half: bool) -> FusedScorer | FusedNearest:
     """The fused kernel for the bundle's scorer; `half` stores its factor or bank in fp16."""
     if bundle.manifest["scorer"] == "knn":
-        return FusedNearest(bundle.bank, max_batch, patches_per_image(bundle), bundle.manifest["patch"]["pooling"], half)
-    return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=patches_per_image(bundle))
+        return FusedNearest(bundle.bank, max_batch, bundle.patch_rows, bundle.manifest["patch"]["pooling"], half)
+    return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=bundle.patch_rows)
 
 
 def engine_precision(meta: dict) -> str:
@@ -119,7 +111,7 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         shapes = io_shapes(bundle, self.max_batch)
-        self.patches = patches_per_image(bundle)
+        self.patches = bundle.patch_rows
         rows = self.max_batch * max(1, self.patches)  # one score per image, or per patch
         self.frames = cuda.mem_alloc(int(np.prod(shapes["frame"])))
         self.embeddings = cuda.mem_alloc(int(np.prod(shapes["embedding"])) * 4)

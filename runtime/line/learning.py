@@ -134,7 +134,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
     bank = with_marked_defects(bundle.bank, patches[defect])
     growth = grow(bank, patches, pooling, good, barred, config,
-                  reject_above=float(threshold["value"]) if commissioned else None, scores=scores)
+                  reject_above=float(threshold["value"]) if commissioned else None, scores=scores, tiling=bundle.tiling)
     target = target or threshold.get("target_false_reject_rate", 0.01)
     calibration = growth.scores_after[~defect]
     if len(calibration) < MIN_FRAMES:
@@ -153,7 +153,7 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
         if any(image is None for image in images):
             raise CoftError(f"{folder}: frames changed while it learned; run it again")
         sample = np.stack([resize_to_input(image, bundle.input_size) for image in images if image is not None])
-        _check_graph(stage, sample, pool(growth.bank.score(patches[:2]), pooling))
+        _check_graph(stage, sample, pool(growth.bank.score(patches[:2]), pooling, bundle.tiling))
         changes = {"threshold": fitted, "learning": growth.report,
                    "knn": {**bundle.manifest["knn"], "bank_size": len(growth.bank)}}
         engine_info = bundle.manifest.get("engine")

@@ -35,6 +35,7 @@ import numpy as np
 from coft.runtime.model.coreset import greedy_coreset
 from coft.runtime.model.scoring import MemoryBank, defect_pull, pool
 from coft.runtime.model.threshold import suspects
+from coft.runtime.model.tiles import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ DEFECT_PATCHES = 3  # a marked frame's worst patches that join the defect rows (
 DEFECT_CAP = 1_024  # defect rows kept, the newest: a few dozen marks are what a line gives
 
 
-def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pooling: str) -> np.ndarray:
+def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pooling: str,
+                  tiling: Tiling | None = None) -> np.ndarray:
     """Each frame's score [frames] against the bank without the rows it gave."""
     bank_t = np.ascontiguousarray(bank.features.T)
     defects_t = np.ascontiguousarray(bank.defect_rows.T)
@@ -74,7 +76,7 @@ def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pool
         sims = frame.astype(np.float32) @ bank_t
         sims[:, owner == f] = -np.inf
         patch_scores = defect_pull(sims.max(axis=1), (frame.astype(np.float32) @ defects_t).max(axis=1))
-        scores[f] = pool(patch_scores[None], pooling)[0]
+        scores[f] = pool(patch_scores[None], pooling, tiling)[0]
     return scores
 
 
@@ -102,13 +104,14 @@ def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: 
 
 def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray | None,
          config: LearnConfig = LearnConfig(), reject_above: float | None = None,
-         scores: np.ndarray | None = None) -> Growth:
+         scores: np.ndarray | None = None, tiling: Tiling | None = None) -> Growth:
     """The bank grown from the frames' patch features [frames, patches, C] (unit rows, as the graph gives them).
 
     `good`: frames an operator sorted as good (they offer patches whatever they score); `barred`: frames that
     must offer none (sorted defects, the line's own rejects); `reject_above`: a commissioned threshold, whose
-    rejects are the line's too; `scores`: the frames' scores against `bank` where the engine already gave them."""
-    scores = scores_before = pool(bank.score(patches), pooling) if scores is None else scores
+    rejects are the line's too; `scores`: the frames' scores against `bank` where the engine already gave them;
+    `tiling`: a tiled bundle's windows, whose patch scores are stitched before pooling."""
+    scores = scores_before = pool(bank.score(patches), pooling, tiling) if scores is None else scores
     barred = np.zeros(len(patches), bool) if barred is None else barred.copy()
     if reject_above is not None:
         barred |= ~good & (scores_before > reject_above)
@@ -117,7 +120,7 @@ def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, 
     grown, owner = bank, np.full(len(bank), -1)
     for look in range(config.looks):
         if look:
-            scores = leave_one_out(grown, owner, patches, pooling)
+            scores = leave_one_out(grown, owner, patches, pooling, tiling)
         suspect = np.zeros(len(scores), bool)
         suspect[~barred] = suspects(scores[~barred], config.suspect_z)  # the barred are no good parts: not in the fit
         offered = good | (unsure & ~suspect)
@@ -125,7 +128,7 @@ def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, 
         log.info("learn: look %d of %d, %d of %d frames pass, %d suspects", look + 1, config.looks,
                  int(offered.sum()), len(patches), looks[-1])
         grown, owner = bank_of(bank, patches, offered, config)
-    scores_after = leave_one_out(grown, owner, patches, pooling)
+    scores_after = leave_one_out(grown, owner, patches, pooling, tiling)
     report = {"frames": len(patches), "sorted_good": int(good.sum()), "barred": int(barred.sum()),
               "suspects": looks[-1], "suspects_per_look": looks, "frames_offering": int(offered.sum()),
               "bank_rows_before": len(bank), "bank_rows_after": len(grown),

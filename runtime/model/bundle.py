@@ -30,6 +30,7 @@ from typing import Any
 from coft.runtime.model import manifest as manifests
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.scoring import Gaussian, MemoryBank
+from coft.runtime.model.tiles import Tiling
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,29 @@ class Bundle:
     def threshold(self) -> float:
         return float(self.manifest["threshold"]["value"])
 
+    @property
+    def tiling(self) -> Tiling | None:
+        """The windows a tiled bundle scores its frames in (runtime/model/tiles.py), or None: one window."""
+        return Tiling.from_manifest(self.manifest["patch"], self.input_size) if "patch" in self.manifest else None
+
+    @property
+    def patch_rows(self) -> int:
+        """Rows of patch features the graph gives a frame: its grid's, every window's of a tiled bundle; 0 for a
+        global scorer."""
+        if not self.scores_patches:
+            return 0
+        tiling = self.tiling
+        if tiling is not None:
+            return len(tiling) * tiling.window_grid[0] * tiling.window_grid[1]
+        rows, cols = self.manifest["patch"]["grid"]
+        return rows * cols
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """What the backbone sees at once: a window of a tiled frame, or the whole input."""
+        tiling = self.tiling
+        return tiling.window if tiling else self.input_size
+
 
 def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bundle:
     """Verify and load a bundle directory (see `unpack` for an archive)."""
@@ -274,7 +298,9 @@ def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bund
     scoring = MemoryBank.load(path / BANK) if manifest.get("scorer") == "knn" else Gaussian.load(path / GAUSSIAN)
     if scoring.dim != manifest["embedding_dim"]:
         raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
-    return Bundle(path, manifest, scoring)
+    bundle = Bundle(path, manifest, scoring)
+    bundle.tiling  # noqa: B018  (refused at load, not at the first frame)
+    return bundle
 
 
 def require_graph(manifest: dict, bundle_dir: Path) -> None:

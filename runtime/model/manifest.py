@@ -69,11 +69,19 @@ class ThresholdSpec(Loose):
         return _finite(value)
 
 
+class TilesSpec(Loose):
+    window: list[int] = Field(min_length=2, max_length=2)
+    origins: list[list[int]] = Field(min_length=1, max_length=4096)
+    count: int = Field(ge=1, le=4096)
+    scale: float = Field(gt=0, le=1)
+
+
 class PatchSpec(Loose):
     stride: int = Field(ge=1, le=1024)
     grid: list[int] = Field(min_length=2, max_length=2)
     pooling: Literal["max", "top1pct"]
     blur_sigma: float = Field(ge=0, le=1000)
+    tiles: TilesSpec | None = None  # a frame scored in overlapping windows (runtime/model/tiles.py)
 
 
 class NamedFile(Loose):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from coft.runtime.model.errors import CoftError
+from coft.runtime.model.tiles import Tiling
 
 BANK_CONSTANT = "scoring.bank_t"  # the knn graph's [C, rows] bank initializer, which coft learn replaces
 DEFECTS_CONSTANT = "scoring.defects_t"  # its [C, 1 + marked rows] defect rows, the zero row first
@@ -23,8 +24,11 @@ def pooled_patches(patches: int, pooling: str) -> int:
     return 1 if pooling == "max" else max(1, patches // 100)
 
 
-def pool(patch_scores: np.ndarray, pooling: str = "max") -> np.ndarray:
-    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%."""
+def pool(patch_scores: np.ndarray, pooling: str = "max", tiling: Tiling | None = None) -> np.ndarray:
+    """Image scores [N] from patch scores [N, P]: the worst patch, or the mean of the worst 1%; a tiled bundle's
+    windows' patch scores [N, tiles * P] are stitched onto the frame's grid first."""
+    if tiling is not None:
+        patch_scores = tiling.stitched(patch_scores)
     if pooling == "max":
         return patch_scores.max(axis=1)
     top = pooled_patches(patch_scores.shape[1], pooling)

@@ -67,8 +67,9 @@ def restore_backbone(name: str, weights_file: Path, size: tuple[int, int] = (224
 
 
 def restore_bundle_backbone(bundle) -> Backbone:
-    """A bundle's backbone (runtime.bundle.Bundle), at its input size and with its patch layers."""
+    """A bundle's backbone (runtime.bundle.Bundle), at the size it sees at once (a tiled bundle's window) and with its
+    patch layers."""
     m = bundle.manifest
     layers = m["backbone"].get("layers")
-    return restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"], bundle.input_size,
+    return restore_backbone(m["backbone"]["name"], bundle.path / m["backbone"]["weights"], bundle.window_size,
                             tuple(layers) if layers else None)

@@ -11,6 +11,7 @@ per-frame cost stays bounded; the cap is recorded in the manifest.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch.nn import functional as F
 from coft.runtime.model.coreset import greedy_coreset
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.scoring import MemoryBank, pool
+from coft.runtime.model.tiles import Tiling
 from coft.train.augment import AugmentConfig
 from coft.train.patches import patch_features
 from coft.train.progress import bar
@@ -59,6 +61,28 @@ def half_patch_shifts(pixels: torch.Tensor, step: int) -> list[torch.Tensor]:
     padded = F.pad(pixels, (step, 0, step, 0), mode="reflect")
     h, w = pixels.shape[-2:]
     return [padded[..., dy:dy + h, dx:dx + w] for dy, dx in ((step, 0), (0, step), (0, 0))]
+
+
+def unposed(grids: np.ndarray, pose: Pose) -> np.ndarray:
+    """Patch-score grids [..., h, w] of windows seen in `pose`, turned back onto the windows' own grid."""
+    k, mirrored = pose
+    back = np.rot90(grids, -k, axes=(-2, -1))
+    return back[..., ::-1] if mirrored else back
+
+
+def tiled_view_scores(tiling: Tiling, config: AugmentConfig, pooling: str) -> Callable[[np.ndarray], np.ndarray]:
+    """For a tiled bundle's calibration: one image's window-view patch scores [tiles * views, P] (bank_views of its
+    windows, window-major) -> one image score per pose, each window's map turned back and stitched as the graph
+    stitches the frame's."""
+    window_poses = poses(config, tiling.window[0] == tiling.window[1])
+    gh, gw = tiling.window_grid
+
+    def score(view_scores: np.ndarray) -> np.ndarray:
+        per = view_scores.reshape(len(tiling), len(window_poses), -1)
+        grids = [unposed(per[:, v].reshape(len(tiling), *((gw, gh) if pose[0] % 2 else (gh, gw))), pose)
+                 for v, pose in enumerate(window_poses)]
+        return pool(np.stack([g.reshape(-1) for g in grids]), pooling, tiling)
+    return score
 
 
 def bank_views(backbone, pixels: torch.Tensor, config: AugmentConfig, shift: int = 0) -> np.ndarray:
@@ -113,17 +137,21 @@ def knn_fit(cap: int = DEFAULT_CAP, pooling: str = "top1pct") -> Fit:
     return fit
 
 
-def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = "top1pct",
-                      seed: int = 0) -> tuple[MemoryBank, np.ndarray | None]:
+def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = "top1pct", seed: int = 0,
+                      image_scores: Callable[[np.ndarray], np.ndarray] | None = None
+                      ) -> tuple[MemoryBank, np.ndarray | None]:
     """The bank from views [k, V, P, C], and leave-one-out scores of each image's views against it without that image.
 
     The coreset is chosen once over all images; image i's scores come from the bank minus
     the rows it contributed (what the coreset would have kept without it, near enough), so
-    calibration costs one coreset, not k + 1. None for fewer than 3 images (see threshold.py)."""
+    calibration costs one coreset, not k + 1. None for fewer than 3 images (see threshold.py).
+    `image_scores` turns one image's view patch scores [V, P] into its scores (default: each view pooled; a tiled
+    bundle's: tiled_view_scores)."""
     k = len(views)
     bank, keep = _capped(views, cap, seed)
     if k < 3:
         return bank, None
+    scored = image_scores or (lambda view_scores: pool(view_scores, pooling))
     owner = keep // (views[0].size // views.shape[-1])  # each image contributed V * P consecutive rows
-    return bank, np.concatenate([pool(MemoryBank(bank.features[owner != i]).score(views[i]), pooling)
+    return bank, np.concatenate([scored(MemoryBank(bank.features[owner != i]).score(views[i]))
                                  for i in bar(range(k), "threshold (leave-one-out)", unit="image")])
