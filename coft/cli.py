@@ -219,6 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
               "the bundle on the line ('coft commission')")
     for t, v in report["per_type"].items() if len(report["per_type"]) > 1 else ():
         print(f"  {t:12s} AUROC {v['auroc']:.4f}  ({v['count']} images)")
+    cost = report["cost"]
+    print(f"cost: {cost['ms_per_frame']:.0f} ms a frame, {cost['windows']} window(s) ({cost['measured']})")
     if report["drift"] and report["drift"]["warning"]:
         print(f"warning: {report['drift']['warning']}")
     print(f"report: {report_dir}/report.md")

@@ -5,6 +5,7 @@ threshold said with all three values."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -113,14 +114,16 @@ class Revisions:
         except CoftError as exc:
             log.error("commissioning: %s", exc)
             return
+        traded = commissioning.traded(old["value"], fitted["value"], self.marked_defect_scores())
         log.info("commissioning: %d frames, %d suspects dropped, threshold %.6g -> %.6g: %s\n%s", fitted["frames"],
                  fitted["suspects_dropped"], old["value"], fitted["value"], describe(fitted),
                  commissioning.histogram(old["value"], fitted["value"]))
+        log.info("commissioning: what the new threshold trades: %s", commissioning.say_traded(traded))
         try:
             revision = revise(self.inspector.bundle.path.resolve(), {"threshold": fitted, "commissioning": {
                 "frames": fitted["frames"], "suspects_dropped": fitted["suspects_dropped"],
                 "quantile": 1 - fitted["target_false_reject_rate"], "cameras": sorted(self.cameras),
-                "frames_folder": str(commissioning.folder) if commissioning.folder else None,
+                "frames_folder": str(commissioning.folder) if commissioning.folder else None, "traded": traded,
                 "engine": self.inspector.engine.name, "precision": self.inspector.engine.precision}})  # bf16, int8 move scores
         except (CoftError, OSError) as exc:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
@@ -130,6 +133,22 @@ class Revisions:
         if self.learns and commissioning.folder:
             self._start_learning(revision, commissioning.folder)
 
+
+    def marked_defect_scores(self) -> list[float]:
+        """Scores of the frames operators marked as real defects on this model's graph (the harvest's defect/, or
+        feedback-defect/ beside the evidence): what an escape can be measured on."""
+        folders = [self.config.harvest.dir / "defect"] if self.config.harvest else []
+        folders += [self.config.evidence.dir / "feedback-defect"] if self.config.evidence else []
+        model_id = self.inspector.bundle.model_id
+        scores = []
+        for verdict_file in (f for folder in folders if folder.is_dir() for f in folder.glob("*.json")):
+            try:
+                verdict = json.loads(verdict_file.read_text())
+                if verdict.get("model_id") == model_id:  # scored on the graph running now: comparable
+                    scores.append(float(verdict["score"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("commissioning: %s is not a verdict file; left out of the escape", verdict_file)
+        return scores
 
     def _start_learning(self, revision, frames) -> None:
         threading.Thread(target=self._learn, args=(revision, frames), name="learner", daemon=True).start()

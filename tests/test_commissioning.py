@@ -75,6 +75,33 @@ def test_on_frames_too_few_to_promise_the_fit_never_makes_the_line_worse_than_th
     assert "100 frames can promise at best false-reject <= 3.0% at 95%; 299 are needed for 1%" in caplog.text
 
 
+def test_commissioning_says_what_its_threshold_trades_on_the_defects_operators_marked():
+    commissioning = Commissioning(100, 0.01, None)
+    for i in range(100):
+        commissioning.add("cam1", i, np.zeros((8, 8, 3), np.uint8), 1.0 + i / 100)
+    traded = commissioning.traded(1.5, 1.9, marked=[1.6, 1.7, 2.5, 3.0])
+    assert traded == {"rejected": [0.49, 0.09], "marked_defects": 4, "escape": [0.0, 0.5]}
+    said = Commissioning.say_traded(traded)
+    assert "rejects 9.0% of the commissioning frames (the bundle's threshold 49.0%)" in said
+    assert "of the 4 frames marked defects it lets 50% pass (the bundle's threshold 0%)" in said
+
+
+def test_sorting_the_frames_a_threshold_rejects_tightens_its_promise():
+    from coft.runtime.model.threshold import review_queue, reviewed_promise
+    rng = np.random.default_rng(5)
+    scores, labels = _line(rng, 400, 0.05)
+    fitted = fit_threshold(scores, 0.01)
+    queue = review_queue(scores, fitted["value"])
+    assert list(queue) == sorted(np.flatnonzero(scores > fitted["value"]), key=lambda i: -scores[i])  # worst first
+    good, defect = np.zeros(400, bool), np.zeros(400, bool)
+    before = reviewed_promise(scores, fitted["value"], good, defect)["false_reject_rate"]
+    assert before == fitted["promise"]["false_reject_rate"]  # nothing sorted: the promise stated at commissioning
+    for frame in queue:  # an operator sorts every rejected frame
+        (defect if labels[frame] else good)[frame] = True
+    after = reviewed_promise(scores, fitted["value"], good, defect)
+    assert after["false_reject_rate"] < before / 2 and after["frames"] == 400 - defect.sum()
+
+
 def test_too_few_frames_and_a_mostly_defective_stream_keep_the_old_threshold(tmp_path):
     with pytest.raises(CoftError, match="at least 100 frames .* got 40"):
         fit_threshold(np.ones(40), 0.01)
@@ -113,14 +140,19 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     fired = {r["seq"] for r in plc.payloads("reject")}
     assert fired == {v["seq"] for v in verdicts if v["verdict"] == "reject"} and fired & {v["seq"] for v in during}
     revision = load_bundle(models / "line3-r2")
-    assert revision.manifest["commissioning"]["frames"] == 100 and revision.threshold != load_bundle(bundle).threshold
+    assert revision.manifest["commissioning"]["frames"] == 100
+    kept = revision.manifest["threshold"]["held_out"]["kept"]  # 100 frames promise no 1%: the fit was checked
+    assert (revision.threshold == load_bundle(bundle).threshold) == (kept == "bundle")
     assert revision.manifest["commissioning"]["precision"] == "f32"  # what a box on another engine is warned against
     assert (tmp_path / "box/current").resolve() == models / "line3-r2"
     assert (tmp_path / "box/previous").resolve() == bundle
     folder = tmp_path / f"commissioning-{load_bundle(bundle).model_id}"
     assert len(list(folder.glob("*.jpg"))) == 100 and (folder / "scores.csv").is_file()
     log = (tmp_path / "runtime.log").read_text()
-    assert "<- new threshold" in log and "commissioning done: now running" in log
+    assert "commissioning done: now running" in log and "100 frames can promise at best false-reject <= 3.0%" in log
+    traded = revision.manifest["commissioning"]["traded"]  # what it trades, said: escape unknown without marks
+    assert traded["escape"] is None and len(traded["rejected"]) == 2
+    assert "how many defects it lets pass is unknown: no frame is marked a defect" in log
 
     # a restart (watchdog, crash, reboot) resumes inspection at once with the commissioned threshold; under `auto` on
     # an engine of the precision it was fitted on (where bf16 is native, auto timed openvino-bf16 fastest and warned)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,6 +315,8 @@ def _markdown(report: dict) -> str:
         f"| false-reject rate at threshold | {r['false_reject_rate']:.2%} |",
         f"| escape rate at threshold | {r['escape_rate']:.2%} |",
         f"| what the threshold promises | {report['promise']} |",
+        f"| cost per frame ({report['cost']['windows']} window(s), {report['cost']['measured']}) | "
+        f"{report['cost']['ms_per_frame']:.0f} ms |",
     ]
     if report.get("held_out"):
         h = report["held_out"]
@@ -364,7 +367,9 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
     if not data.paths:
         raise CoftError(f"{data_dir}: every image is one of the bundle's training shots; evaluate on images it "
                         "was not trained on")
+    started = time.perf_counter()
     scored = bundle_scores(bundle, data.paths, progress)
+    ms_per_frame = (time.perf_counter() - started) * 1000 / max(1, len(scored.kept))
     scores, kept = scored.scores, scored.kept
     if not kept:
         raise CoftError(f"{data_dir}: none of the {len(data.paths)} images could be read")
@@ -391,6 +396,8 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, report_dir: str | Pat
         "per_type": per_type,
         "scorer": bundle.manifest["scorer"],
         "revision": str(revision) if revision else None,
+        "cost": {"ms_per_frame": round(ms_per_frame, 1), "windows": len(bundle.tiling) if bundle.tiling else 1,
+                 "measured": "torch and numpy on this machine, reading the images included"},
     }
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,25 @@ class Commissioning:
                             f"images differ from training){where}; keeping the old threshold")
         return fitted
 
+    def traded(self, old: float, new: float, marked: list[float]) -> dict:
+        """What the new threshold trades against the old: the share of the commissioning frames each rejects and,
+        where an operator marked frames as real defects, the share of those each lets pass (else: unknown)."""
+        scores, defects = np.array(self.scores), np.array(marked, np.float64)
+        return {"rejected": [round(float((scores > t).mean()), 4) for t in (old, new)],
+                "marked_defects": len(defects),
+                "escape": [round(float((defects <= t).mean()), 4) for t in (old, new)] if len(defects) else None}
+
+    @staticmethod
+    def say_traded(traded: dict) -> str:
+        before, after = traded["rejected"]
+        line = f"it rejects {after:.1%} of the commissioning frames (the bundle's threshold {before:.1%})"
+        if traded["escape"]:
+            was, now = traded["escape"]
+            return line + (f"; of the {traded['marked_defects']} frames marked defects it lets {now:.0%} pass (the "
+                           f"bundle's threshold {was:.0%})")
+        return line + ("; how many defects it lets pass is unknown: no frame is marked a defect (mark a few rejects "
+                       "that are real defects on the page, or put them in the harvest's defect/ folder)")
+
     def histogram(self, old: float, new: float, bins: int = 12) -> str:
         """A text histogram of the scores with both thresholds marked (for the log), and a PNG where matplotlib is."""
         scores = np.array(self.scores)

@@ -202,6 +202,20 @@ def stated_promise(scores: np.ndarray, value: float, good: np.ndarray | None = N
     return stated
 
 
+def review_queue(scores: np.ndarray, value: float) -> np.ndarray:
+    """The frames an operator is asked to sort, worst first: those the threshold rejects. The stated promise counts
+    each as a false reject until someone says it is a defect, so they are what keeps it loose."""
+    above = np.flatnonzero(scores > value)
+    return above[np.argsort(-scores[above], kind="stable")]
+
+
+def reviewed_promise(scores: np.ndarray, value: float, good: np.ndarray, defect: np.ndarray) -> dict:
+    """What `value` promises once an operator sorted some frames: those sorted as defects are no good parts and
+    leave the count, those sorted good always count; the rest count as good parts, as before any sorting."""
+    counted = ~defect
+    return stated_promise(scores[counted], value, good[counted])
+
+
 def spread_ratio(scores: np.ndarray, threshold: dict) -> float | None:
     """How much wider the frames' scores spread than the good parts' did at training (log scale), or None
     when the bundle's threshold does not say where its good scores lay."""
