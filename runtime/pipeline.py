@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import fitted_precision, provisional_engine
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe, Part
+from coft.runtime.line.review import Review
 from coft.runtime.line.inspector import FrameQueue, Inspector
 from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.line.verdict import Verdict
@@ -94,6 +96,17 @@ class LineView:
 
     def status(self) -> dict:
         return self._runtime.status()
+
+    def review(self) -> Review:
+        """The commissioning review of the model running (line/review.py), or a one-line CoftError saying why none."""
+        manifest = self._runtime.bundle.manifest
+        folder = (manifest.get("commissioning") or {}).get("frames_folder")
+        if not str(manifest["threshold"].get("method", "")).startswith("commissioning"):
+            raise CoftError(f"no commissioning review: the threshold of {manifest['model_id']} was not fitted by "
+                            "commissioning (commission the line: coft commission, or a commissioning: block)")
+        if not folder:
+            raise CoftError("no commissioning review: commissioning kept no frames (commissioning.keep_frames: false)")
+        return Review(Path(folder), manifest["threshold"])
 
 
 class LineControls:

@@ -195,6 +195,90 @@ def test_live_view_in_a_real_browser(line, browser, tmp_path):
     assert "Traceback" not in text
 
 
+def test_the_commissioning_review_sorts_rejected_frames_one_click_each_and_the_promise_tightens(
+        line, browser, tmp_path, mosquitto):
+    from selenium.webdriver.common.by import By
+
+    from coft.demo import elpv_cells
+
+    _, bundle = line
+    paths, defect_probability, cell_type = elpv_cells()  # 110 mono cells, one in eleven cracked: parts count once
+    mono = [i for i, t in enumerate(cell_type) if t == "mono"]
+    good = [paths[i] for i in mono if defect_probability[i] == 0][60:160]
+    cracked = [paths[i] for i in mono if defect_probability[i] == 1][8:18]
+    (tmp_path / "line").mkdir()
+    for n, path in enumerate(good):
+        shutil.copy(path, tmp_path / "line" / f"{n:03d}-{path.name}")
+        if n % 10 == 5:
+            shutil.copy(cracked[n // 10], tmp_path / "line" / f"{n:03d}-c-{cracked[n // 10].name}")
+    (tmp_path / "token").write_text(TOKEN)
+    port = free_port()
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(tmp_path / "line"),
+                                                             "fps": 25}],
+                          commissioning={"frames": 100}, web={"port": port, "token_file": str(tmp_path / "token")})
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        before = wait_until(lambda: _review(port), timeout=120, what="commissioning to finish")
+        assert before["queue"] and before["left"] == len(before["queue"]) and before["sorted"] == 0
+        assert before["promise"] == before["stated_at_commissioning"]  # nothing sorted yet: what commissioning said
+        assert [item["score"] for item in before["queue"]] == sorted((i["score"] for i in before["queue"]), reverse=True)
+        browser.get(f"http://127.0.0.1:{port}/")
+        tiles = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#review .tile"), what="the review's frames")
+        worst = tiles[0].get_attribute("data-file")
+        assert worst == before["queue"][0]["file"]
+        wait_until(lambda: _click(browser, f'#review .tile[data-file="{worst}"] .sort-defect'),
+                   what="the worst frame's button")  # no token yet: refused, nothing moves
+        wait_until(lambda: "refused" in browser.find_element(By.CSS_SELECTOR, f'#review .tile[data-file="{worst}"] '
+                                                                               ".feedback").text, what="the refusal")
+        assert _review(port)["sorted"] == 0
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        for n, item in enumerate(before["queue"]):  # an operator sorts the whole queue, one click a frame
+            label = "defect" if n % 2 == 0 else "good"
+            wait_until(lambda f=item["file"], b=label: _click(browser, f'#review .tile[data-file="{f}"] .sort-{b}'),
+                       what="the frame's button")
+            wait_until(lambda f=item["file"]: any(i["file"] == f and i["sorted"] for i in _review(port)["queue"]),
+                       what="the sorting")
+        after = _review(port)
+        assert after["left"] == 0 and after["sorted"] == len(before["queue"])
+        assert after["false_reject_rate"] < before["false_reject_rate"]  # defects no longer count as false rejects
+        wait_until(lambda: browser.find_element(By.ID, "review-promise").text == f"Promise now: {after['promise']}.",
+                   what="the page's promise to follow")
+        folder = next(tmp_path.glob("commissioning-*"))
+        moved = {i["file"]: i["sorted"] for i in after["queue"]}
+        assert all((folder / label / name).is_file() and not (folder / name).exists() for name, label in moved.items())
+        browser.execute_script("document.getElementById('review-section').scrollIntoView()")
+        shots = Path(os.environ.get("COFT_SCREENSHOTS") or tmp_path)
+        browser.save_screenshot(str(shots / "commissioning-review.png"))
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        code = runtime.wait(timeout=30)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert text.count("AUDIT commissioning-review") == len(before["queue"]) and TOKEN not in text
+    assert "Traceback" not in text
+
+
+def _click(browser, css: str) -> bool:
+    """Click the element if it is there (the review is redrawn after each sorting: an element found may be gone)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    try:
+        found = browser.find_elements("css selector", css)
+        if found:
+            found[0].click()
+        return bool(found)
+    except StaleElementReferenceException:
+        return False
+
+
+def _review(port: int) -> dict | None:
+    try:
+        status, answer = api(port, "/api/commissioning/review")
+    except OSError:
+        return None
+    return answer if status == 200 else None
+
+
 def _plain_line(line, tmp_path: Path, mosquitto) -> tuple[subprocess.Popen, int]:
     """The runtime on the line folder (played once), with the page and no operator token; and the page's port."""
     root, bundle = line

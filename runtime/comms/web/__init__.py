@@ -43,6 +43,7 @@ audit = logging.getLogger("coft.audit")
 STATIC = Path(__file__).parent / "static"
 EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
 STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
+COMMISSIONING_FILE = re.compile(r"^\d{6}-[A-Za-z0-9_-]+-\d+\.jpg$")  # as line/commissioning.py names its frames
 LABELS = ("good", "defect")  # what an operator may call a rejected frame: a false reject, or a real defect
 LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
 
@@ -70,6 +71,9 @@ class WebServer(LoopService):
             web.get("/api/evidence", self.evidence_list),
             web.get("/api/evidence/{camera}/{name}", self.evidence_file),
             web.post("/api/evidence/{camera}/{stem}/{label:good|defect}", self.mark),
+            web.get("/api/commissioning/review", self.review),
+            web.get("/api/commissioning/frames/{file}", self.review_frame),
+            web.post("/api/commissioning/frames/{file}/{label:good|defect}", self.review_sort),
         ])
         return app
 
@@ -216,6 +220,48 @@ class WebServer(LoopService):
         if not EVIDENCE_FILE.match(name) or not path.is_file():
             raise _error(web.HTTPNotFound, f"no evidence file {name} for camera {camera} (deleted for the disk budget?)")
         return web.FileResponse(path)
+
+    # -- the commissioning review ------------------------------------------------------------
+    async def current_review(self):
+        try:
+            return await asyncio.to_thread(self.view.review)
+        except CoftError as exc:
+            raise _error(web.HTTPNotFound, str(exc)) from None
+
+    async def review(self, request: web.Request) -> web.Response:
+        """The frames the commissioned threshold rejects, worst first, and the promise as sorted so far."""
+        review = await self.current_review()
+        return web.json_response(await asyncio.to_thread(review.state))
+
+    def frame_name(self, request: web.Request) -> str:
+        name = request.match_info["file"]
+        if not COMMISSIONING_FILE.match(name):
+            raise _error(web.HTTPNotFound, f"{name} is not the name of a commissioning frame")
+        return name
+
+    async def review_frame(self, request: web.Request) -> web.FileResponse:
+        name, review = self.frame_name(request), await self.current_review()
+        try:
+            return web.FileResponse(await asyncio.to_thread(review.image, name))
+        except CoftError as exc:
+            raise _error(web.HTTPNotFound, str(exc)) from None
+
+    async def review_sort(self, request: web.Request) -> web.Response:
+        """An operator's word on a frame the commissioned threshold rejects; the promise moves with it."""
+        name, label = self.frame_name(request), request.match_info["label"]
+        who = self.authorise(request, f"sorting commissioning frame {name} as {label}")
+        review = await self.current_review()
+        try:
+            target = await asyncio.to_thread(review.sort, name, label)
+        except CoftError as exc:
+            raise _error(web.HTTPNotFound, str(exc)) from None
+        except OSError as exc:
+            log.error("web: cannot sort %s as %s (%s); check the folder %s", name, label, exc, review.folder)
+            raise _error(web.HTTPInternalServerError, f"cannot write to {review.folder}: {exc}") from None
+        state = await asyncio.to_thread(review.state)
+        audit.info("AUDIT commissioning-review frame=%s operator=%s to=%s via=%s promise=%r", name, label, target, who,
+                   state["promise"])
+        return web.json_response(state)
 
     # -- operator actions --------------------------------------------------------------------
     def authorise(self, request: web.Request, action: str) -> str:

@@ -198,6 +198,48 @@ async function pollGallery() {
   }
 }
 
+async function pollReview() {
+  const section = document.getElementById("review-section");
+  const response = await fetch("/api/commissioning/review", {cache: "no-store"});
+  if (!response.ok) { section.hidden = true; return; }  // not commissioned, or no frames kept: nothing to sort
+  const answer = await response.json();
+  section.hidden = false;
+  document.getElementById("review-promise").textContent = `Promise now: ${answer.promise}.`;
+  document.getElementById("review-left").textContent =
+    `${answer.left} of ${answer.queue.length} still to sort (${answer.sorted} sorted).`;
+  const review = document.getElementById("review");
+  const shown = JSON.stringify(answer.queue.map((item) => [item.file, item.sorted]));
+  if (review.dataset.shown === shown) return;
+  review.dataset.shown = shown;
+  review.innerHTML = "";
+  for (const item of answer.queue) {
+    const tile = document.createElement("div");
+    tile.className = "tile";
+    tile.dataset.file = item.file;
+    const url = `/api/commissioning/frames/${encodeURIComponent(item.file)}`;
+    tile.innerHTML = `<a href="${url}" target="_blank"><img loading="lazy" alt="commissioning frame"></a>
+      <div><b>${item.camera}</b> score ${text(item.score)} / ${text(answer.threshold)}</div>
+      <button class="sort-good" type="button">good part</button>
+      <button class="sort-defect" type="button">real defect</button> <span class="feedback"></span>`;
+    tile.querySelector("img").src = url;
+    const feedback = tile.querySelector(".feedback");
+    if (item.sorted) {
+      feedback.classList.add("marked");
+      feedback.textContent = `sorted ${item.sorted}`;
+    }
+    for (const label of ["good", "defect"]) {
+      tile.querySelector(`.sort-${label}`).addEventListener("click", async () => {
+        try {
+          await act(`${url}/${label}`);
+          review.dataset.shown = "";
+          await pollReview();
+        } catch (error) { feedback.textContent = `refused: ${error.message}`; }
+      });
+    }
+    review.appendChild(tile);
+  }
+}
+
 async function loop(work, period) {
   for (;;) {
     try { await work(); } catch (error) {
@@ -212,3 +254,4 @@ async function loop(work, period) {
 loop(async () => showStatus(await getJSON("/api/status")), 1000);
 loop(pollVerdicts, 1000);
 loop(pollGallery, 4000);
+loop(pollReview, 4000);
