@@ -37,8 +37,8 @@ from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import fitted_precision, provisional_engine
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe, Part
-from coft.runtime.line.review import Review
 from coft.runtime.line.inspector import FrameQueue, Inspector
+from coft.runtime.line.review import Review
 from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.line.verdict import Verdict
 from coft.runtime.logs import LastProblems, Throttled
