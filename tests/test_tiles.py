@@ -66,6 +66,12 @@ def test_a_tiled_bundle_scores_alike_in_torch_the_exported_graph_and_the_tensorr
     hot = np.unravel_index(np.argmax(graph.maps[3]), graph.maps[3].shape)
     assert abs(hot[0] - y * 126 / 128) < 20 and abs(hot[1] - x * 126 / 128) < 20  # where the stain is, stitched
     assert torch_maps.shape == (6, 9, 9)
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return  # the openvino extra is not installed: ONNX Runtime is the box's engine
+    vino = open_engine(bundle, "openvino").infer(frames)  # the same graph, OpenVINO's own reading of it
+    np.testing.assert_allclose(vino.scores, graph.scores, rtol=1e-4, atol=1e-5)
 
 
 def test_a_tiled_manifest_that_does_not_tile_its_input_is_refused(tiled_bundle, tmp_path):
