@@ -73,11 +73,12 @@ def patch_cosine(engine, reference, frames: np.ndarray) -> float:
 
 
 def trained(category: Path, shots: list[Path], work: Path, options: TrainOptions) -> Path:
-    folder = work / f"shots-{options.backbone}"
+    name = options.backbone + (f"-tiles{options.tiles:g}" if options.tiles else "")
+    folder = work / f"shots-{name}"
     folder.mkdir(parents=True)
     for i, path in enumerate(shots):
         (folder / f"{i:02d}{path.suffix}").symlink_to(path.resolve())
-    bundle = train_bundle(folder, work / f"{options.backbone}.bundle", options)
+    bundle = train_bundle(folder, work / f"{name}.bundle", options)
     export_onnx(bundle, max_batch=8)
     return bundle
 
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), help=f"of {', '.join(ENGINES + COMPRESSED)}")
     parser.add_argument("--speed-only", action="store_true", help="time the engines, skip scoring the whole set")
+    parser.add_argument("--tiles", type=float, default=None, metavar="SCALE",
+                        help="also time the default with coft train --tiles SCALE (the frame in 224 px windows)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/cpu-engines"))
     args = parser.parse_args()
 
@@ -118,9 +121,17 @@ def main() -> None:
     labels = data.labels[test]
     rows, speed = [], {}
     with tempfile.TemporaryDirectory() as work:
-        for options in (TrainOptions(progress=False),
-                        TrainOptions(backbone="efficientnet_lite0", method="frozen", scorer="patch", progress=False)):
+        variants = [TrainOptions(progress=False),
+                    TrainOptions(backbone="efficientnet_lite0", method="frozen", scorer="patch", progress=False)]
+        variants += [TrainOptions(tiles=args.tiles, progress=False)] if args.tiles else []
+        for options in variants:
             bundle = load_bundle(trained(category, [data.paths[i] for i in shots], Path(work), options))
+            if options.tiles:  # timed only, under its own name
+                speed[f"tiles x{options.tiles:g} ({len(bundle.tiling or ())} windows)"] = timed(
+                    {name: open_engine(bundle, name, args.threads) for name in args.engines if name not in COMPRESSED},
+                    np.stack([resize_to_input(read_image(data.paths[i]), bundle.input_size) for i in test[:20]]),
+                    args.rounds)
+                continue
             engines = {name: compressed_engine(bundle, args.threads) if name in COMPRESSED
                        else open_engine(bundle, name, args.threads) for name in args.engines}
             frames = np.stack([resize_to_input(read_image(data.paths[i]), bundle.input_size) for i in test])
@@ -162,6 +173,9 @@ def write(args, category: Path, rows: list[dict], speed: dict) -> None:
         lines.append(f"| {r['engine']} | {r['ms_per_frame']} | {lite0.get(r['engine'], '-')} | {r['auroc']:.4f} | "
                      f"{r['escape_at_1pct_frr']:.1%} | {r['false_reject_rate']:.2%} / {r['escape_rate']:.1%} | "
                      f"{r['max_score_diff']:.2g} | {r['patch_cosine']:.4f} | {r['flips']} |")
+    for variant in (v for v in speed if v.startswith("tiles")):
+        lines += ["", f"The default with {variant}: " + ", ".join(f"{name} {ms} ms / frame"
+                                                              for name, ms in speed[variant].items())]
     write_report(args.out, "cpu_engines", {"meta": meta, "rows": rows, "speed": speed}, lines)
 
 

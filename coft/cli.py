@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "at the bundle's threshold meanwhile), write it as a new bundle revision, "
                                           "then run on; again even where the bundle was commissioned")
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
-    p.add_argument("--frames", type=_at_least(1), default=300, help="frames to fit on (at least 100; default 300)")
+    p.add_argument("--frames", type=_at_least(1), default=300, help="frames to fit on (at least 100; default 300, the fewest that can promise a 1%% target)")
     p.add_argument("--target-frr", type=float, default=0.01, help="false-reject rate to aim at (default 0.01)")
     p.add_argument("--no-frames", action="store_true", help="do not keep the commissioning frames on disk")
     p.add_argument("--no-rejects", action="store_true", help="fire no reject until the threshold is set (default: "

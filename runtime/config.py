@@ -130,7 +130,7 @@ class ControlConfig(Strict):
 
 class CommissioningConfig(Strict):
     """Fit the threshold on the line's own first frames (mostly good, unlabelled) and write a new bundle revision."""
-    frames: int = Field(300, ge=100, description="frames the threshold is fitted on (at least 100)")
+    frames: int = Field(300, ge=100, description="frames the threshold is fitted on (at least 100; a 1% target needs 299 to be promised: below, commissioning says so and keeps the bundle's threshold unless its fit is shown to do as well)")
     target_false_reject_rate: float = Field(0.01, gt=0, lt=0.5)
     keep_frames: bool = Field(True, description="save the frames (JPEG) and their scores beside the outbox")
     rejects: bool = Field(True, description="fire rejects at the bundle's threshold while commissioning (flagged "
