@@ -180,9 +180,11 @@ def draw(labels: np.ndarray, size: int, share: float | None, rng: np.random.Gene
 def not_run(runs: list[dict], size: int, share: float | None, measured: int) -> str | None:
     """Why commissioning on `size` frames cannot be measured on this line, or None."""
     frames = min(len(r["scores"]) for r in runs)
+    if frames <= size:
+        return f"the line has {frames} frames, not more than the {size} to commission on"
     if frames - size < measured:
         return (f"the line has {frames} frames, {frames - size} left after {size} to measure on "
-                f"(--measure-at-least {max(frames - size, 0)} would measure on them)")
+                f"(--measure-at-least {frames - size} would measure on them)")
     bad = 0 if share is None else round(share * size)
     goods, defects = min((r["labels"] == 0).sum() for r in runs), min((r["labels"] == 1).sum() for r in runs)
     if share is not None and (size - bad > goods - min(100, measured // 3) or bad > defects - 10):
