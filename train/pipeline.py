@@ -289,19 +289,20 @@ def train_on(paths: list[Path], images: list[np.ndarray], out: str | Path, optio
     _check_new(out, options)
     started = time.perf_counter()
     progress.shown = options.progress
-    asked, size_from = chosen_size(options, images)
+    tiling = chosen_tiling(options, images)
+    if tiling:
+        asked, size_from = tiling.frame, f"--tiles {options.tiles:g}: the shots' median size at that scale, in {len(tiling)} windows"
+    else:
+        asked, size_from = chosen_size(options, images)
     sizes = {image.shape[:2] for image in images}
     if len(sizes) > 1:
         log.info("image sizes vary (%d distinct); all are resized to %dx%d", len(sizes), *asked)
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
     device = resolve_device(options.device)
-    tiling = chosen_tiling(options, images)
     backbone = load_backbone(options.backbone, options.weights, tiling.window if tiling else asked,
                              options.layers).to(device)
     size = tiling.frame if tiling else getattr(backbone, "size", asked)  # a ViT rounds it to its patch size
-    if tiling:
-        size_from = f"--tiles {options.tiles:g}: the shots' median size at that scale, in {len(tiling)} windows"
     pixels = to_pixels(images, size).to(device)
     log.info("training on %d good images at %dx%d with %s on %s", len(images), *size, options.backbone, device)
     history: list[dict[str, float]] = []
