@@ -154,6 +154,22 @@ async function pollVerdicts() {
   }
 }
 
+function redrawn(container, keys) {
+  // Whether a grid of tiles is drawn anew: unchanged keys keep the tiles (and any message on them).
+  const shown = JSON.stringify(keys);
+  if (container.dataset.shown === shown) return false;
+  container.dataset.shown = shown;
+  container.innerHTML = "";
+  return true;
+}
+
+function newTile(container, data) {
+  const tile = document.createElement("div");
+  tile.className = "tile";
+  Object.assign(tile.dataset, data);
+  return container.appendChild(tile);
+}
+
 async function pollGallery() {
   const note = document.getElementById("gallery-note");
   const response = await fetch("/api/evidence?limit=24", {cache: "no-store"});
@@ -161,14 +177,9 @@ async function pollGallery() {
   if (!response.ok) { note.textContent = answer.error; return; }
   note.textContent = answer.evidence.length ? "" : "No rejected frames yet.";
   const gallery = document.getElementById("gallery");
-  const shown = JSON.stringify(answer.evidence.map((item) => [item.stem, item.marked]));
-  if (gallery.dataset.shown === shown) return;  // unchanged: keep the tiles (and any message on them)
-  gallery.dataset.shown = shown;
-  gallery.innerHTML = "";
+  if (!redrawn(gallery, answer.evidence.map((item) => [item.stem, item.marked]))) return;
   for (const item of answer.evidence) {
-    const tile = document.createElement("div");
-    tile.className = "tile";
-    tile.dataset.stem = item.stem;
+    const tile = newTile(gallery, {stem: item.stem});
     const v = item.verdict;
     tile.innerHTML = `<a href="${item.raw}" target="_blank"><img loading="lazy" alt="rejected frame"></a>
       <div><b>${item.camera}</b> seq ${v.seq} · score ${text(v.score)} / ${text(v.threshold)} ·
@@ -194,7 +205,6 @@ async function pollGallery() {
         } catch (error) { feedback.textContent = `refused: ${error.message}`; }
       });
     }
-    gallery.appendChild(tile);
   }
 }
 
@@ -208,14 +218,9 @@ async function pollReview() {
   document.getElementById("review-left").textContent =
     `${answer.left} of ${answer.queue.length} still to sort (${answer.sorted} sorted).`;
   const review = document.getElementById("review");
-  const shown = JSON.stringify(answer.queue.map((item) => [item.file, item.sorted]));
-  if (review.dataset.shown === shown) return;
-  review.dataset.shown = shown;
-  review.innerHTML = "";
+  if (!redrawn(review, answer.queue.map((item) => [item.file, item.sorted]))) return;
   for (const item of answer.queue) {
-    const tile = document.createElement("div");
-    tile.className = "tile";
-    tile.dataset.file = item.file;
+    const tile = newTile(review, {file: item.file});
     const url = `/api/commissioning/frames/${encodeURIComponent(item.file)}`;
     tile.innerHTML = `<a href="${url}" target="_blank"><img loading="lazy" alt="commissioning frame"></a>
       <div><b>${item.camera}</b> score ${text(item.score)} / ${text(answer.threshold)}</div>
@@ -236,7 +241,6 @@ async function pollReview() {
         } catch (error) { feedback.textContent = `refused: ${error.message}`; }
       });
     }
-    review.appendChild(tile);
   }
 }
 
