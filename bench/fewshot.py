@@ -129,16 +129,21 @@ def frozen_features(backbone: Backbone, frames: np.ndarray, size: tuple[int, int
     return torch.cat(globals_).numpy(), torch.cat(patches), torch.cat(trunk)
 
 
+def good_shapes(data) -> list[tuple[int, int]]:
+    """(height, width) of the set's good images, read from their headers."""
+    shapes = []
+    for path in (p for p, label in zip(data.paths, data.labels) if label == 0):
+        with Image.open(path) as image:
+            shapes.append((image.height, image.width))
+    return shapes
+
+
 def product_size(data, asked: tuple[int, int] | None) -> tuple[int, int]:
     """--size, or the product's rule (train/shape.py) applied to the set's good images: the benchmarks share one
     feature pass over every seed's shots, so the set stands in for each seed's shots."""
     if asked:
         return asked
-    shapes = []
-    for path in (p for p, label in zip(data.paths, data.labels) if label == 0):
-        with Image.open(path) as image:
-            shapes.append((image.height, image.width))
-    size, why = input_size(shapes)
+    size, why = input_size(good_shapes(data))
     print(f"input {size[0]}x{size[1]}: {why}", flush=True)
     return size
 

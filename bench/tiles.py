@@ -31,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import find_category, knn_scores, machine, product_size  # noqa: E402
+from fewshot import find_category, good_shapes, knn_scores, machine, product_size  # noqa: E402
 from learn import HEADLINE, draw_shots, headline_cells, measure, unit, write_report  # noqa: E402
 
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
@@ -49,7 +48,7 @@ from coft.train.embed import to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.pipeline import TrainOptions  # noqa: E402
 from coft.train.scorers.knn import DEFAULT_CAP, bank_views  # noqa: E402
-from coft.train.shape import SHORT_SIDE  # noqa: E402
+from coft.train.shape import SHORT_SIDE, median_size  # noqa: E402
 
 WINDOW = (SHORT_SIDE, SHORT_SIDE)
 
@@ -61,14 +60,6 @@ def categories(root: str) -> list[Path]:
     if not found:
         sys.exit(f"{root}: no good/ folder in it or in its subfolders")
     return found
-
-
-def median_shape(paths: list[Path]) -> tuple[int, int]:
-    shapes = []
-    for path in paths:
-        with Image.open(path) as image:
-            shapes.append((image.height, image.width))
-    return int(np.median([s[0] for s in shapes])), int(np.median([s[1] for s in shapes]))
 
 
 @torch.inference_mode()
@@ -127,7 +118,7 @@ def measure_category(category: Path, args) -> list[dict]:
     data = labelled_images(category)
     images = [read_image(p) for p in tqdm(data.paths, desc=f"{category.name}: reading", unit="img", leave=False)]
     size = product_size(data, None)
-    shape = median_shape([p for p, label in zip(data.paths, data.labels) if label == 0])
+    shape = median_size(good_shapes(data))
     variants = [Variant("resize", images, size, None, True)]
     variants.append(variants[0].banked("resize-nopose", False))
     for scale in args.scales:

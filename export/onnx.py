@@ -101,7 +101,7 @@ class PatchInspectionModel(nn.Module):
         super().__init__()
         self.backbone, self.scoring, self.tiling = backbone, scoring, tiling
         if tiling is not None:
-            self.register_buffer("coverage", torch.from_numpy(tiling.coverage()).flatten())
+            self.register_buffer("coverage", torch.from_numpy(tiling.coverage.copy()).flatten())
         self.register_buffer("to_rgb", _channel_order(colour_order))
         self.pooling, self.grid, self.size = patch["pooling"], patch["grid"], size
         sigma = float(patch["blur_sigma"])

@@ -16,6 +16,7 @@ from coft.runtime.box.install import switch
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import Engine, fitted_precision, open_engine
 from coft.runtime.line.commissioning import Commissioning
+from coft.runtime.line.evidence import feedback_folder
 from coft.runtime.line.inspector import Inspector
 from coft.runtime.model.bundle import Bundle, commissioned_revision, load_bundle, revise
 from coft.runtime.model.errors import CoftError
@@ -135,13 +136,13 @@ class Revisions:
 
 
     def marked_defect_scores(self) -> list[float]:
-        """Scores of the frames operators marked as real defects on this model's graph (the harvest's defect/, or
-        feedback-defect/ beside the evidence): what an escape can be measured on."""
-        folders = [self.config.harvest.dir / "defect"] if self.config.harvest else []
-        folders += [self.config.evidence.dir / "feedback-defect"] if self.config.evidence else []
+        """Scores of the frames operators marked as real defects on this model's graph (where the page files them,
+        line/evidence.py): what an escape can be measured on."""
+        folder = feedback_folder("defect", self.config.harvest.dir if self.config.harvest else None,
+                                 self.config.evidence.dir if self.config.evidence else None)
         model_id = self.inspector.bundle.model_id
         scores = []
-        for verdict_file in (f for folder in folders if folder.is_dir() for f in folder.glob("*.json")):
+        for verdict_file in folder.glob("*.json") if folder and folder.is_dir() else ():
             try:
                 verdict = json.loads(verdict_file.read_text())
                 if verdict.get("model_id") == model_id:  # scored on the graph running now: comparable

@@ -33,7 +33,7 @@ def tiled_bundle(masked_set, tmp_path_factory):  # noqa: F811
 def test_windows_lie_on_the_patch_grid_cover_the_frame_and_stitch_by_averaging():
     tiling = Tiling.over(tiled_size((460, 1130), 1.0, 14), (224, 224), 14)  # a BSData frame at its own pixels
     assert tiling.frame == (462, 1134) and len(tiling) == 18 and tiling.grid == (33, 81)
-    assert all(y % 14 == 0 and x % 14 == 0 for y, x in tiling.origins) and tiling.coverage().min() >= 1
+    assert all(y % 14 == 0 and x % 14 == 0 for y, x in tiling.origins) and tiling.coverage.min() >= 1
     overlaps = np.diff(sorted({x for _, x in tiling.origins}))
     assert (224 - overlaps >= 0.125 * 224).all()  # neighbours share at least an eighth of a window
     ones = np.ones((2, len(tiling), 16 * 16))

@@ -31,7 +31,7 @@ from coft.train.patches import frame_patch_features, windows
 from coft.train.scorers.gaussian import fit_gaussian, global_fit
 from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit, tiled_view_scores
 from coft.train.scorers.patch import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from coft.train.shape import SQUARE, input_size
+from coft.train.shape import SQUARE, input_size, median_size
 from coft.train.threshold import good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,7 @@ def chosen_tiling(options: TrainOptions, images: list[np.ndarray]) -> Tiling | N
     if options.scorer != "knn" or options.backbone != DINOV2:
         raise CoftError(f"--tiles scores windows of {DINOV2} patch features against a memory bank: use it with "
                         f"--scorer knn --backbone {DINOV2}")
-    median = (int(np.median([i.shape[0] for i in images])), int(np.median([i.shape[1] for i in images])))
-    frame = tiled_size(median, options.tiles, VIT_PATCH)
+    frame = tiled_size(median_size([image.shape for image in images]), options.tiles, VIT_PATCH)
     tiling = Tiling.over(frame, round_to_patch(options.size or SQUARE), VIT_PATCH)
     if len(tiling) == 1:
         log.info("tiles: the shots at x%g (%dx%d) fit one window; scoring them whole", options.tiles, *frame)

@@ -24,6 +24,11 @@ def median_aspect(shapes: list[tuple[int, ...]]) -> float:
     return float(np.median([h / w for h, w, *_ in shapes]))
 
 
+def median_size(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """(height, width): the shots' median of each, the size --tiles scales."""
+    return int(np.median([h for h, *_ in shapes])), int(np.median([w for _, w, *_ in shapes]))
+
+
 def size_for_aspect(aspect: float, short: int = SHORT_SIDE, patch: int = PATCH) -> tuple[int, int]:
     """(height, width), multiples of `patch`, the short side `short`, height/width as near `aspect` as that allows."""
     aspect = min(max(aspect, 1 / MOST_ELONGATED), MOST_ELONGATED)

@@ -21,6 +21,15 @@ from coft.runtime.config import EvidenceConfig
 
 log = logging.getLogger(__name__)
 ANNOTATED = "-annotated.jpg"
+LABELS = ("good", "defect")  # an operator's word on a frame: a good part (a false reject), or a real defect
+
+
+def feedback_folder(label: str, harvest: Path | None, evidence: Path | None) -> Path | None:
+    """Where frames an operator marked go: the harvest's good/ or defect/ (coft learn and coft retrain read them),
+    else feedback/ and feedback-defect/ beside the evidence; None where the line keeps neither."""
+    if harvest:
+        return harvest / label
+    return evidence / ("feedback" if label == "good" else "feedback-defect") if evidence else None
 
 
 class Evidence:

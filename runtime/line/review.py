@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from coft.runtime.line.evidence import LABELS
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
 from coft.runtime.model.threshold import review_queue, reviewed_promise
-
-LABELS = ("good", "defect")
 
 
 class Review:
@@ -37,9 +36,15 @@ class Review:
     def label(self, file: str) -> str | None:
         return next((label for label in LABELS if (self.folder / label / file).is_file()), None)
 
+    def sorted_as(self) -> dict[str, str]:
+        """Every sorted frame's label, from one listing of good/ and defect/ (the page asks every few seconds)."""
+        return {path.name: label for label in LABELS if (self.folder / label).is_dir()
+                for path in (self.folder / label).iterdir()}
+
     def state(self) -> dict:
         """The queue (worst first, with what each frame was sorted as) and the promise as sorted so far."""
-        labels = [self.label(file) for file in self.files]
+        sorted_as = self.sorted_as()
+        labels = [sorted_as.get(file) for file in self.files]
         good = np.array([label == "good" for label in labels])
         defect = np.array([label == "defect" for label in labels])
         value = float(self.threshold["value"])

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -267,9 +268,10 @@ class Bundle:
     def threshold(self) -> float:
         return float(self.manifest["threshold"]["value"])
 
-    @property
+    @cached_property
     def tiling(self) -> Tiling | None:
-        """The windows a tiled bundle scores its frames in (runtime/model/tiles.py), or None: one window."""
+        """The windows a tiled bundle scores its frames in (runtime/model/tiles.py), or None: one window; read and
+        checked once (the TensorRT path stitches every batch with it)."""
         return Tiling.from_manifest(self.manifest["patch"], self.input_size) if "patch" in self.manifest else None
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class Tiling:
         inside = all(0 <= y <= self.frame[0] - h and 0 <= x <= self.frame[1] - w and not y % self.stride
                      and not x % self.stride for y, x in self.origins)
         if (not inside or count != len(self) or list(grid) != list(self.grid) or any(s % self.stride for s in self.window)
-                or self.coverage().min() < 1):
+                or self.coverage.min() < 1):
             raise CoftError(f"patch.tiles: {len(self)} windows of {h}x{w} do not tile the {self.frame[0]}x"
                             f"{self.frame[1]} input on its {self.stride}-pixel grid; retrain the bundle")
 
@@ -90,8 +91,10 @@ class Tiling:
         h, w = self.window
         return np.stack([frames[:, y:y + h, x:x + w] for y, x in self.origins], axis=1)
 
+    @cached_property
     def coverage(self) -> np.ndarray:
-        """[rows, cols]: how many windows see each patch of the frame's grid (at least one)."""
+        """[rows, cols]: how many windows see each patch of the frame's grid (at least one); computed once, as
+        every stitch divides by it."""
         counts = np.zeros(self.grid, np.float32)
         gh, gw = self.window_grid
         for y, x in self.origins:
@@ -106,7 +109,7 @@ class Tiling:
         total = np.zeros((len(scores), *self.grid), np.float32)
         for t, (y, x) in enumerate(self.origins):
             total[:, y // self.stride:y // self.stride + gh, x // self.stride:x // self.stride + gw] += scores[:, t]
-        return total / self.coverage()
+        return total / self.coverage
 
     def stitched(self, window_scores: np.ndarray) -> np.ndarray:
         """As `stitch`, flat: [N, tiles * h * w] -> [N, rows * cols], what pooling and maps read."""

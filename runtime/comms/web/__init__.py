@@ -32,7 +32,7 @@ from aiohttp import web
 
 from coft.runtime.comms.loops import LoopService
 from coft.runtime.config import WebConfig
-from coft.runtime.line.evidence import ANNOTATED
+from coft.runtime.line.evidence import ANNOTATED, LABELS, feedback_folder
 from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.heatmap import annotate
@@ -44,7 +44,6 @@ STATIC = Path(__file__).parent / "static"
 EVIDENCE_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-(accept|reject)(\.jpg|\.json|-annotated\.jpg)$")
 STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{9}-reject$")
 COMMISSIONING_FILE = re.compile(r"^\d{6}-[A-Za-z0-9_-]+-\d+\.jpg$")  # as line/commissioning.py names its frames
-LABELS = ("good", "defect")  # what an operator may call a rejected frame: a false reject, or a real defect
 LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
 
 
@@ -298,12 +297,11 @@ class WebServer(LoopService):
         return web.json_response(state)
 
     def feedback_folder(self, label: str) -> Path:
-        """Where frames an operator marked go: the harvest's good/ or defect/ (coft learn and coft retrain read them),
-        else feedback/ and feedback-defect/ beside the evidence."""
-        harvest = self.view.harvest
-        if harvest:
-            return harvest.config.dir / label
-        return self.view.evidence.config.dir / ("feedback" if label == "good" else "feedback-defect")
+        """Where this line keeps frames an operator marked (line/evidence.py: the page has evidence, so one exists)."""
+        harvest = self.view.harvest.config.dir if self.view.harvest else None
+        folder = feedback_folder(label, harvest, self.view.evidence.config.dir)
+        assert folder is not None
+        return folder
 
     async def mark(self, request: web.Request) -> web.Response:
         """An operator's word on a rejected frame: a good part (a false reject) or a real defect."""
