@@ -62,9 +62,10 @@ class Host:
             time.sleep(0.05)
         return self.of(kind)
 
-    def command(self, topic: str, metric: dict) -> None:
+    def command(self, topic: str, *metrics: dict) -> None:
         payload = Payload(timestamp=round(time.time() * 1000))
-        payload.metrics.add(**metric)
+        for metric in metrics:
+            payload.metrics.add(**metric)
         self.client.publish(topic, payload.SerializeToString(), qos=0)
 
     def close(self):
@@ -236,6 +237,56 @@ def test_with_a_primary_host_births_and_data_wait_for_its_state_online_and_stop_
     assert seqs == list(range(1, len(seqs) + 1))  # from the first verdict, the backlog included, no gap
     text = log.read_text()
     assert "waiting for primary host scada1 to be online" in text and "primary host scada1 is offline" in text
+
+def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_floods_it(tmp_path, exported_bundle,
+                                                                                      parts):
+    """A retained STATE stamped ten years ahead (a SCADA clock that ran ahead), `"online": "false"` as a string and
+    a timestamp of 1e400 lock nothing out: the host's next real STATE brings the births. One NCMD with 20,000
+    rebirth metrics rebirths once; a DCMD with 5,000 unknown metrics is refused in one line, the verdicts flow on."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    config = write_config(tmp_path, exported_bundle, broker.port,
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 10}],
+                          sparkplug={"group_id": "plant", "edge_node_id": "box7", "primary_host_id": "scada1"})
+    host = Host(broker.port)
+
+    def state(payload: str) -> None:
+        host.client.publish("spBv1.0/STATE/scada1", payload, qos=1, retain=True).wait_for_publish(5)
+
+    now = round(time.time() * 1000)
+    state(json.dumps({"online": False, "timestamp": now + 10 * 365 * 86_400_000}))
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        time.sleep(3)
+        state(json.dumps({"online": "true", "timestamp": round(time.time() * 1000)}))
+        state('{"online": true, "timestamp": 1e400}')
+        time.sleep(2)
+        assert host.of("NBIRTH") == []  # neither is 3.0's STATE: the host is still offline
+        state(json.dumps({"online": True, "timestamp": round(time.time() * 1000)}))
+        host.wait("NBIRTH", 1, timeout=15)
+        assert len(host.of("NBIRTH")) == 1, log.read_text()[-2000:]
+        rebirth = {"name": "Node Control/Rebirth", "datatype": DataType.Boolean, "boolean_value": True}
+        host.command("spBv1.0/plant/NCMD/box7", *[rebirth] * 20_000)
+        host.wait("NBIRTH", 2)
+        unknown = {"name": "Nonsense", "datatype": DataType.Double, "double_value": 1.0}
+        host.command("spBv1.0/plant/DCMD/box7/cam1", *[unknown] * 5_000)
+        time.sleep(3)
+        data = len(host.of("DDATA"))
+        host.wait("DDATA", data + 5)
+    finally:
+        runtime.send_signal(signal.SIGTERM)
+        code = runtime.wait(timeout=30)
+        host.close()
+        broker.stop()
+    text = log.read_text()
+    assert code == 0, text[-2000:]
+    assert len(host.of("NBIRTH")) == 2  # the births, then one rebirth for 20,000 asks
+    assert len(host.of("DDATA")) >= data + 5  # verdicts still flow
+    assert "ahead of this box's clock" in text and "Traceback" not in text
+    assert text.count("not 3.0's JSON") == 2 and text.count("DCMD for cam1 ignored") == 1
+    assert "64 of its metrics refused; the first: metric 'Nonsense' is not writable" in text
+    assert "4936 metrics beyond the first 64 not read" in text and "19936 metrics beyond" in text
+
 
 class TahuHost:
     """tests/clients/sparkplug_host.js: MQTT.js and Eclipse Tahu's sparkplug-payload, as a SCADA host runs them."""

@@ -20,7 +20,8 @@ encoded when it is sent, so an outage or a restart loses none: they go out after
 of the next session; a lost camera's verdicts (its fail-safe rejects) wait in the outbox for its DBIRTH. DDATA
 goes at QoS 0 as the specification requires (`data_qos: 1` makes
 the broker acknowledge each, and sends the births at QoS 1 too, so that none overtakes data). A command with an unknown metric or a wrong type changes
-nothing and says why on `<prefix>/<line>/<camera>/error` (or `<prefix>/<line>/error`).
+nothing and says why on `<prefix>/<line>/<camera>/error` (or `<prefix>/<line>/error`), once per message; one
+message rebirths once at most and has its first COMMAND_METRICS metrics read.
 Payloads are protobuf, from `sparkplug_b.proto` in this folder.
 """
 
@@ -62,6 +63,10 @@ DEVICE_METRICS = [
     ("Verdict/Time", DataType.DateTime, lambda v: round(v["capture_ts"] * 1000)),
 ]
 NODE_ALIASES = {"bdSeq": 1, REBIRTH: 2, "Node Info/Model ID": 3, "Node Info/Line": 4}
+COMMAND_METRICS = 64  # metrics read from one NCMD/DCMD: a rebirth, or a threshold, needs one; the rest are refused
+# A STATE stamped further ahead of this box's clock than this is judged by its arrival, as if stamped now: a
+# retained STATE from a clock that ran ahead must not make every later STATE of the host look older forever.
+STATE_SKEW_MS = 60_000
 
 
 def put(metric: Payload.Metric, datatype: int, value, typed: bool = True) -> None:
@@ -300,14 +305,23 @@ class SparkplugNode(Link):
 
     # -- commands -------------------------------------------------------------------------------
     def _host_state(self, payload: bytes) -> None:
-        """The primary host's STATE (3.0: JSON, online and a timestamp; an older timestamp is ignored)."""
+        """The primary host's STATE (3.0: JSON, `online` a boolean, `timestamp` integer UTC ms; an older timestamp is
+        ignored, a stamp beyond STATE_SKEW_MS ahead of this clock is taken as now)."""
         try:
             state = json.loads(payload)
-            online, stamp = bool(state["online"]), int(state["timestamp"])
-        except (ValueError, KeyError, TypeError):
+            online, stamp = state["online"], state["timestamp"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            online, stamp = None, None
+        if not isinstance(online, bool) or not isinstance(stamp, int) or isinstance(stamp, bool):
             self.throttled.log(logging.WARNING, "state", "sparkplug: primary host STATE %r is not 3.0's JSON "
-                               "{\"online\": ..., \"timestamp\": ...}: ignored", payload[:100])
+                               "{\"online\": true|false, \"timestamp\": <integer UTC ms>}: ignored", payload[:100])
             return
+        now = round(time.time() * 1000)
+        if stamp > now + STATE_SKEW_MS:
+            self.throttled.log(logging.WARNING, "state-skew", "sparkplug: primary host STATE is stamped %.0f s ahead "
+                               "of this box's clock: taken as stamped now (check the SCADA and box clocks, NTP)",
+                               (stamp - now) / 1000)
+            stamp = now
         if stamp < self.host_stamp or online == self.host_online:
             self.host_stamp = max(stamp, self.host_stamp)
             return
@@ -326,19 +340,31 @@ class SparkplugNode(Link):
             self._host_state(message.payload)
             return
         device = message.topic.split("/")[4] if message.topic.count("/") == 4 else None
+        command = "NCMD" if device is None else "DCMD"
         try:
             payload = Payload.FromString(message.payload)
         except Exception:  # protobuf's DecodeError, and whatever a truncated payload raises
-            self._refuse(device, "NCMD" if device is None else "DCMD", "payload is not a Sparkplug B protobuf")
+            self._refuse(device, command, "payload is not a Sparkplug B protobuf")
             return
-        for metric in payload.metrics:
+        refused, rebirth = [], False
+        for metric in payload.metrics[:COMMAND_METRICS]:
             try:
                 if device is None:
-                    self._node_command(metric)
+                    rebirth = self._node_command(metric) or rebirth
                 else:
                     self._device_command(device, metric)
             except CoftError as exc:
-                self._refuse(device, "NCMD" if device is None else "DCMD", str(exc))
+                refused.append(str(exc))
+        if rebirth:  # once per message, however many metrics ask for it
+            log.info("sparkplug: rebirth requested")
+            self.births()
+        unread = len(payload.metrics) - COMMAND_METRICS
+        said = [f"{len(refused)} of its metrics refused; the first: {refused[0]}"] if len(refused) > 1 else refused
+        if unread > 0:
+            said.append(f"{unread} metrics beyond the first {COMMAND_METRICS} not read (one message carries a "
+                        "command or a few)")
+        if said:
+            self._refuse(device, command, "; ".join(said))
 
     def _named(self, metric: Payload.Metric, aliases: dict[str, int]) -> str:
         if metric.HasField("name") and metric.name:
@@ -348,15 +374,14 @@ class SparkplugNode(Link):
             return by_alias[metric.alias]
         raise CoftError(f"unknown metric alias {metric.alias}")
 
-    def _node_command(self, metric: Payload.Metric) -> None:
+    def _node_command(self, metric: Payload.Metric) -> bool:
+        """Whether the metric asks for a rebirth."""
         name = self._named(metric, NODE_ALIASES)
         if name != REBIRTH:
             raise CoftError(f"unknown node metric {name!r}; the node takes {REBIRTH!r}")
         if metric.WhichOneof("value") != "boolean_value":
             raise CoftError(f"{REBIRTH} must be a Boolean")
-        if metric.boolean_value:
-            log.info("sparkplug: rebirth requested")
-            self.births()
+        return metric.boolean_value
 
     def _device_command(self, device: str, metric: Payload.Metric) -> None:
         if device not in self.aliases:
@@ -379,5 +404,6 @@ class SparkplugNode(Link):
             self._numbered(self.topic("DDATA", device), Payload(timestamp=now, seq=self._next_seq(), metrics=[metric]))
 
     def _refuse(self, device: str | None, command: str, error: str) -> None:
-        log.warning("sparkplug: %s%s ignored: %s", command, f" for {device}" if device else "", error)
+        self.throttled.log(logging.WARNING, ("command", device), "sparkplug: %s%s ignored: %s", command,
+                           f" for {device}" if device else "", error)
         self.report(command, error, device if device in self.aliases else None)
