@@ -225,3 +225,54 @@ def test_runtime_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert '"ok": true' in result.stdout
+
+
+def test_revisions_never_share_a_model_id_however_the_bundle_is_named(tmp_path):
+    """Issue 34: `coft learn box/current` twice wrote X-r2 and X-r3 whose manifests both said X-r2. Each revision
+    made through a box's `current` link, into an --out of its own, or beside a folder named otherwise, takes an
+    id no bundle there holds."""
+    models = tmp_path / "models"
+    out = _write(models / "line1")
+    current = tmp_path / "current"
+    current.symlink_to(out)
+    first = revise(current, {"threshold": {"value": 2.0, "method": "x"}})
+    second = revise(current, {"threshold": {"value": 2.5, "method": "x"}})
+    elsewhere = revise(current, {"threshold": {"value": 3.0, "method": "x"}}, models / "by-hand")
+    ids = [load_bundle(p).model_id for p in (out, first, second, elsewhere)]
+    assert (first.parent, first.name, second.name) == (models, "line1-r2", "line1-r3")
+    assert len(set(ids)) == 4, ids
+
+
+def test_commissioning_finds_its_revision_beside_the_bundle_a_link_names(tmp_path):
+    from coft.runtime.model.bundle import commissioned_revision
+    out = _write(tmp_path / "models" / "line1")
+    current = tmp_path / "current"
+    current.symlink_to(out)
+    done = revise(current, {"commissioning": {"cameras": ["cam1"]}})
+    assert commissioned_revision(current, "test-model", ["cam1"]) == done
+
+
+@pytest.mark.parametrize("killed_after", [1, 2])
+def test_a_switch_killed_between_its_steps_never_forgets_the_rollback_target(tmp_path, monkeypatch, killed_after):
+    """The links move in three steps; a kill after the first leaves the old pair, after the second the new one."""
+    import os
+
+    from coft.runtime.box import install
+    root = tmp_path / "box"
+    a, b, c = (_write(root / "models" / n) for n in ("a", "b", "c"))
+    install.switch(root / "current", a)
+    install.switch(root / "current", b)  # current -> b, previous -> a
+    real, steps = os.replace, []
+
+    def dying_replace(src, dst):
+        steps.append(dst)
+        if len(steps) > killed_after:
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+    monkeypatch.setattr(install.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        install.switch(root / "current", c)
+    monkeypatch.setattr(install.os, "replace", real)
+    described = json.loads(install.describe(root))
+    assert described == ({"active": "b", "previous": "a"} if killed_after == 1 else {"active": "c", "previous": "b"})
+    assert install.rollback(root)["active"] == described["previous"]

@@ -42,12 +42,28 @@ def _resolved(link: Path) -> Path | None:
     return link.resolve() if link.is_symlink() else None
 
 
+def _settle(current: Path) -> None:
+    """Finish a switch a kill cut short: its rollback target waits in `.previous.pending` until `current` has moved."""
+    pending = current.with_name(".previous.pending")
+    if pending.is_symlink():
+        if _resolved(pending) == _resolved(current):  # killed before `current` moved: nothing changed
+            pending.unlink()
+        else:
+            os.replace(pending, current.with_name("previous"))
+
+
 def switch(current: Path, target: Path) -> Path | None:
-    """Point `current` at `target` and its sibling `previous` at what `current` pointed to; returns that."""
+    """Point `current` at `target` and its sibling `previous` at what `current` pointed to; returns that. The
+    rollback target is written first under another name and renamed last, so a kill at any step leaves either
+    the old pair or the new one (after `_settle`), never a `previous` that forgot it."""
+    _settle(current)
     old = _resolved(current)
+    pending = current.with_name(".previous.pending")
     if old is not None:
-        _point(current.with_name("previous"), old)
+        _point(pending, old)
     _point(current, target)
+    if old is not None:
+        os.replace(pending, current.with_name("previous"))
     return old
 
 
@@ -108,18 +124,17 @@ def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = 
 
 def rollback(root: str | Path = DEFAULT_ROOT, service: str | None = None) -> dict:
     root = Path(root)
-    current, previous = root / "current", root / "previous"
-    old, new = _resolved(current), _resolved(previous)
+    _settle(root / "current")
+    new = _resolved(root / "previous")
     if new is None or not new.is_dir():
         raise CoftError(f"{root}: no previous model to roll back to")
-    _point(current, new)
-    if old is not None:
-        _point(previous, old)
+    old = switch(root / "current", new)
     log.info("rolled back to %s", new.name)
     return {"active": new.name, "previous": old.name if old else None, "service": restart_service(service)}
 
 
 def describe(root: str | Path = DEFAULT_ROOT) -> str:
     root = Path(root)
+    _settle(root / "current")
     current, previous = _resolved(root / "current"), _resolved(root / "previous")
     return json.dumps({"active": current.name if current else None, "previous": previous.name if previous else None})

@@ -117,22 +117,38 @@ def lineage(model_id: str) -> str:
     return re.sub(r"(-r\d+)+$", "", model_id)
 
 
-def next_revision(bundle_dir: Path, model_id: str) -> tuple[Path, str]:
-    """Where the next revision of a bundle goes and its model id: NAME-r2, NAME-r3, ..."""
+def _model_ids(folder: Path) -> set[str]:
+    """The model ids of the bundles in a folder (staging ones included: a learn in flight has taken its id)."""
+    ids = set()
+    for manifest in folder.glob(f"*/{MANIFEST}"):
+        try:
+            ids.add(json.loads(manifest.read_text())["model_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a bundle: it holds no id
+    return ids
+
+
+def next_revision(bundle_dir: Path, model_id: str, beside: Path | None = None) -> tuple[Path, str]:
+    """Where the next revision of a bundle goes (in `beside`, default beside the bundle itself, links resolved) and
+    its model id, NAME-r2, NAME-r3 ...: the first number neither a folder nor a bundle's model id there has taken,
+    so two revisions never share an id, whoever made them and wherever the bundle was named from."""
+    bundle_dir = bundle_dir.resolve()
+    folder = (beside or bundle_dir.parent).resolve()
     match = re.fullmatch(r"(.*)-r(\d+)", model_id)
     base_id, number = (match.group(1), int(match.group(2)) + 1) if match else (model_id, 2)
-    base_dir = re.sub(r"-r\d+$", "", bundle_dir.name)
-    while (bundle_dir.parent / f"{base_dir}-r{number}").exists():
+    base_dir, taken = re.sub(r"-r\d+$", "", bundle_dir.name), _model_ids(folder) | _model_ids(bundle_dir.parent)
+    while (folder / f"{base_dir}-r{number}").exists() or f"{base_id}-r{number}" in taken:
         number += 1
-    return bundle_dir.parent / f"{base_dir}-r{number}", f"{base_id}-r{number}"
+    return folder / f"{base_dir}-r{number}", f"{base_id}-r{number}"
 
 
 def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -> Path | None:
     """The newest revision beside `bundle_dir` that commissioning made of this model for these cameras, if any:
     a config that names the bundle itself (not a box's `current` link) must not commission at every start."""
-    base = re.sub(r"-r\d+$", "", Path(bundle_dir).name)
+    bundle_dir = Path(bundle_dir).resolve()  # a box's `current` link: its revisions lie beside the bundle, not it
+    base = re.sub(r"-r\d+$", "", bundle_dir.name)
     found = []
-    for candidate in Path(bundle_dir).parent.glob(f"{glob.escape(base)}-r*"):
+    for candidate in bundle_dir.parent.glob(f"{glob.escape(base)}-r*"):
         try:
             manifest = json.loads((candidate / MANIFEST).read_text())
             match = re.fullmatch(r".*-r(\d+)", candidate.name)
@@ -157,7 +173,7 @@ def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | No
     """
     bundle_dir = Path(bundle_dir)
     old = read_manifest(bundle_dir)
-    default_out, model_id = next_revision(bundle_dir, old["model_id"])
+    default_out, model_id = next_revision(bundle_dir, old["model_id"], Path(out).parent if out else None)
     out = Path(out or default_out)
     manifest = {k: v for k, v in old.items() if k not in ("files", manifests.DIGEST_KEY)}
     manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
