@@ -49,6 +49,7 @@ from coft.runtime.revisions import Revisions
 from coft.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("coft.audit")
 RECENT = 300  # verdicts per camera kept for the live view, its chart and latency percentiles
 BEAT_GRACE_S = 5.0  # the heartbeat's counter stands still once the inspector has not turned for this long
 
@@ -110,7 +111,8 @@ class LineView:
 
 
 class LineControls:
-    """What an operator (the page) or a PLC (OPC UA, Sparkplug) may change: thresholds, and triggering a part."""
+    """What an operator (the page) or a PLC (OPC UA, Sparkplug) may change: thresholds, triggering a part, and
+    acknowledging an outbox's new epoch."""
 
     def __init__(self, runtime: Runtime):
         self._runtime = runtime
@@ -120,6 +122,9 @@ class LineControls:
 
     def trigger(self, camera: str, part_id: str) -> None:
         self._runtime.trigger_from_plc(camera, part_id)
+
+    def acknowledge_new_epoch(self, via: str) -> dict:
+        return self._runtime.acknowledge_new_epoch(via)
 
 
 class Runtime:
@@ -141,8 +146,10 @@ class Runtime:
                                learning=Revisions.learns_with(config, bundle))
         self.outbox = Outbox(config.outbox.path, config.outbox.max_messages, config.outbox.fsync,
                              int(config.outbox.max_mb * 2**20),
-                             lambda camera, first, last: gap_messages(config.broker, camera, first, last),
-                             lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n))
+                             functools.partial(gap_messages, config.broker),
+                             lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n),
+                             config.state_path.with_name("seq-watermark.json"))
+        self.metrics.outbox_started_anew.set(int(self.outbox.started_anew is not None))
         self.reserve = Reserve(config.outbox.path, int(config.outbox.reserve_mb * 2**20))
         self.evidence = Evidence(config.evidence, "evidence", self.reserve) if config.evidence else None
         self.harvest = Evidence(config.harvest, "harvest", self.reserve) if config.harvest else None
@@ -301,7 +308,8 @@ class Runtime:
                 **self.verdict_counts(camera), "refused": count("coft_verdicts_refused_total", camera),
                 "outbox_dropped": count("coft_outbox_dropped_total", camera),
                 "broker_refused": count("coft_broker_refused_total", camera),
-                "camera": self.camera[camera].state,
+                "camera": self.camera[camera].state, "epoch": self.outbox.epoch,
+                **({"outbox_started_anew": self.outbox.started_anew} if self.outbox.started_anew else {}),
                 "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
 
     def status(self) -> dict:
@@ -329,7 +337,8 @@ class Runtime:
                 "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
                 "commissioning": self.revisions.status(), "learning": self.revisions.learning,
                 "inspection_waiting_s": round(self.inspector.waiting_s(), 1), "stalled": self.stalled,
-                "outbox_refusing": self.recorder.refusing, "last_problem": self.problems.last.get("runtime"),
+                "outbox_refusing": self.recorder.refusing, "epoch": self.outbox.epoch,
+                "outbox_started_anew": self.outbox.started_anew, "last_problem": self.problems.last.get("runtime"),
                 "web_actions": bool(self.web and self.web.token), "cameras": cameras}
 
     def set_threshold(self, camera: str, value: str, via: str) -> dict:
@@ -338,6 +347,14 @@ class Runtime:
         state = self.threshold.set(camera, value.encode(), via)
         self.links[camera].publish_state(state)
         return state
+
+    def acknowledge_new_epoch(self, via: str) -> dict:
+        """An operator has seen why the outbox started a new epoch: status, heartbeat and metric stop saying it."""
+        why, self.outbox.started_anew = self.outbox.started_anew, None
+        self.metrics.outbox_started_anew.set(0)
+        if why:
+            audit.info("AUDIT outbox-new-epoch epoch=%s acknowledged via=%s reason=%r", self.outbox.epoch, via, why)
+        return {"epoch": self.outbox.epoch, "acknowledged": why}
 
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""

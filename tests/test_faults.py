@@ -392,6 +392,46 @@ def test_full_disk_refuses_new_verdicts_loudly_keeps_the_old_and_recovers(tmp_pa
     assert (disk / "outbox.db").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_corrupt_outbox_is_moved_aside_and_the_line_goes_on_in_a_new_epoch(tmp_path, exported_bundle,
+                                                                                        parts):
+    """Issue 34: a garbled outbox made every start exit 2 ("check outbox.path ..."), a restart loop with the line
+    uninspected. Now the start moves it aside, numbers on in a new epoch, tells the PLC on the gap topic, and says
+    it in the metric and the heartbeat until an operator acknowledges."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    plc = Subscriber(broker.port)
+    metrics_port = free_port()
+    config = write_config(tmp_path, exported_bundle, broker.port,
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 20}],
+                          metrics_port=metrics_port)
+    log = tmp_path / "runtime.log"
+    runtime = start_runtime(config, log)
+    try:
+        first = plc.wait_for("verdict", 5)
+        broker.stop()  # verdicts wait in the outbox; a clean stop, then a disk fault garbles the file
+        time.sleep(2)
+        assert stop(runtime) == 0
+        with open(tmp_path / "outbox.db", "r+b") as f:
+            f.write(bytes(range(256)) * 16)  # its first page garbled: "file is not a database"
+        broker.start()
+        runtime = start_runtime(config, log)
+        gap = plc.wait_for("gap", 1, timeout=60)[0]
+        newer = [v for v in plc.wait_for("verdict", len(plc.payloads("verdict")) + 5) if v["epoch"] != first[0]["epoch"]]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("outbox_started_anew" in h for h in plc.payloads("heartbeat")):
+            time.sleep(0.2)
+        beats = [h for h in plc.payloads("heartbeat") if "outbox_started_anew" in h]
+        assert runtime.poll() is None and metric(metrics_port, "coft_outbox_new_epoch") == 1
+    finally:
+        assert stop(runtime) == 0
+        plc.close()
+        broker.stop()
+    assert gap["previous_epoch"] == first[0]["epoch"] and gap["epoch"] == newer[0]["epoch"]
+    assert newer[0]["seq"] > max(v["seq"] for v in first)  # no number given twice
+    assert beats and "moved aside" in beats[-1]["outbox_started_anew"] and list(tmp_path.glob("outbox.db.corrupt-*"))
+    text = log.read_text()
+    assert "moved aside" in text and "new epoch" in text and "Traceback" not in text
+
+
 # -- 6. one line instead of a traceback -------------------------------------------------------------
 def _config(tmp_path, bundle, **changes) -> Path:
     config = write_config(tmp_path, bundle, 1883, [{"name": "cam1", "source": str(tmp_path)}])

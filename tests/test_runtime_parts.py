@@ -3,6 +3,7 @@
 import json
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,60 @@ def test_outbox_keeps_order_and_numbering_across_reopen(tmp_path):
     _put(outbox, "cam1", False)
     assert json.loads(outbox.pending("cam1")[-1].payload)["seq"] == 4  # numbering continues after a restart
     assert json.loads(outbox.pending("cam2")[0].payload)["seq"] == 1  # each camera counts its own
+
+
+def _epoch_outbox(tmp_path, told: list) -> Outbox:
+    return Outbox(tmp_path / "o.db", gap=lambda camera, info: told.append((camera, info)) or [],
+                  watermark=tmp_path / "seq-watermark.json")
+
+
+def _seqs(outbox: Outbox, camera: str = "cam1") -> list[int]:
+    return [json.loads(m.payload)["seq"] for m in outbox.pending(camera, limit=1000)]
+
+
+@pytest.mark.parametrize("fault", ["deleted", "restored from a backup", "its -wal lost", "cut in half", "garbled page"])
+def test_a_lost_rolled_back_or_corrupt_outbox_starts_a_new_epoch_and_never_reuses_a_number(tmp_path, caplog, fault):
+    """Issue 34: 30 unsent verdicts, then the outbox emptied, deleted, restored without its -wal or cut: the start
+    numbered again from 1 (or the rolled-back counter), without a word. Now the numbers go on in a new epoch, a gap
+    message per camera says what may be lost, a corrupt file is moved aside (kept), and the start says why."""
+    import shutil
+    told: list = []
+    outbox = _epoch_outbox(tmp_path, told)
+    first_epoch = outbox.epoch
+    _put(outbox, "cam1", True, 10)
+    outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy(tmp_path / "o.db", tmp_path / "backup.db")
+    _put(outbox, "cam1", True, 30)
+    outbox.db.close()
+    if fault == "deleted":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp_path}/o.db{suffix}").unlink(missing_ok=True)
+    elif fault == "restored from a backup":
+        shutil.copy(tmp_path / "backup.db", tmp_path / "o.db")
+    elif fault == "its -wal lost":  # the 30 lived in the log only: without it the file is as after the first 10
+        shutil.copy(tmp_path / "backup.db", tmp_path / "o.db")
+        Path(f"{tmp_path}/o.db-wal").unlink(missing_ok=True)
+    elif fault == "cut in half":
+        data = (tmp_path / "o.db").read_bytes()
+        (tmp_path / "o.db").write_bytes(data[:len(data) // 2])
+    else:
+        with open(tmp_path / "o.db", "r+b") as f:
+            f.seek(4096)  # the message table's page
+            f.write(bytes(range(256)) * 16)
+    outbox = _epoch_outbox(tmp_path, told)
+    _put(outbox, "cam1", True, 1)
+    assert outbox.epoch != first_epoch and outbox.started_anew
+    assert _seqs(outbox)[-1] == 41  # never a number of the old epoch again, and still increasing for the PLC
+    assert told and told[-1][1]["previous_epoch"] == first_epoch and told[-1][1]["last_seq"] == 40
+    assert "new epoch" in caplog.text and "ERROR" in caplog.text.upper()
+    if fault in ("cut in half", "garbled page"):
+        kept = list(tmp_path.glob("o.db.corrupt-*"))
+        assert kept and "moved aside" in outbox.started_anew
+    elif fault != "deleted":
+        assert _seqs(outbox) == [*range(1, 11), 41]  # what survived is still sent, in its own epoch
+    outbox.close()
+    again = _epoch_outbox(tmp_path, told)
+    assert again.epoch == outbox.epoch and again.started_anew is None  # a clean restart keeps the epoch
 
 
 def test_full_outbox_drops_accepts_before_rejects_counts_them_and_logs_once(tmp_path, caplog):
@@ -138,7 +193,7 @@ def test_unwritable_state_file_refuses_the_change_and_keeps_the_old_value(tmpfs)
 
 
 def test_outbox_bounded_in_bytes_and_disk_full_loses_nothing_stored(tmp_path):
-    gap = lambda camera, first, last: [("t/gap", json.dumps([first, last]).encode())]  # noqa: E731
+    gap = lambda camera, info: [("t/gap", json.dumps(info["missing"]).encode())]  # noqa: E731
     outbox = Outbox(tmp_path / "o.db", max_bytes=2000, gap=gap)
     for i in range(50):
         outbox.put_verdict("cam1", lambda seq: [("t", b"x" * 100)], reject=i < 5)
@@ -184,24 +239,25 @@ def test_a_verdict_s_wire_encodings_are_pinned_mqtt_json_sparkplug_metrics_and_o
     from coft.runtime.line.verdict import Verdict
 
     verdict = Verdict("cam1", "l1", 42, "A-1017", 1767225600.125, 0.731, 0.5, True, "m-r2", commissioning=True,
-                      defect={"box": [10, 20, 30, 40], "peak": 0.9}, seq=7, latency_ms=12.5)
+                      defect={"box": [10, 20, 30, 40], "peak": 0.9}, seq=7, epoch="5f0c9e2a41d7b366",
+                      latency_ms=12.5)
     wire = verdict.as_dict()
     assert json.dumps(wire) == (
         '{"camera": "cam1", "line": "l1", "frame_id": 42, "part_id": "A-1017", '
         '"captured_at": "2026-01-01T00:00:00.125+00:00", "capture_ts": 1767225600.125, "score": 0.731, '
         '"threshold": 0.5, "verdict": "reject", "model_id": "m-r2", "commissioning": true, '
-        '"defect": {"box": [10, 20, 30, 40], "peak": 0.9}, "seq": 7, "latency_ms": 12.5}')
-    assert verdict.plc_reject() == {"seq": 7, "part_id": "A-1017", "frame_id": 42, "score": 0.731,
-                                    "box": [10, 20, 30, 40]}
-    assert verdict.answer(30.0) == {"seq": 7, "part_id": "A-1017", "frame_id": 42, "result": "reject",
-                                    "reason": "score", "score": 0.731, "answered_ms": 30.0}
+        '"defect": {"box": [10, 20, 30, 40], "peak": 0.9}, "seq": 7, "epoch": "5f0c9e2a41d7b366", "latency_ms": 12.5}')
+    assert verdict.plc_reject() == {"seq": 7, "epoch": "5f0c9e2a41d7b366", "part_id": "A-1017", "frame_id": 42,
+                                    "score": 0.731, "box": [10, 20, 30, 40]}
+    assert verdict.answer(30.0) == {"seq": 7, "epoch": "5f0c9e2a41d7b366", "part_id": "A-1017", "frame_id": 42,
+                                    "result": "reject", "reason": "score", "score": 0.731, "answered_ms": 30.0}
     assert [(name, read(wire)) for name, _, read in DEVICE_METRICS] == [
-        ("Verdict/Seq", 7), ("Verdict/Part ID", "A-1017"), ("Verdict/Frame ID", 42), ("Verdict/Reject", True),
+        ("Verdict/Seq", 7), ("Verdict/Epoch", "5f0c9e2a41d7b366"), ("Verdict/Part ID", "A-1017"), ("Verdict/Frame ID", 42), ("Verdict/Reject", True),
         ("Verdict/Reason", "score"), ("Verdict/Score", 0.731), ("Verdict/Threshold", 0.5),
         ("Verdict/Box", "[10, 20, 30, 40]"), ("Verdict/Latency ms", 12.5), ("Verdict/Time", 1767225600125)]
     values = {name: read(wire) for name, _, read in VERDICT_NODES}
     assert values.pop("Json") == json.dumps(wire)
-    assert values == {"Seq": 7, "PartId": "A-1017", "FrameId": 42, "Result": "reject", "Reject": True,
+    assert values == {"Seq": 7, "Epoch": "5f0c9e2a41d7b366", "PartId": "A-1017", "FrameId": 42, "Result": "reject", "Reject": True,
                       "Reason": "score", "Score": 0.731, "Threshold": 0.5, "Box": "[10, 20, 30, 40]", "LatencyMs": 12.5,
                       "Time": datetime(2026, 1, 1, 0, 0, 0, 125000, tzinfo=timezone.utc)}
     # a fail-safe reject has no score: every encoding says so its own way

@@ -86,6 +86,9 @@ def print_status(config_path: str | Path) -> int:
         print(f"model       {running['model_id']}{revision}, threshold set by {running['threshold_method']}")
         if running.get("threshold_promise"):
             print(f"promise     {running['threshold_promise']}")
+        if running.get("outbox_started_anew"):
+            print(f"outbox      NEW EPOCH {running['epoch']}: {running['outbox_started_anew']} "
+                  "(acknowledge: POST /api/outbox/acknowledge)")
         if running["outbox_refusing"]:
             print("outbox      REFUSING VERDICTS (disk full?): see the log")
         if running["last_problem"]:

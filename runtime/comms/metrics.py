@@ -31,6 +31,8 @@ class Metrics:
         self.verdicts_refused = Counter("coft_verdicts_refused_total", "Verdicts the outbox could not store (disk full)",
                                         ["camera"], registry=r)
         self.outbox_refusing = Gauge("coft_outbox_refusing", "1 while the outbox cannot store verdicts", registry=r)
+        self.outbox_started_anew = Gauge("coft_outbox_new_epoch", "1 from a start whose outbox was lost, rolled back "
+                                         "or corrupt (a new epoch) until an operator acknowledges", registry=r)
         self.score_median = Gauge("coft_score_median", "Median score of the camera's last 200 frames (drift)",
                                   ["camera"], registry=r)
         self.failsafe_rejects = Counter("coft_failsafe_rejects_total", "Triggered parts rejected because no verdict "

@@ -57,6 +57,7 @@ POLICIES = {"Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha25
             "None": ua.SecurityPolicyType.NoSecurity}
 VERDICT_NODES = [  # (browse name, variant type, from a verdict)
     ("Seq", ua.VariantType.UInt64, lambda v: v["seq"]),
+    ("Epoch", ua.VariantType.String, lambda v: v.get("epoch") or ""),
     ("PartId", ua.VariantType.String, lambda v: v.get("part_id") or ""),
     ("FrameId", ua.VariantType.UInt64, lambda v: v.get("frame_id") or 0),
     ("Result", ua.VariantType.String, lambda v: v["verdict"]),

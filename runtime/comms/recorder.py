@@ -20,10 +20,9 @@ log = logging.getLogger(__name__)
 Sink = Callable[[dict], None]  # a stored verdict's JSON, to show or send; never blocks the inspector
 
 
-def gap_messages(broker: BrokerConfig, camera: str, first: int, last: int) -> list[tuple[str, bytes]]:
-    """Told with the next verdict that is stored: these sequence numbers were lost, and why."""
-    gap = {"camera": camera, "line": broker.line, "missing": [first, last], "count": last - first + 1,
-           "reason": "the outbox could not store these verdicts (disk full)"}
+def gap_messages(broker: BrokerConfig, camera: str, info: dict) -> list[tuple[str, bytes]]:
+    """Told with the next verdict that is stored, or first in a new epoch: numbers were lost, and why (docs/plc.md)."""
+    gap = {"camera": camera, "line": broker.line, **info}
     return [(camera_topic(broker, camera, "gap"), json.dumps(gap).encode())]
 
 
@@ -44,7 +43,7 @@ class Recorder:
         stored: dict = {}
 
         def messages(seq: int) -> list[tuple]:
-            verdict.seq, verdict.latency_ms = seq, latency_ms()
+            verdict.seq, verdict.epoch, verdict.latency_ms = seq, self.outbox.epoch, latency_ms()
             stored.update(verdict.as_dict())
             payload = json.dumps(stored).encode()
             out: list[tuple] = [(camera_topic(broker, camera, "verdict"), payload)]

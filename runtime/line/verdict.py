@@ -27,6 +27,7 @@ class Verdict:
     fired: bool = True  # False: judged a reject while commissioning with rejects off; nothing went to the line
     defect: dict | None = None  # {"box": [x, y, w, h] in camera pixels, "peak": score}
     seq: int | None = None  # the camera's sequence number, given when the outbox stores it
+    epoch: str | None = None  # the outbox's epoch: a seq is unique within it (docs/plc.md)
     latency_ms: float | None = None  # capture (or trigger) to the outbox
 
     @property
@@ -48,12 +49,13 @@ class Verdict:
             out["fired"] = False
         if self.defect is not None:
             out["defect"] = self.defect
-        out["seq"], out["latency_ms"] = self.seq, self.latency_ms
+        out["seq"], out["epoch"], out["latency_ms"] = self.seq, self.epoch, self.latency_ms
         return out
 
     def plc_reject(self) -> dict:
         """The reject topic's message: what a PLC needs to divert the part."""
-        out = {"seq": self.seq, "part_id": self.part_id, "frame_id": self.frame_id, "score": self.score}
+        out = {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id, "frame_id": self.frame_id,
+               "score": self.score}
         if self.reason:
             out["reason"] = self.reason
         if self.defect is not None:
@@ -62,6 +64,7 @@ class Verdict:
 
     def answer(self, answered_ms: float) -> dict:
         """The result topic's message: the one answer a PLC waits for after a trigger, and how long it took."""
-        return {"seq": self.seq, "part_id": self.part_id, "frame_id": self.frame_id, "result": self.verdict,
+        return {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id, "frame_id": self.frame_id,
+                "result": self.verdict,
                 "reason": self.reason or ("score" if self.reject else None), "score": self.score,
                 "answered_ms": answered_ms}

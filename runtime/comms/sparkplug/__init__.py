@@ -52,6 +52,7 @@ THRESHOLD = "Control/Threshold"
 # (metric, datatype, from a verdict): what each camera's DBIRTH declares and each DDATA carries
 DEVICE_METRICS = [
     ("Verdict/Seq", DataType.UInt64, lambda v: v["seq"]),
+    ("Verdict/Epoch", DataType.String, lambda v: v.get("epoch") or ""),
     ("Verdict/Part ID", DataType.String, lambda v: v.get("part_id") or ""),
     ("Verdict/Frame ID", DataType.UInt64, lambda v: v.get("frame_id")),
     ("Verdict/Reject", DataType.Boolean, lambda v: v["verdict"] == "reject"),

@@ -67,6 +67,7 @@ class WebServer(LoopService):
             web.get("/api/cameras/{camera}/live.mjpg", self.live_stream),
             web.get("/api/cameras/{camera}/live.jpg", self.live_frame),
             web.post("/api/cameras/{camera}/threshold", self.set_threshold),
+            web.post("/api/outbox/acknowledge", self.acknowledge_new_epoch),
             web.get("/api/evidence", self.evidence_list),
             web.get("/api/evidence/{camera}/{name}", self.evidence_file),
             web.post("/api/evidence/{camera}/{stem}/{label:good|defect}", self.mark),
@@ -295,6 +296,10 @@ class WebServer(LoopService):
             log.warning("web: threshold for camera %s refused: %s", camera, exc)
             raise _error(web.HTTPBadRequest, str(exc)) from None
         return web.json_response(state)
+
+    async def acknowledge_new_epoch(self, request: web.Request) -> web.Response:
+        who = self.authorise(request, "acknowledging the outbox's new epoch")
+        return web.json_response(await asyncio.to_thread(self.controls.acknowledge_new_epoch, who))
 
     def feedback_folder(self, label: str) -> Path:
         """Where this line keeps frames an operator marked (line/evidence.py: the page has evidence, so one exists)."""

@@ -78,8 +78,11 @@ function showStatus(status) {
       (status.commissioning.rejects_fired ? "" : " · REJECTS OFF") : "") +
     (status.stalled ? ` · STALLED: ${status.stalled}` : "");
   const banner = document.getElementById("banner");
-  banner.hidden = !status.outbox_refusing;
-  banner.textContent = status.outbox_refusing ? "The outbox cannot store verdicts (disk full?): see the log." : "";
+  const anew = status.outbox_started_anew;
+  banner.hidden = !status.outbox_refusing && !anew;
+  banner.textContent = status.outbox_refusing ? "The outbox cannot store verdicts (disk full?): see the log."
+    : anew ? `New epoch ${status.epoch}: ${anew}. Verdicts not yet sent then are lost; ` +
+             "acknowledge with POST /api/outbox/acknowledge (operator token)." : "";
   for (const [name, c] of Object.entries(status.cameras)) {
     const {section} = cameraSection(name);
     badge(section.querySelector(".camera-state"), "camera", c.camera === "delivering", c.camera);
