@@ -262,7 +262,7 @@ def _acl_line(tmp_path: Path, bundle: Path, port: int, parts: Path, **extra) -> 
                            {"name": "station", "source": str(parts / "test/good"), "loop": True, "fps": 20,
                             "trigger": True}], **extra)
     settings = yaml.safe_load(config.read_text())
-    settings["broker"].update(username="coft", password_env="COFT_TEST_MQTT_PASSWORD")
+    settings["broker"].update(username="l1", password_env="COFT_TEST_MQTT_PASSWORD")  # the line's own account
     config.write_text(yaml.safe_dump(settings))
     return config
 
@@ -272,8 +272,8 @@ def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_chang
     broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
     metrics_port = free_port()
     config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
-                       sparkplug={"group_id": "plant", "edge_node_id": "line1"})
-    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
+                       sparkplug={"group_id": "plant", "edge_node_id": "l1"})
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "l1-pw")
     plc = Subscriber(broker.port, username="plc", password="plc-pw")
     scada = Subscriber(broker.port, topic="spBv1.0/#", username="scada", password="scada-pw")
     operator = Subscriber(broker.port, username="operator", password="operator-pw")
@@ -311,15 +311,39 @@ def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_chang
     assert "refused by the broker" not in (tmp_path / "runtime.log").read_text()
 
 
+def test_one_line_s_account_cannot_forge_another_line_s_verdicts_through_the_shipped_acl(tmp_path):
+    """Issue 34: the shipped ACL let every box's account publish every line's verdict, so one box's password forged
+    another line's `result: accept`. Mosquitto's own client, logged in as line l2, tries l1's topics."""
+    broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    plc = Subscriber(broker.port, topic="#", username="plc", password="plc-pw")
+    scada = Subscriber(broker.port, topic="spBv1.0/#", username="scada", password="scada-pw")
+
+    def publish(topic: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mosquitto_pub", "-V", "mqttv5", "-p", str(broker.port), "-u", "l2", "-P", "l2-pw",
+                               "-q", "1", "-t", topic, "-m", '{"result": "accept"}'], capture_output=True, text=True)
+    try:
+        forged = [publish(t) for t in ("coft/l1/cam1/result", "coft/l1/cam1/verdict", "coft/l1/cam1/reject",
+                                       "spBv1.0/plant/DDATA/l1/cam1", "spBv1.0/plant/NBIRTH/l1")]
+        own = publish("coft/l2/cam1/result")
+        time.sleep(1)
+    finally:
+        plc.close()
+        scada.close()
+        broker.stop()
+    assert own.returncode == 0, own.stderr
+    assert all("Not authorized" in f.stderr for f in forged), forged  # mosquitto_pub warns; its exit code is 0
+    assert [t for t, _ in plc.messages] == ["coft/l2/cam1/result"] and scada.messages == []
+
+
 def test_a_publish_the_broker_refuses_is_counted_logged_and_shown(tmp_path, exported_bundle, parts, monkeypatch):
     acl = tmp_path / "no-result.acl"  # an ACL that forgot the fail-safe answers
     acl.write_text("\n".join(line for line in (ROOT / "deploy/mosquitto/coft.acl").read_text().splitlines()
-                             if line != "topic write coft/+/+/result") + "\n")
+                             if line != "pattern write coft/%u/+/result") + "\n")
     broker = acl_broker(tmp_path, acl)
     metrics_port, web_port = free_port(), free_port()
     config = _acl_line(tmp_path, exported_bundle, broker.port, parts, metrics_port=metrics_port,
                        web={"port": web_port})
-    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "l1-pw")
     plc = Subscriber(broker.port, username="plc", password="plc-pw")
     runtime = start_runtime(config, tmp_path / "runtime.log")
     try:

@@ -345,12 +345,12 @@ def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_hist
     line = shutil.copytree(parts / "test/good", tmp_path / "line")
     config = write_config(tmp_path, exported_bundle, broker.port,
                           [{"name": "cam1", "source": str(line), "loop": True, "fps": 10}],
-                          sparkplug={"group_id": "plant", "edge_node_id": "box7", "data_qos": 1},
+                          sparkplug={"group_id": "plant", "edge_node_id": "l1", "data_qos": 1},
                           control={"threshold": False})
     settings = yaml.safe_load(config.read_text())
-    settings["broker"].update(username="coft", password_env="COFT_TEST_MQTT_PASSWORD")
+    settings["broker"].update(username="l1", password_env="COFT_TEST_MQTT_PASSWORD")
     config.write_text(yaml.safe_dump(settings))
-    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "coft-pw")
+    monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "l1-pw")
     host = TahuHost(broker.port, "scada", "scada-pw")
     plc = Subscriber(broker.port, username="plc", password="plc-pw")
     log = tmp_path / "runtime.log"
@@ -372,9 +372,9 @@ def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_hist
                       "historical DDATA")
 
         threshold = _metric(host.messages("DBIRTH")[0][1], "Control/Threshold")["value"]
-        host.command("spBv1.0/plant/DCMD/box7/cam1", [{"name": "Control/Threshold", "type": "Double",
+        host.command("spBv1.0/plant/DCMD/l1/cam1", [{"name": "Control/Threshold", "type": "Double",
                                                         "value": threshold * 1.5}])
-        host.command("spBv1.0/plant/NCMD/box7", [{"name": "Node Control/Rebirth", "type": "Boolean", "value": True}])
+        host.command("spBv1.0/plant/NCMD/l1", [{"name": "Node Control/Rebirth", "type": "Boolean", "value": True}])
         host.wait("NBIRTH", 3)
         errors = plc.wait_for("error", 1)
         runtime.send_signal(signal.SIGKILL)

@@ -63,9 +63,10 @@ class Mosquitto:
 
 
 def acl_broker(tmp_path: Path, acl: Path) -> Mosquitto:
-    """A Mosquitto with the shipped accounts (coft, plc, scada, operator) and the given ACL."""
+    """A Mosquitto with the shipped accounts (lines l1 and l2, plc, scada, operator; password <user>-pw) and the
+    given ACL."""
     passwords = tmp_path / "passwd"
-    for i, user in enumerate(("coft", "plc", "scada", "operator")):
+    for i, user in enumerate(("l1", "l2", "plc", "scada", "operator")):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwords), user, f"{user}-pw"],
                        check=True, capture_output=True)
     return Mosquitto(tmp_path / "broker", settings=f"allow_anonymous false\npassword_file {passwords}\n"
