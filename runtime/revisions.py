@@ -18,11 +18,12 @@ from coft.runtime.engines import Engine, fitted_precision, open_engine
 from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.line.evidence import feedback_folder
 from coft.runtime.line.inspector import Inspector
-from coft.runtime.model.bundle import Bundle, commissioned_revision, load_bundle, revise
-from coft.runtime.model.errors import CoftError
+from coft.runtime.model.bundle import Bundle, clean_staging, commissioned_revision, load_bundle, revise
+from coft.runtime.model.errors import CoftError, NoRoom
 from coft.runtime.model.promise import describe
 
 log = logging.getLogger(__name__)
+LEARN_WAIT_S, LEARN_WAIT_MAX_S = 300.0, 3600.0  # learning again after the disk refused it: 5 min, doubling to 1 h
 
 
 class Revisions:
@@ -35,6 +36,8 @@ class Revisions:
         self.commissioning: Commissioning | None = None
         self.learning: dict | None = None  # the learner's state after commissioning (status)
         self._grown: tuple[Bundle, Engine] | None = None  # what the learner made, for the inspector to take
+        self.learn_wait_s = LEARN_WAIT_S / 2  # before learning again after the disk refused it (doubles each time)
+        clean_staging(inspector.bundle.path.resolve().parent)  # a crash loop while learning must not fill the disk
 
     @staticmethod
     def learns_with(config: RuntimeConfig, bundle: Bundle) -> bool:
@@ -213,8 +216,17 @@ class Revisions:
         self.metrics.learning.state("learning")
         log.info("learn: growing the bank from the %s frames in %s, in the background", self.inspector.bundle.model_id, frames)
         try:
-            grown = load_bundle(learn(revision, frames, threads=1), self.config.trusted_keys)
+            grown = load_bundle(learn(revision, frames, threads=1, room=self.reserve.allows), self.config.trusted_keys)
             self._grown = (grown, open_engine(grown, self.inspector.engine.name, self.config.threads))
+        except NoRoom as exc:  # the disk is kept for verdicts: try again later, each time waiting twice as long
+            self.learn_wait_s = min(2 * self.learn_wait_s, LEARN_WAIT_MAX_S)
+            log.error("learn: %s; trying again in %.0f min", exc, self.learn_wait_s / 60)
+            self.learning = {"state": "failed", "error": str(exc)[:300], "retry_in_s": self.learn_wait_s}
+            self.metrics.learning.state("failed")
+            retry = threading.Timer(self.learn_wait_s, self._start_learning, (revision, frames))
+            retry.daemon = True
+            retry.start()
+            return
         except Exception as exc:  # noqa: BLE001  (whatever it was, the line inspects on with the commissioned model)
             log.error("learn: %s; inspecting on with the commissioned bank", exc)
             self.learning = {"state": "failed", "error": str(exc)[:300]}

@@ -276,3 +276,40 @@ def test_a_switch_killed_between_its_steps_never_forgets_the_rollback_target(tmp
     described = json.loads(install.describe(root))
     assert described == ({"active": "b", "previous": "a"} if killed_after == 1 else {"active": "c", "previous": "b"})
     assert install.rollback(root)["active"] == described["previous"]
+
+
+def test_staging_of_killed_runs_is_cleaned_and_runs_in_flight_are_not(tmp_path):
+    """Issue 34: `.X-rN.partial-*` and `.X-rN.graph` of killed learns (74 MB each) and `.install-*` stayed forever."""
+    import os
+    import time
+
+    from coft.runtime.model.bundle import clean_staging
+    killed = [tmp_path / ".b-r2.partial-x1y2", tmp_path / ".install-abc", tmp_path / ".unpack-q"]
+    for folder in killed:
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "model.onnx").write_bytes(b"x" * 1000)
+    graph = tmp_path / ".b-r3.graph"
+    graph.write_bytes(b"y" * 500)
+    in_flight = tmp_path / ".b-r4.partial-zz"
+    in_flight.mkdir()
+    keep = _write(tmp_path / "b")
+    old = time.time() - 3600
+    for path in [*killed, graph]:
+        os.utime(path, (old, old))
+    assert clean_staging(tmp_path) == (4, 3500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b-r4.partial-zz", "b"] and load_bundle(keep)
+
+
+def test_an_archive_that_unpacks_beyond_the_disk_is_refused_before_anything_is_written(tmp_path, tmpfs):
+    """Issue 34: a 2 MB gzip bomb filled the disk before the archive's signature was checked."""
+    import io
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        info = tarfile.TarInfo("b/model.onnx")
+        info.size = 8 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert bomb.stat().st_size < 100_000
+    disk = tmpfs(2)
+    with pytest.raises(CoftError, match="needs 8 MB and .* has [0-9]+ MB free"):
+        unpack(bomb, disk)
+    assert list(disk.iterdir()) == []

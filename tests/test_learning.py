@@ -182,6 +182,23 @@ def test_learn_refuses_what_it_cannot_learn_from(tmp_path, cells, cell_bundle, e
         learn(cell_bundle, tmp_path / "empty")
 
 
+def test_learn_on_a_disk_without_room_refuses_in_one_line_and_writes_nothing(tmp_path, cells, cell_bundle,
+                                                                              tmpfs):
+    """Issue 34: the background learn took the disk from the 64 MB kept for verdicts down to 3 MB, and `coft learn`
+    on a full disk ended in a traceback. Now the reserve is asked first, and a full disk is one line."""
+    from coft.runtime.model.errors import NoRoom
+    good, defect = cells
+    frames = _line_folder(tmp_path / "line", good, defect, load_bundle(cell_bundle).model_id)
+    asked = []
+    with pytest.raises(NoRoom, match="would take disk space kept for verdicts"):
+        learn(cell_bundle, frames, tmp_path / "grown", room=lambda folder, size, writer: asked.append(size) or False)
+    assert asked and asked[0] > 0 and not (tmp_path / "grown").exists() and not list(tmp_path.glob(".grown*"))
+    full = tmpfs(1)  # a 1 MB disk: the graph alone is larger
+    with pytest.raises(NoRoom, match="MB free; free disk space or write elsewhere"):
+        learn(cell_bundle, frames, full / "grown")
+    assert list(full.iterdir()) == []
+
+
 def _learning_metric(port: int) -> str | None:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return next((line.split('"')[1] for line in text.splitlines()

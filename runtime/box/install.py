@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from coft.runtime.model.bundle import require_graph, unpack
+from coft.runtime.model.bundle import clean_staging, require_graph, unpack
 from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = 
     root = Path(root).resolve()  # the links must name absolute paths, whatever the caller's folder
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
+    clean_staging(models)  # what killed installs left
     staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models))
     try:
         bundle = unpack(archive, staging, trusted_keys(root, trust))  # refuses a bad archive before anything changes

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from coft.runtime.model.bank_growth import Growth, LearnConfig, grow, with_marked_defects
-from coft.runtime.model.bundle import BANK, Bundle, load_bundle, next_revision, require_graph, revise, sha256
-from coft.runtime.model.errors import CoftError
+from coft.runtime.model.bundle import BANK, Bundle, load_bundle, next_revision, require_graph, revise, room_for, sha256
+from coft.runtime.model.errors import CoftError, NoRoom
 from coft.runtime.model.frames import LineFrames, line_frames
 from coft.runtime.model.images import read_image, resize_to_input
 from coft.runtime.model.promise import describe
@@ -108,8 +109,11 @@ def _frames_csv(path: Path, frames: LineFrames, readable: list[int], growth: Gro
 
 
 def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = None, camera: str | None = None,
-          target: float | None = None, config: LearnConfig | None = None, threads: int = 0) -> Path:
-    """Grow the bundle's bank from the frames in `folder` and write the result as a new revision; returns its path."""
+          target: float | None = None, config: LearnConfig | None = None, threads: int = 0,
+          room: Callable[[Path, int, str], bool] | None = None) -> Path:
+    """Grow the bundle's bank from the frames in `folder` and write the result as a new revision; returns its path.
+    `room(folder, bytes, writer)`: whether the disk may take the revision (the runtime's reserve for verdicts);
+    without it, the disk's free space decides. Either way a refusal is one line and nothing is written."""
     from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     bundle = load_bundle(bundle_dir)
@@ -147,6 +151,13 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
                          engine=engine.name, precision=engine.precision)
     stage = out.with_name(f".{out.name}.graph")
     onnx_file = bundle.manifest["onnx"]["file"]
+    bank_bytes = growth.bank.features.nbytes + (growth.bank.defects.nbytes if growth.bank.defects is not None else 0)
+    need = (bundle.path / onnx_file).stat().st_size + 2 * bank_bytes  # a new graph with the bank in it, and bank.npz
+    if room is None:
+        room_for(out.parent, need, f"the revision {out.name}")
+    elif not room(out.parent, need, "learn"):
+        raise NoRoom(f"the revision {out.name} ({need / 2**20:.0f} MB) would take disk space kept for verdicts "
+                        "(outbox.reserve_mb); not written: free disk space or keep the models on another disk")
     try:
         graph_with_bank(bundle.path / onnx_file, growth.bank, stage)
         images = [read_image(frames.paths[i]) for i in readable[:2]]
@@ -162,6 +173,9 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
         revision = revise(bundle.path, changes, out, files={
             BANK: growth.bank.save,
             onnx_file: lambda path: stage.replace(path)})
+    except OSError as exc:  # the disk filled after all (another writer), or the folder went read-only
+        raise CoftError(f"the revision {out.name} could not be written ({exc.strerror}); nothing of it is kept: "
+                        f"check the disk of {out.parent}") from None
     finally:
         stage.unlink(missing_ok=True)
     _frames_csv(revision.with_name(revision.name + ".learn.csv"), frames, readable, growth)

@@ -21,6 +21,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from coft.runtime.model import manifest as manifests
-from coft.runtime.model.errors import CoftError
+from coft.runtime.model.errors import CoftError, NoRoom
 from coft.runtime.model.scoring import Gaussian, MemoryBank
 from coft.runtime.model.tiles import Tiling
 
@@ -110,6 +111,38 @@ def update_manifest(bundle_dir: str | Path, changes: dict[str, Any],
         os.replace(bundle_dir / f"new-{name}", bundle_dir / name)
     _seal(bundle_dir, manifest)
     return manifest
+
+
+MAX_UNPACKED = 8 << 30  # bytes an archive may unpack to: a bundle is a graph, weights and a bank
+STAGING = (".*.partial-*", ".*.graph", ".unpack-*", ".install-*")  # what a write in flight leaves if it is killed
+STALE_S = 600  # staging untouched this long is a killed run's, not one in flight (a bundle is written in seconds)
+
+
+def clean_staging(folder: Path, stale_s: float = STALE_S) -> tuple[int, int]:
+    """Remove what killed runs of learn, revise, unpack or install left in `folder`; (items, bytes) removed."""
+    removed, freed, now = 0, 0, time.time()
+    for pattern in STAGING:
+        for path in Path(folder).glob(pattern):
+            try:
+                if now - path.lstat().st_mtime < stale_s:
+                    continue
+                files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+                freed += sum(f.lstat().st_size for f in files)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("cannot remove %s, left by a killed run (%s)", path, exc)
+    if removed:
+        log.warning("removed %d staging folders and files of killed runs in %s (%.0f MB)", removed, folder, freed / 2**20)
+    return removed, freed
+
+
+def room_for(folder: Path, size: int, what: str) -> None:
+    """A one-line refusal where `folder`'s filesystem has not `size` bytes free (with 10% to spare)."""
+    free = shutil.disk_usage(folder).free
+    if size * 1.1 > free:
+        raise NoRoom(f"{what} needs {size / 2**20:.0f} MB and {folder} has {free / 2**20:.0f} MB free; free disk "
+                        "space or write elsewhere (--out)")
 
 
 def lineage(model_id: str) -> str:
@@ -369,7 +402,13 @@ def unpack(archive: str | Path, dest_dir: str | Path, trusted_keys: list[Path] |
                         "--unpack-to") from None
     try:
         with tarfile.open(archive) as tar:
-            inside, name = _bundle_root(archive, tar.getnames())
+            members = tar.getmembers()  # reads the headers only; nothing is written before the size is known
+            size = sum(m.size for m in members if m.isfile())
+            if size > MAX_UNPACKED:
+                raise CoftError(f"{archive}: unpacks to {size / 2**30:.1f} GiB, more than a bundle holds "
+                                f"({MAX_UNPACKED / 2**30:.0f} GiB); not extracted (a damaged or hostile archive?)")
+            room_for(dest_dir, size, f"unpacking {archive.name}")
+            inside, name = _bundle_root(archive, [m.name for m in members])
             target = dest_dir / name
             if target.exists():
                 raise CoftError(f"{target}: already exists; remove it or unpack elsewhere (--unpack-to)")
