@@ -120,6 +120,11 @@ class Link:
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_publish, client.on_message = self._on_publish, self._on_message
         client.on_subscribe = self._on_subscribe
+        # The socket is written by the network thread alone: without a write callback, paho's publish() (from the
+        # sender, heartbeat or command threads) writes at once from the caller's thread, which on a TLS link meets
+        # the network thread inside an SSL read: dropped links ("unexpected eof", "bad record mac") and segfaults.
+        # With one, a publish only queues the packet and wakes the network thread's select.
+        client.on_socket_register_write = lambda client, userdata, sock: None
         # hears of each publish or subscription the broker refused (MQTT 5 reason codes: its ACL, mostly)
         self.on_refused: Callable[[str, str], None] = lambda name, what: None
         self.client = client

@@ -62,7 +62,7 @@ class Mosquitto:
             self.process.wait(timeout=10)
 
 
-def acl_broker(tmp_path: Path, acl: Path) -> Mosquitto:
+def acl_broker(tmp_path: Path, acl: Path, settings: str = "") -> Mosquitto:
     """A Mosquitto with the shipped accounts (lines l1 and l2, plc, scada, operator; password <user>-pw) and the
     given ACL."""
     passwords = tmp_path / "passwd"
@@ -70,7 +70,7 @@ def acl_broker(tmp_path: Path, acl: Path) -> Mosquitto:
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwords), user, f"{user}-pw"],
                        check=True, capture_output=True)
     return Mosquitto(tmp_path / "broker", settings=f"allow_anonymous false\npassword_file {passwords}\n"
-                                                   f"acl_file {acl}\n").start()
+                                                   f"acl_file {acl}\n{settings}").start()
 
 
 class Subscriber:
