@@ -133,7 +133,13 @@ class Revisions:
             log.error("commissioning: cannot write the new bundle revision beside %s (%s); keeping the old threshold",
                       self.inspector.bundle.path, exc)
             return
-        self._switch(load_bundle(revision, self.config.trusted_keys), self.inspector.engine, old["value"], "commissioning")
+        try:
+            written = load_bundle(revision, self.config.trusted_keys)
+        except CoftError as exc:  # the line goes on judging with the old threshold: no frame waits on this
+            log.error("commissioning: the revision %s does not load (%s); judging on with the old threshold",
+                      revision, exc)
+            return
+        self._switch(written, self.inspector.engine, old["value"], "commissioning")
         if self.learns and commissioning.folder:
             self._start_learning(revision, commissioning.folder)
 

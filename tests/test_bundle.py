@@ -189,8 +189,19 @@ def test_signed_bundles_on_a_box_that_trusts_keys(tmp_path):
     _edit(out, lambda m: m["threshold"].update(value=2.0), reseal=True)  # digest recomputed: only the key can tell
     with pytest.raises(CoftError, match="signature does not match the manifest"):
         load_bundle(out, [vendor_pub])
-    r2 = revise(tmp_path / "box" / "b", {"threshold": {"value": 2.0, "method": "x"}})
-    assert not (r2 / SIGNATURE).exists()  # a new revision must be signed again
+    box = tmp_path / "box" / "b"
+    r2 = revise(box, {"threshold": {"value": 2.0, "method": "x"}})  # commissioning on the box
+    assert not (r2 / SIGNATURE).exists()
+    r3 = revise(r2, {"threshold": {"value": 2.5, "method": "x"}})
+    assert load_bundle(r3, [vendor_pub]).threshold == 2.5  # trusted through the chain to the signed bundle
+    forged = revise(box, {"backbone": {"name": "efficientnet_lite0", "weights": "backbone.pt", "x": 1}},
+                    files={"backbone.pt": lambda path: path.write_bytes(b"other weights")})
+    with pytest.raises(CoftError, match="unsigned, and it changed backbone, backbone.pt of the signed b"):
+        load_bundle(forged, [vendor_pub])
+    load_bundle(forged)  # a box without trusted keys demands nothing
+    _edit(box, lambda m: m["threshold"].update(value=3.0), reseal=True)  # the parent edited after the fact
+    with pytest.raises(CoftError, match="unsigned, and the bundle it revises does not verify"):
+        load_bundle(r3, [vendor_pub])
 
 
 def test_archive_of_the_bundle_folder_contents_unpacks(tmp_path):

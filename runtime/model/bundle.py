@@ -209,7 +209,8 @@ def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | No
     default_out, model_id = next_revision(bundle_dir, old["model_id"], Path(out).parent if out else None)
     out = Path(out or default_out)
     manifest = {k: v for k, v in old.items() if k not in ("files", manifests.DIGEST_KEY)}
-    manifest.update(changes, model_id=model_id, revision_of=old["model_id"])
+    manifest.update(changes, model_id=model_id, revision_of=old["model_id"],
+                    parent={"folder": bundle_dir.resolve().name, "digest": manifests.digest(old)})
     with new_bundle(out, manifest) as staging:
         for name, write in (files or {}).items():
             write(staging / name)
@@ -262,8 +263,11 @@ def read_manifest(bundle_dir: str | Path, trusted_keys: list[Path] | tuple = ())
             signature = json.loads((bundle_dir / SIGNATURE).read_text())
         except (ValueError, UnicodeDecodeError):
             raise CoftError(f"{bundle_dir}: {SIGNATURE} is not valid JSON; sign the bundle again") from None
-    manifests.check_signature(manifest, signature if isinstance(signature, dict) else None, list(trusted_keys),
-                              bundle_dir)
+    if trusted_keys and signature is None and isinstance(manifest.get("parent"), dict):
+        _check_parent(bundle_dir, manifest, trusted_keys)
+    else:
+        manifests.check_signature(manifest, signature if isinstance(signature, dict) else None, list(trusted_keys),
+                                  bundle_dir)
     for name, expected in manifest["files"].items():
         file = bundle_dir / name
         if not file.is_file():
@@ -279,6 +283,32 @@ def read_manifest(bundle_dir: str | Path, trusted_keys: list[Path] | tuple = ())
     if scorer in PATCH_SCORERS and not {"stride", "grid", "pooling", "blur_sigma"} <= set(manifest.get("patch", {})):
         raise CoftError(f"{bundle_dir}: {scorer} scorer without its 'patch' settings in the manifest; retrain the bundle")
     return manifest
+
+
+# What a revision made on a box (commissioning, learning, a new threshold) may change of the bundle it revises:
+# the rest must be its parent's, byte for byte, for the parent's signature to vouch for it.
+BOX_MAY_CHANGE = {"model_id", "revision_of", "parent", "threshold", "commissioning", "learning", "knn", "engine",
+                  "files", manifests.DIGEST_KEY}
+
+
+def _check_parent(bundle_dir: Path, manifest: dict, trusted_keys: list[Path] | tuple) -> None:
+    """The digest chain: an unsigned revision is trusted where its parent, beside it, verifies (signed, or itself
+    such a revision), its manifest names the parent's digest, and it changed only what a box may."""
+    parent = manifest["parent"]
+    parent_dir = bundle_dir.parent / str(parent.get("folder"))
+    try:
+        before = read_manifest(parent_dir, trusted_keys)
+    except CoftError as exc:
+        raise CoftError(f"{bundle_dir}: unsigned, and the bundle it revises does not verify ({exc})") from None
+    if manifests.digest(before) != parent.get("digest"):
+        raise CoftError(f"{bundle_dir}: unsigned, and {parent_dir.name} is not the bundle it revised (digest "
+                        "differs); sign the revision with a trusted key")
+    changed = sorted(k for k in set(manifest) | set(before) if k not in BOX_MAY_CHANGE and manifest.get(k) != before.get(k))
+    files = sorted(n for n, sha in manifest["files"].items()
+                   if n not in (BANK, before.get("onnx", {}).get("file")) and before["files"].get(n) != sha)
+    if changed or files:
+        raise CoftError(f"{bundle_dir}: unsigned, and it changed {', '.join(changed + files)} of the signed "
+                        f"{parent_dir.name}, more than a box's revision may; sign it with a trusted key")
 
 
 @dataclass(frozen=True)
