@@ -30,7 +30,8 @@ class CameraConfig(Strict):
     kind: Literal["auto", "usb", "rtsp", "gstreamer", "file", "folder"] = "auto"
     roi: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height crop before resizing")
     loop: bool = Field(False, description="replay a video file or folder forever (testing)")
-    fps: float | None = Field(None, gt=0, description="inspect at most this many frames per second")
+    fps: float | None = Field(None, gt=0, description="inspect at most this many frames per second (a file or folder "
+                                                     "replays at this pace; without it, at the engine's, dropping none)")
     trigger: bool = Field(False, description="inspect only the newest frame when an MQTT trigger with a part id arrives")
     reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reconnect attempts")
     open_timeout_s: float = Field(10.0, gt=0)

@@ -246,6 +246,8 @@ class Runtime:
                 if frame.part is None:
                     return
                 frame.part_id = frame.part.part_id or None
+            if not triggered and self.camera[camera].replay:
+                self.queue.wait_for_room(camera, self.stop_event)
             if triggered or self.queue.has_room(camera):  # a part's frame is always inspected; others maybe not
                 self.inspector.prepare(frame)
             self.queue.put(frame)

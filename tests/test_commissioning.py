@@ -180,6 +180,33 @@ def test_commissioning_inspects_meanwhile_switches_without_losing_a_verdict_and_
     print(f"restart to the first reject at the PLC: {first_fired_s:.1f}s (process start included; its seq {first_reject})")
 
 
+def test_a_replay_without_fps_drops_nothing_and_commissions(tmp_path, exported_bundle, mosquitto):
+    """Issue 34: a replayed video without `fps:` dropped 97% of its frames without a line, and commissioning then
+    waited at 17/300 forever. A replay now goes at the engine's pace (it waits for room in the queue)."""
+    video = write_video(tmp_path / "line.avi", 150, defect_every=10)
+    config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(video)}],
+                          commissioning={"frames": 100}, backend="onnxruntime", queue_size=2)
+    plc = Subscriber(mosquitto.port)
+    runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
+    assert runtime.wait(timeout=180) == 0
+    verdicts = plc.wait_for("verdict", 150)
+    plc.close()
+    assert sorted({v["seq"] for v in verdicts}) == list(range(1, 151))  # every frame of the file judged
+    assert "commissioning done: now running" in (tmp_path / "runtime.log").read_text()
+
+
+def test_commissioning_that_cannot_finish_says_so_once(caplog):
+    """A looped replay of 10 parts cannot give 100 distinct ones: after 100 frames that added nothing, one line."""
+    commissioning = Commissioning(100, 0.01, None)
+    image = np.zeros((8, 8, 3), np.uint8)
+    for loop in range(40):
+        for part in range(10):
+            commissioning.add("cam1", loop * 10 + part, image, 1.0, f"P-{part}")
+    assert len(commissioning.scores) == 10 and not commissioning.complete
+    warned = [r.message for r in caplog.records if "added nothing" in r.message]
+    assert len(warned) == 1 and "10 distinct parts cannot reach 100" in warned[0]
+
+
 def test_commissioning_without_rejects_says_so_loudly_and_a_plain_bundle_path_is_not_commissioned_twice(
         tmp_path, exported_bundle, mosquitto):
     bundle = shutil.copytree(exported_bundle, tmp_path / "models/line4")

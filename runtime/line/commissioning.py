@@ -35,6 +35,7 @@ class Commissioning:
                         needed, 100 * target)
         self.scores: list[float] = []
         self.parts: set[tuple[str, str]] = set()  # (camera, part id) already counted
+        self.idle = 0  # frames in a row that added nothing
         self.rows: list[str] = ["file,camera,frame_id,score"]
         if folder:
             try:
@@ -48,8 +49,17 @@ class Commissioning:
         return len(self.scores) >= self.wanted
 
     def add(self, camera: str, frame_id: int, image: np.ndarray, score: float, part_id: str | None = None) -> None:
-        if self.complete or not np.isfinite(score) or (camera, part_id) in self.parts:
+        if self.complete:
             return
+        if not np.isfinite(score) or (camera, part_id) in self.parts:
+            self.idle += 1
+            if self.idle == max(self.wanted, 100):  # said once: commissioning that cannot finish must not wait mutely
+                log.warning("commissioning: %d frames in a row added nothing (%d / %d counted): every part counts once "
+                            "and a score must be finite; a looped replay with %d distinct parts cannot reach %d: lower "
+                            "commissioning.frames or give more parts", self.idle, len(self.scores), self.wanted,
+                            len(self.parts), self.wanted)
+            return
+        self.idle = 0
         if part_id:
             self.parts.add((camera, part_id))
         self.scores.append(score)

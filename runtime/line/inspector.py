@@ -57,7 +57,7 @@ class FrameQueue:
             if len(waiting) >= self.size:
                 self.on_drop(waiting.popleft())
             waiting.append(frame)
-            self.ready.notify()
+            self.ready.notify_all()  # the inspector, and replays waiting for room
 
     def __len__(self) -> int:
         return len(self.triggered) + sum(len(q) for q in self.continuous.values())
@@ -68,6 +68,13 @@ class FrameQueue:
         of a core resizing frames a 10 fps engine never sees)."""
         with self.ready:
             return len(self.continuous.get(camera, ())) < self.size
+
+    def wait_for_room(self, camera: str, stop: threading.Event) -> None:
+        """A replay's next frame waits for room instead of pushing one out: a file has no real time to keep up
+        with, so a replay without fps: goes at the engine's pace and drops nothing (commissioning on it included)."""
+        with self.ready:
+            while len(self.continuous.get(camera, ())) >= self.size and not stop.is_set():
+                self.ready.wait(0.2)
 
     def take(self, max_frames: int, timeout: float) -> list[Frame]:
         with self.ready:
@@ -83,6 +90,7 @@ class FrameQueue:
             taken: list[Frame] = []
             while len(taken) < max_frames and any(order):
                 taken += [q.popleft() for q in islice((q for q in order if q), max_frames - len(taken))]
+            self.ready.notify_all()  # room for a waiting replay
             return taken
 
 
