@@ -237,7 +237,9 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 def cmd_learn(args: argparse.Namespace) -> None:
     from coft.runtime.line.learning import learn
     out = learn(args.bundle, args.frames, args.out, args.camera, args.target_frr, threads=args.threads)
-    print(f"bank grown, new revision: {out} (every frame: {out}.learn.csv)")
+    print(f"bank grown, new revision: {out} (every frame: {out}.learn.csv)\n"
+          f"to run it: coft adopt {out} (on a box: switches current, keeps previous for coft rollback), or point "
+          "line.yaml's bundle: at it and restart")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -324,6 +326,11 @@ def cmd_install(args: argparse.Namespace) -> None:
     from coft.runtime.box.install import install
     print(json.dumps(install(args.archive, args.root, args.engine, args.service or None, args.trust,
                              build=_tensorrt_builder)))
+
+
+def cmd_adopt(args: argparse.Namespace) -> None:
+    from coft.runtime.box.install import adopt
+    print(json.dumps(adopt(args.revision, args.root, args.service or None, args.trust)))
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -502,6 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build a TensorRT engine (auto: where TensorRT is installed)")
     p.add_argument("--service", help="systemd service to restart")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("adopt", help="on the box: make a revision it wrote (coft learn) the active model, as "
+                                     "install does for an archive")
+    p.add_argument("revision", type=_folder, help="the revision's folder, beside the installed bundles (ROOT/models)")
+    p.add_argument("--root", default="/opt/coft", help="model store on this box (default /opt/coft)")
+    p.add_argument("--trust", type=Path, action="append", default=[], metavar="KEY.pub",
+                   help="demand a signature (or a revision of a signed bundle), besides ROOT/trusted-keys/")
+    p.add_argument("--service", help="systemd service to restart")
+    p.set_defaults(func=cmd_adopt)
 
     p = sub.add_parser("rollback", help="on the box: return to the previous model")
     p.add_argument("--root", default="/opt/coft", help="model store on this box (default /opt/coft)")

@@ -203,9 +203,11 @@ class Revisions:
             except OSError as exc:
                 log.error("%s: cannot point %s at %s (%s); the next start runs the old bundle", why,
                           self.config.bundle, bundle.path, exc.strerror)
-        log.warning("%s done: now running %s (threshold %.6g); it is in %s%s", why, self.inspector.bundle.model_id,
-                    self.inspector.bundle.threshold, bundle.path,
-                    "" if self.config.bundle.is_symlink() else "; point bundle: in the config at it for the next start")
+        log.info("%s done: now running %s (threshold %.6g); it is in %s", why, self.inspector.bundle.model_id,
+                 self.inspector.bundle.threshold, bundle.path)
+        if not self.config.bundle.is_symlink():  # the next start would run the old bundle: that needs a person
+            log.warning("%s: the next start runs %s again; point bundle: in the config at %s", why,
+                        self.config.bundle, bundle.path)
 
 
     def _learn(self, revision, frames) -> None:

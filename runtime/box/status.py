@@ -15,6 +15,7 @@ from pathlib import Path
 from coft.runtime.comms.outbox import Outbox
 from coft.runtime.config import WebConfig, load_config
 from coft.runtime.line.thresholds import STATE_ERRORS, read_state
+from coft.runtime.model.bundle import MANIFEST
 
 NOT_RUNNING = 3  # exit status, as systemctl's for an inactive unit
 
@@ -63,6 +64,14 @@ def camera_lines(name: str, c: dict, method: str) -> list[str]:
     return lines
 
 
+def configured_model(bundle: Path) -> str | None:
+    """The model id `bundle:` names now (a box's `current` link may have moved since the runtime started)."""
+    try:
+        return str(json.loads((Path(bundle) / MANIFEST).read_text())["model_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def print_status(config_path: str | Path) -> int:
     """Print the summary; returns NOT_RUNNING when the runtime does not answer, else 0."""
     config = load_config(config_path)
@@ -84,6 +93,10 @@ def print_status(config_path: str | Path) -> int:
         if running.get("stalled"):
             print(f"STALLED     {running['stalled']}")
         print(f"model       {running['model_id']}{revision}, threshold set by {running['threshold_method']}")
+        configured = configured_model(config.bundle)
+        if configured and configured != running["model_id"]:
+            print(f"configured  {configured} ({config.bundle}): not what runs; the next start runs it (coft "
+                  "rollback or coft adopt changed it; restart the service to run it now)")
         if running.get("threshold_promise"):
             print(f"promise     {running['threshold_promise']}")
         if running.get("outbox_started_anew"):
