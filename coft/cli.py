@@ -271,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.check:
         from coft.runtime.box.check import check
-        print(f"{args.config}: OK ({check(config, args.config)})")
+        print(f"{args.config}: OK ({check(config)})")
         return
     from coft.runtime.pipeline import Runtime
     Runtime(config).run(until_sources_end=args.until_end)
@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
     p.add_argument("--check", action="store_true", help="try everything run would refuse before inspecting (config, "
                                                         "bundle and engine, secrets, outbox and state paths, "
-                                                        "certificates; the broker is tried, not required), then exit")
+                                                        "certificates, addresses and ports; logs in to the broker: a "
+                                                        "refused login fails, an absent broker does not), then exit")
     p.add_argument("--until-end", action="store_true", help="stop when file/folder sources end (replay, tests)")
     p.set_defaults(func=cmd_run)
 

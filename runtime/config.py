@@ -95,9 +95,12 @@ def secret(env: str | None, file: Path | None, key: str) -> str | None:
         return os.environ[env]
     if file:
         try:
-            return file.read_text().strip()
+            value = file.read_text().strip()
         except OSError as exc:
             raise CoftError(f"{key}_file: cannot read {file} ({exc.strerror})") from exc
+        if not value:
+            raise CoftError(f"{key}_file: {file} is empty; put the secret in it (one line)")
+        return value
     return None
 
 
@@ -224,8 +227,9 @@ class RuntimeConfig(Strict):
     opcua: OpcUaConfig | None = Field(None, description="present: also serve verdicts over OPC UA")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint (0: off)")
     metrics_bind: str = Field("127.0.0.1", description="address the metrics endpoint listens on (0.0.0.0: every interface)")
-    heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period; its counter is what a PLC watches to "
-                                                       "reject by default when the runtime is gone")
+    heartbeat_s: float = Field(1.0, ge=0.01, description="heartbeat period; its counter is what a PLC watches to "
+                                                          "reject by default when the runtime is gone (at least 0.01: "
+                                                          "faster floods the broker, not the PLC's view)")
     stall_s: float = Field(60.0, ge=1, le=3600, description="a broker link that is connected but has had no "
                                                             "acknowledgement for this long, or frames waiting this long "
                                                             "with no verdict (a hung engine, a failing one), ends the "

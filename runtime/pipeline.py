@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coft.runtime.box.check import validate
 from coft.runtime.cameras.sources import CameraThread, Frame
 from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import CameraLink
@@ -131,6 +132,7 @@ class Runtime:
     def __init__(self, config: RuntimeConfig, commission: bool = False):
         """`commission`: fit the threshold again even where the bundle was commissioned (`coft commission`)."""
         self.config = config
+        validate(config)  # what `coft run --check` tries first, the same function: the two cannot disagree
         self.line_lock = hold_line(config.outbox.path)  # first: a second runtime must not touch anything
         raise_open_files_limit()
         bundle = load_bundle(config.bundle, config.trusted_keys)

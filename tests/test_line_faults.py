@@ -24,7 +24,7 @@ import pytest
 from coft.runtime.config import load_config
 from coft.runtime.model.bundle import MANIFEST, _seal
 from coft.runtime.model.errors import CoftError
-from tests.support.broker import Mosquitto, Subscriber, free_port, metric
+from tests.support.broker import Mosquitto, Subscriber, acl_broker, free_port, metric
 from tests.support.parts import good_part
 from tests.support.runtime import ROOT, start_runtime, stop, write_config
 
@@ -323,8 +323,18 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
         "outbox under /proc": ({"outbox": {"path": "/proc/coft/outbox.db"}}, "/proc/coft/outbox.db"),
         "malformed trusted client": ({"opcua": {"allow_anonymous": True, "trusted_clients": [str(tmp_path / "plc.der")]}},
                                      "opcua.trusted_clients.0: %s is not a readable DER certificate" % (tmp_path / "plc.der")),
+        # issue 34: --check said OK (or run failed with a traceback) for each of these
+        "empty broker host": ({"broker": {"host": "", "port": mosquitto.port}}, "broker.host is empty"),
+        "evidence under /proc": ({"evidence": {"dir": "/proc/coft-evidence"}}, "evidence.dir: /proc/coft-evidence"),
+        "harvest a file": ({"harvest": {"dir": str(tmp_path / "plc.der")}}, f"{tmp_path / 'plc.der'} is not a writable"),
+        "web port is the metrics port": ({"web": {"port": 18555}, "metrics_port": 18555},
+                                         "metrics_port 18555 is also web.port"),
+        "web.bind not this box's": ({"web": {"bind": "203.0.113.7"}}, "web.bind: '203.0.113.7' is not an address of"),
+        "empty token file": ({"web": {"token_file": str(tmp_path / "empty-token")}}, "empty-token is empty"),
+        "a heartbeat that floods": ({"heartbeat_s": 0.0001}, "heartbeat_s: Input should be greater than or equal to"),
     }
     (tmp_path / "plc.der").write_bytes(b"not a certificate")
+    (tmp_path / "empty-token").write_text("\n")
     for name, (extra, message) in cases.items():
         bundle = extra.pop("bundle", exported_bundle)
         config = write_config(tmp_path, bundle, mosquitto.port,
@@ -342,6 +352,23 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
     result = _check(config)
     assert result.returncode == 0 and "NOT reachable now" in result.stdout  # reported, not fatal
     assert sorted(p.name for p in fresh.iterdir()) == ["line.yaml"]  # nothing made that a root shell would own
+
+
+def test_check_logs_in_to_the_broker_as_the_runtime_will(tmp_path, exported_bundle, parts, monkeypatch):
+    """Issue 34: `coft run --check` said "broker reachable" with a wrong password: it never logged in."""
+    broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
+    try:
+        config = write_config(tmp_path, exported_bundle, broker.port, [{"name": "cam1", "source": str(parts / "test/good")}],
+                              broker={"port": broker.port, "line": "l1", "username": "l1",
+                                      "password_env": "COFT_TEST_MQTT_PASSWORD"})
+        monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "wrong")
+        refused = _check(config)
+        monkeypatch.setenv("COFT_TEST_MQTT_PASSWORD", "l1-pw")
+        accepted = _check(config)
+    finally:
+        broker.stop()
+    assert refused.returncode == 2 and "refused the login (Not authorized)" in refused.stderr, refused.stderr
+    assert accepted.returncode == 0 and "logged in as l1" in accepted.stdout, accepted.stderr
 
 
 CLOCK_STEPS_BACK = """

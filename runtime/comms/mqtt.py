@@ -71,6 +71,23 @@ def connect_failure(exc: OSError, broker: BrokerConfig) -> str:
     return f"{exc.strerror or exc}; check broker.host and the network"
 
 
+def mqtt_client(broker: BrokerConfig, client_id: str) -> mqtt.Client:
+    """A paho client as the runtime connects: its protocol, account and TLS (`coft run --check` logs in with it)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         **({"protocol": mqtt.MQTTv5} if broker.protocol == "5"
+                            else {"protocol": mqtt.MQTTv311, "clean_session": True}))
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password())
+    if broker.tls:
+        try:
+            client.tls_set(ca_certs=_path(broker.tls.ca), certfile=_path(broker.tls.cert),
+                           keyfile=_path(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
+        except (OSError, ValueError) as exc:
+            raise CoftError(f"broker.tls: cannot load the certificates ({exc}); check tls.ca, tls.cert and tls.key") from None
+        client.tls_insecure_set(broker.tls.insecure)
+    return client
+
+
 def _guarded(callback):
     """Run a paho callback; anything it raises is logged and reported on the error topic, and the link lives on."""
     @functools.wraps(callback)
@@ -104,17 +121,7 @@ class Link:
         self.connected_at = self.last_ack_at = 0.0
         self.on_connection: Callable[[str, bool], None] = lambda name, up: None
         self.v5 = broker.protocol == "5"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             **({"protocol": mqtt.MQTTv5} if self.v5 else {"protocol": mqtt.MQTTv311, "clean_session": True}))
-        if broker.username:
-            client.username_pw_set(broker.username, broker.password())
-        if broker.tls:
-            try:
-                client.tls_set(ca_certs=_path(broker.tls.ca), certfile=_path(broker.tls.cert),
-                               keyfile=_path(broker.tls.key), cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ValueError) as exc:
-                raise CoftError(f"broker.tls: cannot load the certificates ({exc}); check tls.ca, tls.cert and tls.key") from None
-            client.tls_insecure_set(broker.tls.insecure)
+        client = mqtt_client(broker, client_id)
         client.max_inflight_messages_set(INFLIGHT_WINDOW)
         client.max_queued_messages_set(INFLIGHT_WINDOW * 4)  # the outbox, not paho's memory, holds the backlog
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
