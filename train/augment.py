@@ -28,6 +28,10 @@ class AugmentConfig:
     shift: float = 0.03  # fraction of the side, +-
     codec: float = 1.0  # share of views sent through a JPEG round trip at quality 50..95 (camera video paths)
     gamma: float = 0.1  # +- on the exponent of a gamma change (camera and encoder transfer curves)
+    # knn's bank also holds each shot under the line's light: this much darker and brighter, and with camera noise
+    # of this sigma (0..255); () and 0 leave it out (bench/references.py measured it: docs/accuracy.md)
+    bank_gains: tuple[float, ...] = (0.8, 1.2)
+    bank_noise: float = 8.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,3 +80,18 @@ def jpeg_round_trip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
     ok, data = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, quality])
     decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1].copy()
     return torch.from_numpy(decoded).permute(2, 0, 1).to(pixels)
+
+
+def light_count(config: AugmentConfig) -> int:
+    """How many lights `lit` gives each shot (1: as it is only)."""
+    return 1 + len(config.bank_gains) + (config.bank_noise > 0)
+
+
+def lit(pixels: torch.Tensor, config: AugmentConfig) -> list[torch.Tensor]:
+    """The shots as they are, then under each of the bank's lights: each gain, then camera noise (a fixed seed:
+    the same shots give the same bank)."""
+    views = [pixels] + [(pixels * gain).clamp(0, 255) for gain in config.bank_gains]
+    if config.bank_noise > 0:
+        noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0)) * config.bank_noise
+        views.append((pixels + noise.to(pixels.device)).clamp(0, 255))
+    return views

@@ -20,7 +20,7 @@ from coft.runtime.model.scoring import Gaussian, MemoryBank, pool
 from coft.runtime.model.tiles import MIN_OVERLAP, Tiling, tiled_size
 from coft.train import progress
 from coft.train.anomalies import synthesise
-from coft.train.augment import AugmentConfig, augment
+from coft.train.augment import AugmentConfig, augment, light_count
 from coft.train.backbones import load_backbone
 from coft.train.backbones.dinov2 import NAME as DINOV2
 from coft.train.backbones.dinov2 import PATCH as VIT_PATCH
@@ -230,7 +230,7 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
         fit = global_fit(options.shrinkage)
     threshold = threshold or good_only_threshold(views, options.target_false_reject_rate, fit, held)
     threshold["calibration_images"] = shots  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
-    poses = views.shape[1] // (len(tiling) if tiling else 1) if scorer == "knn" else None
+    poses = views.shape[1] // (len(tiling) if tiling else 1) // light_count(options.augment) if scorer == "knn" else None
     return FittedScorer(scorer, scoring, file, pooling, poses, threshold, self_check)
 
 

@@ -21,7 +21,7 @@ from coft.runtime.model.coreset import greedy_coreset
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.scoring import MemoryBank, pool
 from coft.runtime.model.tiles import Tiling
-from coft.train.augment import AugmentConfig
+from coft.train.augment import AugmentConfig, light_count, lit
 from coft.train.patches import patch_features
 from coft.train.progress import bar
 from coft.train.threshold import Fit
@@ -77,21 +77,24 @@ def tiled_view_scores(tiling: Tiling, config: AugmentConfig, pooling: str) -> Ca
     window_poses = poses(config, tiling.window[0] == tiling.window[1])
     gh, gw = tiling.window_grid
 
+    views = [pose for _ in range(light_count(config)) for pose in window_poses]  # bank_views' order: light, pose
+
     def score(view_scores: np.ndarray) -> np.ndarray:
-        per = view_scores.reshape(len(tiling), len(window_poses), -1)
+        per = view_scores.reshape(len(tiling), len(views), -1)
         grids = [unposed(per[:, v].reshape(len(tiling), *((gw, gh) if pose[0] % 2 else (gh, gw))), pose)
-                 for v, pose in enumerate(window_poses)]
+                 for v, pose in enumerate(views)]
         return pool(np.stack([g.reshape(-1) for g in grids]), pooling, tiling)
     return score
 
 
 def bank_views(backbone, pixels: torch.Tensor, config: AugmentConfig, shift: int = 0) -> np.ndarray:
-    """Patch features of every pose of every shot, [k, views, P, C]; view 0 is the image as it is.
+    """Patch features of every pose of every shot under each of the bank's lights, [k, views, P, C]; view 0 is the
+    image as it is.
 
     With `shift`, each pose also enters moved by that many pixels (half a patch is the
     natural step), so the bank holds patches between the grid's positions too."""
     square = pixels.shape[-1] == pixels.shape[-2]
-    posed_views = [posed(pixels, p) for p in poses(config, square)]
+    posed_views = [posed(view, p) for view in lit(pixels, config) for p in poses(config, square)]
     if shift:
         posed_views += [moved for view in posed_views for moved in half_patch_shifts(view, shift)]
     stacked = torch.stack(posed_views, dim=1)
