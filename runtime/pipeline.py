@@ -167,6 +167,7 @@ class Runtime:
                       for name in names}
         for link in self.links.values():
             link.on_refused = self._broker_refused
+            link.on_foreign = lambda camera, epoch: self.metrics.foreign_runtime.labels(camera).inc()
         self.camera = {c.name: CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
                        for c in config.cameras}  # capture threads by camera name
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,

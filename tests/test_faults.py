@@ -456,6 +456,29 @@ def test_a_corrupt_outbox_is_moved_aside_and_the_line_goes_on_in_a_new_epoch(tmp
     assert "moved aside" in text and "new epoch" in text and "Traceback" not in text
 
 
+def test_a_second_runtime_on_the_same_line_is_said_loudly_in_both(tmp_path, exported_bundle, parts):
+    """Issue 34: a second runtime on the same line with its own outbox gave 109 number collisions in 40 s, and the
+    first only logged `disconnected (Unspecified error)`. Each now sees the others' heartbeat epochs and says so,
+    the pair with one client id too (Mosquitto 2.0 drops the older connection without MQTT 5's takeover code)."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    runs = []
+    try:
+        for name, client_id in (("a", "box-a"), ("b", "box-b"), ("c", "box-a")):
+            folder = tmp_path / name
+            folder.mkdir()
+            config = write_config(folder, exported_bundle, broker.port,
+                                  [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5}],
+                                  broker={"port": broker.port, "line": "l1", "client_id": client_id})
+            runs.append((start_runtime(config, folder / "runtime.log"), folder / "runtime.log"))
+        time.sleep(15)
+    finally:
+        for runtime, _ in runs:
+            stop(runtime)
+        broker.stop()
+    texts = [log.read_text() for _, log in runs]
+    assert all("ANOTHER RUNTIME publishes verdicts for line l1, camera cam1" in t for t in texts), texts[0][-2000:]
+
+
 # -- 6. one line instead of a traceback -------------------------------------------------------------
 def _config(tmp_path, bundle, **changes) -> Path:
     config = write_config(tmp_path, bundle, 1883, [{"name": "cam1", "source": str(tmp_path)}])

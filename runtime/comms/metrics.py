@@ -31,6 +31,9 @@ class Metrics:
         self.verdicts_refused = Counter("coft_verdicts_refused_total", "Verdicts the outbox could not store (disk full)",
                                         ["camera"], registry=r)
         self.outbox_refusing = Gauge("coft_outbox_refusing", "1 while the outbox cannot store verdicts", registry=r)
+        self.foreign_runtime = Counter("coft_foreign_heartbeats_total", "Heartbeats of another runtime (another epoch) "
+                                       "on this line's camera topics: two boxes numbering one line's verdicts",
+                                       ["camera"], registry=r)
         self.outbox_started_anew = Gauge("coft_outbox_new_epoch", "1 from a start whose outbox was lost, rolled back "
                                          "or corrupt (a new epoch) until an operator acknowledges", registry=r)
         self.score_median = Gauge("coft_score_median", "Median score of the camera's last 200 frames (drift)",
@@ -64,7 +67,7 @@ class Metrics:
                                  states=["waiting", "learning", "done", "failed"], registry=r)
         for camera in cameras:  # every camera's series from the start, at 0: a dashboard sees no hole
             for counter in (self.frames_in, self.frames_dropped, self.verdicts_refused, self.outbox_dropped,
-                            self.broker_refused):
+                            self.broker_refused, self.foreign_runtime):
                 counter.labels(camera)
             for verdict in ("accept", "reject"):
                 self.verdicts.labels(camera, verdict)

@@ -71,6 +71,9 @@ def connect_failure(exc: OSError, broker: BrokerConfig) -> str:
     return f"{exc.strerror or exc}; check broker.host and the network"
 
 
+TAKEN_OVER = 0x8E  # MQTT 5's "Session taken over": another client connected with this client id
+
+
 def mqtt_client(broker: BrokerConfig, client_id: str) -> mqtt.Client:
     """A paho client as the runtime connects: its protocol, account and TLS (`coft run --check` logs in with it)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -245,6 +248,10 @@ class Link:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self.stopping.is_set():
             log.info("mqtt %s: disconnected", self.name)
+        elif self.connected.is_set() and getattr(reason_code, "value", None) == TAKEN_OVER:
+            self.throttled.log(logging.ERROR, "taken-over", "mqtt %s: the broker gave this connection to another "
+                               "client with the same client id (%s): a second runtime on this line? stop it, or give "
+                               "each box its own broker.client_id and broker.line", self.name, self.client_id)
         elif self.connected.is_set():
             log.warning("mqtt %s: disconnected (%s); verdicts wait in the outbox", self.name, reason_code)
         self.connected.clear()
@@ -356,6 +363,7 @@ class CameraLink(Link):
         self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
+        self.on_foreign: Callable[[str, str], None] = lambda camera, epoch: None  # another runtime's heartbeat seen
         self.goodbye = "stopped"  # the retained status left behind on purpose: stalled or failed before exit 2
         self.state: str | None = None  # the last retained state, published again at every reconnect (without
         # persistence a restarted broker has none); the first connect sends what was queued before it
@@ -380,9 +388,27 @@ class CameraLink(Link):
         self.client.subscribe([(self.topic("trigger"), 1)]
                               + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
                               + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
+        # another runtime on this line and camera shows itself by its heartbeat's epoch (ours come back over 3.1.1)
+        self.client.subscribe(self.topic("heartbeat"), options=mqtt.SubscribeOptions(qos=0, noLocal=self.v5))
+
+    def foreign(self, payload: bytes) -> None:
+        """A heartbeat on this camera's topic: another runtime's, where its epoch is not this outbox's."""
+        try:
+            epoch = json.loads(payload).get("epoch")
+        except (ValueError, AttributeError):
+            epoch = None
+        if epoch and epoch != self.outbox.epoch:
+            self.on_foreign(self.camera, str(epoch))
+            self.throttled.log(logging.ERROR, "foreign", "mqtt %s: ANOTHER RUNTIME publishes verdicts for line %s, "
+                               "camera %s (its epoch %s, this one's %s): their sequence numbers collide; stop one, or "
+                               "give each its own broker.line", self.camera, self.broker.line, self.camera, epoch,
+                               self.outbox.epoch)
 
     @_guarded
     def _on_message(self, client, userdata, message):
+        if message.topic == self.topic("heartbeat"):
+            self.foreign(message.payload)
+            return
         if message.topic == self.line_topic("trigger"):
             try:
                 camera, part = self.line_part(message.payload)
