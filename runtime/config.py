@@ -161,6 +161,9 @@ class WebConfig(Strict):
                                                                 "once, so viewers never take the inspection's files")
     idle_timeout_s: float = Field(20.0, gt=0, le=600, description="a connection that sends no request, or a "
                                                                    "viewer that reads nothing, for this long is closed")
+    allowed_hosts: list[str] = Field([], description="host names the page answers to besides this box's own, "
+                                                     "localhost and IP addresses (a proxy's name); others get 421, "
+                                                     "so a web page elsewhere cannot read it by DNS rebinding")
 
     @model_validator(mode="after")
     def _one_token(self):

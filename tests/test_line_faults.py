@@ -332,13 +332,18 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
         "web.bind not this box's": ({"web": {"bind": "203.0.113.7"}}, "web.bind: '203.0.113.7' is not an address of"),
         "empty token file": ({"web": {"token_file": str(tmp_path / "empty-token")}}, "empty-token is empty"),
         "a heartbeat that floods": ({"heartbeat_s": 0.0001}, "heartbeat_s: Input should be greater than or equal to"),
+        "a GStreamer pipeline without GStreamer": ({"cameras": [{"name": "cam1", "source": "videotestsrc ! appsink"}]},
+                                                   "this box's OpenCV was built without GStreamer"),
     }
     (tmp_path / "plc.der").write_bytes(b"not a certificate")
     (tmp_path / "empty-token").write_text("\n")
+    from coft.runtime.box.check import gstreamer_in_opencv
+    if gstreamer_in_opencv():  # an OpenCV with GStreamer runs the pipeline: nothing to refuse
+        del cases["a GStreamer pipeline without GStreamer"]
     for name, (extra, message) in cases.items():
         bundle = extra.pop("bundle", exported_bundle)
-        config = write_config(tmp_path, bundle, mosquitto.port,
-                              [{"name": "cam1", "source": str(parts / "test/good")}], **extra)
+        cameras = extra.pop("cameras", [{"name": "cam1", "source": str(parts / "test/good")}])
+        config = write_config(tmp_path, bundle, mosquitto.port, cameras, **extra)
         for command in (("run", "--check", "--config"), ("run", "--until-end", "--config")):
             result = _check(config, *command)
             lines = result.stderr.strip().splitlines()

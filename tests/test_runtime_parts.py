@@ -161,7 +161,8 @@ def test_threshold_commands_are_validated_bounded_per_camera_persisted_and_audit
     state = ThresholdState(path, 5.0, "m1", ["cam1", "cam2"], ControlConfig(threshold_factor=2))
     for payload, message in [(b"abc", "not a number"), (b"-1", "positive"), (b"nan", "not a number"),
                                  (b"2_5", "not a number"), ("٢٥".encode(), "not a number"), (b"inf", "not a number"),
-                             (b"1e-300", "outside the allowed 2.5 .. 10"), (b"11", "outside the allowed")]:
+                             (b"1e-300", "outside the allowed 2.5 .. 10"), (b"11", "outside the allowed"),
+                             (b"5" + b"0" * (1 << 20), "of 1048577 bytes is too long")]:
         with pytest.raises(CoftError, match=message):
             state.set("cam1", payload)
     assert state.set("cam1", b"7.5")["threshold"] == 7.5

@@ -308,6 +308,15 @@ def test_live_view_refuses_what_it_cannot_do(line, tmp_path, mosquitto):
         code, answer = api(port, "/api/evidence")
         assert code == 404 and "evidence: block" in answer["error"]
         assert api(port, "/api/verdicts?after=x")[0] == 400
+        for host, expected in (("evil.example", 421), (f"evil.example:{port}", 421), (f"localhost:{port}", 200),
+                               (f"127.0.0.1:{port}", 200)):  # a foreign name reaching the box is DNS rebinding
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Host": host})
+            try:
+                code = urllib.request.urlopen(request, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+                assert "web.allowed_hosts" in json.loads(exc.read())["error"]
+            assert code == expected, host
         (tmp_path / "second").mkdir()
         busy = write_config(tmp_path / "second", bundle, mosquitto.port, [{"name": "cam1", "source": str(root / "line")}],
                             web={"port": port})

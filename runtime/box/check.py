@@ -46,6 +46,12 @@ def writable_file(path: Path, key: str) -> None:
         raise CoftError(f"{key}: cannot create {path}: {folder} is not a writable folder for this user")
 
 
+def gstreamer_in_opencv() -> bool:
+    import cv2
+    return any(line.strip().startswith("GStreamer:") and "YES" in line
+               for line in cv2.getBuildInformation().splitlines())
+
+
 def local_address(address: str, key: str) -> None:
     """An address this box can listen on (0.0.0.0 and its own), or a one-line refusal."""
     try:
@@ -73,6 +79,10 @@ def validate(config: RuntimeConfig) -> None:
         if source_kind(camera) in ("file", "folder") and not Path(str(camera.source)).exists():
             raise CoftError(f"camera {camera.name}: {camera.source} does not exist; give the path of a video file or "
                             "image folder on this box")
+        if source_kind(camera) == "gstreamer" and not gstreamer_in_opencv():
+            raise CoftError(f"camera {camera.name}: a GStreamer pipeline, and this box's OpenCV was built without "
+                            "GStreamer (pip's opencv-python is); install the distribution's python3-opencv or give an "
+                            "rtsp:// URL or device instead")
     if not config.broker.host.strip():
         raise CoftError("broker.host is empty; give the broker's host name or address (localhost on the box)")
     config.broker.password()

@@ -79,7 +79,9 @@ class ThresholdState:
         path that changes a threshold comes here, so control.threshold: false and the bounds hold for all."""
         if not self.changeable:
             raise CoftError("threshold changes are off (control.threshold: false in line.yaml)")
-        value = self._in_bounds(valid_threshold(payload[:64].decode(errors="replace").strip()))
+        if len(payload) > 64:  # a number is a few bytes; cutting a long payload would judge a part of it
+            raise CoftError(f"threshold command of {len(payload)} bytes is too long: send the number alone, e.g. 0.42")
+        value = self._in_bounds(valid_threshold(payload.decode(errors="replace").strip()))
         previous = self._apply(camera, value, via)
         audit.info("AUDIT threshold camera=%s previous=%.6g new=%.6g model=%s via=%s", camera, previous, value,
                    self.model_id, via)

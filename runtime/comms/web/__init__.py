@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,8 +61,31 @@ class WebServer(LoopService):
         self.listener: asyncio.AbstractServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def allowed_host(self, host: str) -> bool:
+        """The Host a request names: an IP address, localhost, this box's own names or web.allowed_hosts. A browser
+        sends the name it resolved, so a foreign page rebinding its own name to this box is turned away."""
+        name = host[1:host.find("]")] if host.startswith("[") else host.split(":")[0]  # [::1]:8080, name:8080
+        name = name.lower().removesuffix(".")
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+        own = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+        return name in own | {h.lower() for h in self.config.allowed_hosts}
+
+    @web.middleware
+    async def host_check(self, request: web.Request, handler):
+        if not self.allowed_host(request.host):
+            self.throttled.log(logging.WARNING, "host", "web: a request from %s named host %r, not this box: "
+                               "refused (DNS rebinding?); add it to web.allowed_hosts if it is yours",
+                               request.remote, request.host)
+            raise _error(web.HTTPMisdirectedRequest, f"this box does not answer to {request.host!r}; add it to "
+                                                     "web.allowed_hosts in line.yaml if it is a name of yours")
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[self.host_check])
         app.add_routes([
             web.get("/", self.index), web.static("/static", STATIC),
             web.get("/api/status", self.status), web.get("/api/verdicts", self.verdicts),
