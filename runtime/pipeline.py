@@ -163,7 +163,7 @@ class Runtime:
                                        functools.partial(self._threshold_command, name)
                                        if config.control.threshold else None,
                                        self._trigger, self._broker_state, config.control.trigger_max_bytes,
-                                       line_trigger=name == names[0])
+                                       line_trigger=name == names[0], cameras=tuple(names))
                       for name in names}
         for link in self.links.values():
             link.on_refused = self._broker_refused

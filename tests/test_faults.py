@@ -224,11 +224,15 @@ def test_thresholds_are_bounded_per_camera_and_audited_and_triggers_bounded(tmp_
         plc.client.publish("coft/l1/cam1/trigger", b"x" * 10_000_000, qos=1)
         assert "longer than control.trigger_max_bytes" in plc.wait_for("error", 2)[1]["error"]
         plc.client.publish("coft/l1/cam1/trigger", "part-7", qos=1)
+        plc.client.publish("coft/l1/cam9/set/threshold", str(base), qos=1)  # no such camera: said on the line's topic
         plc.wait_for("verdict", len(plc.payloads("verdict")) + 3)
         time.sleep(1)
     finally:
         assert stop(runtime) == 0
     plc.close()
+    line_errors = [json.loads(p) for t, p in plc.messages if t == "coft/l1/error"]
+    assert line_errors == [{"command": "cam9/set/threshold", "error": "camera 'cam9' is not on this line; cameras: "
+                                                                       "cam1, cam2"}]
     states = {(s["source"], s["threshold"]) for s in plc.payloads("state")}
     assert ("mqtt", 1.5 * base) in states and len([s for s in states if s[0] == "mqtt"]) == 1
     verdicts = plc.payloads("verdict")

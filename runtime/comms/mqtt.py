@@ -356,11 +356,12 @@ class CameraLink(Link):
     def __init__(self, broker: BrokerConfig, camera: str, outbox: Outbox,
                  on_threshold: Callable[[bytes], dict] | None, on_trigger: Callable[[str, str], None],
                  on_connection: Callable[[str, bool], None] = lambda camera, up: None, trigger_max_bytes: int = 256,
-                 line_trigger: bool = False):
+                 line_trigger: bool = False, cameras: tuple[str, ...] = ()):
         super().__init__(broker, camera, camera, outbox,
                          f"{broker.client_id}-{camera}" if broker.client_id else f"coft-{broker.line}-{camera}")
         self.camera = camera
         self.line_trigger = line_trigger  # this link also takes the line's trigger topic (one link per runtime does)
+        self.cameras = cameras  # the line's: the line link answers a command for any other camera on the line
         self.on_threshold, self.on_trigger, self.on_connection = on_threshold, on_trigger, on_connection
         self.trigger_max_bytes = trigger_max_bytes
         self.on_foreign: Callable[[str, str], None] = lambda camera, epoch: None  # another runtime's heartbeat seen
@@ -385,8 +386,9 @@ class CameraLink(Link):
         self.publish_status("online")
         if self.state and self.connected_at:  # a reconnect: a broker restarted without its store has it again
             self.client.publish(self.topic("state"), self.state, qos=1, retain=True)
+        commands = self.line_topic("+/set/threshold") if self.line_trigger else self.topic("set/threshold")
         self.client.subscribe([(self.topic("trigger"), 1)]
-                              + ([(self.topic("set/threshold"), 1)] if self.on_threshold else [])
+                              + ([(commands, 1)] if self.on_threshold or self.line_trigger else [])
                               + ([(self.line_topic("trigger"), 1)] if self.line_trigger else []))
         # another runtime on this line and camera shows itself by its heartbeat's epoch (ours come back over 3.1.1)
         self.client.subscribe(self.topic("heartbeat"), options=mqtt.SubscribeOptions(qos=0, noLocal=self.v5))
@@ -419,6 +421,16 @@ class CameraLink(Link):
                                     qos=1)
             return
         command = "set/threshold" if message.topic.endswith("/set/threshold") else "trigger"
+        camera = message.topic.split("/")[-3] if command == "set/threshold" else self.camera
+        if camera != self.camera:  # the line link's wildcard: another camera's link answers its own
+            if camera not in self.cameras:
+                self.client.publish(self.line_topic("error"), json.dumps({
+                    "command": f"{camera}/set/threshold", "error": f"camera {camera!r} is not on this line; "
+                    f"cameras: {', '.join(self.cameras)}"}), qos=1)
+            return
+        if command == "set/threshold" and not self.on_threshold:
+            self.report(command, "threshold changes are off (control.threshold: false in line.yaml)")
+            return
         try:
             if command == "set/threshold" and self.on_threshold:
                 self.publish_state(self.on_threshold(message.payload))
