@@ -332,6 +332,8 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
         "web.bind not this box's": ({"web": {"bind": "203.0.113.7"}}, "web.bind: '203.0.113.7' is not an address of"),
         "empty token file": ({"web": {"token_file": str(tmp_path / "empty-token")}}, "empty-token is empty"),
         "a heartbeat that floods": ({"heartbeat_s": 0.0001}, "heartbeat_s: Input should be greater than or equal to"),
+        "OPC UA without security and without a user": ({"opcua": {"security": ["None"]}},
+                                                       "opcua: no user a PLC could log in as"),
         "a GStreamer pipeline without GStreamer": ({"cameras": [{"name": "cam1", "source": "videotestsrc ! appsink"}]},
                                                    "this box's OpenCV was built without GStreamer"),
     }

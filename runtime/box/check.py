@@ -95,7 +95,11 @@ def validate(config: RuntimeConfig) -> None:
     if config.opcua:
         from coft.runtime.comms import opcua_identity
         from coft.runtime.comms.opcua import trusted_fingerprints
+        if not config.opcua.allow_anonymous and not (config.opcua.username and config.opcua.password()):
+            raise CoftError("opcua: no user a PLC could log in as (username and password_env or password_file), and "
+                            "allow_anonymous is false; give the PLC's user, or allow_anonymous: true on a test bench")
         config.opcua.password()
+        local_address(config.opcua.bind, "opcua.bind")
         trusted_fingerprints(config.opcua.trusted_clients)
         if config.opcua.certificate.exists() or config.opcua.private_key.exists():  # else made at first start
             opcua_identity.verify(config.opcua.certificate, config.opcua.private_key)
