@@ -152,7 +152,8 @@ class Runtime:
                              lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n),
                              config.state_path.with_name("seq-watermark.json"))
         self.metrics.outbox_started_anew.set(int(self.outbox.started_anew is not None))
-        self.reserve = Reserve(config.outbox.path, int(config.outbox.reserve_mb * 2**20))
+        self.reserve = Reserve(config.outbox.path, int(config.outbox.reserve_mb * 2**20),
+                               lambda writer: self.metrics.reserve_refusals.labels(writer).inc())
         self.evidence = Evidence(config.evidence, "evidence", self.reserve) if config.evidence else None
         self.harvest = Evidence(config.harvest, "harvest", self.reserve) if config.harvest else None
         self.recorder = Recorder(config.broker, self.outbox, self.metrics, config.sparkplug is not None,

@@ -217,3 +217,29 @@ def test_a_runtime_install_pulls_no_torch_and_no_cuda_wheels(tmp_path):
     assert "onnxruntime" in names and "paho-mqtt" in names and "aiohttp" in names
     heavy = [n for n in names if n in ("torch", "torchvision", "triton") or n.startswith(("nvidia-", "cuda-"))]
     assert heavy == [], f"a runtime install would pull {heavy}"
+
+
+PROMETHEUS = ROOT / "deploy/prometheus"
+
+
+def test_the_plant_s_alert_rules_pass_promtool_s_own_unit_tests_and_name_real_metrics_and_runbooks():
+    """Every alert fires on its case and none on a healthy line (promtool test rules); the scrape config and the
+    Alertmanager route pass their tools' checks; every metric a rule reads is one the runtime exports, and every
+    runbook annotation points at a section of docs/alerts.md."""
+    for command in (["promtool", "check", "config", str(PROMETHEUS / "prometheus.yml")],
+                    ["promtool", "test", "rules", str(PROMETHEUS / "coft.rules.test.yml")],
+                    ["amtool", "check-config", str(ROOT / "deploy/alertmanager/alertmanager.yml")]):
+        result = subprocess.run(command, capture_output=True, text=True, cwd=PROMETHEUS)
+        assert result.returncode == 0, (command, result.stdout[-3000:], result.stderr[-2000:])
+    rules = [r for g in yaml.safe_load((PROMETHEUS / "coft.rules.yml").read_text())["groups"] for r in g["rules"]]
+    exported = set(re.findall(r'"(coft_[a-z_]+)"', (ROOT / "runtime/comms/metrics.py").read_text()))
+    exported |= {f"{name}_total" for name in exported}  # prometheus_client names counters without their _total
+    used = {name for rule in rules for name in re.findall(r"\bcoft_[a-z_]+", rule["expr"])}
+    assert used <= exported, used - exported
+    anchors = {"#" + re.sub(r"[^a-z0-9]+", "-", h.lower()).strip("-")
+               for h in re.findall(r"^## (.+)$", (ROOT / "docs/alerts.md").read_text(), re.M)}
+    for rule in rules:
+        runbook = rule["annotations"]["runbook"]
+        assert runbook.startswith("docs/alerts.md#") and runbook[len("docs/alerts.md"):] in anchors, rule["alert"]
+    tested = (PROMETHEUS / "coft.rules.test.yml").read_text()
+    assert all(f"alertname: {rule['alert']}" in tested for rule in rules)  # each alert has its case

@@ -36,6 +36,9 @@ class Metrics:
                                        ["camera"], registry=r)
         self.outbox_started_anew = Gauge("coft_outbox_new_epoch", "1 from a start whose outbox was lost, rolled back "
                                          "or corrupt (a new epoch) until an operator acknowledges", registry=r)
+        self.reserve_refusals = Counter("coft_disk_reserve_refusals_total", "Writes refused because the disk space "
+                                        "kept for verdicts (outbox.reserve_mb) was reached, by writer", ["writer"],
+                                        registry=r)
         self.score_median = Gauge("coft_score_median", "Median score of the camera's last 200 frames (drift)",
                                   ["camera"], registry=r)
         self.failsafe_rejects = Counter("coft_failsafe_rejects_total", "Triggered parts rejected because no verdict "

@@ -336,8 +336,8 @@ class Reserve:
     """Free space on the outbox's filesystem that only verdicts may use: other writers ask `allows` first and,
     refused, stop writing (and say so, throttled) before a verdict would be refused for want of room."""
 
-    def __init__(self, outbox_path: Path, reserve_bytes: int):
-        self.folder, self.reserve = Path(outbox_path).parent, reserve_bytes
+    def __init__(self, outbox_path: Path, reserve_bytes: int, on_refuse: Callable[[str], None] = lambda writer: None):
+        self.folder, self.reserve, self.on_refuse = Path(outbox_path).parent, reserve_bytes, on_refuse
         self.device = os.stat(self.folder).st_dev
         self.throttled = Throttled(log)
 
@@ -351,6 +351,7 @@ class Reserve:
         if free - size >= self.reserve:
             self.throttled.clear(writer)
             return True
+        self.on_refuse(writer)
         self.throttled.log(logging.ERROR, writer, "%s: not writing: %.0f MB free on the outbox's filesystem (%s), "
                            "%.0f MB of it reserved for verdicts (outbox.reserve_mb); free disk space or move %s to "
                            "another disk", writer, free / 2**20, self.folder, self.reserve / 2**20, writer)
