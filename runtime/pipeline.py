@@ -478,7 +478,9 @@ class Runtime:
                 self.metrics.sparkplug_up.set(int(self.sparkplug.born()))
             if self.opcua:
                 self.metrics.opcua_up.set(int(self.opcua.alive()))
-            self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links})
+            promise = (self.bundle.manifest["threshold"].get("promise") or {}).get("false_reject_rate")
+            self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links},
+                                      (self.engine.name, self.engine.precision), promise)
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
 

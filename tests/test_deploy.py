@@ -243,3 +243,59 @@ def test_the_plant_s_alert_rules_pass_promtool_s_own_unit_tests_and_name_real_me
         assert runbook.startswith("docs/alerts.md#") and runbook[len("docs/alerts.md"):] in anchors, rule["alert"]
     tested = (PROMETHEUS / "coft.rules.test.yml").read_text()
     assert all(f"alertname: {rule['alert']}" in tested for rule in rules)  # each alert has its case
+
+
+def test_the_fleet_dashboard_s_queries_return_series_from_a_real_prometheus_scraping_two_runtimes(
+        tmp_path, exported_bundle, parts, mosquitto):
+    """deploy/grafana/coft-fleet.json against what it will read in a plant: a real Prometheus (Debian's) scraping
+    two real runtimes, one commissioned (its promise), each query of the dashboard returning series."""
+    import urllib.parse
+    import urllib.request
+
+    from tests.support.parts import write_video
+    from tests.support.runtime import start_runtime, stop, write_config
+    dashboard = json.loads((ROOT / "deploy/grafana/coft-fleet.json").read_text())
+    queries = {p["title"]: t["expr"].replace("$line", ".*") for p in dashboard["panels"] for t in p["targets"]}
+    metrics_ports, runtimes = [free_port(), free_port()], []
+    for i, line in enumerate(("l1", "l2")):
+        folder = tmp_path / line
+        folder.mkdir()
+        bundle = shutil.copytree(exported_bundle, folder / "line.bundle")
+        source = write_video(folder / "line.avi", 150, defect_every=10) if i == 0 else parts / "test/good"
+        config = write_config(folder, bundle, mosquitto.port,
+                              [{"name": "cam1", "source": str(source), "loop": True, "fps": 50}],
+                              broker={"port": mosquitto.port, "line": line}, metrics_port=metrics_ports[i],
+                              **({"commissioning": {"frames": 100}} if i == 0 else {}))
+        runtimes.append(start_runtime(config, folder / "runtime.log"))
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "coft", "static_configs": [
+            {"targets": [f"127.0.0.1:{p}"], "labels": {"line": line}}
+            for p, line in zip(metrics_ports, ("l1", "l2"))]}]}))
+    prometheus = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+
+    def empty() -> list[str]:
+        missing = []
+        for title, expr in queries.items():
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            try:
+                answer = json.loads(urllib.request.urlopen(url, timeout=5).read())
+            except OSError:
+                answer = {"data": {"result": []}}
+            if not answer["data"]["result"]:
+                missing.append(title)
+        return missing
+    try:
+        deadline, missing = time.monotonic() + 120, list(queries)
+        while missing and time.monotonic() < deadline:
+            time.sleep(2)
+            missing = empty()
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        for runtime in runtimes:
+            stop(runtime)
+    assert not missing, (missing, (tmp_path / "l1" / "runtime.log").read_text()[-2000:])

@@ -56,6 +56,10 @@ class Metrics:
         self.threshold = Gauge("coft_threshold", "The threshold each camera judges with now (live changes included)",
                                ["camera"], registry=r)
         self.model = Gauge("coft_model_info", "1 for the model the runtime judges with", ["model_id"], registry=r)
+        self.engine = Gauge("coft_engine_info", "1 for the engine and arithmetic the runtime judges on",
+                            ["engine", "precision"], registry=r)
+        self.promise = Gauge("coft_promise_false_reject_ratio", "The false-reject rate the model's threshold "
+                             "promises at 95% confidence (absent where it states none)", registry=r)
         if sparkplug:  # only where configured: an alert on 0 must not fire on boxes without the protocol
             self.sparkplug_up = Gauge("coft_sparkplug_connected", "1 while the Sparkplug edge node is connected and "
                                       "its births are out", registry=r)
@@ -83,12 +87,16 @@ class Metrics:
         """Verdicts the outbox refused, over every camera."""
         return sum(self.count("coft_verdicts_refused_total", camera) for camera in self.cameras)
 
-    def judging_with(self, model_id: str, thresholds: dict[str, float]) -> None:
-        """The model and thresholds in force (set once a second: an operator's change shows within it)."""
-        for sample in list(next(iter(self.model.collect())).samples):
-            if sample.labels["model_id"] != model_id:
-                self.model.remove(sample.labels["model_id"])
-        self.model.labels(model_id).set(1)
+    def judging_with(self, model_id: str, thresholds: dict[str, float], engine: tuple[str, str],
+                     promise: float | None) -> None:
+        """The model, engine, promise and thresholds in force (set once a second: a change shows within it)."""
+        for gauge, labels in ((self.model, (model_id,)), (self.engine, engine)):
+            for sample in list(next(iter(gauge.collect())).samples):
+                if tuple(sample.labels.values()) != labels:
+                    gauge.remove(*sample.labels.values())
+            gauge.labels(*labels).set(1)
+        if promise is not None:
+            self.promise.set(promise)
         for camera, value in thresholds.items():
             self.threshold.labels(camera).set(value)
 
