@@ -32,7 +32,6 @@ Reported per category (and the mean over categories with defects): image AUROC, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine, product_size  # noqa: E402
 from learn import HEADLINE, draw_shots, headline_cells, measure, unit, write_report  # noqa: E402
-from tiles import categories  # noqa: E402
+from tiles import category_parser, chosen_categories  # noqa: E402
 
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
@@ -272,16 +271,8 @@ def measure_category(category: Path, args) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", help="a category folder (good/, defect/<type>/), a folder of them, or 'elpv'")
-    parser.add_argument("--shots", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", nargs="*", help="measure only these categories of a folder of them")
-    parser.add_argument("--out", type=Path, default=Path("bench-out/references"))
-    args = parser.parse_args()
-    found = [c for c in categories(args.dataset) if not args.only or c.name in args.only]
-    runs = [row for category in found for row in measure_category(category, args)]
-    write(args, runs)
+    args = category_parser(__doc__, "bench-out/references").parse_args()
+    write(args, [row for category in chosen_categories(args) for row in measure_category(category, args)])
 
 
 def write(args, runs: list[dict]) -> None:

@@ -144,21 +144,29 @@ def measure_category(category: Path, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def category_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The arguments every per-category benchmark takes: the set, shots, seeds, which categories, where to write."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="a category folder (good/, defect/<type>/), a folder of them, or 'elpv'")
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0], help="of the shots' size, 1 at most")
-    parser.add_argument("--poses", action="store_true", help="also tiles with the bank in every pose (8x the shots)")
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", help="measure only these categories of a folder of them")
-    parser.add_argument("--out", type=Path, default=Path("bench-out/tiles"))
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def chosen_categories(args) -> list[Path]:
+    return [c for c in categories(args.dataset) if not args.only or c.name in args.only]
+
+
+def main() -> None:
+    parser = category_parser(__doc__, "bench-out/tiles")
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0], help="of the shots' size, 1 at most")
+    parser.add_argument("--poses", action="store_true", help="also tiles with the bank in every pose (8x the shots)")
     args = parser.parse_args()
     if any(not 0 < s <= 1 for s in args.scales):
         sys.exit("--scales: between 0 and 1 (1:1 at most: tiles keep the camera's pixels, never magnify them)")
-    found = [c for c in categories(args.dataset) if not args.only or c.name in args.only]
-    runs = [row for category in found for row in measure_category(category, args)]
-    write(args, runs)
+    write(args, [row for category in chosen_categories(args) for row in measure_category(category, args)])
 
 
 def write(args, runs: list[dict]) -> None:

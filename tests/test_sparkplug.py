@@ -20,7 +20,7 @@ import yaml
 from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from tests.support.broker import Mosquitto, Subscriber, acl_broker
 from tests.support.clients import CLIENTS
-from tests.support.runtime import ROOT, start_runtime, write_config
+from tests.support.runtime import ROOT, start_runtime, stop, write_config
 
 SPARKPLUG = ROOT / "runtime/comms/sparkplug"
 
@@ -274,8 +274,7 @@ def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_flo
         data = len(host.of("DDATA"))
         host.wait("DDATA", data + 5)
     finally:
-        runtime.send_signal(signal.SIGTERM)
-        code = runtime.wait(timeout=30)
+        code = stop(runtime)
         host.close()
         broker.stop()
     text = log.read_text()
