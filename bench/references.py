@@ -14,7 +14,7 @@ image score the mean of the worst 1% of patches. Steps:
 - blocks A+B(+C):  one bank per block, each block's patch distances put on one scale by the shots' own leave-one-out
                    distances (median 0, 99th percentile 1: no defect involved), averaged per patch (SuperADD)
 - light:           block 9, the bank also from the shots at 0.8x and 1.2x brightness and with camera noise (sigma 8):
-                   train/augment.py's bank lights
+                   coft train --light-views (train/augment.py)
 - light + blocks:  both
 - joint 6+9:       one bank over blocks 6 and 9 together (each unit, concatenated: the product's --layers 6 9), so a
                    patch's nearest neighbour is one row for both blocks; "light + joint 6+9" with the light bank
@@ -49,7 +49,7 @@ from tiles import category_parser, chosen_categories  # noqa: E402
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.model.scoring import pool  # noqa: E402
-from coft.train.augment import AugmentConfig  # noqa: E402
+from coft.train.augment import LIGHT_VIEWS, AugmentConfig  # noqa: E402
 from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
@@ -227,8 +227,8 @@ def measure_category(category: Path, args) -> list[dict]:
             rows.append(base)
             continue
         pixels = to_pixels(list(frames[shots]), size)
-        with torch.inference_mode():  # the product's bank views: every pose under each light, light-major
-            lit = per_block(bank_views(backbone, pixels, AugmentConfig()))
+        with torch.inference_mode():  # coft train --light-views' bank views: every pose under each light, light-major
+            lit = per_block(bank_views(backbone, pixels, AugmentConfig(**LIGHT_VIEWS)))
         square = size[0] == size[1]
         plain = {b: views[:, :len(poses(AugmentConfig(), square))] for b, views in lit.items()}  # the first light: as is
         loo = {b: leave_one_out(plain[b]) for b in BLOCKS}

@@ -133,6 +133,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--contrast", type=float, default=0.1, help="largest contrast change, as a fraction (default 0.1)")
     a.add_argument("--shift", type=float, default=0.03,
                    help="largest shift, as a fraction of the image: how far a part moves on the line (default 0.03)")
+    a.add_argument("--light-views", action="store_true",
+                   help="knn: the bank also holds each shot 0.8x and 1.2x as bright and with camera noise (for "
+                        "lines whose light varies; 4x the bank views to compute; docs/accuracy.md)")
     s = p.add_argument_group("scoring and threshold")
     s.add_argument("--scorer", choices=("knn", "patch", "global", "auto"),
                    help="knn: memory bank of the good patches, nearest neighbour; patch: one Gaussian over patch "
@@ -152,7 +155,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 def _training_options(args: argparse.Namespace):
     pipeline = _train_module("pipeline")
-    from coft.train.augment import AugmentConfig
+    from coft.train.augment import LIGHT_VIEWS, AugmentConfig
     from coft.train.coftad import FinetuneConfig, default_lr
 
     defaults = pipeline.TrainOptions()
@@ -169,7 +172,8 @@ def _training_options(args: argparse.Namespace):
                                 lambda_pp=args.lambda_pp, lambda_np=args.lambda_np, negatives=args.negatives,
                                 trainable_stages=args.trainable_stages, l2sp=args.l2sp),
         augment=AugmentConfig(hflip=not args.no_hflip, vflip=not args.no_vflip, rot90=not args.no_rot90,
-                              brightness=args.brightness, contrast=args.contrast, shift=args.shift),
+                              brightness=args.brightness, contrast=args.contrast, shift=args.shift,
+                              **(LIGHT_VIEWS if args.light_views else {})),
     )
 
 

@@ -28,10 +28,10 @@ class AugmentConfig:
     shift: float = 0.03  # fraction of the side, +-
     codec: float = 1.0  # share of views sent through a JPEG round trip at quality 50..95 (camera video paths)
     gamma: float = 0.1  # +- on the exponent of a gamma change (camera and encoder transfer curves)
-    # knn's bank also holds each shot under the line's light: this much darker and brighter, and with camera noise
-    # of this sigma (0..255); () and 0 leave it out (bench/references.py measured it: docs/accuracy.md)
-    bank_gains: tuple[float, ...] = (0.8, 1.2)
-    bank_noise: float = 8.0
+    # knn's bank can also hold each shot under other light: these gains (darker, brighter) and camera noise of this
+    # sigma (0..255). Off by default: it won little on tiles and ELPV and lost a little on BSData (docs/accuracy.md)
+    bank_gains: tuple[float, ...] = ()
+    bank_noise: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +85,9 @@ def jpeg_round_trip(pixels: torch.Tensor, quality: int) -> torch.Tensor:
 def light_count(config: AugmentConfig) -> int:
     """How many lights `lit` gives each shot (1: as it is only)."""
     return 1 + len(config.bank_gains) + (config.bank_noise > 0)
+
+
+LIGHT_VIEWS = {"bank_gains": (0.8, 1.2), "bank_noise": 8.0}  # coft train --light-views: RoBiS's brightness range
 
 
 def lit(pixels: torch.Tensor, config: AugmentConfig) -> list[torch.Tensor]:
