@@ -184,7 +184,8 @@ def test_a_replay_without_fps_drops_nothing_and_commissions(tmp_path, exported_b
     """Issue 34: a replayed video without `fps:` dropped 97% of its frames without a line, and commissioning then
     waited at 17/300 forever. A replay now goes at the engine's pace (it waits for room in the queue)."""
     video = write_video(tmp_path / "line.avi", 150, defect_every=10)
-    config = write_config(tmp_path, exported_bundle, mosquitto.port, [{"name": "cam1", "source": str(video)}],
+    bundle = shutil.copytree(exported_bundle, tmp_path / "line3")  # commissioning writes its revision beside it
+    config = write_config(tmp_path, bundle, mosquitto.port, [{"name": "cam1", "source": str(video)}],
                           commissioning={"frames": 100}, backend="onnxruntime", queue_size=2)
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, tmp_path / "runtime.log", "--until-end")
