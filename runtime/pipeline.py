@@ -150,7 +150,7 @@ class Runtime:
                              int(config.outbox.max_mb * 2**20),
                              functools.partial(gap_messages, config.broker),
                              lambda camera, n: self.metrics.outbox_dropped.labels(camera).inc(n),
-                             config.state_path.with_name("seq-watermark.json"))
+                             config.outbox.path.with_name("seq-watermark.json"))  # not outbox.db*: rm leaves it
         self.metrics.outbox_started_anew.set(int(self.outbox.started_anew is not None))
         self.reserve = Reserve(config.outbox.path, int(config.outbox.reserve_mb * 2**20),
                                lambda writer: self.metrics.reserve_refusals.labels(writer).inc())

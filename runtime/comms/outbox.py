@@ -80,6 +80,7 @@ class Watermark:
     def __init__(self, path: Path, fsync: bool):
         self.path, self.fsync, self.size = Path(path), fsync, 0
         self.fd: int | None = None
+        self.throttled = Throttled(log)
 
     def read(self) -> dict | None:
         try:
@@ -104,7 +105,8 @@ class Watermark:
             if self.fsync:
                 os.fdatasync(self.fd)
         except OSError as exc:  # the verdict is stored; only the check at the next start is weaker
-            log.error("outbox: cannot write the sequence watermark %s (%s)", self.path, exc)
+            self.throttled.log(logging.ERROR, "write", "outbox: cannot write the sequence watermark %s (%s); a lost "
+                               "outbox would not be told from a new one at the next start", self.path, exc)
 
     def close(self) -> None:
         if self.fd is not None:
