@@ -137,7 +137,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"# A plant on one broker: {cpu_name()}, {os.cpu_count()} cores", "",
+    lines = [f"# A plant on one broker: {cpu_name()}", "",
              f"Each line one runtime, one camera at {args.fps:g} fps; {args.seconds:g} s measured with a 5 s broker "
              "restart in the middle; one QoS 1 subscriber for every line.", "",
              "| lines | received | lost | duplicated | out of order | p50 ms | p99 ms | broker CPU (cores) |",
