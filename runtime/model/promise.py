@@ -108,8 +108,8 @@ def describe(threshold: dict) -> str:
         assumed = stated.get("if_defects")
         if assumed:
             line += (f"; <= {assumed['false_reject_rate']:.1%} if the {assumed['frames']} frames scored above "
-                     f"{assumed['above']:.4g} are defects (sort the good ones among them into good/ beside the kept "
-                     "frames and run coft learn)")
+                     f"{assumed['above']:.4g} are defects (sort them on the live page's commissioning review, "
+                     "one click each, or into good/ and defect/ beside the kept frames; coft learn reads them)")
         return line
     images = threshold.get("calibration_images")
     target = threshold.get("target_false_reject_rate", 0.01)
