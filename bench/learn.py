@@ -97,6 +97,15 @@ def draw_shots(good: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.
     return good[rng.choice(len(good), shots, replace=False)], rng
 
 
+def seed_split(labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, np.random.Generator, np.ndarray,
+                                                                   np.ndarray]:
+    """A seed's shots (draw_shots over the good images), the generator after them, every other image as the test set
+    and its labels."""
+    chosen, rng = draw_shots(np.flatnonzero(labels == 0), shots, seed)
+    test = np.setdiff1d(np.arange(len(labels)), chosen)
+    return chosen, rng, test, labels[test]
+
+
 def headline_cells(runs: list[dict]) -> str:
     """AUROC, AP and the escapes at 1% and 5% false-reject, each the mean over these runs, as table cells."""
     return " | ".join(f"{np.mean([r[k] for r in runs]):.3f}" for k in HEADLINE)

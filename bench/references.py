@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import knn_scores, machine, product_size  # noqa: E402
-from learn import HEADLINE, draw_shots, headline_cells, measure, unit, write_report  # noqa: E402
+from learn import HEADLINE, headline_cells, measure, seed_split, unit, write_report  # noqa: E402
 from tiles import category_parser, chosen_categories  # noqa: E402
 
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
@@ -215,12 +215,9 @@ def measure_category(category: Path, args) -> list[dict]:
     backbone = load_backbone(TrainOptions.backbone, None, size, BLOCKS)
     grid = (size[0] // backbone.patch_stride, size[1] // backbone.patch_stride)
     features = per_block(cached(category, data.paths, lambda: frame_features(backbone, frames, size), size))
-    good = np.flatnonzero(data.labels == 0)
     rows = []
     for seed in args.seeds:
-        shots, rng = draw_shots(good, args.shots, seed)
-        test = np.setdiff1d(np.arange(len(data.paths)), shots)
-        labels = data.labels[test]
+        shots, rng, test, labels = seed_split(data.labels, args.shots, seed)
         base = {"category": category.name, "seed": seed, "good": int((labels == 0).sum()),
                 "defective": int(labels.sum())}
         if not labels.sum():

@@ -36,7 +36,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import find_category, good_shapes, knn_scores, machine, product_size  # noqa: E402
-from learn import HEADLINE, draw_shots, headline_cells, measure, unit, write_report  # noqa: E402
+from learn import HEADLINE, headline_cells, measure, seed_split, unit, write_report  # noqa: E402
 
 from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
@@ -127,12 +127,9 @@ def measure_category(category: Path, args) -> list[dict]:
         variants.append(Variant(f"tiles x{scale:g}", images, frame, tiling, False))
         if args.poses:
             variants.append(variants[-1].banked(f"tiles x{scale:g} + poses", True))
-    good = np.flatnonzero(data.labels == 0)
     rows = []
     for seed in args.seeds:
-        shots, _ = draw_shots(good, args.shots, seed)
-        test = np.setdiff1d(np.arange(len(data.paths)), shots)
-        labels = data.labels[test]
+        shots, _, test, labels = seed_split(data.labels, args.shots, seed)
         for variant in variants:
             row = {"category": category.name, "seed": seed, "variant": variant.name, "windows": variant.per_frame,
                    "frame": list(variant.size), "ms_per_frame": round(variant.ms_per_frame, 1),
