@@ -417,22 +417,20 @@ class CameraLink(Link):
                 self.on_trigger(camera, part)
             except CoftError as exc:
                 log.warning("mqtt %s: line trigger refused: %s", self.camera, exc)
-                self.client.publish(self.line_topic("error"), json.dumps({"command": "trigger", "error": str(exc)}),
-                                    qos=1)
+                self.report_line("trigger", str(exc))
             return
         command = "set/threshold" if message.topic.endswith("/set/threshold") else "trigger"
         camera = message.topic.split("/")[-3] if command == "set/threshold" else self.camera
         if camera != self.camera:  # the line link's wildcard: another camera's link answers its own
             if camera not in self.cameras:
-                self.client.publish(self.line_topic("error"), json.dumps({
-                    "command": f"{camera}/set/threshold", "error": f"camera {camera!r} is not on this line; "
-                    f"cameras: {', '.join(self.cameras)}"}), qos=1)
+                self.report_line(f"{camera}/set/threshold",
+                                 f"camera {camera!r} is not on this line; cameras: {', '.join(self.cameras)}")
             return
         if command == "set/threshold" and not self.on_threshold:
             self.report(command, "threshold changes are off (control.threshold: false in line.yaml)")
             return
         try:
-            if command == "set/threshold" and self.on_threshold:
+            if command == "set/threshold":
                 self.publish_state(self.on_threshold(message.payload))
             elif command == "trigger":
                 self.on_trigger(self.camera, self.part_id(message.payload))
@@ -468,6 +466,10 @@ class CameraLink(Link):
     def report(self, command: str, error: str) -> None:
         """A refused command or a fault, on the error topic for whoever watches the line."""
         self.client.publish(self.topic("error"), json.dumps({"command": command, "error": error}), qos=1)
+
+    def report_line(self, command: str, error: str) -> None:
+        """A refused command that names no camera of this runtime, on the line's error topic."""
+        self.client.publish(self.line_topic("error"), json.dumps({"command": command, "error": error}), qos=1)
 
     def publish_state(self, state: dict) -> None:
         self.state = json.dumps(state)
