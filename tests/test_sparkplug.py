@@ -257,10 +257,11 @@ def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_flo
     log = tmp_path / "runtime.log"
     runtime = start_runtime(config, log)
     try:
-        time.sleep(3)
+        wait_for_log(log, "waiting for primary host scada1 to be online")  # subscribed: each STATE reaches it
         state(json.dumps({"online": "true", "timestamp": round(time.time() * 1000)}))
+        wait_for_log(log, "not 3.0's JSON")
         state('{"online": true, "timestamp": 1e400}')
-        time.sleep(2)
+        wait_for_log(log, "not 3.0's JSON", times=2)
         assert host.of("NBIRTH") == []  # neither is 3.0's STATE: the host is still offline
         state(json.dumps({"online": True, "timestamp": round(time.time() * 1000)}))
         host.wait("NBIRTH", 1, timeout=15)
@@ -285,6 +286,13 @@ def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_flo
     assert text.count("not 3.0's JSON") == 2 and text.count("DCMD for cam1 ignored") == 1
     assert "64 of its metrics refused; the first: metric 'Nonsense' is not writable" in text
     assert "4936 metrics beyond the first 64 not read" in text and "19936 metrics beyond" in text
+
+
+def wait_for_log(log: Path, text: str, times: int = 1, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (not log.exists() or log.read_text().count(text) < times):
+        time.sleep(0.1)
+    assert log.read_text().count(text) >= times, f"{text!r} not logged {times}x: {log.read_text()[-1500:]}"
 
 
 class TahuHost:
