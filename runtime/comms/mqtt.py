@@ -122,6 +122,7 @@ class Link:
         self.reconnected = threading.Event()
         self.rescan = threading.Event()  # notify_all: held-back messages may go now
         self.connected_at = self.last_ack_at = 0.0
+        self.released_at = 0.0  # when messages held back on purpose were last let go: their waiting counts from then
         self.on_connection: Callable[[str, bool], None] = lambda name, up: None
         self.v5 = broker.protocol == "5"
         client = mqtt_client(broker, client_id)
@@ -155,7 +156,8 @@ class Link:
         return self.client.publish(message.topic, message.payload, qos=1)
 
     def holding_back(self) -> bool:
-        """Whether publish_message holds some messages back on purpose (their waiting is no stall)."""
+        """Whether publish_message holds some messages back on purpose (their waiting is no stall); a subclass
+        that lets them go sets released_at."""
         return False
 
     def saying_goodbye(self) -> None:
@@ -203,7 +205,7 @@ class Link:
         oldest = self.outbox.oldest_created(self.channel)
         if oldest is None or self.holding_back():
             return None
-        waited = time.time() - max(oldest, self.connected_at, self.last_ack_at)
+        waited = time.time() - max(oldest, self.connected_at, self.last_ack_at, self.released_at)
         if waited > stall_s:
             return (f"mqtt {self.name}: connected but no acknowledgement for {waited:.0f}s with "
                     f"{self.outbox.depth(self.channel)} messages waiting")

@@ -221,6 +221,8 @@ class SparkplugNode(Link):
         with self.sequence:
             if up == (camera not in self.lost):
                 return
+            if up:  # set first: its verdicts held back are no stall until they have had stall_s to go
+                self.released_at = time.time()
             (self.lost.discard if up else self.lost.add)(camera)
             if self.born_in != self.connections or not self.connected.is_set():
                 return
@@ -326,6 +328,8 @@ class SparkplugNode(Link):
         if stamp < self.host_stamp or online == self.host_online:
             self.host_stamp = max(stamp, self.host_stamp)
             return
+        if online:  # set first: the backlog held for the host is no stall until it has had stall_s to go
+            self.released_at = time.time()
         self.host_stamp, self.host_online = stamp, online
         log.info("sparkplug: primary host %s is %s", self.config.primary_host_id, "online" if online else "offline")
         if online:
