@@ -294,7 +294,11 @@ def cmd_commission(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from coft.runtime.box.status import print_status
+    from coft.runtime.box.status import NOT_RUNNING, health, print_status
+    if args.json:
+        report = health(args.config)
+        print(json.dumps(report))
+        return 0 if report["running"] else NOT_RUNNING
     return print_status(args.config)
 
 
@@ -484,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="one-screen summary of the line: per camera its state, threshold, counts, "
                                       "outbox, latency, last error (exit status 3: the runtime is not running)")
     p.add_argument("--config", required=True, type=Path, help="the runtime YAML (see deploy/line.yaml)")
+    p.add_argument("--json", action="store_true", help="for fleet tools (deploy/ansible): running, healthy (runs "
+                                                        "the configured model, every camera's verdicts coming), "
+                                                        "the problems if not, commissioning and the promise")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("opcua-certificate", help="on the box: show the OPC UA server's certificate (fingerprint, "

@@ -18,6 +18,7 @@ import yaml
 from coft.runtime.box.flash import flash
 from coft.runtime.model.errors import CoftError
 from tests.support.broker import free_port
+from tests.support.sshd import sshd as ssh_server
 
 ROOT = Path(__file__).resolve().parents[1]
 COFT = str(Path(sys.executable).parent / "coft")
@@ -25,33 +26,8 @@ COFT = str(Path(sys.executable).parent / "coft")
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    """An OpenSSH server on loopback with its own host key, letting in one test key."""
-    if not Path("/usr/sbin/sshd").exists():
-        pytest.fail("openssh-server is not installed: apt-get install openssh-server (see .ci/run)")
-    work = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / name)], check=True)
-    (work / "authorized_keys").write_text((work / "client.pub").read_text())
-    os.chmod(work / "authorized_keys", 0o600)
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    port = free_port()
-    (work / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {work / 'host'}\nAuthorizedKeysFile {work / 'authorized_keys'}\n"
-        f"PidFile {work / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nPermitRootLogin yes\n"
-        "KbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\n")
-    server = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(work / "sshd_config")],
-                              stdout=subprocess.DEVNULL, stderr=open(work / "sshd.log", "w"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield {"port": port, "identity": str(work / "client"), "target": f"{os.environ.get('USER', 'root')}@127.0.0.1",
-           "options": ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]}
-    server.terminate()
-    server.wait()
+    with ssh_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 def _flash(bundle, sshd, box_root, **extra):

@@ -72,6 +72,41 @@ def configured_model(bundle: Path) -> str | None:
         return None
 
 
+def health(config_path: str | Path) -> dict:
+    """What a fleet tool waits on (`coft status --json`): healthy means this box runs the model it is configured for
+    and every camera's verdicts are coming; `promise` is stated once commissioning has fitted the threshold."""
+    config = load_config(config_path)
+    configured = configured_model(config.bundle)
+    report = {"config": str(config_path), "running": False, "healthy": False, "model_id": None,
+              "configured_model": configured, "commissioning": None, "promise": None, "verdicts": 0, "problems": []}
+    if config.web is None:
+        report["problems"].append("no web: block in the config: the runtime's /api/status cannot be read")
+        return report
+    try:
+        running = fetch_status(config.web)
+    except OSError as exc:
+        report["problems"].append(f"not running: nothing answers on port {config.web.port} "
+                                  f"({getattr(exc, 'reason', exc)})")
+        return report
+    problems = report["problems"]
+    if running.get("stalled"):
+        problems.append(f"stalled: {running['stalled']}")
+    if configured and configured != running["model_id"]:
+        problems.append(f"runs {running['model_id']}, configured {configured}: restart the service to run it")
+    for name, camera in running["cameras"].items():
+        if camera["accepts"] + camera["rejects"] == 0:
+            problems.append(f"camera {name}: no verdict yet")
+        if camera["camera"].startswith("reconnecting"):
+            problems.append(f"camera {name}: {camera['camera']}")
+        if not camera["broker_connected"]:
+            problems.append(f"camera {name}: broker disconnected")
+    report.update(running=True, healthy=not problems, model_id=running["model_id"],
+                  commissioning=running.get("commissioning"), promise=running.get("threshold_promise"),
+                  verdicts=int(sum(c["accepts"] + c["rejects"] for c in running["cameras"].values())),
+                  engine=running["engine"], uptime_s=running["uptime_s"])
+    return report
+
+
 def print_status(config_path: str | Path) -> int:
     """Print the summary; returns NOT_RUNNING when the runtime does not answer, else 0."""
     config = load_config(config_path)
