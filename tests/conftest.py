@@ -112,8 +112,8 @@ def masked_set(tmp_path_factory):
     return root
 
 
-NEEDS = {  # marker -> what a test that needs it uses: its fixtures, or the names its body calls
-    "broker": {"mosquitto", "Mosquitto", "acl_broker", "Subscriber", "start_runtime", "SimulatedPlc"},
+NEEDS = {  # marker -> the fixtures that bring what it names; a test that starts such a service itself says so with
+    "broker": {"mosquitto"},  # @pytest.mark.broker (or ssh, browser, root) above it: --strict-markers holds the names
     "ssh": {"sshd"},
     "browser": {"browser"},
     "root": {"tmpfs"},
@@ -121,10 +121,8 @@ NEEDS = {  # marker -> what a test that needs it uses: its fixtures, or the name
 
 
 def pytest_collection_modifyitems(items):
-    """Mark each test by what it needs (the GPU tests are marked where they are written)."""
+    """Mark each test by the fixtures it takes (what a test starts itself is marked where it is written)."""
     for item in items:
-        code = getattr(getattr(item, "function", None), "__code__", None)
-        used = set(item.fixturenames) | set(code.co_names if code else ())
-        for marker, signs in NEEDS.items():
-            if used & signs:
+        for marker, fixtures in NEEDS.items():
+            if set(item.fixturenames) & fixtures:
                 item.add_marker(marker)

@@ -19,6 +19,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from coft.runtime.model.bundle import update_manifest
+from coft.runtime.model.manifest import keygen
 from tests.support.broker import Mosquitto, free_port
 from tests.support.sshd import sshd
 
@@ -136,6 +137,8 @@ def plant(tmp_path, parts):
                   "coft_broker_port": broker.port, "coft_healthy_within_s": 60, "coft_health_poll_s": 1,
                   "coft_controller_command": COFT, "coft_collect_controller_dir": str(tmp_path / "collected"),
                   "coft_training_root": str(tmp_path / "training")}
+        private, public = keygen(tmp_path / "vendor")  # the controller signs; every box runs only what it signed
+        common.update(coft_signing_key=str(private), coft_trusted_key=str(public))
         inventory = tmp_path / "plant.yml"
         inventory.write_text(yaml.safe_dump({"all": {"vars": common, "children": {
             "coft_boxes": {"children": lines},
@@ -146,6 +149,8 @@ def plant(tmp_path, parts):
         yield {"inventory": inventory, "boxes": boxes, "broker": broker, "tmp": tmp_path}
 
 
+@pytest.mark.broker
+@pytest.mark.ssh
 def test_the_playbooks_provision_roll_out_with_a_canary_roll_back_and_collect(plant, exported_bundle, tmp_path):
     inventory, boxes = plant["inventory"], plant["boxes"]
     first = ansible("site.yml", inventory)
@@ -157,6 +162,7 @@ def test_the_playbooks_provision_roll_out_with_a_canary_roll_back_and_collect(pl
     passwd = (plant["tmp"] / "mosquitto/passwd").read_text()
     assert [row.split(":")[0] for row in passwd.splitlines()] == ["operator", "l1", "l2", "l3"]
     assert (plant["tmp"] / "mosquitto/coft.acl").read_text() == (ROOT / "deploy/mosquitto/coft.acl").read_text()
+    assert line_yaml["trusted_keys"] == [f"{boxes[0]}/opt/trusted-keys/vendor.pub"]
 
     again = ansible("site.yml", inventory)
     assert again.returncode == 0 and all(c["changed"] == 0 for c in recap(again).values()), again.stdout[-3000:]

@@ -15,6 +15,7 @@ from coft.runtime.pipeline import Runtime
 from tests.support.broker import Subscriber
 from tests.support.plc import SimulatedPlc
 from tests.support.runtime import start_runtime, write_config
+from tests.support.wait import wait_until
 
 DEADLINE_MS = 400
 HEARTBEAT_TIMEOUT_S = 0.6  # what the PLC allows between heartbeats (3 periods of heartbeat_s 0.2)
@@ -22,13 +23,6 @@ HEARTBEAT_TIMEOUT_S = 0.6  # what the PLC allows between heartbeats (3 periods o
 
 def _reasons(plc: SimulatedPlc, parts: list[str]) -> list:
     return [plc.answers(p)[0]["reason"] for p in parts if plc.answers(p)]
-
-
-def _wait(condition, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exported_bundle, mosquitto, parts):
@@ -51,7 +45,7 @@ def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exporte
     plc, watcher = SimulatedPlc(mosquitto.port), Subscriber(mosquitto.port)
     worker.start()
     try:
-        _wait(lambda: runtime._delivering("cam1") and runtime.links["cam1"].connected.is_set())
+        wait_until(lambda: runtime._delivering("cam1") and runtime.links["cam1"].connected.is_set())
         time.sleep(0.5)
 
         normal = plc.run_line("cam1", 10, 20, "normal")
@@ -62,10 +56,10 @@ def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exporte
         stall.clear()
 
         shutil.move(line, tmp_path / "line-gone")  # the camera goes away
-        _wait(lambda: not runtime._delivering("cam1"))
+        wait_until(lambda: not runtime._delivering("cam1"))
         down = plc.run_line("cam1", 10, 5, "down")
         shutil.move(tmp_path / "line-gone", line)  # and comes back
-        _wait(lambda: runtime._delivering("cam1"))
+        wait_until(lambda: runtime._delivering("cam1"))
         back = plc.run_line("cam1", 10, 5, "back")
 
         starved = plc.run_line("slow", 1, 4, "starved")  # a camera giving a frame every 2 s
@@ -108,7 +102,7 @@ def test_a_killed_runtime_leaves_no_part_silent(tmp_path, exported_bundle, mosqu
     log = tmp_path / "runtime.log"
     runtime = start_runtime(config, log)
     try:
-        _wait(lambda: len(plc.beats) >= 3, timeout=60)
+        wait_until(lambda: len(plc.beats) >= 3, timeout=60)
         killed_at = []
         def kill(victim=runtime):
             killed_at.append(time.monotonic())
@@ -119,7 +113,7 @@ def test_a_killed_runtime_leaves_no_part_silent(tmp_path, exported_bundle, mosqu
         runtime.wait(timeout=10)
         runtime = start_runtime(config, log)
         beats = len(plc.beats)
-        _wait(lambda: len(plc.beats) > beats + 3, timeout=60)
+        wait_until(lambda: len(plc.beats) > beats + 3, timeout=60)
         after = plc.run_line("cam1", 10, 10, "restarted")
         plc.wait_for_answers(after, timeout=5)
     finally:

@@ -271,6 +271,7 @@ def _acl_line(tmp_path: Path, bundle: Path, port: int, parts: Path, **extra) -> 
     return config
 
 
+@pytest.mark.broker
 def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_changes_thresholds(
         tmp_path, exported_bundle, parts, monkeypatch):
     broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")
@@ -315,6 +316,7 @@ def test_every_feature_works_through_the_shipped_acl_and_only_the_operator_chang
     assert "refused by the broker" not in (tmp_path / "runtime.log").read_text()
 
 
+@pytest.mark.broker
 def test_one_line_s_account_cannot_forge_another_line_s_verdicts_through_the_shipped_acl(tmp_path):
     """Issue 34: the shipped ACL let every box's account publish every line's verdict, so one box's password forged
     another line's `result: accept`. Mosquitto's own client, logged in as line l2, tries l1's topics."""
@@ -341,6 +343,7 @@ def test_one_line_s_account_cannot_forge_another_line_s_verdicts_through_the_shi
     assert [t for t, _ in plc.messages] == ["coft/l2/cam1/result"] and scada.messages == []
 
 
+@pytest.mark.broker
 def test_a_publish_the_broker_refuses_is_counted_logged_and_shown(tmp_path, exported_bundle, parts, monkeypatch):
     acl = tmp_path / "no-result.acl"  # an ACL that forgot the fail-safe answers
     acl.write_text("\n".join(line for line in (ROOT / "deploy/mosquitto/coft.acl").read_text().splitlines()
@@ -375,6 +378,7 @@ def test_a_publish_the_broker_refuses_is_counted_logged_and_shown(tmp_path, expo
 
 
 # -- 5. disk and resources ----------------------------------------------------------------------
+@pytest.mark.broker
 def test_full_disk_refuses_new_verdicts_loudly_keeps_the_old_and_recovers(tmp_path, exported_bundle, parts, tmpfs):
     disk = tmpfs(3)
     broker = Mosquitto(tmp_path / "broker").start()
@@ -422,6 +426,7 @@ def test_full_disk_refuses_new_verdicts_loudly_keeps_the_old_and_recovers(tmp_pa
     assert (disk / "outbox.db").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.broker
 def test_a_corrupt_outbox_is_moved_aside_and_the_line_goes_on_in_a_new_epoch(tmp_path, exported_bundle,
                                                                                         parts):
     """Issue 34: a garbled outbox made every start exit 2 ("check outbox.path ..."), a restart loop with the line
@@ -462,6 +467,7 @@ def test_a_corrupt_outbox_is_moved_aside_and_the_line_goes_on_in_a_new_epoch(tmp
     assert "moved aside" in text and "new epoch" in text and "Traceback" not in text
 
 
+@pytest.mark.broker
 def test_a_second_runtime_on_the_same_line_is_said_loudly_in_both(tmp_path, exported_bundle, parts):
     """Issue 34: a second runtime on the same line with its own outbox gave 109 number collisions in 40 s, and the
     first only logged `disconnected (Unspecified error)`. Each now sees the others' heartbeat epochs and says so,
@@ -594,6 +600,7 @@ def _tls_settings(tmp_path: Path) -> str:
     return f"cafile {tmp_path}/broker_ca.pem\ncertfile {tmp_path}/broker.pem\nkeyfile {tmp_path}/broker.key\n"
 
 
+@pytest.mark.broker
 def test_failed_tls_handshake_is_logged_with_its_cause(tmp_path, exported_bundle, parts):
     _tls_files(tmp_path)
     broker = Mosquitto(tmp_path / "broker", settings=f"allow_anonymous true\n{_tls_settings(tmp_path)}").start()
@@ -614,6 +621,7 @@ def test_failed_tls_handshake_is_logged_with_its_cause(tmp_path, exported_bundle
     assert lines and "certificate verify failed" in lines[0] and "check broker.tls" in lines[0] and len(lines) <= 2
 
 
+@pytest.mark.broker
 def test_a_tls_link_under_load_through_the_shipped_acl_never_drops(tmp_path, exported_bundle, parts, monkeypatch):
     """Issue 34: the TLS link to the shipped TLS-only broker dropped every few minutes (Mosquitto: "unexpected eof
     while reading"), as publish() from the sender and heartbeat threads wrote to the SSL socket while paho read it.

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -24,6 +23,7 @@ from coft.runtime.model.scoring import MemoryBank, pool
 from coft.train.pipeline import TrainOptions, train_bundle
 from tests.support.broker import Subscriber, free_port
 from tests.support.runtime import ROOT, assert_complete_and_ordered, start_runtime, write_config
+from tests.support.wait import wait_for_log
 
 SIZE = (112, 112)  # 8 x 8 patches of the real DINOv2 weights: quick, and still the real features
 
@@ -205,14 +205,6 @@ def _learning_metric(port: int) -> str | None:
                  if line.startswith("coft_learning{") and line.endswith(" 1.0")), None)
 
 
-def _wait_for_log(runtime, log, text: str, after: int = 0, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while text not in log.read_text()[after:] and time.time() < deadline:
-        assert runtime.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.5)
-    assert text in log.read_text()[after:], log.read_text()[-2000:]
-
-
 def test_after_commissioning_the_line_learns_in_the_background_resumes_after_a_restart_and_loses_no_verdict(
         tmp_path, cells, cell_bundle, mosquitto):
     good, defect = cells
@@ -228,7 +220,7 @@ def test_after_commissioning_the_line_learns_in_the_background_resumes_after_a_r
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, log)
     try:  # stopped while it learns (a deploy, a power cut): the next start must learn, not forget it
-        _wait_for_log(runtime, log, "learn: growing the bank from the")
+        wait_for_log(log, "learn: growing the bank from the", timeout=600, runtime=runtime)
         assert _learning_metric(port) == "learning"
     finally:
         runtime.send_signal(signal.SIGTERM)
@@ -237,7 +229,7 @@ def test_after_commissioning_the_line_learns_in_the_background_resumes_after_a_r
     restarted = len(log.read_text())
     runtime = start_runtime(config, log)
     try:
-        _wait_for_log(runtime, log, "learn done: now running", after=restarted)
+        wait_for_log(log, "learn done: now running", timeout=600, runtime=runtime, after=restarted)
         assert _learning_metric(port) == "done"
         seen = len(plc.payloads("verdict"))
         plc.wait_for("verdict", seen + 20)

@@ -260,6 +260,7 @@ def test_a_second_runtime_on_the_same_config_refuses_naming_the_first(tmp_path, 
 
 
 # -- item 7: drops are counted ----------------------------------------------------------------------------------
+@pytest.mark.broker
 def test_outbox_overflow_is_counted_in_metrics_status_and_heartbeat(tmp_path, exported_bundle, parts):
     broker = Mosquitto(tmp_path / "broker")  # not started: the broker is away
     metrics_port, web_port = free_port(), free_port()
@@ -361,6 +362,7 @@ def test_check_and_verify_refuse_what_run_would_refuse(tmp_path, exported_bundle
     assert sorted(p.name for p in fresh.iterdir()) == ["line.yaml"]  # nothing made that a root shell would own
 
 
+@pytest.mark.broker
 def test_check_logs_in_to_the_broker_as_the_runtime_will(tmp_path, exported_bundle, parts, monkeypatch):
     """Issue 34: `coft run --check` said "broker reachable" with a wrong password: it never logged in."""
     broker = acl_broker(tmp_path, ROOT / "deploy/mosquitto/coft.acl")

@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from tests.support.broker import free_port, metric
 from tests.support.clients import node_client
 from tests.support.runtime import start_runtime, write_config
+from tests.support.wait import wait_for_log
 
 PASSWORD = "plc-pass-4711"
 
@@ -129,13 +130,6 @@ async def _unsecured(url: str, user: str, password: str) -> str:
     return f"connected, read {value}"
 
 
-def _wait_for_line(runtime, log: Path, line: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while line not in log.read_text():
-        assert runtime.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.2)
-
-
 def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_path, exported_bundle, mosquitto, parts):
     certs = {name: asyncio.run(_client_certificate(tmp_path / "clients", name)) for name in ("plc", "stranger")}
     (tmp_path / "password").write_text(PASSWORD)
@@ -149,7 +143,7 @@ def test_a_plc_reads_every_verdict_over_opc_ua_and_strangers_are_refused(tmp_pat
     runtime = start_runtime(config, log)
     url = f"opc.tcp://127.0.0.1:{port}/"
     try:
-        _wait_for_line(runtime, log, "opcua: serving")
+        wait_for_log(log, "opcua: serving", runtime=runtime)
         seen = asyncio.run(_as_a_plc(url, certs, 30))
         wrong_password = asyncio.run(_refused(url, *certs["plc"], "plc", "guess"))
         stranger = asyncio.run(_refused(url, *certs["stranger"], "plc", PASSWORD))
@@ -194,7 +188,7 @@ def test_node_opcua_as_the_plc_string_node_ids_units_float_writes_and_no_none_ch
     log = tmp_path / "runtime.log"
     runtime = start_runtime(config, log)
     try:
-        _wait_for_line(runtime, log, "opcua: serving")
+        wait_for_log(log, "opcua: serving", runtime=runtime)
         seen = node_client("opcua_plc.js", {"url": f"opc.tcp://127.0.0.1:{port}/", "user": "plc",
                                             "password": PASSWORD, "pki": str(tmp_path / "pki"), "parts": 10})
         days_left = (metric(metrics_port, "coft_opcua_certificate_expiry_timestamp_seconds") - time.time()) / 86400

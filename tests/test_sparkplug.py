@@ -21,6 +21,7 @@ from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from tests.support.broker import Mosquitto, Subscriber, acl_broker
 from tests.support.clients import CLIENTS
 from tests.support.runtime import ROOT, start_runtime, stop, write_config
+from tests.support.wait import wait_for_log
 
 SPARKPLUG = ROOT / "runtime/comms/sparkplug"
 
@@ -89,6 +90,7 @@ def sessions(messages: list[tuple[str, Payload]]) -> list[list[tuple[str, Payloa
     return runs
 
 
+@pytest.mark.broker
 def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_bundle, parts):
     broker = Mosquitto(tmp_path / "broker").start()
     line = shutil.copytree(parts / "test/good", tmp_path / "line")
@@ -190,6 +192,7 @@ def test_sparkplug_edge_node_births_data_commands_and_death(tmp_path, exported_b
     assert "AUDIT threshold camera=cam1" in text and "via=sparkplug" in text and "Traceback" not in text
 
 
+@pytest.mark.broker
 def test_with_a_primary_host_births_and_data_wait_for_its_state_online_and_stop_when_it_goes(tmp_path, exported_bundle,
                                                                                             parts):
     """Sparkplug 3.0 Primary Host awareness, as Ignition's store and forward expects: nothing before the host's
@@ -238,6 +241,7 @@ def test_with_a_primary_host_births_and_data_wait_for_its_state_online_and_stop_
     text = log.read_text()
     assert "waiting for primary host scada1 to be online" in text and "primary host scada1 is offline" in text
 
+@pytest.mark.broker
 def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_floods_it(tmp_path, exported_bundle,
                                                                                       parts):
     """A retained STATE stamped ten years ahead (a SCADA clock that ran ahead), `"online": "false"` as a string and
@@ -288,13 +292,6 @@ def test_a_stray_state_or_a_flood_of_commands_neither_locks_the_node_out_nor_flo
     assert "4936 metrics beyond the first 64 not read" in text and "19936 metrics beyond" in text
 
 
-def wait_for_log(log: Path, text: str, times: int = 1, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (not log.exists() or log.read_text().count(text) < times):
-        time.sleep(0.1)
-    assert log.read_text().count(text) >= times, f"{text!r} not logged {times}x: {log.read_text()[-1500:]}"
-
-
 class TahuHost:
     """tests/clients/sparkplug_host.js: MQTT.js and Eclipse Tahu's sparkplug-payload, as a SCADA host runs them."""
 
@@ -343,6 +340,7 @@ def _metric(payload: dict, name: str):
     return next(m for m in payload["metrics"] if m.get("name") == name)
 
 
+@pytest.mark.broker
 def test_a_tahu_host_through_the_shipped_acl_sees_the_device_die_and_return_history_and_no_threshold_change(
         tmp_path, exported_bundle, parts, monkeypatch):
     """A host we did not write (Tahu's decoder, MQTT.js), with the scada account of deploy/mosquitto: births,

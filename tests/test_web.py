@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.broker import Mosquitto, Subscriber, free_port
 from tests.support.runtime import ROOT, start_runtime, write_config
+from tests.support.wait import wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 TOKEN = "op-7f3a-line-token"
@@ -79,16 +80,7 @@ def browser():
     driver.quit()
 
 
-def wait_until(condition, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.broker
 def test_live_view_in_a_real_browser(line, browser, tmp_path):
     from selenium.webdriver.common.by import By
 

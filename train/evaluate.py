@@ -157,10 +157,9 @@ def pro_score(truth: list[np.ndarray], predicted: list[np.ndarray], fpr_limit: f
 
     Unlike pixel AUROC, every defect region counts equally, however small: a hairline
     crack weighs as much as a broken corner."""
-    from skimage.measure import label
-
-    regions = [(i, region) for i, mask in enumerate(truth) if mask.any()
-               for region in (lambda lab: [lab == r for r in range(1, lab.max() + 1)])(label(mask))]
+    regions = [(i, labels == r) for i, mask in enumerate(truth) if mask.any()
+               for count, labels in [cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)]
+               for r in range(1, count)]
     normal = np.concatenate([p[~t] for t, p in zip(truth, predicted)])
     fprs, pros = [], []
     high, low = max(p.max() for p in predicted), min(p.min() for p in predicted)
