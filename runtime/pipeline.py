@@ -34,6 +34,7 @@ from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
 from coft.runtime.comms.recorder import Recorder, gap_messages
+from coft.runtime.comms.service import Service
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import fitted_precision, provisional_engine
 from coft.runtime.line.evidence import Evidence
@@ -180,26 +181,9 @@ class Runtime:
         self.revisions = Revisions(config, self.inspector, self.metrics, self.reserve, self._publish_states)
         self.recent: dict[str, deque[dict]] = {name: deque(maxlen=RECENT) for name in names}
         self.view, self.controls = LineView(self), LineControls(self)
-        self.sparkplug = None
-        if config.sparkplug:
-            from coft.runtime.comms.sparkplug import SparkplugNode  # protobuf only on boxes that speak Sparkplug
-            self.sparkplug = SparkplugNode(  # MQTT 3.1.1: over 5 its QoS 0 DDATA showed a seq gap, cause not yet found
-                config.broker.model_copy(update={"protocol": "3.1.1"}), config.sparkplug, self.outbox, names,
-                config.outbox.path.parent / "sparkplug-bdseq",
-                lambda camera, value: self.controls.set_threshold(camera, repr(value), "sparkplug"),
-                self.view.threshold_of, self.verdict_counts, lambda: self.view.model_id)
-            self.sparkplug.on_refused = self._broker_refused
-        self.opcua = None
-        if config.opcua:
-            from coft.runtime.comms.opcua import OpcUaServer  # asyncua only on boxes that serve OPC UA
-            self.opcua = OpcUaServer(self.view, self.controls, config.opcua)
-        self.web = None
-        if config.web:
-            from coft.runtime.comms.web import WebServer  # aiohttp only on boxes that serve the page
-            self.web = WebServer(self.view, self.controls, config.web)
-        node, server = self.sparkplug, self.opcua
+        self.services: list[Service] = self._services(config, names)
         self.recorder.sinks = [lambda verdict: self.links[verdict["camera"]].notify(),
-                               *([lambda _: node.notify()] if node else []), *([server.publish] if server else []),
+                               *[service.verdict for service in self.services],
                                lambda verdict: self.recent[verdict["camera"]].append(verdict)]
         self.beats = 0  # the heartbeat counter a PLC watches
         self.cameras_started = False
@@ -209,6 +193,27 @@ class Runtime:
         self.problems = LastProblems(names)
         self.throttled = Throttled(log)
         self.revisions.start_commissioning(commission)
+
+    def _services(self, config: RuntimeConfig, cameras: list[str]) -> list[Service]:
+        """The optional parts the config turns on, in the order they start (each module is imported only where
+        its block is set: protobuf, asyncua and aiohttp stay off boxes that do not speak them)."""
+        services: list[Service] = []
+        if config.web:
+            from coft.runtime.comms.web import WebServer
+            services.append(WebServer(self.view, self.controls, config.web))
+        if config.opcua:
+            from coft.runtime.comms.opcua import OpcUaServer
+            services.append(OpcUaServer(self.view, self.controls, config.opcua, self.metrics))
+        if config.sparkplug:
+            from coft.runtime.comms.sparkplug import SparkplugNode
+            node = SparkplugNode(  # MQTT 3.1.1: over 5 its QoS 0 DDATA showed a seq gap, cause not yet found
+                config.broker.model_copy(update={"protocol": "3.1.1"}), config.sparkplug, self.outbox, cameras,
+                config.outbox.path.parent / "sparkplug-bdseq",
+                lambda camera, value: self.controls.set_threshold(camera, repr(value), "sparkplug"),
+                self.view.threshold_of, self.verdict_counts, lambda: self.view.model_id, self.metrics)
+            node.on_refused = self._broker_refused
+            services.append(node)
+        return services
 
     # what the line judges with now: the inspector's, swapped only between two batches
     @property
@@ -295,8 +300,8 @@ class Runtime:
 
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
-        if self.sparkplug:
-            self.sparkplug.camera_state(camera, up)
+        for service in self.services:
+            service.camera_state(camera, up)
         self.metrics.camera_ended.labels(camera).set(int(self.camera[camera].ended.is_set()))
 
     def _broker_state(self, camera: str, up: bool) -> None:
@@ -345,7 +350,8 @@ class Runtime:
                 "inspection_waiting_s": round(self.inspector.waiting_s(), 1), "stalled": self.stalled,
                 "outbox_refusing": self.recorder.refusing, "epoch": self.outbox.epoch,
                 "outbox_started_anew": self.outbox.started_anew, "last_problem": self.problems.last.get("runtime"),
-                "web_actions": bool(self.web and self.web.token), "cameras": cameras}
+                "web_actions": False, "cameras": cameras,
+                **{key: value for service in self.services for key, value in service.status_fields().items()}}
 
     def set_threshold(self, camera: str, value: str, via: str) -> dict:
         """An operator's threshold change from the web page: the same guards and AUDIT line as over MQTT, and
@@ -379,16 +385,13 @@ class Runtime:
         for camera in self.camera.values() if self.cameras_started else ():
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
-        for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
-            problem = link.health(self.config.stall_s)
-            if problem:
-                return problem
         if self.failsafe and self.cameras_started and not self.failsafe.is_alive():
             return "the fail-safe thread that answers triggered parts died"
-        if self.opcua and not self.opcua.alive():
-            return "the OPC UA server stopped"
-        if self.web and not self.web.alive():
-            return "the live view's web server stopped"
+        parts: list[CameraLink | Service] = [*self.links.values(), *self.services]
+        for part in parts:
+            problem = part.health(self.config.stall_s)
+            if problem:
+                return problem
         return None
 
     def run(self, until_sources_end: bool = False) -> None:
@@ -396,17 +399,11 @@ class Runtime:
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_bind)
         logging.getLogger().addHandler(self.problems)
-        if self.web:
-            self.web.start()
-        if self.opcua:
-            self.opcua.start()  # its certificate is made or loaded by now, and does not change while it runs
-            if self.opcua.certificate is not None:
-                self.metrics.opcua_certificate_expiry.set(self.opcua.certificate.not_valid_after_utc.timestamp())
+        for service in self.services:
+            service.start()
         for link in self.links.values():
             link.start()
             link.publish_state(self.threshold.describe(link.camera, "start"))
-        if self.sparkplug:
-            self.sparkplug.start()
         self.inspector.last_ok = time.monotonic()
         self.revisions.resume_learning()
         self.inspector.thread.start()  # it warms the engine up first; the cameras start once it has
@@ -470,14 +467,11 @@ class Runtime:
             counters = {name: self.counters(name) for name in self.links}
             for name, link in self.links.items():
                 link.heartbeat({"beat": self.beats, **counters[name]})
-            if self.opcua:
-                self.opcua.heartbeat(self.beats, {name: {**counters[name], "broker_connected": link.connected.is_set()}
-                                                  for name, link in self.links.items()})
+            connected = {name: {**counters[name], "broker_connected": link.connected.is_set()}
+                         for name, link in self.links.items()}
+            for service in self.services:
+                service.heartbeat(self.beats, connected)
             self.metrics.outbox_depth.set(self.outbox.depth())
-            if self.sparkplug:
-                self.metrics.sparkplug_up.set(int(self.sparkplug.born()))
-            if self.opcua:
-                self.metrics.opcua_up.set(int(self.opcua.alive()))
             promise = (self.bundle.manifest["threshold"].get("promise") or {}).get("false_reject_rate")
             self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links},
                                       (self.engine.name, self.engine.precision), promise)
@@ -491,15 +485,12 @@ class Runtime:
         for camera in self.camera.values():
             if camera.is_alive():
                 camera.join(timeout=2)
-        for link in [*self.links.values(), *([self.sparkplug] if self.sparkplug else [])]:
+        parts: list[CameraLink | Service] = [*self.links.values(), *reversed(self.services)]
+        for part in parts:
             try:
-                link.stop(drain_s)
-            except Exception as exc:  # one broken link must not keep the others from closing
-                log.error("mqtt %s: could not stop cleanly: %s", link.name, exc)
-        if self.web:
-            self.web.stop()
-        if self.opcua:
-            self.opcua.stop()
+                part.stop(drain_s)
+            except Exception as exc:  # one broken part must not keep the others from closing
+                log.error("%s: could not stop cleanly: %s", getattr(part, "name", type(part).__name__), exc)
         logging.getLogger().removeHandler(self.problems)
         left = self.outbox.depth()
         if left:

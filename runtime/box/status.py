@@ -77,18 +77,19 @@ def health(config_path: str | Path) -> dict:
     and every camera's verdicts are coming; `promise` is stated once commissioning has fitted the threshold."""
     config = load_config(config_path)
     configured = configured_model(config.bundle)
+    problems: list[str] = []
     report = {"config": str(config_path), "running": False, "healthy": False, "model_id": None,
-              "configured_model": configured, "commissioning": None, "promise": None, "verdicts": 0, "problems": []}
+              "configured_model": configured, "commissioning": None, "promise": None, "verdicts": 0,
+              "problems": problems}
     if config.web is None:
-        report["problems"].append("no web: block in the config: the runtime's /api/status cannot be read")
+        problems.append("no web: block in the config: the runtime's /api/status cannot be read")
         return report
     try:
         running = fetch_status(config.web)
     except OSError as exc:
-        report["problems"].append(f"not running: nothing answers on port {config.web.port} "
+        problems.append(f"not running: nothing answers on port {config.web.port} "
                                   f"({getattr(exc, 'reason', exc)})")
         return report
-    problems = report["problems"]
     if running.get("stalled"):
         problems.append(f"stalled: {running['stalled']}")
     if configured and configured != running["model_id"]:

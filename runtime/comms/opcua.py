@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import hashes
 
 from coft.runtime.comms import opcua_identity
 from coft.runtime.comms.loops import LoopService
+from coft.runtime.comms.metrics import Metrics
+from coft.runtime.comms.service import Service
 from coft.runtime.config import OpcUaConfig
 from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
@@ -190,11 +192,11 @@ def _per_node_refusals(server: Server, double_writes: set[ua.NodeId]) -> None:
     aspace.write_attribute_value = answered
 
 
-class OpcUaServer(LoopService):
-    def __init__(self, view, controls, config: OpcUaConfig):
+class OpcUaServer(LoopService, Service):
+    def __init__(self, view, controls, config: OpcUaConfig, metrics: Metrics):
         """`view`: what the server shows (pipeline.LineView); `controls`: what a PLC may write (pipeline.LineControls)."""
         super().__init__("opcua")
-        self.view, self.controls, self.config = view, controls, config
+        self.view, self.controls, self.config, self.metrics = view, controls, config, metrics
         self.password = config.password()
         if not config.allow_anonymous and not (config.username and self.password):
             raise CoftError("opcua: give username and password_file (or password_env), or allow_anonymous: true")
@@ -218,6 +220,11 @@ class OpcUaServer(LoopService):
         log.info("opcua: serving opc.tcp://%s:%d/ on %s (%s; %s)", _endpoint_host(self.config), self.config.port,
                  self.config.bind, ", ".join(self.config.security), "anonymous allowed" if self.config.allow_anonymous
                  else f"user {self.config.username}")
+        if self.certificate is not None:  # made or loaded by now; it does not change while the server runs
+            self.metrics.opcua_certificate_expiry.set(self.certificate.not_valid_after_utc.timestamp())
+
+    def health(self, stall_s: float) -> str | None:  # noqa: ARG002
+        return None if self.alive() else "the OPC UA server stopped"
 
     async def teardown(self, server: Server) -> None:
         await server.stop()
@@ -351,12 +358,13 @@ class OpcUaServer(LoopService):
         return setter
 
     # -- from the runtime's threads ---------------------------------------------------------------------
-    def publish(self, verdict: dict) -> None:
+    def verdict(self, verdict: dict) -> None:
         """Hand a verdict to the server's loop (in order; nothing here blocks the inspection loop)."""
         if self.loop and self.queue is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (verdict["camera"], verdict))
 
     def heartbeat(self, beat: int, status: dict) -> None:
+        self.metrics.opcua_up.set(int(self.alive()))
         if self.loop and not self.loop.is_closed():
             asyncio.run_coroutine_threadsafe(self._heartbeat(beat, status), self.loop).add_done_callback(self._said)
 

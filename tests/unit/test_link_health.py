@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Outbox
 from coft.runtime.comms.sparkplug import SparkplugNode
 from coft.runtime.config import BrokerConfig, SparkplugConfig
@@ -17,7 +18,8 @@ def node_waiting_for_its_host(tmp_path) -> SparkplugNode:
     outbox.put_verdict("cam1", lambda seq: [("cam1", json.dumps({"seq": seq}), SPARKPLUG_CHANNEL)], reject=False)
     node = SparkplugNode(BrokerConfig(line="l1"), SparkplugConfig(primary_host_id="scada1"), outbox, ["cam1"],
                          tmp_path / "bdseq", on_threshold=lambda camera, value: {}, threshold=lambda camera: 0.5,
-                         verdict_counts=lambda camera: {"accepts": 0, "rejects": 0}, model_id=lambda: "m1")
+                         verdict_counts=lambda camera: {"accepts": 0, "rejects": 0}, model_id=lambda: "m1",
+                         metrics=Metrics(["cam1"], sparkplug=True))
     node.network = node.sender = threading.current_thread()  # its threads' work is what this test does by hand
     node.before_connect()
     node.connected_now()

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import Link, _guarded, camera_topic
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Message, Outbox
+from coft.runtime.comms.service import Service
 from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from coft.runtime.config import BrokerConfig, SparkplugConfig
 from coft.runtime.model.errors import CoftError
@@ -95,16 +97,17 @@ def _value(metric: Payload.Metric):
     return None if metric.is_null else getattr(metric, metric.WhichOneof("value"))
 
 
-class SparkplugNode(Link):
+class SparkplugNode(Link, Service):
     def __init__(self, broker: BrokerConfig, config: SparkplugConfig, outbox: Outbox, cameras: list[str],
                  bdseq_file: Path, on_threshold: Callable[[str, float], dict], threshold: Callable[[str], float],
-                 verdict_counts: Callable[[str], dict], model_id: Callable[[], str]):
+                 verdict_counts: Callable[[str], dict], model_id: Callable[[], str], metrics: Metrics):
         node = config.edge_node_id or f"coft-{broker.line}"
         super().__init__(broker, f"sparkplug {node}", SPARKPLUG_CHANNEL, outbox,
                          f"{broker.client_id or 'coft-' + broker.line}-spb")
         self.config, self.node, self.cameras, self.bdseq_file = config, node, cameras, bdseq_file
         self.on_threshold, self.threshold, self.model_id = on_threshold, threshold, model_id
         self.verdict_counts = verdict_counts  # camera -> {"accepts", "rejects"}: read for every DDATA
+        self.metrics = metrics
         self.aliases = {camera: {name: 100 * (i + 1) + k for k, name in
                                  enumerate([m[0] for m in DEVICE_METRICS] + ["Counters/Accepts", "Counters/Rejects",
                                                                              THRESHOLD, "State/Model ID"])}
@@ -162,6 +165,12 @@ class SparkplugNode(Link):
     def born(self) -> bool:
         """Connected, with this connection's births sent: a host sees our tags as Good."""
         return self.connected.is_set() and self.born_in == self.connections
+
+    def verdict(self, stored: dict) -> None:
+        self.notify()  # it is in the outbox, on this node's channel
+
+    def heartbeat(self, beat: int, counters: dict[str, dict]) -> None:
+        self.metrics.sparkplug_up.set(int(self.born()))
 
     def _forget_last_session(self) -> None:
         """paho sends its unacknowledged messages again at the next CONNACK, carrying the last session's seq: a host

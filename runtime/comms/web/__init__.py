@@ -33,6 +33,7 @@ import cv2
 from aiohttp import web
 
 from coft.runtime.comms.loops import LoopService
+from coft.runtime.comms.service import Service
 from coft.runtime.config import WebConfig
 from coft.runtime.line.evidence import ANNOTATED, LABELS, feedback_folder
 from coft.runtime.logs import Throttled
@@ -49,7 +50,7 @@ COMMISSIONING_FILE = re.compile(r"^\d{6}-[A-Za-z0-9_-]+-\d+\.jpg$")  # as line/c
 LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more, the box's CPU is the line's
 
 
-class WebServer(LoopService):
+class WebServer(LoopService, Service):
     def __init__(self, view, controls, config: WebConfig):
         """`view`: what the page shows (pipeline.LineView); `controls`: what an operator with the token may change."""
         super().__init__("web")
@@ -140,6 +141,12 @@ class WebServer(LoopService):
                             "this box's: change web.port or web.bind") from None
         log.info("live view on http://%s:%d/ (operator actions %s)", self.config.bind, self.config.port,
                  "need the token" if self.token else "off: no web.token_file or web.token_env")
+
+    def health(self, stall_s: float) -> str | None:  # noqa: ARG002
+        return None if self.alive() else "the live view's web server stopped"
+
+    def status_fields(self) -> dict:
+        return {"web_actions": bool(self.token)}
 
     # -- reading -----------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.FileResponse:
