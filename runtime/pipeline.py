@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from coft.runtime.box.check import validate
-from coft.runtime.cameras.sources import CameraThread, Frame
 from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
@@ -38,13 +37,12 @@ from coft.runtime.comms.service import Service
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import fitted_precision, provisional_engine
 from coft.runtime.line.evidence import Evidence
-from coft.runtime.line.failsafe import FailSafe, Part
-from coft.runtime.line.inspector import FrameQueue, Inspector
+from coft.runtime.line.inspector import Inspector
+from coft.runtime.line.intake import Intake
 from coft.runtime.line.review import Review
 from coft.runtime.line.thresholds import ThresholdState
-from coft.runtime.line.verdict import Verdict
 from coft.runtime.logs import LastProblems, Throttled
-from coft.runtime.model.bundle import Bundle, load_bundle
+from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
 from coft.runtime.revisions import Revisions
@@ -69,8 +67,8 @@ def raise_open_files_limit() -> None:
         log.debug("open files: soft limit raised from %d to %d", soft, hard)
 
 
-class LineView:
-    """What the live page, OPC UA and Sparkplug may read of the line: never the runtime itself."""
+class RuntimeView:
+    """The line's view (comms/view.py) for the live page, OPC UA and Sparkplug: never the runtime itself."""
 
     def __init__(self, runtime: Runtime):
         self._runtime = runtime
@@ -85,24 +83,68 @@ class LineView:
 
     @property
     def model_id(self) -> str:
-        return self._runtime.bundle.model_id
+        return self._runtime.inspector.bundle.model_id
 
     @property
     def thresholds(self) -> ThresholdState:
-        return self._runtime.threshold
+        return self._runtime.inspector.threshold
 
     def threshold_of(self, camera: str) -> float:
-        return self._runtime.threshold_of(camera)
+        return self._runtime.inspector.threshold.value(camera)
 
     def origin(self, camera: str) -> tuple[int, int]:
         return self._runtime.inspector.origin(camera)
 
+    def verdict_counts(self, camera: str) -> dict:
+        """Accepts and rejects so far (from the metrics: no disk read, cheap enough for every verdict sent)."""
+        def count(verdict: str) -> int:
+            return self._runtime.metrics.count("coft_verdicts_total", camera, verdict=verdict)
+        return {"accepts": count("accept"), "rejects": count("reject"), "unfired_rejects": count("unfired_reject")}
+
+    def counters(self, camera: str) -> dict:
+        r, count = self._runtime, self._runtime.metrics.count
+        return {"frames": count("coft_frames_total", camera), "dropped": count("coft_frames_dropped_total", camera),
+                **self.verdict_counts(camera), "refused": count("coft_verdicts_refused_total", camera),
+                "outbox_dropped": count("coft_outbox_dropped_total", camera),
+                "broker_refused": count("coft_broker_refused_total", camera),
+                "camera": r.intake.cameras[camera].state, "epoch": r.outbox.epoch,
+                **({"outbox_started_anew": r.outbox.started_anew} if r.outbox.started_anew else {}),
+                "outbox_depth": r.outbox.depth(camera), "uptime_s": round(time.time() - r.started, 1)}
+
     def status(self) -> dict:
-        return self._runtime.status()
+        """Everything the live view and `coft status` show: the model, and per camera its state, threshold and
+        where it came from, counters, latency percentiles of the recent verdicts and the last problem."""
+        r, now = self._runtime, self._runtime.inspector.in_force  # one model's bundle, engine and thresholds
+        cameras = {}
+        for name, link in r.links.items():
+            recent = list(r.recent[name])
+            latencies = [v["latency_ms"] for v in recent]
+            oldest = r.outbox.oldest_created(name)
+            cameras[name] = {
+                **self.counters(name), "broker_connected": link.connected.is_set(),
+                "ended": r.intake.cameras[name].ended.is_set(),
+                **now.threshold.describe(name, now.threshold.sources[name]), "bundle_threshold": now.bundle.threshold,
+                "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
+                "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+                "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
+                "last_verdict": recent[-1] if recent else None,
+                "last_problem": r.problems.last.get(name),
+            }
+        manifest = now.bundle.manifest
+        return {"model_id": now.bundle.model_id, "revision_of": manifest.get("revision_of"),
+                "threshold_method": manifest["threshold"]["method"], "threshold_promise": describe(manifest["threshold"]),
+                "engine": now.engine.name,
+                "line": r.config.broker.line, "started": r.started, "uptime_s": round(time.time() - r.started, 1),
+                "commissioning": r.revisions.status(), "learning": r.revisions.learning,
+                "inspection_waiting_s": round(r.inspector.waiting_s(), 1), "stalled": r.stalled,
+                "outbox_refusing": r.recorder.refusing, "epoch": r.outbox.epoch,
+                "outbox_started_anew": r.outbox.started_anew, "last_problem": r.problems.last.get("runtime"),
+                "web_actions": False, "cameras": cameras,
+                **{key: value for service in r.services for key, value in service.status_fields().items()}}
 
     def review(self) -> Review:
         """The commissioning review of the model running (line/review.py), or a one-line CoftError saying why none."""
-        manifest = self._runtime.bundle.manifest
+        manifest = self._runtime.inspector.bundle.manifest
         folder = (manifest.get("commissioning") or {}).get("frames_folder")
         if not str(manifest["threshold"].get("method", "")).startswith("commissioning"):
             raise CoftError(f"no commissioning review: the threshold of {manifest['model_id']} was not fitted by "
@@ -112,21 +154,32 @@ class LineView:
         return Review(Path(folder), manifest["threshold"])
 
 
-class LineControls:
-    """What an operator (the page) or a PLC (OPC UA, Sparkplug) may change: thresholds, triggering a part, and
-    acknowledging an outbox's new epoch."""
+class RuntimeControls:
+    """The line's controls (comms/view.py) for an operator (the page) or a PLC (OPC UA, Sparkplug): thresholds,
+    triggering a part, and acknowledging an outbox's new epoch."""
 
     def __init__(self, runtime: Runtime):
         self._runtime = runtime
 
     def set_threshold(self, camera: str, value: str, via: str) -> dict:
-        return self._runtime.set_threshold(camera, value, via)
-
-    def trigger(self, camera: str, part_id: str) -> None:
-        self._runtime.trigger_from_plc(camera, part_id)
+        """An operator's threshold change from the web page: the same guards and AUDIT line as over MQTT, and
+        the new state published on the camera's state topic."""
+        r = self._runtime
+        state = r.inspector.threshold.set(camera, value.encode(), via)
+        r.links[camera].publish_state(state)
+        return state
 
     def acknowledge_new_epoch(self, via: str) -> dict:
-        return self._runtime.acknowledge_new_epoch(via)
+        """An operator has seen why the outbox started a new epoch: status, heartbeat and metric stop saying it."""
+        r = self._runtime
+        why, r.outbox.started_anew = r.outbox.started_anew, None
+        r.metrics.outbox_started_anew.set(0)
+        if why:
+            audit.info("AUDIT outbox-new-epoch epoch=%s acknowledged via=%s reason=%r", r.outbox.epoch, via, why)
+        return {"epoch": r.outbox.epoch, "acknowledged": why}
+
+    def trigger(self, camera: str, part_id: str) -> None:
+        self._runtime.intake.trigger_from_plc(camera, part_id)
 
 
 class Runtime:
@@ -160,27 +213,24 @@ class Runtime:
         self.recorder = Recorder(config.broker, self.outbox, self.metrics, config.sparkplug is not None,
                                  self._refusing)
         self.stop_event = threading.Event()
-        self.queue = FrameQueue(config.queue_size, self._dropped)
+        self.intake = Intake(config, self.metrics, self.recorder.record, lambda: self.inspector.in_force,
+                             self.stop_event, self._camera_state)
         self.links = {name: CameraLink(config.broker, name, self.outbox,
-                                       functools.partial(self._threshold_command, name)
-                                       if config.control.threshold else None,
-                                       self._trigger, self._broker_state, config.control.trigger_max_bytes,
+                                       functools.partial(lambda camera, payload: self.inspector.threshold.set(
+                                           camera, payload), name) if config.control.threshold else None,
+                                       self.intake.trigger, self.metrics.broker_state, config.control.trigger_max_bytes,
                                        line_trigger=name == names[0], cameras=tuple(names))
                       for name in names}
         for link in self.links.values():
-            link.on_refused = self._broker_refused
+            link.on_refused = self.metrics.refused_by_broker
             link.on_foreign = lambda camera, epoch: self.metrics.foreign_runtime.labels(camera).inc()
-        self.camera = {c.name: CameraThread(c, self._deliver(c.name, c.trigger), self.stop_event, self._camera_state)
-                       for c in config.cameras}  # capture threads by camera name
-        self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self._delivering,
-                                 self.stop_event) if any(c.trigger for c in config.cameras) else None
-        self.inspector = Inspector(config, bundle, engine, self.queue, self.metrics, self.recorder.record,
-                                   self.failsafe, self.evidence, self.harvest, self.stop_event,
+        self.inspector = Inspector(config, bundle, engine, self.intake.queue, self.metrics, self.recorder.record,
+                                   self.intake.failsafe, self.evidence, self.harvest, self.stop_event,
                                    between_batches=lambda: self.revisions.between_batches(),
                                    after_batch=self._after_batch, choose_engine=choose_engine)
         self.revisions = Revisions(config, self.inspector, self.metrics, self.reserve, self._publish_states)
         self.recent: dict[str, deque[dict]] = {name: deque(maxlen=RECENT) for name in names}
-        self.view, self.controls = LineView(self), LineControls(self)
+        self.view, self.controls = RuntimeView(self), RuntimeControls(self)
         self.services: list[Service] = self._services(config, names)
         self.recorder.sinks = [lambda verdict: self.links[verdict["camera"]].notify(),
                                *[service.verdict for service in self.services],
@@ -210,33 +260,15 @@ class Runtime:
                 config.broker.model_copy(update={"protocol": "3.1.1"}), config.sparkplug, self.outbox, cameras,
                 config.outbox.path.parent / "sparkplug-bdseq",
                 lambda camera, value: self.controls.set_threshold(camera, repr(value), "sparkplug"),
-                self.view.threshold_of, self.verdict_counts, lambda: self.view.model_id, self.metrics)
-            node.on_refused = self._broker_refused
+                self.view.threshold_of, self.view.verdict_counts, lambda: self.view.model_id, self.metrics)
+            node.on_refused = self.metrics.refused_by_broker
             services.append(node)
         return services
 
-    # what the line judges with now: the inspector's, swapped only between two batches
-    @property
-    def bundle(self) -> Bundle:
-        return self.inspector.bundle
-
-    @property
-    def engine(self):
-        return self.inspector.engine
-
-    @property
-    def threshold(self) -> ThresholdState:
-        return self.inspector.threshold
-
-    def threshold_of(self, camera: str) -> float:
-        return self.threshold.value(camera)
-
-    def _threshold_command(self, camera: str, payload: bytes) -> dict:
-        return self.threshold.set(camera, payload)
-
     def _publish_states(self) -> None:
         for link in self.links.values():
-            link.publish_state(self.threshold.describe(link.camera, self.threshold.sources[link.camera]))
+            threshold = self.inspector.threshold
+            link.publish_state(threshold.describe(link.camera, threshold.sources[link.camera]))
 
     def _refusing(self, message: str) -> None:
         for link in self.links.values():
@@ -246,127 +278,11 @@ class Runtime:
         self.metrics.outbox_depth.set(self.outbox.depth())
         self.revisions.after_batch()
 
-    # -- frames in ---------------------------------------------------------------------------
-    def _deliver(self, camera: str, triggered: bool):
-        def deliver(frame: Frame) -> None:
-            self.metrics.frames_in.labels(camera).inc()
-            if triggered:  # the first frame after a trigger is that part's; others are not inspected
-                frame.part = self.failsafe.frame_for(camera, frame.frame_id) if self.failsafe else None
-                if frame.part is None:
-                    return
-                frame.part_id = frame.part.part_id or None
-            if not triggered and self.camera[camera].replay:
-                self.queue.wait_for_room(camera, self.stop_event)
-            if triggered or self.queue.has_room(camera):  # a part's frame is always inspected; others maybe not
-                self.inspector.prepare(frame)
-            self.queue.put(frame)
-        return deliver
-
-    def trigger_from_plc(self, camera: str, part_id: str) -> None:
-        """A part id from a controller (an OPC UA write): the limits an MQTT trigger has, then the same path."""
-        if len(part_id.encode()) > self.config.control.trigger_max_bytes or not part_id.isprintable():
-            raise CoftError(f"part id must be printable text of at most {self.config.control.trigger_max_bytes} bytes")
-        self._trigger(camera, part_id)
-
-    def _trigger(self, camera: str, part_id: str) -> None:
-        if not part_id:
-            raise CoftError("part id is empty; a trigger names the part it is for (e.g. A-1017)")
-        if camera not in self.links:
-            raise CoftError(f"trigger for camera {camera!r}, which this runtime does not have; cameras: "
-                            f"{', '.join(self.links)}")
-        if not self.camera[camera].camera.trigger:
-            raise CoftError(f"camera {camera} inspects every frame (trigger: false in line.yaml); part {part_id} "
-                            "was not registered")
-        if self.failsafe is not None:
-            self.failsafe.trigger(camera, part_id)
-
-    def _delivering(self, camera: str) -> bool:
-        return self.camera[camera].state == "delivering"
-
-    def _failsafe_reject(self, part: Part, reason: str) -> None:
-        """A triggered part whose verdict could not be in by its deadline: a reject that says why, stored and
-        published like any verdict (the same seq space, the same outbox)."""
-        verdict = Verdict(part.camera, self.config.broker.line, part.frame_id, part.part_id, part.triggered_at, None,
-                          self.threshold.value(part.camera), True, self.bundle.model_id, reason=reason, failsafe=True)
-        self.recorder.record(verdict, part.waited_ms, part.waited_ms, True)
-        self.metrics.failsafe_rejects.labels(part.camera, reason).inc()
-
-    def _dropped(self, frame: Frame) -> None:
-        self.metrics.frames_dropped.labels(frame.camera).inc()
-        log.debug("camera %s: dropped frame %d (inference behind)", frame.camera, frame.frame_id)
-
-    def _broker_refused(self, link: str, what: str) -> None:  # noqa: ARG002  (the link logged what)
-        self.metrics.broker_refused.labels(link).inc()
-
     def _camera_state(self, camera: str, up: bool) -> None:
         self.metrics.camera_up.labels(camera).set(int(up))
         for service in self.services:
             service.camera_state(camera, up)
-        self.metrics.camera_ended.labels(camera).set(int(self.camera[camera].ended.is_set()))
-
-    def _broker_state(self, camera: str, up: bool) -> None:
-        self.metrics.broker_up.labels(camera).set(int(up))
-
-    def verdict_counts(self, camera: str) -> dict:
-        """Accepts and rejects so far (from the metrics: no disk read, cheap enough for every verdict sent)."""
-        def count(verdict: str) -> int:
-            return self.metrics.count("coft_verdicts_total", camera, verdict=verdict)
-        return {"accepts": count("accept"), "rejects": count("reject"), "unfired_rejects": count("unfired_reject")}
-
-    def counters(self, camera: str) -> dict:
-        count = self.metrics.count
-        return {"frames": count("coft_frames_total", camera), "dropped": count("coft_frames_dropped_total", camera),
-                **self.verdict_counts(camera), "refused": count("coft_verdicts_refused_total", camera),
-                "outbox_dropped": count("coft_outbox_dropped_total", camera),
-                "broker_refused": count("coft_broker_refused_total", camera),
-                "camera": self.camera[camera].state, "epoch": self.outbox.epoch,
-                **({"outbox_started_anew": self.outbox.started_anew} if self.outbox.started_anew else {}),
-                "outbox_depth": self.outbox.depth(camera), "uptime_s": round(time.time() - self.started, 1)}
-
-    def status(self) -> dict:
-        """Everything the live view and `coft status` show: the model, and per camera its state, threshold and
-        where it came from, counters, latency percentiles of the recent verdicts and the last problem."""
-        cameras = {}
-        for name, link in self.links.items():
-            recent = list(self.recent[name])
-            latencies = [v["latency_ms"] for v in recent]
-            oldest = self.outbox.oldest_created(name)
-            cameras[name] = {
-                **self.counters(name), "broker_connected": link.connected.is_set(),
-                "ended": self.camera[name].ended.is_set(),
-                **self.threshold.describe(name, self.threshold.sources[name]), "bundle_threshold": self.bundle.threshold,
-                "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
-                "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
-                "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-                "last_verdict": recent[-1] if recent else None,
-                "last_problem": self.problems.last.get(name),
-            }
-        manifest = self.bundle.manifest
-        return {"model_id": self.bundle.model_id, "revision_of": manifest.get("revision_of"),
-                "threshold_method": manifest["threshold"]["method"], "threshold_promise": describe(manifest["threshold"]),
-                "engine": self.engine.name,
-                "line": self.config.broker.line, "started": self.started, "uptime_s": round(time.time() - self.started, 1),
-                "commissioning": self.revisions.status(), "learning": self.revisions.learning,
-                "inspection_waiting_s": round(self.inspector.waiting_s(), 1), "stalled": self.stalled,
-                "outbox_refusing": self.recorder.refusing, "epoch": self.outbox.epoch,
-                "outbox_started_anew": self.outbox.started_anew, "last_problem": self.problems.last.get("runtime"),
-                "web_actions": False, "cameras": cameras,
-                **{key: value for service in self.services for key, value in service.status_fields().items()}}
-
-    def set_threshold(self, camera: str, value: str, via: str) -> dict:
-        """An operator's threshold change from the web page: the same guards and AUDIT line as over MQTT, and
-        the new state published on the camera's state topic."""
-        state = self.threshold.set(camera, value.encode(), via)
-        self.links[camera].publish_state(state)
-        return state
-
-    def acknowledge_new_epoch(self, via: str) -> dict:
-        """An operator has seen why the outbox started a new epoch: status, heartbeat and metric stop saying it."""
-        why, self.outbox.started_anew = self.outbox.started_anew, None
-        self.metrics.outbox_started_anew.set(0)
-        if why:
-            audit.info("AUDIT outbox-new-epoch epoch=%s acknowledged via=%s reason=%r", self.outbox.epoch, via, why)
-        return {"epoch": self.outbox.epoch, "acknowledged": why}
+        self.metrics.camera_ended.labels(camera).set(int(self.intake.cameras[camera].ended.is_set()))
 
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
@@ -374,7 +290,7 @@ class Runtime:
         self.metrics.inspection_waiting.set(round(waiting, 1))
         if waiting > self.config.stall_s:
             if self.inspector.in_flight:
-                self.stalled = (f"the engine has not returned for {waiting:.0f}s ({self.inspector.in_flight + len(self.queue)} "
+                self.stalled = (f"the engine has not returned for {waiting:.0f}s ({self.inspector.in_flight + len(self.intake.queue)} "
                                 "frames waiting with no verdict): a hung engine or model")
             else:
                 self.stalled = f"frames have waited {waiting:.0f}s with no verdict: inspection keeps failing"
@@ -382,10 +298,10 @@ class Runtime:
             return self.stalled
         if not self.inspector.thread.is_alive():
             return "the inspector thread died"
-        for camera in self.camera.values() if self.cameras_started else ():
+        for camera in self.intake.cameras.values() if self.cameras_started else ():
             if not camera.is_alive() and not camera.ended.is_set():
                 return f"camera {camera.camera.name}: its capture thread died"
-        if self.failsafe and self.cameras_started and not self.failsafe.is_alive():
+        if self.intake.failsafe and self.cameras_started and not self.intake.failsafe.is_alive():
             return "the fail-safe thread that answers triggered parts died"
         parts: list[CameraLink | Service] = [*self.links.values(), *self.services]
         for part in parts:
@@ -403,7 +319,7 @@ class Runtime:
             service.start()
         for link in self.links.values():
             link.start()
-            link.publish_state(self.threshold.describe(link.camera, "start"))
+            link.publish_state(self.inspector.threshold.describe(link.camera, "start"))
         self.inspector.last_ok = time.monotonic()
         self.revisions.resume_learning()
         self.inspector.thread.start()  # it warms the engine up first; the cameras start once it has
@@ -411,7 +327,7 @@ class Runtime:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
         next_heartbeat = next_check = time.monotonic()
-        self.watchdog.ready(f"inspecting {len(self.camera)} camera(s) with {self.bundle.model_id}")
+        self.watchdog.ready(f"inspecting {len(self.intake.cameras)} camera(s) with {self.inspector.bundle.model_id}")
         alive = self.config.outbox.path.with_name("alive")  # its age is what the Docker HEALTHCHECK reads
         unhealthy, ended_at = None, None
         try:
@@ -425,11 +341,12 @@ class Runtime:
                     next_check = time.monotonic() + 1.0
                 if self.inspector.warmed.is_set() and not self.cameras_started:
                     self.revisions.check_precision()  # the engine auto chose is known once warmed up
-                    self.start_cameras()
+                    self.intake.start()
+                    self.cameras_started = True
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
-                if until_sources_end and self.cameras_started and all(c.ended.is_set() for c in self.camera.values()):
+                if until_sources_end and self.cameras_started and all(c.ended.is_set() for c in self.intake.cameras.values()):
                     ended_at = ended_at or time.monotonic()
                     if self.inspector.drained_at > ended_at:  # the inspector found nothing left after the last frame
                         break
@@ -453,18 +370,11 @@ class Runtime:
                 os._exit(2)
             raise Unhealthy(message)
 
-    def start_cameras(self) -> None:
-        for camera in self.camera.values():
-            camera.start()
-        if self.failsafe:
-            self.failsafe.start()
-        self.cameras_started = True
-
     def _heartbeat(self) -> None:
         if time.monotonic() - self.inspector.turned < BEAT_GRACE_S:
             self.beats += 1  # follows the inspector: when it hangs, the counter the PLC watches stands still
         try:
-            counters = {name: self.counters(name) for name in self.links}
+            counters = {name: self.view.counters(name) for name in self.links}
             for name, link in self.links.items():
                 link.heartbeat({"beat": self.beats, **counters[name]})
             connected = {name: {**counters[name], "broker_connected": link.connected.is_set()}
@@ -472,9 +382,10 @@ class Runtime:
             for service in self.services:
                 service.heartbeat(self.beats, connected)
             self.metrics.outbox_depth.set(self.outbox.depth())
-            promise = (self.bundle.manifest["threshold"].get("promise") or {}).get("false_reject_rate")
-            self.metrics.judging_with(self.bundle.model_id, {name: self.threshold.value(name) for name in self.links},
-                                      (self.engine.name, self.engine.precision), promise)
+            now = self.inspector.in_force
+            promise = (now.bundle.manifest["threshold"].get("promise") or {}).get("false_reject_rate")
+            self.metrics.judging_with(now.bundle.model_id, {name: now.threshold.value(name) for name in self.links},
+                                      (now.engine.name, now.engine.precision), promise)
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting
             self.throttled.log(logging.ERROR, "heartbeat", "heartbeat failed: %s: %s", type(exc).__name__, exc)
 
@@ -482,7 +393,7 @@ class Runtime:
         """Stop the cameras, give the outbox `drain_s` to reach the broker, close everything."""
         self.watchdog.stopping()
         self.stop_event.set()
-        for camera in self.camera.values():
+        for camera in self.intake.cameras.values():
             if camera.is_alive():
                 camera.join(timeout=2)
         parts: list[CameraLink | Service] = [*self.links.values(), *reversed(self.services)]

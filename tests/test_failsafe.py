@@ -34,18 +34,18 @@ def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exporte
     ], control={"trigger_deadline_ms": DEADLINE_MS}, heartbeat_s=0.2,
        backend="onnxruntime")  # the engine the fault is injected into: auto would time and swap it at warm-up
     runtime = Runtime(load_config(config))
-    stall, infer = threading.Event(), runtime.engine.infer
+    stall, infer = threading.Event(), runtime.inspector.engine.infer
 
     def stallable(batch):  # fault injection: inference hangs while `stall` is set
         while stall.is_set():
             time.sleep(0.01)
         return infer(batch)
-    runtime.engine.infer = stallable
+    runtime.inspector.engine.infer = stallable
     worker = threading.Thread(target=runtime.run)
     plc, watcher = SimulatedPlc(mosquitto.port), Subscriber(mosquitto.port)
     worker.start()
     try:
-        wait_until(lambda: runtime._delivering("cam1") and runtime.links["cam1"].connected.is_set())
+        wait_until(lambda: runtime.intake.delivering("cam1") and runtime.links["cam1"].connected.is_set())
         time.sleep(0.5)
 
         normal = plc.run_line("cam1", 10, 20, "normal")
@@ -56,10 +56,10 @@ def test_every_part_is_answered_through_stalls_and_camera_loss(tmp_path, exporte
         stall.clear()
 
         shutil.move(line, tmp_path / "line-gone")  # the camera goes away
-        wait_until(lambda: not runtime._delivering("cam1"))
+        wait_until(lambda: not runtime.intake.delivering("cam1"))
         down = plc.run_line("cam1", 10, 5, "down")
         shutil.move(tmp_path / "line-gone", line)  # and comes back
-        wait_until(lambda: runtime._delivering("cam1"))
+        wait_until(lambda: runtime.intake.delivering("cam1"))
         back = plc.run_line("cam1", 10, 5, "back")
 
         starved = plc.run_line("slow", 1, 4, "starved")  # a camera giving a frame every 2 s

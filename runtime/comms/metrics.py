@@ -87,6 +87,13 @@ class Metrics:
         """Verdicts the outbox refused, over every camera."""
         return sum(self.count("coft_verdicts_refused_total", camera) for camera in self.cameras)
 
+    def broker_state(self, camera: str, up: bool) -> None:
+        """A camera's broker link connected or lost (the links call it)."""
+        self.broker_up.labels(camera).set(int(up))
+
+    def refused_by_broker(self, link: str, what: str) -> None:  # noqa: ARG002  (the link logged what)
+        self.broker_refused.labels(link).inc()
+
     def judging_with(self, model_id: str, thresholds: dict[str, float], engine: tuple[str, str],
                      promise: float | None) -> None:
         """The model, engine, promise and thresholds in force (set once a second: a change shows within it)."""

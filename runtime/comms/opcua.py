@@ -47,7 +47,9 @@ from coft.runtime.comms import opcua_identity
 from coft.runtime.comms.loops import LoopService
 from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.service import Service
+from coft.runtime.comms.view import LineControls, LineView
 from coft.runtime.config import OpcUaConfig
+from coft.runtime.line.verdict import PLC_FIELDS, plc_field
 from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
 
@@ -57,19 +59,19 @@ audit = logging.getLogger("coft.audit")
 POLICIES = {"Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
             "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
             "None": ua.SecurityPolicyType.NoSecurity}
-VERDICT_NODES = [  # (browse name, variant type, from a verdict)
-    ("Seq", ua.VariantType.UInt64, lambda v: v["seq"]),
-    ("Epoch", ua.VariantType.String, lambda v: v.get("epoch") or ""),
-    ("PartId", ua.VariantType.String, lambda v: v.get("part_id") or ""),
-    ("FrameId", ua.VariantType.UInt64, lambda v: v.get("frame_id") or 0),
-    ("Result", ua.VariantType.String, lambda v: v["verdict"]),
-    ("Reject", ua.VariantType.Boolean, lambda v: v["verdict"] == "reject"),
-    ("Reason", ua.VariantType.String, lambda v: v.get("reason") or ("score" if v["verdict"] == "reject" else "")),
-    ("Score", ua.VariantType.Double, lambda v: float("nan") if v["score"] is None else v["score"]),
-    ("Threshold", ua.VariantType.Double, lambda v: v["threshold"]),
-    ("Box", ua.VariantType.String, lambda v: json.dumps((v.get("defect") or {}).get("box"))),
-    ("LatencyMs", ua.VariantType.Double, lambda v: v.get("latency_ms") or 0.0),
-    ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(v["capture_ts"], timezone.utc)),
+VERDICT_NODES = [  # (browse name, variant type, from a stored verdict): line/verdict.py's PLC_FIELDS as OPC UA says them
+    ("Seq", ua.VariantType.UInt64, plc_field("seq")),
+    ("Epoch", ua.VariantType.String, plc_field("epoch", "")),
+    ("PartId", ua.VariantType.String, plc_field("part_id", "")),
+    ("FrameId", ua.VariantType.UInt64, plc_field("frame_id", 0)),
+    ("Result", ua.VariantType.String, plc_field("result")),
+    ("Reject", ua.VariantType.Boolean, plc_field("reject")),
+    ("Reason", ua.VariantType.String, plc_field("reason")),
+    ("Score", ua.VariantType.Double, plc_field("score", float("nan"))),
+    ("Threshold", ua.VariantType.Double, plc_field("threshold")),
+    ("Box", ua.VariantType.String, plc_field("box")),
+    ("LatencyMs", ua.VariantType.Double, plc_field("latency_ms", 0.0)),
+    ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(PLC_FIELDS["capture_ts"](v), timezone.utc)),
     ("Json", ua.VariantType.String, json.dumps),  # last: a client that sees it has seen the rest
 ]
 UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
@@ -193,8 +195,8 @@ def _per_node_refusals(server: Server, double_writes: set[ua.NodeId]) -> None:
 
 
 class OpcUaServer(LoopService, Service):
-    def __init__(self, view, controls, config: OpcUaConfig, metrics: Metrics):
-        """`view`: what the server shows (pipeline.LineView); `controls`: what a PLC may write (pipeline.LineControls)."""
+    def __init__(self, view: LineView, controls: LineControls, config: OpcUaConfig, metrics: Metrics):
+        """`view`: what the server shows (comms/view.py); `controls`: what a PLC may write."""
         super().__init__("opcua")
         self.view, self.controls, self.config, self.metrics = view, controls, config, metrics
         self.password = config.password()

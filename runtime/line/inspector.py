@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import numpy as np
@@ -36,6 +37,18 @@ MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a brok
 
 # verdict, latency_ms(), answered_ms() or None, fire -> its JSON as stored, or None when the outbox refused it
 Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], dict | None]
+
+
+def resize_ahead(frame: Frame, size: tuple[int, int]) -> None:
+    """On the camera's capture thread: the frame resized to the model input, so that the inspector's thread
+    spends its time in the engine (at 2448x2048 the resize costs about half a bf16 inference on a CPU box;
+    docs/speed.md). A frame it cannot resize, or did not (FrameQueue.has_room), is resized, or refused,
+    where it is inspected."""
+    if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE:
+        try:
+            frame.model_input = resize_to_input(frame.image, size)
+        except Exception:  # noqa: BLE001  (the inspector meets it again and says what it is)
+            frame.model_input = None
 
 
 class FrameQueue:
@@ -94,6 +107,16 @@ class FrameQueue:
             return taken
 
 
+@dataclass(frozen=True)
+class InForce:
+    """What the line judges with, replaced whole between two batches: a reader on another thread (the status,
+    a PLC's view) never sees one model's bundle beside another's thresholds."""
+    bundle: Bundle
+    engine: Engine
+    threshold: ThresholdState  # the live thresholds, saved per model
+    drift: DriftWatch  # where good parts scored under this model
+
+
 class Inspector:
     def __init__(self, config: RuntimeConfig, bundle: Bundle, engine: Engine, queue: FrameQueue, metrics,
                  record: Record, failsafe: FailSafe | None, evidence: Evidence | None, harvest: Evidence | None,
@@ -114,17 +137,33 @@ class Inspector:
         self.drained_at = 0.0  # when it last found nothing waiting
         self.last_ok = time.monotonic()  # when it last scored a batch or found nothing waiting
         self.warmed = threading.Event()
-        self.engine = engine
-        self.adopt(bundle)
+        self.in_force = self._in_force(bundle, engine)
+
+    def _in_force(self, bundle: Bundle, engine: Engine) -> InForce:
+        return InForce(bundle, engine, ThresholdState(self.config.state_path, bundle.threshold, bundle.model_id,
+                                                      self.cameras, self.config.control),
+                       DriftWatch(bundle.manifest["threshold"]))
 
     def adopt(self, bundle: Bundle, engine: Engine | None = None) -> None:
         """Judge with this bundle from now on: its threshold (or the live ones saved for it) and its drift
-        reference; called before the thread starts or, from between_batches, on it."""
-        self.bundle = bundle
-        self.engine = engine or self.engine
-        self.threshold = ThresholdState(self.config.state_path, bundle.threshold, bundle.model_id, self.cameras,
-                                        self.config.control)
-        self.drift = DriftWatch(bundle.manifest["threshold"])
+        reference, in one step; called before the thread starts or, from between_batches, on it."""
+        self.in_force = self._in_force(bundle, engine or self.engine)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.in_force.bundle
+
+    @property
+    def engine(self) -> Engine:
+        return self.in_force.engine
+
+    @property
+    def threshold(self) -> ThresholdState:
+        return self.in_force.threshold
+
+    @property
+    def drift(self) -> DriftWatch:
+        return self.in_force.drift
 
     def waiting_s(self) -> float:
         """Seconds since the inspector last scored a batch or found nothing waiting: grows while frames wait
@@ -137,7 +176,7 @@ class Inspector:
         started = time.perf_counter()
         try:
             if self.choose_engine is not None:  # each candidate warms up as it is timed
-                self.engine = self.choose_engine()
+                self.in_force = replace(self.in_force, engine=self.choose_engine())
             else:
                 self.engine.infer(np.zeros((1, *self.bundle.input_size, 3), np.uint8))
         except Exception as exc:  # the frames will fail the same way, and say so; the stall check ends it
@@ -175,17 +214,6 @@ class Inspector:
         else:
             self.last_ok = time.monotonic()
             self.throttled.clear("inspect")
-
-    def prepare(self, frame: Frame) -> None:
-        """On the camera's capture thread: the frame resized to the model input, so that the inspector's thread
-        spends its time in the engine (at 2448x2048 the resize costs about half a bf16 inference on a CPU box;
-        docs/speed.md). A frame it cannot resize, or did not (FrameQueue.has_room), is resized, or refused,
-        where it is inspected."""
-        if min(frame.image.shape[:2]) >= MIN_FRAME_SIDE:
-            try:
-                frame.model_input = resize_to_input(frame.image, self.bundle.input_size)
-            except Exception:  # noqa: BLE001  (the inspector meets it again and says what it is)
-                frame.model_input = None
 
     def _model_input(self, frame: Frame) -> np.ndarray:
         ready = frame.model_input

@@ -1,9 +1,12 @@
 """A verdict on one part, typed, and its wire encodings: the MQTT JSON (the outbox stores it, the page, evidence
 and the Sparkplug node read it back), the PLC's reject and result messages. Sparkplug's metrics and OPC UA's
-node values are read from the JSON by tables beside those servers (tests/test_runtime_parts.py pins all three)."""
+node values are read from the JSON through one table of PLC fields, PLC_FIELDS, each under its protocol's name
+and type beside its server (tests/test_runtime_parts.py pins all three)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -65,6 +68,36 @@ class Verdict:
     def answer(self, answered_ms: float) -> dict:
         """The result topic's message: the one answer a PLC waits for after a trigger, and how long it took."""
         return {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id, "frame_id": self.frame_id,
-                "result": self.verdict,
-                "reason": self.reason or ("score" if self.reject else None), "score": self.score,
+                "result": self.verdict, "reason": plc_reason(self.as_dict()) or None, "score": self.score,
                 "answered_ms": answered_ms}
+
+
+def plc_reason(verdict: dict) -> str:
+    """Why a part was rejected, as every PLC protocol says it: the frame's or the fail-safe's reason, else
+    'score'; '' for an accept."""
+    return verdict.get("reason") or ("score" if verdict["verdict"] == "reject" else "")
+
+
+# What a PLC reads of a stored verdict (its JSON), by field: OPC UA's variables and Sparkplug's metrics are these
+# under their own names and types (comms/opcua.py VERDICT_NODES, comms/sparkplug DEVICE_METRICS). None: no value.
+PLC_FIELDS: dict[str, Callable[[dict], Any]] = {
+    "seq": lambda v: v["seq"],
+    "epoch": lambda v: v.get("epoch"),
+    "part_id": lambda v: v.get("part_id"),
+    "frame_id": lambda v: v.get("frame_id"),
+    "result": lambda v: v["verdict"],
+    "reject": lambda v: v["verdict"] == "reject",
+    "reason": plc_reason,
+    "score": lambda v: v["score"],
+    "threshold": lambda v: v["threshold"],
+    "box": lambda v: json.dumps((v.get("defect") or {}).get("box")),
+    "latency_ms": lambda v: v.get("latency_ms"),
+    "capture_ts": lambda v: v["capture_ts"],
+}
+
+
+def plc_field(name: str, none: Any = None) -> Callable[[dict], Any]:
+    """A field's reader, with the protocol's stand-in where the verdict has no value (an OPC UA variable cannot
+    be null: a part id it lacks reads '')."""
+    read = PLC_FIELDS[name]
+    return read if none is None else lambda v: none if read(v) is None else read(v)

@@ -43,6 +43,7 @@ from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Message, Outbox
 from coft.runtime.comms.service import Service
 from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from coft.runtime.config import BrokerConfig, SparkplugConfig
+from coft.runtime.line.verdict import PLC_FIELDS, plc_field
 from coft.runtime.model.errors import CoftError
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,18 @@ NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 THRESHOLD = "Control/Threshold"
 # (metric, datatype, from a verdict): what each camera's DBIRTH declares and each DDATA carries
-DEVICE_METRICS = [
-    ("Verdict/Seq", DataType.UInt64, lambda v: v["seq"]),
-    ("Verdict/Epoch", DataType.String, lambda v: v.get("epoch") or ""),
-    ("Verdict/Part ID", DataType.String, lambda v: v.get("part_id") or ""),
-    ("Verdict/Frame ID", DataType.UInt64, lambda v: v.get("frame_id")),
-    ("Verdict/Reject", DataType.Boolean, lambda v: v["verdict"] == "reject"),
-    ("Verdict/Reason", DataType.String, lambda v: v.get("reason") or ("score" if v["verdict"] == "reject" else "")),
-    ("Verdict/Score", DataType.Double, lambda v: v["score"]),
-    ("Verdict/Threshold", DataType.Double, lambda v: v["threshold"]),
-    ("Verdict/Box", DataType.String, lambda v: json.dumps((v.get("defect") or {}).get("box"))),
-    ("Verdict/Latency ms", DataType.Double, lambda v: v.get("latency_ms")),
-    ("Verdict/Time", DataType.DateTime, lambda v: round(v["capture_ts"] * 1000)),
+DEVICE_METRICS = [  # (metric, datatype, from a stored verdict): line/verdict.py's PLC_FIELDS as Sparkplug says them
+    ("Verdict/Seq", DataType.UInt64, plc_field("seq")),
+    ("Verdict/Epoch", DataType.String, plc_field("epoch", "")),
+    ("Verdict/Part ID", DataType.String, plc_field("part_id", "")),
+    ("Verdict/Frame ID", DataType.UInt64, plc_field("frame_id")),
+    ("Verdict/Reject", DataType.Boolean, plc_field("reject")),
+    ("Verdict/Reason", DataType.String, plc_field("reason")),
+    ("Verdict/Score", DataType.Double, plc_field("score")),
+    ("Verdict/Threshold", DataType.Double, plc_field("threshold")),
+    ("Verdict/Box", DataType.String, plc_field("box")),
+    ("Verdict/Latency ms", DataType.Double, plc_field("latency_ms")),
+    ("Verdict/Time", DataType.DateTime, lambda v: round(PLC_FIELDS["capture_ts"](v) * 1000)),
 ]
 NODE_ALIASES = {"bdSeq": 1, REBIRTH: 2, "Node Info/Model ID": 3, "Node Info/Line": 4}
 COMMAND_METRICS = 64  # metrics read from one NCMD/DCMD: a rebirth, or a threshold, needs one; the rest are refused

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from coft.runtime.comms.loops import LoopService
 from coft.runtime.comms.service import Service
+from coft.runtime.comms.view import LineControls, LineView
 from coft.runtime.config import WebConfig
 from coft.runtime.line.evidence import ANNOTATED, LABELS, feedback_folder
 from coft.runtime.logs import Throttled
@@ -51,8 +52,8 @@ LIVE_WIDTH = 640  # live frames are scaled down to this: the page needs no more,
 
 
 class WebServer(LoopService, Service):
-    def __init__(self, view, controls, config: WebConfig):
-        """`view`: what the page shows (pipeline.LineView); `controls`: what an operator with the token may change."""
+    def __init__(self, view: LineView, controls: LineControls, config: WebConfig):
+        """`view`: what the page shows (comms/view.py); `controls`: what an operator with the token may change."""
         super().__init__("web")
         self.view, self.controls, self.config = view, controls, config
         self.token = config.token()
