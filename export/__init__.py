@@ -1,3 +1,1 @@
 """Export of trained bundles to ONNX and TensorRT."""
-
-__all__ = ["onnx", "tensorrt"]

@@ -1,5 +1,4 @@
-"""The edge runtime, torch-free, in rooms: model/ (the bundle contract), engines/ (one backend per file),
-cameras/ (frames in), line/ (judging a part), comms/ (the plant), box/ (what the command line manages);
-pipeline.py is the composition root that joins them, config.py the one YAML config."""
-
-__all__ = ["box", "cameras", "comms", "config", "engines", "line", "model", "pipeline"]
+"""The edge runtime, torch-free, in rooms, each importing only those below it (pyproject.toml's layers contract):
+pipeline.py, the composition root; box/ (what the command line manages); comms/ (the plant's protocols); line/
+(judging a part, and the model switches of commissioning and learning); engines/ and cameras/; config.py (the
+one YAML config); process/ (metrics, logs, the watchdog, the disk); model/ (the bundle contract)."""

@@ -3,7 +3,7 @@
 One capture thread per camera (cameras/) feeds the frame queue; the inspector (line/inspector.py) scores what
 waits and judges each frame; the recorder (comms/recorder.py) stores each verdict, with every message it owes,
 in the outbox before anything is published, and hands it to the sinks that send or show it; the revisions
-(revisions.py) switch the model when commissioning or learning make a new one. The web page, OPC UA and
+(line/revisions.py) switch the model when commissioning or learning make a new one. The web page, OPC UA and
 Sparkplug get a read-only view and the controls an operator or a PLC may use, not the runtime.
 
 The main loop is the supervisor: it feeds the systemd watchdog only while every camera
@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from coft.runtime.box.check import validate
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import CameraLink
-from coft.runtime.comms.outbox import Outbox, Reserve, hold_line
+from coft.runtime.comms.outbox import Outbox
 from coft.runtime.comms.recorder import Recorder, gap_messages
 from coft.runtime.comms.service import Service
 from coft.runtime.config import RuntimeConfig
@@ -40,13 +39,15 @@ from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.inspector import Inspector
 from coft.runtime.line.intake import Intake
 from coft.runtime.line.review import Review
+from coft.runtime.line.revisions import Revisions
 from coft.runtime.line.thresholds import ThresholdState
-from coft.runtime.logs import LastProblems, Throttled
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
-from coft.runtime.revisions import Revisions
-from coft.runtime.watchdog import Watchdog
+from coft.runtime.process.disk import Reserve, hold_line
+from coft.runtime.process.logs import LastProblems, Throttled
+from coft.runtime.process.metrics import Metrics
+from coft.runtime.process.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")

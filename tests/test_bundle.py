@@ -269,6 +269,7 @@ def test_a_switch_killed_between_its_steps_never_forgets_the_rollback_target(tmp
     import os
 
     from coft.runtime.box import install
+    from coft.runtime.model import store
     root = tmp_path / "box"
     a, b, c = (_write(root / "models" / n) for n in ("a", "b", "c"))
     install.switch(root / "current", a)
@@ -280,10 +281,10 @@ def test_a_switch_killed_between_its_steps_never_forgets_the_rollback_target(tmp
         if len(steps) > killed_after:
             raise KeyboardInterrupt("killed")
         real(src, dst)
-    monkeypatch.setattr(install.os, "replace", dying_replace)
+    monkeypatch.setattr(store.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         install.switch(root / "current", c)
-    monkeypatch.setattr(install.os, "replace", real)
+    monkeypatch.setattr(store.os, "replace", real)
     described = json.loads(install.describe(root))
     assert described == ({"active": "b", "previous": "a"} if killed_after == 1 else {"active": "c", "previous": "b"})
     assert install.rollback(root)["active"] == described["previous"]

@@ -1,3 +1,1 @@
 """The box as the command line manages it (install, rollback, flash, status, check): never run inside the line."""
-
-__all__ = ["check", "flash", "install", "status"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,47 +23,11 @@ from pathlib import Path
 
 from coft.runtime.model.bundle import clean_staging, load_bundle, read_manifest, require_graph, unpack
 from coft.runtime.model.errors import CoftError
+from coft.runtime.model.store import resolved, settle, switch
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/opt/coft")
-
-
-def _point(link: Path, target: Path) -> None:
-    """Make `link` point at `target` in one rename."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-
-
-def _resolved(link: Path) -> Path | None:
-    return link.resolve() if link.is_symlink() else None
-
-
-def _settle(current: Path) -> None:
-    """Finish a switch a kill cut short: its rollback target waits in `.previous.pending` until `current` has moved."""
-    pending = current.with_name(".previous.pending")
-    if pending.is_symlink():
-        if _resolved(pending) == _resolved(current):  # killed before `current` moved: nothing changed
-            pending.unlink()
-        else:
-            os.replace(pending, current.with_name("previous"))
-
-
-def switch(current: Path, target: Path) -> Path | None:
-    """Point `current` at `target` and its sibling `previous` at what `current` pointed to; returns that. The
-    rollback target is written first under another name and renamed last, so a kill at any step leaves either
-    the old pair or the new one (after `_settle`), never a `previous` that forgot it."""
-    _settle(current)
-    old = _resolved(current)
-    pending = current.with_name(".previous.pending")
-    if old is not None:
-        _point(pending, old)
-    _point(current, target)
-    if old is not None:
-        os.replace(pending, current.with_name("previous"))
-    return old
 
 
 def restart_service(service: str | None) -> str:
@@ -140,8 +103,8 @@ def adopt(bundle_dir: str | Path, root: str | Path = DEFAULT_ROOT, service: str 
 
 def rollback(root: str | Path = DEFAULT_ROOT, service: str | None = None) -> dict:
     root = Path(root)
-    _settle(root / "current")
-    new = _resolved(root / "previous")
+    settle(root / "current")
+    new = resolved(root / "previous")
     if new is None or not new.is_dir():
         raise CoftError(f"{root}: no previous model to roll back to")
     old = switch(root / "current", new)
@@ -151,6 +114,6 @@ def rollback(root: str | Path = DEFAULT_ROOT, service: str | None = None) -> dic
 
 def describe(root: str | Path = DEFAULT_ROOT) -> str:
     root = Path(root)
-    _settle(root / "current")
-    current, previous = _resolved(root / "current"), _resolved(root / "previous")
+    settle(root / "current")
+    current, previous = resolved(root / "current"), resolved(root / "previous")
     return json.dumps({"active": current.name if current else None, "previous": previous.name if previous else None})

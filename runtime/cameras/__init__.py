@@ -1,3 +1,1 @@
 """The cameras: frames from files, folders, V4L2/GStreamer devices and RTSP streams, each read on its own thread."""
-
-__all__ = ["sources"]

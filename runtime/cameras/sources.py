@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 
 from coft.runtime.config import CameraConfig
-from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import check_pixels, list_images, read_image, to_bgr8
+from coft.runtime.process.logs import Throttled
 
 log = logging.getLogger(__name__)
 

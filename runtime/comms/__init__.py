@@ -1,3 +1,2 @@
-"""Talking to the plant: the outbox, MQTT, Sparkplug B, OPC UA, the live view (web/) and Prometheus metrics."""
-
-__all__ = ["loops", "metrics", "mqtt", "opcua", "opcua_identity", "outbox", "sparkplug", "web"]
+"""Talking to the plant: the recorder and the outbox, MQTT, Sparkplug B, OPC UA, the live view (web/); the
+services and the line's view they are given."""

@@ -42,8 +42,8 @@ import paho.mqtt.client as mqtt
 
 from coft.runtime.comms.outbox import Message, Outbox
 from coft.runtime.config import BrokerConfig
-from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
+from coft.runtime.process.logs import Throttled
 
 log = logging.getLogger(__name__)
 

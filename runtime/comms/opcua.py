@@ -45,13 +45,13 @@ from cryptography.hazmat.primitives import hashes
 
 from coft.runtime.comms import opcua_identity
 from coft.runtime.comms.loops import LoopService
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.service import Service
 from coft.runtime.comms.view import LineControls, LineView
 from coft.runtime.config import OpcUaConfig
 from coft.runtime.line.verdict import PLC_FIELDS, plc_field
-from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
+from coft.runtime.process.logs import Throttled
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("coft.audit")

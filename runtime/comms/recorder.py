@@ -8,12 +8,12 @@ import json
 import logging
 from collections.abc import Callable
 
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import camera_topic
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Outbox, OutboxRefused
 from coft.runtime.config import BrokerConfig
 from coft.runtime.line.verdict import Verdict
-from coft.runtime.logs import Throttled
+from coft.runtime.process.logs import Throttled
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

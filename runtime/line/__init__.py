@@ -1,4 +1,3 @@
-"""What happens to a frame's score at the line: thresholds, commissioning, learning, drift, the fail-safe, evidence.
-It never imports comms/: the composition root (runtime/pipeline.py) joins the two."""
-
-__all__ = ["commissioning", "drift", "evidence", "failsafe", "learning", "thresholds"]
+"""What happens to a frame at the line: intake (which frame, for which part), the inspector, the typed verdict,
+thresholds, commissioning, learning and the revisions they make, drift, the fail-safe, evidence. It never imports
+comms/ or box/: the composition root (runtime/pipeline.py) joins them."""

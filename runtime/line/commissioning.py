@@ -10,6 +10,7 @@ import numpy as np
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import best_promise, frames_to_promise
 from coft.runtime.model.threshold import fit_threshold, spread_ratio
+from coft.runtime.process.disk import Reserve
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class Commissioning:
 
     PREMISE_SPREAD = 4.0
 
-    def __init__(self, frames: int, target: float, folder: Path | None, reserve=None):
+    def __init__(self, frames: int, target: float, folder: Path | None, reserve: Reserve | None = None):
         self.wanted, self.target, self.folder, self.reserve = frames, target, folder, reserve
         needed = frames_to_promise(target)
         if frames < needed:

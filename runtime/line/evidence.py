@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from coft.runtime.config import EvidenceConfig
+from coft.runtime.process.disk import Reserve
 
 log = logging.getLogger(__name__)
 ANNOTATED = "-annotated.jpg"
@@ -33,7 +34,7 @@ def feedback_folder(label: str, harvest: Path | None, evidence: Path | None) -> 
 
 
 class Evidence:
-    def __init__(self, config: EvidenceConfig, name: str = "evidence", reserve=None):
+    def __init__(self, config: EvidenceConfig, name: str = "evidence", reserve: Reserve | None = None):
         self.config, self.name, self.reserve = config, name, reserve
         self.budget = int(config.max_mb * 1024 * 1024)
         config.dir.mkdir(mode=0o700, parents=True, exist_ok=True)

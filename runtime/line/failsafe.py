@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coft.runtime.logs import Throttled
+from coft.runtime.process.logs import Throttled
 
 log = logging.getLogger(__name__)
 

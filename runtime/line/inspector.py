@@ -26,11 +26,12 @@ from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.failsafe import FailSafe
 from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.line.verdict import Verdict
-from coft.runtime.logs import Throttled
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.heatmap import annotate, defect_box
 from coft.runtime.model.images import resize_to_input
+from coft.runtime.process.logs import Throttled
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a broken ROI or camera mode)
@@ -118,7 +119,7 @@ class InForce:
 
 
 class Inspector:
-    def __init__(self, config: RuntimeConfig, bundle: Bundle, engine: Engine, queue: FrameQueue, metrics,
+    def __init__(self, config: RuntimeConfig, bundle: Bundle, engine: Engine, queue: FrameQueue, metrics: Metrics,
                  record: Record, failsafe: FailSafe | None, evidence: Evidence | None, harvest: Evidence | None,
                  stop_event: threading.Event, between_batches: Callable[[], None], after_batch: Callable[[], None],
                  choose_engine: Callable[[], Engine] | None = None):

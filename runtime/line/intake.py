@@ -17,12 +17,13 @@ from coft.runtime.line.failsafe import FailSafe, Part
 from coft.runtime.line.inspector import FrameQueue, InForce, Record, resize_ahead
 from coft.runtime.line.verdict import Verdict
 from coft.runtime.model.errors import CoftError
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class Intake:
-    def __init__(self, config: RuntimeConfig, metrics, record: Record, in_force: Callable[[], InForce],
+    def __init__(self, config: RuntimeConfig, metrics: Metrics, record: Record, in_force: Callable[[], InForce],
                  stop_event: threading.Event, on_camera_state: Callable[[str, bool], None]):
         """`record`: the recorder's (fail-safe rejects are stored like any verdict); `in_force`: what the
         inspector judges with now (its model and thresholds)."""

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from coft.runtime.cameras.sources import Frame
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines.base import Inference
 from coft.runtime.line.failsafe import FailSafe
 from coft.runtime.line.inspector import FrameQueue, Inspector
+from coft.runtime.process.metrics import Metrics
 
 SIZE = (32, 32)
 

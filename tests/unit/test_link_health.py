@@ -7,10 +7,10 @@ import json
 import threading
 import time
 
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Outbox
 from coft.runtime.comms.sparkplug import SparkplugNode
 from coft.runtime.config import BrokerConfig, SparkplugConfig
+from coft.runtime.process.metrics import Metrics
 
 
 def node_waiting_for_its_host(tmp_path) -> SparkplugNode:

@@ -7,11 +7,11 @@ import functools
 import json
 import time
 
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Outbox
 from coft.runtime.comms.recorder import Recorder, gap_messages
 from coft.runtime.config import BrokerConfig
 from coft.runtime.line.verdict import Verdict
+from coft.runtime.process.metrics import Metrics
 
 
 def verdict(reject: bool, **extra) -> Verdict:

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from coft.runtime.comms.metrics import Metrics
 from coft.runtime.comms.mqtt import Link, _guarded, camera_topic
 from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Message, Outbox
 from coft.runtime.comms.service import Service
@@ -45,6 +44,7 @@ from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from coft.runtime.config import BrokerConfig, SparkplugConfig
 from coft.runtime.line.verdict import PLC_FIELDS, plc_field
 from coft.runtime.model.errors import CoftError
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 __all__ = ["DEVICE_METRICS", "SparkplugNode"]

@@ -37,9 +37,9 @@ from coft.runtime.comms.service import Service
 from coft.runtime.comms.view import LineControls, LineView
 from coft.runtime.config import WebConfig
 from coft.runtime.line.evidence import ANNOTATED, LABELS, feedback_folder
-from coft.runtime.logs import Throttled
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.heatmap import annotate
+from coft.runtime.process.logs import Throttled
 
 log = logging.getLogger(__name__)
 __all__ = ["WebServer"]

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from coft.runtime.box.install import switch
 from coft.runtime.config import RuntimeConfig
 from coft.runtime.engines import Engine, fitted_precision, open_engine
 from coft.runtime.line.commissioning import Commissioning
@@ -21,13 +20,16 @@ from coft.runtime.line.inspector import Inspector
 from coft.runtime.model.bundle import Bundle, clean_staging, commissioned_revision, load_bundle, revise
 from coft.runtime.model.errors import CoftError, NoRoom
 from coft.runtime.model.promise import describe
+from coft.runtime.model.store import switch
+from coft.runtime.process.disk import Reserve
+from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 LEARN_WAIT_S, LEARN_WAIT_MAX_S = 300.0, 3600.0  # learning again after the disk refused it: 5 min, doubling to 1 h
 
 
 class Revisions:
-    def __init__(self, config: RuntimeConfig, inspector: Inspector, metrics, reserve,
+    def __init__(self, config: RuntimeConfig, inspector: Inspector, metrics: Metrics, reserve: Reserve,
                  on_switched: Callable[[], None]):
         self.config, self.inspector, self.metrics, self.reserve = config, inspector, metrics, reserve
         self.on_switched = on_switched  # the root publishes each camera's threshold state anew
