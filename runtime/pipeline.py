@@ -41,7 +41,7 @@ from coft.runtime.line.intake import Intake
 from coft.runtime.line.review import Review
 from coft.runtime.line.revisions import Revisions
 from coft.runtime.line.thresholds import ThresholdState
-from coft.runtime.model.bundle import load_bundle
+from coft.runtime.model.bundle import commissioned_threshold, load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
 from coft.runtime.process.disk import Reserve, hold_line
@@ -144,15 +144,17 @@ class RuntimeView:
                 **{key: value for service in r.services for key, value in service.status_fields().items()}}
 
     def review(self) -> Review:
-        """The commissioning review of the model running (line/review.py), or a one-line CoftError saying why none."""
-        manifest = self._runtime.inspector.bundle.manifest
-        folder = (manifest.get("commissioning") or {}).get("frames_folder")
-        if not str(manifest["threshold"].get("method", "")).startswith("commissioning"):
-            raise CoftError(f"no commissioning review: the threshold of {manifest['model_id']} was not fitted by "
+        """The commissioning review of the model running (line/review.py), or a one-line CoftError saying why none.
+        After learning, the frames are still judged on the threshold commissioning fitted (their scores' scale)."""
+        bundle = self._runtime.inspector.bundle
+        folder = (bundle.manifest.get("commissioning") or {}).get("frames_folder")
+        threshold = commissioned_threshold(bundle.path, bundle.manifest)
+        if threshold is None:
+            raise CoftError(f"no commissioning review: the threshold of {bundle.model_id} was not fitted by "
                             "commissioning (commission the line: coft commission, or a commissioning: block)")
         if not folder:
             raise CoftError("no commissioning review: commissioning kept no frames (commissioning.keep_frames: false)")
-        return Review(Path(folder), manifest["threshold"])
+        return Review(Path(folder), threshold)
 
 
 class RuntimeControls:

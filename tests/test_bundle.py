@@ -1,6 +1,7 @@
 """The bundle contract: sealed atomically, verified on load, refused with one clear line when wrong."""
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -325,3 +326,21 @@ def test_an_archive_that_unpacks_beyond_the_disk_is_refused_before_anything_is_w
     with pytest.raises(CoftError, match="needs 8 MB and .* has [0-9]+ MB free"):
         unpack(bomb, disk)
     assert list(disk.iterdir()) == []
+
+
+def test_the_commissioning_review_keeps_its_threshold_after_learning_grew_the_bank(tmp_path):
+    """Known since three sessions: the page's review answered 404 once learning had replaced the commissioned
+    revision. The review's frames were scored on the commissioned model, so it is judged on that threshold,
+    found through the learned revision's parents, beside it (or through a box's `current` link)."""
+    from coft.runtime.model.bundle import commissioned_threshold
+    out = _write(tmp_path / "models" / "line1")
+    fitted = {"value": 2.0, "method": "commissioning-conformal", "target_false_reject_rate": 0.01}
+    commissioned = revise(out, {"threshold": fitted, "commissioning": {"cameras": ["cam1"], "frames_folder": "f"}})
+    learned = revise(commissioned, {"threshold": {"value": 0.7, "method": "learn-conformal", "previous": 2.0}})
+    again = revise(learned, {"threshold": {"value": 0.6, "method": "learn-conformal", "previous": 0.7}})
+    current = tmp_path / "current"
+    current.symlink_to(again)
+    assert commissioned_threshold(current, load_bundle(current).manifest) == fitted
+    assert commissioned_threshold(out, load_bundle(out).manifest) is None  # never commissioned: no review
+    shutil.rmtree(commissioned)  # its revision removed by hand: no threshold to judge on, said as none
+    assert commissioned_threshold(current, load_bundle(current).manifest) is None

@@ -193,6 +193,25 @@ def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -
     return max(found)[1] if found else None
 
 
+def commissioned_threshold(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict | None:
+    """The threshold commissioning fitted for this model, or for the revision it grew from: learning keeps the
+    commissioning block, but its frames were scored on the commissioned model's scale, not the grown one's. None
+    where no revision in its line of parents (revise's `parent`, beside it) was commissioned."""
+    folder = Path(bundle_dir).resolve()
+    for _ in range(256):  # a chain of revisions is short; a loop of parents must not hang the page
+        if str(manifest["threshold"].get("method", "")).startswith("commissioning"):
+            return manifest["threshold"]
+        parent = (manifest.get("parent") or {}).get("folder")
+        if not parent:
+            return None
+        folder = folder.parent / parent
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def revise(bundle_dir: str | Path, changes: dict[str, Any], out: str | Path | None = None,
            files: dict[str, Callable[[Path], object]] | None = None) -> Path:
     """A new bundle revision beside the old one: the same files, `changes` applied, a new model id.
