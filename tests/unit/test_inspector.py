@@ -3,7 +3,6 @@ and a bundle that is only what judging reads. No broker, no process: seconds."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from types import SimpleNamespace
@@ -13,30 +12,12 @@ import pytest
 
 from coft.runtime.cameras.sources import Frame
 from coft.runtime.config import RuntimeConfig
-from coft.runtime.engines.base import Inference
 from coft.runtime.line.failsafe import FailSafe
 from coft.runtime.line.inspector import FrameQueue, Inspector
 from coft.runtime.process.metrics import Metrics
+from tests.support.fakes import ScriptedEngine, judging_bundle
 
 SIZE = (32, 32)
-
-
-class ScriptedEngine:
-    """Scores frames by the brightness of their first pixel, or raises while `fail` is set: what a graph does
-    to the inspector, without one."""
-    name, precision = "scripted", "f32"
-
-    def __init__(self):
-        self.fail: Exception | None = None
-        self.calls = 0
-
-    def infer(self, frames: np.ndarray) -> Inference:
-        self.calls += 1
-        if self.fail:
-            raise self.fail
-        scores = frames[:, 0, 0, 0].astype(np.float64) / 100
-        scores[frames[:, 0, 0, 1] == 255] = math.nan  # a frame the "model" cannot judge
-        return Inference(scores=scores, embeddings=np.zeros((len(frames), 4), np.float32))
 
 
 def frame(brightness: int, camera: str = "cam1", side: int = 32, unjudgeable: bool = False, part=None) -> Frame:
@@ -52,7 +33,7 @@ def line(tmp_path):
     config = RuntimeConfig.model_validate({
         "bundle": str(tmp_path / "bundle"), "cameras": [{"name": "cam1", "source": "0"}, {"name": "cam2", "source": "1"}],
         "outbox": {"path": str(tmp_path / "outbox.db")}, "max_batch": 4})
-    bundle = SimpleNamespace(threshold=0.5, model_id="m1", input_size=SIZE, manifest={"threshold": {"value": 0.5}})
+    bundle = judging_bundle("m1", 0.5, SIZE)
     verdicts: list = []
     engine = ScriptedEngine()
     queue = FrameQueue(3, on_drop=lambda f: verdicts.append(("dropped", f.frame_id)))
