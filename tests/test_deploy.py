@@ -208,7 +208,7 @@ def test_the_plant_s_alert_rules_pass_promtool_s_own_unit_tests_and_name_real_me
         result = subprocess.run(command, capture_output=True, text=True, cwd=PROMETHEUS)
         assert result.returncode == 0, (command, result.stdout[-3000:], result.stderr[-2000:])
     rules = [r for g in yaml.safe_load((PROMETHEUS / "coft.rules.yml").read_text())["groups"] for r in g["rules"]]
-    exported = set(re.findall(r'"(coft_[a-z_]+)"', (ROOT / "runtime/comms/metrics.py").read_text()))
+    exported = set(re.findall(r'"(coft_[a-z_]+)"', (ROOT / "runtime/process/metrics.py").read_text()))
     exported |= {f"{name}_total" for name in exported}  # prometheus_client names counters without their _total
     used = {name for rule in rules for name in re.findall(r"\bcoft_[a-z_]+", rule["expr"])}
     assert used <= exported, used - exported
