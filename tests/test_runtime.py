@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from coft.runtime.box.status import health
 from tests.support.broker import Mosquitto, Subscriber, free_port
 from tests.support.parts import write_video
 from tests.support.runtime import ROOT, assert_complete_and_ordered, start_runtime, write_config
@@ -125,7 +126,8 @@ def test_broker_down_at_start_then_up(tmp_path, exported_bundle):
 
 def test_threshold_commands_and_trigger_mode(tmp_path, exported_bundle, mosquitto, parts):
     config = write_config(tmp_path, exported_bundle, mosquitto.port,
-                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5, "trigger": True}])
+                          [{"name": "cam1", "source": str(parts / "test/good"), "loop": True, "fps": 5, "trigger": True}],
+                          web={"port": free_port()})
     plc = Subscriber(mosquitto.port)
     runtime = start_runtime(config, tmp_path / "runtime.log")
     try:
@@ -141,6 +143,8 @@ def test_threshold_commands_and_trigger_mode(tmp_path, exported_bundle, mosquitt
         assert states[-1]["threshold"] == raised and states[-1]["source"] == "mqtt"
         assert json.loads((tmp_path / "state.json").read_text())["cameras"]["cam1"] == raised
         assert plc.payloads("verdict") == []  # trigger mode: nothing inspected without a trigger
+        report = wait_until(lambda: (lambda r: r if r["healthy"] else None)(health(config)), 30, "healthy")
+        assert report["verdicts"] == 0 and report["problems"] == []  # a rollout waits on frames coming, not parts
         plc.client.publish("coft/l1/cam1/trigger", "part-42", qos=1)
         verdict = plc.wait_for("verdict", 1)[0]
         assert verdict["part_id"] == "part-42" and verdict["threshold"] == raised and verdict["verdict"] == "accept"

@@ -74,7 +74,8 @@ def configured_model(bundle: Path) -> str | None:
 
 def health(config_path: str | Path) -> dict:
     """What a fleet tool waits on (`coft status --json`): healthy means this box runs the model it is configured for
-    and every camera's verdicts are coming; `promise` is stated once commissioning has fitted the threshold."""
+    and every camera's verdicts are coming (a trigger camera's wait for parts: its frames must be coming); `promise`
+    is stated once commissioning has fitted the threshold."""
     config = load_config(config_path)
     configured = configured_model(config.bundle)
     problems: list[str] = []
@@ -94,8 +95,11 @@ def health(config_path: str | Path) -> dict:
         problems.append(f"stalled: {running['stalled']}")
     if configured and configured != running["model_id"]:
         problems.append(f"runs {running['model_id']}, configured {configured}: restart the service to run it")
+    triggered = {c.name for c in config.cameras if c.trigger}
     for name, camera in running["cameras"].items():
-        if camera["accepts"] + camera["rejects"] == 0:
+        if name in triggered and camera["camera"] != "delivering":  # its verdicts wait for parts: frames must come
+            problems.append(f"camera {name}: {camera['camera']}, not delivering frames")
+        elif name not in triggered and camera["accepts"] + camera["rejects"] == 0:
             problems.append(f"camera {name}: no verdict yet")
         if camera["camera"].startswith("reconnecting"):
             problems.append(f"camera {name}: {camera['camera']}")
