@@ -219,8 +219,8 @@ class Runtime:
         self.intake = Intake(config, self.metrics, self.recorder.record, lambda: self.inspector.in_force,
                              self.stop_event, self._camera_state)
         self.links = {name: CameraLink(config.broker, name, self.outbox,
-                                       functools.partial(lambda camera, payload: self.inspector.threshold.set(
-                                           camera, payload), name) if config.control.threshold else None,
+                                       functools.partial(self._threshold_command, name)
+                                       if config.control.threshold else None,
                                        self.intake.trigger, self.metrics.broker_state, config.control.trigger_max_bytes,
                                        line_trigger=name == names[0], cameras=tuple(names))
                       for name in names}
@@ -268,9 +268,13 @@ class Runtime:
             services.append(node)
         return services
 
+    def _threshold_command(self, camera: str, payload: bytes) -> dict:
+        """A threshold over MQTT (`set/threshold`): the guarded path of the thresholds in force now."""
+        return self.inspector.threshold.set(camera, payload)
+
     def _publish_states(self) -> None:
+        threshold = self.inspector.threshold
         for link in self.links.values():
-            threshold = self.inspector.threshold
             link.publish_state(threshold.describe(link.camera, threshold.sources[link.camera]))
 
     def _refusing(self, message: str) -> None:

@@ -88,8 +88,7 @@ def health(config_path: str | Path) -> dict:
     try:
         running = fetch_status(config.web)
     except OSError as exc:
-        problems.append(f"not running: nothing answers on port {config.web.port} "
-                                  f"({getattr(exc, 'reason', exc)})")
+        problems.append(f"not running: nothing answers on port {config.web.port} ({getattr(exc, 'reason', exc)})")
         return report
     if running.get("stalled"):
         problems.append(f"stalled: {running['stalled']}")
@@ -97,12 +96,14 @@ def health(config_path: str | Path) -> dict:
         problems.append(f"runs {running['model_id']}, configured {configured}: restart the service to run it")
     triggered = {c.name for c in config.cameras if c.trigger}
     for name, camera in running["cameras"].items():
-        if name in triggered and camera["camera"] != "delivering":  # its verdicts wait for parts: frames must come
-            problems.append(f"camera {name}: {camera['camera']}, not delivering frames")
-        elif name not in triggered and camera["accepts"] + camera["rejects"] == 0:
-            problems.append(f"camera {name}: no verdict yet")
-        if camera["camera"].startswith("reconnecting"):
-            problems.append(f"camera {name}: {camera['camera']}")
+        if name in triggered:  # its verdicts wait for parts: its frames must come
+            if camera["camera"] != "delivering":
+                problems.append(f"camera {name}: {camera['camera']}, not delivering frames")
+        else:
+            if camera["accepts"] + camera["rejects"] == 0:
+                problems.append(f"camera {name}: no verdict yet")
+            if camera["camera"].startswith("reconnecting"):
+                problems.append(f"camera {name}: {camera['camera']}")
         if not camera["broker_connected"]:
             problems.append(f"camera {name}: broker disconnected")
     report.update(running=True, healthy=not problems, model_id=running["model_id"],

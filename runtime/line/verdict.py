@@ -68,14 +68,19 @@ class Verdict:
     def answer(self, answered_ms: float) -> dict:
         """The result topic's message: the one answer a PLC waits for after a trigger, and how long it took."""
         return {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id, "frame_id": self.frame_id,
-                "result": self.verdict, "reason": plc_reason(self.as_dict()) or None, "score": self.score,
+                "result": self.verdict, "reason": reason_for_plc(self.reason, self.reject) or None, "score": self.score,
                 "answered_ms": answered_ms}
 
 
-def plc_reason(verdict: dict) -> str:
+def reason_for_plc(reason: str | None, reject: bool) -> str:
     """Why a part was rejected, as every PLC protocol says it: the frame's or the fail-safe's reason, else
     'score'; '' for an accept."""
-    return verdict.get("reason") or ("score" if verdict["verdict"] == "reject" else "")
+    return reason or ("score" if reject else "")
+
+
+def plc_reason(verdict: dict) -> str:
+    """reason_for_plc of a stored verdict (its JSON)."""
+    return reason_for_plc(verdict.get("reason"), verdict["verdict"] == "reject")
 
 
 # What a PLC reads of a stored verdict (its JSON), by field: OPC UA's variables and Sparkplug's metrics are these
