@@ -41,6 +41,7 @@ from coft.runtime.line.intake import Intake
 from coft.runtime.line.review import Review
 from coft.runtime.line.revisions import Revisions
 from coft.runtime.line.thresholds import ThresholdState
+from coft.runtime.line.verdict import Verdict
 from coft.runtime.model.bundle import commissioned_threshold, load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
@@ -119,7 +120,7 @@ class RuntimeView:
         cameras = {}
         for name, link in r.links.items():
             recent = list(r.recent[name])
-            latencies = [v["latency_ms"] for v in recent]
+            latencies = [v.latency_ms for v in recent if v.latency_ms is not None]
             oldest = r.outbox.oldest_created(name)
             cameras[name] = {
                 **self.counters(name), "broker_connected": link.connected.is_set(),
@@ -128,7 +129,7 @@ class RuntimeView:
                 "outbox_oldest_s": round(time.time() - oldest, 1) if oldest else None,
                 "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
                 "latency_p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies else None,
-                "last_verdict": recent[-1] if recent else None,
+                "last_verdict": recent[-1].as_dict() if recent else None,
                 "last_problem": r.problems.last.get(name),
             }
         manifest = now.bundle.manifest
@@ -232,12 +233,12 @@ class Runtime:
                                    between_batches=lambda: self.revisions.between_batches(),
                                    after_batch=self._after_batch, choose_engine=choose_engine)
         self.revisions = Revisions(config, self.inspector, self.metrics, self.reserve, self._publish_states)
-        self.recent: dict[str, deque[dict]] = {name: deque(maxlen=RECENT) for name in names}
+        self.recent: dict[str, deque[Verdict]] = {name: deque(maxlen=RECENT) for name in names}
         self.view, self.controls = RuntimeView(self), RuntimeControls(self)
         self.services: list[Service] = self._services(config, names)
-        self.recorder.sinks = [lambda verdict: self.links[verdict["camera"]].notify(),
+        self.recorder.sinks = [lambda verdict: self.links[verdict.camera].notify(),
                                *[service.verdict for service in self.services],
-                               lambda verdict: self.recent[verdict["camera"]].append(verdict)]
+                               lambda verdict: self.recent[verdict.camera].append(verdict)]
         self.beats = 0  # the heartbeat counter a PLC watches
         self.cameras_started = False
         self.stalled: str | None = None  # why frames wait with no verdict, once that has lasted stall_s

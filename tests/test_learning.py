@@ -15,6 +15,7 @@ from coft.demo import _link, elpv_cells
 from coft.export.onnx import export_onnx
 from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
 from coft.runtime.line.learning import learn
+from coft.runtime.line.verdict import Verdict
 from coft.runtime.model.bank_growth import DEFECT_PATCHES, LearnConfig, grow
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
@@ -56,8 +57,8 @@ def _line_folder(root, good, defect, model_id):
         _link(path, root / "defect" / path.name)
     for path in defect[9:11]:
         _link(path, root / "cam1" / path.name)
-        (root / "cam1" / path.with_suffix(".json").name).write_text(json.dumps(
-            {"model_id": model_id, "camera": "cam1", "reject": True, "score": 1.0}))
+        rejected = Verdict("cam1", "l1", 1, None, 0.0, 1.0, 0.5, True, model_id, seq=1)  # as harvest writes it
+        (root / "cam1" / path.with_suffix(".json").name).write_text(json.dumps(rejected.as_dict()))
     return root
 
 

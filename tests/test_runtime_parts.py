@@ -14,6 +14,7 @@ from coft.runtime.config import CameraConfig, ControlConfig, EvidenceConfig, loa
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.inspector import FrameQueue
 from coft.runtime.line.thresholds import ThresholdState
+from coft.runtime.line.verdict import Verdict
 from coft.runtime.model.errors import CoftError
 
 
@@ -227,7 +228,7 @@ def test_evidence_keeps_rejects_every_nth_pass_within_budget(tmp_path):
     assert evidence.wanted(True)
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     for seq in range(1, 30):
-        evidence.save(image, {"camera": "cam1", "seq": seq, "verdict": "reject"})
+        evidence.save(image, Verdict("cam1", "l1", seq, None, 0.0, 0.9, 0.5, True, "m1", seq=seq))
     files = sorted((tmp_path / "cam1").iterdir())
     assert sum(f.stat().st_size for f in files) <= 0.05 * 1024 * 1024
     assert files[-1].name == "cam1-000000029-reject.json"  # the newest kept, the oldest deleted

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import socket
 import weakref
@@ -48,7 +47,7 @@ from coft.runtime.comms.loops import LoopService
 from coft.runtime.comms.service import Service
 from coft.runtime.comms.view import LineControls, LineView
 from coft.runtime.config import OpcUaConfig
-from coft.runtime.line.verdict import PLC_FIELDS, plc_field
+from coft.runtime.line.verdict import Verdict, plc_field
 from coft.runtime.model.errors import CoftError
 from coft.runtime.process.logs import Throttled
 from coft.runtime.process.metrics import Metrics
@@ -59,7 +58,7 @@ audit = logging.getLogger("coft.audit")
 POLICIES = {"Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
             "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
             "None": ua.SecurityPolicyType.NoSecurity}
-VERDICT_NODES = [  # (browse name, variant type, from a stored verdict): line/verdict.py's PLC_FIELDS as OPC UA says them
+VERDICT_NODES = [  # (browse name, variant type, from a verdict): line/verdict.py's PLC_FIELDS as OPC UA says them
     ("Seq", ua.VariantType.UInt64, plc_field("seq")),
     ("Epoch", ua.VariantType.String, plc_field("epoch", "")),
     ("PartId", ua.VariantType.String, plc_field("part_id", "")),
@@ -71,8 +70,8 @@ VERDICT_NODES = [  # (browse name, variant type, from a stored verdict): line/ve
     ("Threshold", ua.VariantType.Double, plc_field("threshold")),
     ("Box", ua.VariantType.String, plc_field("box")),
     ("LatencyMs", ua.VariantType.Double, plc_field("latency_ms", 0.0)),
-    ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(PLC_FIELDS["capture_ts"](v), timezone.utc)),
-    ("Json", ua.VariantType.String, json.dumps),  # last: a client that sees it has seen the rest
+    ("Time", ua.VariantType.DateTime, lambda v: datetime.fromtimestamp(plc_field("capture_ts")(v), timezone.utc)),
+    ("Json", ua.VariantType.String, plc_field("json")),  # last: a client that sees it has seen the rest
 ]
 UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 MILLISECOND, ONE = ("C26", "ms"), ("C62", "")  # UNECE common codes; OPC 10000-8, 5.6.3: UnitId from the code's bytes
@@ -360,10 +359,10 @@ class OpcUaServer(LoopService, Service):
         return setter
 
     # -- from the runtime's threads ---------------------------------------------------------------------
-    def verdict(self, verdict: dict) -> None:
+    def verdict(self, verdict: Verdict) -> None:
         """Hand a verdict to the server's loop (in order; nothing here blocks the inspection loop)."""
         if self.loop and self.queue is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (verdict["camera"], verdict))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (verdict.camera, verdict))
 
     def heartbeat(self, beat: int, status: dict) -> None:
         self.metrics.opcua_up.set(int(self.alive()))

@@ -17,7 +17,7 @@ from coft.runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[dict], None]  # a stored verdict's JSON, to show or send; never blocks the inspector
+Sink = Callable[[Verdict], None]  # a stored verdict, to show or send; never blocks the inspector
 
 
 def gap_messages(broker: BrokerConfig, camera: str, info: dict) -> list[tuple[str, bytes]]:
@@ -36,16 +36,14 @@ class Recorder:
         self.throttled = Throttled(log)
 
     def record(self, verdict: Verdict, latency_ms: Callable[[], float], answered_ms: Callable[[], float] | None,
-               fire: bool) -> dict | None:
+               fire: bool) -> bool:
         """Store the verdict and its messages in one outbox transaction; `answered_ms` where a triggered part
-        waits for its result. The verdict's JSON as stored, or None when the outbox refused it (counted, logged)."""
+        waits for its result. False when the outbox refused it (counted, logged)."""
         broker, camera = self.broker, verdict.camera
-        stored: dict = {}
 
         def messages(seq: int) -> list[tuple]:
             verdict.seq, verdict.epoch, verdict.latency_ms = seq, self.outbox.epoch, latency_ms()
-            stored.update(verdict.as_dict())
-            payload = json.dumps(stored).encode()
+            payload = json.dumps(verdict.as_dict()).encode()
             out: list[tuple] = [(camera_topic(broker, camera, "verdict"), payload)]
             if self.sparkplug:  # encoded as DDATA when the node sends it
                 out.append((camera, payload, SPARKPLUG_CHANNEL))
@@ -66,7 +64,7 @@ class Recorder:
             if not self.refusing:
                 self.refusing = True
                 self.on_refusing(f"verdicts are not being recorded: {exc}")
-            return None
+            return False
         if self.refusing:
             self.refusing = False
             self.metrics.outbox_refusing.set(0)
@@ -74,5 +72,5 @@ class Recorder:
             log.warning("outbox accepts verdicts again (%.0f verdicts were refused in all)", self.metrics.refused())
         self.metrics.verdicts.labels(camera, "unfired_reject" if not verdict.fired else verdict.verdict).inc()
         for sink in self.sinks:
-            sink(stored)
-        return stored
+            sink(verdict)
+        return True

@@ -4,6 +4,8 @@ composition root asks no question about which protocols a line speaks."""
 
 from __future__ import annotations
 
+from coft.runtime.line.verdict import Verdict
+
 
 class Service:
     """The defaults: a service overrides what it takes part in."""
@@ -15,8 +17,8 @@ class Service:
         """Why this part cannot be trusted to go on (the runtime exits 2 for systemd), or None."""
         return None
 
-    def verdict(self, stored: dict) -> None:
-        """A verdict the outbox has stored (its JSON): shown or sent; never blocks the inspector."""
+    def verdict(self, verdict: Verdict) -> None:
+        """A verdict the outbox has stored: shown or sent; never blocks the inspector."""
 
     def camera_state(self, camera: str, up: bool) -> None:
         """A camera delivering frames again, or lost."""

@@ -11,12 +11,13 @@ from coft.runtime.config import RuntimeConfig
 from coft.runtime.line.evidence import Evidence
 from coft.runtime.line.review import Review
 from coft.runtime.line.thresholds import ThresholdState
+from coft.runtime.line.verdict import Verdict
 
 
 class LineView(Protocol):
     config: RuntimeConfig
     cameras: list[str]
-    recent: dict[str, deque[dict]]  # per camera, the last verdicts stored (their JSON)
+    recent: dict[str, deque[Verdict]]  # per camera, the last verdicts stored
     evidence: Evidence | None
     harvest: Evidence | None
 

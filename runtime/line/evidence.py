@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from coft.runtime.config import EvidenceConfig
+from coft.runtime.line.verdict import Verdict
 from coft.runtime.process.disk import Reserve
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class Evidence:
         n = self.config.every_nth_pass
         return bool(n) and self.passes % n == 0
 
-    def save(self, image: np.ndarray, verdict: dict, annotated: np.ndarray | None = None) -> None:
-        stem = f"{verdict['camera']}-{verdict['seq']:09d}-{verdict['verdict']}"
-        folder = self.config.dir / verdict["camera"]
+    def save(self, image: np.ndarray, verdict: Verdict, annotated: np.ndarray | None = None) -> None:
+        stem = f"{verdict.camera}-{verdict.seq:09d}-{verdict.verdict}"
+        folder = self.config.dir / verdict.camera
         folder.mkdir(mode=0o700, exist_ok=True)
         files = [(folder / f"{stem}.jpg", image)] + ([(folder / f"{stem}{ANNOTATED}", annotated)]
                                                        if annotated is not None else [])
@@ -68,7 +69,7 @@ class Evidence:
         for path, data in encoded:
             if not self._write(path, data):
                 return
-        if not self._write(folder / f"{stem}.json", json.dumps(verdict).encode()):
+        if not self._write(folder / f"{stem}.json", json.dumps(verdict.as_dict()).encode()):
             return
         while self.total > self.budget and self.files:
             path, size = self.files.popleft()

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a broken ROI or camera mode)
 
 # verdict, latency_ms(), answered_ms() or None, fire -> its JSON as stored, or None when the outbox refused it
-Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], dict | None]
+Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], bool]
 
 
 def resize_ahead(frame: Frame, size: tuple[int, int]) -> None:
@@ -288,13 +288,12 @@ class Inspector:
                           commissioning=commissioning, late=late, fired=not (reject and rejects_off))
         if score_map is not None and judged:
             verdict.defect = self.defect(frame, score_map, threshold, reject)
-        wire = self.record(verdict, lambda: round((time.monotonic() - frame.captured_mono) * 1000, 2),
-                           part.waited_ms if part is not None else None, reject and verdict.fired)
-        if wire is None:  # the outbox refused it: counted and said by the recorder
-            return
+        if not self.record(verdict, lambda: round((time.monotonic() - frame.captured_mono) * 1000, 2),
+                           part.waited_ms if part is not None else None, reject and verdict.fired):
+            return  # the outbox refused it: counted and said by the recorder
         self.metrics.latency.observe(time.monotonic() - frame.captured_mono)
-        self.views[frame.camera] = (frame, score_map, wire)  # rendered by the web page's thread, if anyone looks
+        self.views[frame.camera] = (frame, score_map, verdict)  # rendered by the web page's thread, if anyone looks
         if self.harvest and self.harvest.wanted(reject):
-            self.harvest.save(frame.image, wire)  # as the camera gave it: what retraining needs
+            self.harvest.save(frame.image, verdict)  # as the camera gave it: what retraining needs
         if self.evidence and self.evidence.wanted(reject):
-            self.evidence.save(frame.image, wire, annotate(frame.image, wire, score_map, self.origin(frame.camera)))
+            self.evidence.save(frame.image, verdict, annotate(frame.image, verdict, score_map, self.origin(frame.camera)))

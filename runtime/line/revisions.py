@@ -17,6 +17,7 @@ from coft.runtime.engines import Engine, fitted_precision, open_engine
 from coft.runtime.line.commissioning import Commissioning
 from coft.runtime.line.evidence import feedback_folder
 from coft.runtime.line.inspector import Inspector
+from coft.runtime.line.verdict import Verdict
 from coft.runtime.model.bundle import Bundle, clean_staging, commissioned_revision, load_bundle, revise
 from coft.runtime.model.errors import CoftError, NoRoom
 from coft.runtime.model.promise import describe
@@ -155,9 +156,9 @@ class Revisions:
         scores = []
         for verdict_file in folder.glob("*.json") if folder and folder.is_dir() else ():
             try:
-                verdict = json.loads(verdict_file.read_text())
-                if verdict.get("model_id") == model_id:  # scored on the graph running now: comparable
-                    scores.append(float(verdict["score"]))
+                verdict = Verdict.from_json(json.loads(verdict_file.read_text()))
+                if verdict.model_id == model_id and verdict.score is not None:  # scored on the graph running now
+                    scores.append(float(verdict.score))
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("commissioning: %s is not a verdict file; left out of the escape", verdict_file)
         return scores

@@ -1,7 +1,7 @@
-"""A verdict on one part, typed, and its wire encodings: the MQTT JSON (the outbox stores it, the page, evidence
-and the Sparkplug node read it back), the PLC's reject and result messages. Sparkplug's metrics and OPC UA's
-node values are read from the JSON through one table of PLC fields, PLC_FIELDS, each under its protocol's name
-and type beside its server (tests/test_runtime_parts.py pins all three)."""
+"""A verdict on one part, typed from judging to every sink, and its wire encodings: the MQTT JSON (the outbox,
+evidence and harvest store it; `Verdict.from_json` is the one way back), the PLC's reject and result messages.
+Sparkplug's metrics and OPC UA's node values are read through one table of PLC fields, PLC_FIELDS, each under its
+protocol's name and type beside its server (tests/test_runtime_parts.py pins all three)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,28 @@ class Verdict:
         out["seq"], out["epoch"], out["latency_ms"] = self.seq, self.epoch, self.latency_ms
         return out
 
+    @classmethod
+    def from_json(cls, wire: dict) -> Verdict:
+        """The verdict a stored JSON (as_dict's) says; keys added by others (an operator's mark) are left aside."""
+        return cls(wire["camera"], wire["line"], wire["frame_id"], wire["part_id"], wire["capture_ts"], wire["score"],
+                   wire["threshold"], wire["verdict"] == "reject", wire["model_id"], reason=wire.get("reason"),
+                   failsafe=wire.get("failsafe", False), commissioning=wire.get("commissioning", False),
+                   late=wire.get("late", False), fired=wire.get("fired", True), defect=wire.get("defect"),
+                   seq=wire.get("seq"), epoch=wire.get("epoch"), latency_ms=wire.get("latency_ms"))
+
+    @property
+    def box(self) -> list[int] | None:
+        """The defect's box in camera pixels, where the map found one."""
+        return None if self.defect is None else self.defect["box"]
+
     def plc_reject(self) -> dict:
         """The reject topic's message: what a PLC needs to divert the part."""
-        out = {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id, "frame_id": self.frame_id,
-               "score": self.score}
+        out: dict[str, Any] = {"seq": self.seq, "epoch": self.epoch, "part_id": self.part_id,
+                               "frame_id": self.frame_id, "score": self.score}
         if self.reason:
             out["reason"] = self.reason
-        if self.defect is not None:
-            out["box"] = self.defect["box"]
+        if self.box is not None:
+            out["box"] = self.box
         return out
 
     def answer(self, answered_ms: float) -> dict:
@@ -78,31 +92,31 @@ def reason_for_plc(reason: str | None, reject: bool) -> str:
     return reason or ("score" if reject else "")
 
 
-def plc_reason(verdict: dict) -> str:
-    """reason_for_plc of a stored verdict (its JSON)."""
-    return reason_for_plc(verdict.get("reason"), verdict["verdict"] == "reject")
-
-
-# What a PLC reads of a stored verdict (its JSON), by field: OPC UA's variables and Sparkplug's metrics are these
-# under their own names and types (comms/opcua.py VERDICT_NODES, comms/sparkplug DEVICE_METRICS). None: no value.
-PLC_FIELDS: dict[str, Callable[[dict], Any]] = {
-    "seq": lambda v: v["seq"],
-    "epoch": lambda v: v.get("epoch"),
-    "part_id": lambda v: v.get("part_id"),
-    "frame_id": lambda v: v.get("frame_id"),
-    "result": lambda v: v["verdict"],
-    "reject": lambda v: v["verdict"] == "reject",
-    "reason": plc_reason,
-    "score": lambda v: v["score"],
-    "threshold": lambda v: v["threshold"],
-    "box": lambda v: json.dumps((v.get("defect") or {}).get("box")),
-    "latency_ms": lambda v: v.get("latency_ms"),
-    "capture_ts": lambda v: v["capture_ts"],
+# What a PLC reads of a verdict, by field: OPC UA's variables and Sparkplug's metrics are these under their own
+# names and types (comms/opcua.py VERDICT_NODES, comms/sparkplug DEVICE_METRICS). None: no value.
+PLC_FIELDS: dict[str, Callable[[Verdict], Any]] = {
+    "seq": lambda v: v.seq,
+    "epoch": lambda v: v.epoch,
+    "part_id": lambda v: v.part_id,
+    "frame_id": lambda v: v.frame_id,
+    "result": lambda v: v.verdict,
+    "reject": lambda v: v.reject,
+    "reason": lambda v: reason_for_plc(v.reason, v.reject),
+    "score": lambda v: v.score,
+    "threshold": lambda v: v.threshold,
+    "box": lambda v: json.dumps(v.box),
+    "latency_ms": lambda v: v.latency_ms,
+    "capture_ts": lambda v: v.capture_ts,
+    "json": lambda v: json.dumps(v.as_dict()),
 }
 
 
-def plc_field(name: str, none: Any = None) -> Callable[[dict], Any]:
+def plc_field(name: str, none: Any = None) -> Callable[[Verdict | dict], Any]:
     """A field's reader, with the protocol's stand-in where the verdict has no value (an OPC UA variable cannot
-    be null: a part id it lacks reads '')."""
+    be null: a part id it lacks reads ''). It reads a verdict, or its stored JSON (what the outbox gives back)."""
     read = PLC_FIELDS[name]
-    return read if none is None else lambda v: none if read(v) is None else read(v)
+
+    def field(verdict: Verdict | dict) -> Any:
+        value = read(verdict if isinstance(verdict, Verdict) else Verdict.from_json(verdict))
+        return none if value is None and none is not None else value
+    return field

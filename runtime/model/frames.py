@@ -54,7 +54,7 @@ def line_frames(folder: Path, model_id: str, camera: str | None) -> LineFrames:
         parts = path.relative_to(folder).parts[:-1]
         paths.append(path)
         labels.append("defect" if "defect" in parts else "good" if "good" in parts else "")
-        rejected.append(bool(verdict.get("reject")))
+        rejected.append(verdict.get("verdict") == "reject")  # line/verdict.py's JSON, as harvest writes it
         score = verdict.get("score")
         scores.append(float(score) if isinstance(score, (int, float)) else np.nan)
     if len(cameras) > 1:

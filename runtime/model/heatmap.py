@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import cv2
 import numpy as np
 
@@ -43,25 +45,34 @@ def overlay(image_bgr: np.ndarray, score_map: np.ndarray, threshold: float) -> n
 REJECT_BGR, ACCEPT_BGR = (40, 40, 230), (60, 180, 60)
 
 
-def annotate(image_bgr: np.ndarray, verdict: dict, score_map: np.ndarray | None = None,
+class Judged(Protocol):
+    """What the banner says of a verdict (line/verdict.py's Verdict is one)."""
+    reject: bool
+    score: float | None
+    threshold: float
+
+    @property
+    def box(self) -> list[int] | None: ...
+
+
+def annotate(image_bgr: np.ndarray, verdict: Judged, score_map: np.ndarray | None = None,
              origin: tuple[int, int] = (0, 0), max_width: int | None = None) -> np.ndarray:
     """What an operator needs to see in one picture: the frame, the anomaly map over it, the defect box and a
     banner with verdict, score and threshold. `origin` is where the frame starts in the camera's pixels (its
     ROI), since the verdict's box is given in those."""
-    threshold = verdict["threshold"]
+    threshold = verdict.threshold
     shown = overlay(image_bgr, cv2.resize(score_map, image_bgr.shape[1::-1]), threshold) \
         if score_map is not None else image_bgr.copy()
     scale = min(1.0, max_width / shown.shape[1]) if max_width else 1.0
     if scale < 1.0:
         shown = cv2.resize(shown, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    reject = verdict["verdict"] == "reject"
-    colour = REJECT_BGR if reject else ACCEPT_BGR
-    box = (verdict.get("defect") or {}).get("box")
+    colour = REJECT_BGR if verdict.reject else ACCEPT_BGR
+    box = verdict.box
     if box:
         x, y, w, h = [round(v * scale) for v in (box[0] - origin[0], box[1] - origin[1], box[2], box[3])]
         cv2.rectangle(shown, (x, y), (x + w - 1, y + h - 1), colour, max(1, round(shown.shape[1] / 200)))
-    score = "none" if verdict["score"] is None else f"{verdict['score']:.4g}"
-    text = f"{verdict['verdict'].upper()}  score {score} / threshold {threshold:.4g}"
+    score = "none" if verdict.score is None else f"{verdict.score:.4g}"
+    text = f"{'REJECT' if verdict.reject else 'ACCEPT'}  score {score} / threshold {threshold:.4g}"
     font_scale = max(0.35, shown.shape[1] / 700)
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     cv2.rectangle(shown, (0, 0), (min(shown.shape[1], tw + 8), th + base + 8), colour, -1)

@@ -41,7 +41,7 @@ def line(tmp_path):
 
     def record(verdict, latency_ms, answered_ms, fire):
         verdicts.append(verdict)
-        return {"seq": len(verdicts)}
+        return True
 
     inspector = Inspector(config, bundle, engine, queue, metrics, record, None, None, None, threading.Event(),
                           between_batches=lambda: None, after_batch=lambda: None)

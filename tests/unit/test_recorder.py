@@ -34,11 +34,13 @@ def topics(outbox: Outbox, channel: str = "cam1") -> list[str]:
 
 def test_a_fired_reject_for_a_triggered_part_owes_verdict_result_and_reject_and_sparkplug_its_own(tmp_path):
     rec, outbox, _, shown = recorder(tmp_path, sparkplug=True)
-    stored = rec.record(verdict(True, part_id="p-1"), lambda: 3.0, lambda: 4.0, fire=True)
+    judged = verdict(True, part_id="p-1")
+    assert rec.record(judged, lambda: 3.0, lambda: 4.0, fire=True)
     assert topics(outbox) == ["coft/l1/cam1/verdict", "coft/l1/cam1/result", "coft/l1/cam1/reject"]
     assert topics(outbox, SPARKPLUG_CHANNEL) == ["cam1"]
-    assert stored["seq"] == 1 and stored["epoch"] == outbox.epoch and shown == [stored]
-    assert json.loads(outbox.pending("cam1")[0].payload) == stored
+    assert judged.seq == 1 and judged.epoch == outbox.epoch and shown == [judged]  # the sinks get it typed
+    stored = json.loads(outbox.pending("cam1")[0].payload)
+    assert stored == judged.as_dict() and Verdict.from_json(stored) == judged  # the one way back from the outbox
 
 
 def test_a_late_verdict_is_recorded_but_owes_the_plc_nothing_more(tmp_path):
@@ -50,12 +52,13 @@ def test_a_late_verdict_is_recorded_but_owes_the_plc_nothing_more(tmp_path):
 def test_a_disk_that_refuses_is_said_once_counted_per_verdict_and_its_recovery_said(tmp_path, caplog):
     rec, outbox, told, shown = recorder(tmp_path)
     outbox.db.execute("PRAGMA query_only = ON")  # the disk refuses every write from here
-    assert rec.record(verdict(False), lambda: 1.0, None, fire=False) is None
-    assert rec.record(verdict(False), lambda: 1.0, None, fire=False) is None
+    assert not rec.record(verdict(False), lambda: 1.0, None, fire=False)
+    assert not rec.record(verdict(False), lambda: 1.0, None, fire=False)
     assert len(told) == 1 and "verdicts are not being recorded" in told[0] and shown == []
     assert rec.metrics.refused() == 2
     outbox.db.execute("PRAGMA query_only = OFF")
-    stored = rec.record(verdict(False), lambda: 1.0, None, fire=False)
-    assert stored["seq"] == 3 and topics(outbox) == ["coft/l1/cam1/gap", "coft/l1/cam1/verdict"]
+    judged = verdict(False)
+    assert rec.record(judged, lambda: 1.0, None, fire=False)
+    assert judged.seq == 3 and topics(outbox) == ["coft/l1/cam1/gap", "coft/l1/cam1/verdict"]
     assert json.loads(outbox.pending("cam1")[0].payload)["missing"] == [1, 2]  # the PLC is told what it lost
     assert "outbox accepts verdicts again (2 verdicts were refused in all)" in caplog.text

@@ -42,7 +42,7 @@ from coft.runtime.comms.outbox import SPARKPLUG_CHANNEL, Message, Outbox
 from coft.runtime.comms.service import Service
 from coft.runtime.comms.sparkplug.sparkplug_b_pb2 import DataType, Payload
 from coft.runtime.config import BrokerConfig, SparkplugConfig
-from coft.runtime.line.verdict import PLC_FIELDS, plc_field
+from coft.runtime.line.verdict import Verdict, plc_field
 from coft.runtime.model.errors import CoftError
 from coft.runtime.process.metrics import Metrics
 
@@ -53,7 +53,7 @@ NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
 THRESHOLD = "Control/Threshold"
 # (metric, datatype, from a verdict): what each camera's DBIRTH declares and each DDATA carries
-DEVICE_METRICS = [  # (metric, datatype, from a stored verdict): line/verdict.py's PLC_FIELDS as Sparkplug says them
+DEVICE_METRICS = [  # (metric, datatype, from a verdict): line/verdict.py's PLC_FIELDS as Sparkplug says them
     ("Verdict/Seq", DataType.UInt64, plc_field("seq")),
     ("Verdict/Epoch", DataType.String, plc_field("epoch", "")),
     ("Verdict/Part ID", DataType.String, plc_field("part_id", "")),
@@ -64,7 +64,7 @@ DEVICE_METRICS = [  # (metric, datatype, from a stored verdict): line/verdict.py
     ("Verdict/Threshold", DataType.Double, plc_field("threshold")),
     ("Verdict/Box", DataType.String, plc_field("box")),
     ("Verdict/Latency ms", DataType.Double, plc_field("latency_ms")),
-    ("Verdict/Time", DataType.DateTime, lambda v: round(PLC_FIELDS["capture_ts"](v) * 1000)),
+    ("Verdict/Time", DataType.DateTime, lambda v: round(plc_field("capture_ts")(v) * 1000)),
 ]
 NODE_ALIASES = {"bdSeq": 1, REBIRTH: 2, "Node Info/Model ID": 3, "Node Info/Line": 4}
 COMMAND_METRICS = 64  # metrics read from one NCMD/DCMD: a rebirth, or a threshold, needs one; the rest are refused
@@ -113,7 +113,7 @@ class SparkplugNode(Link, Service):
                                  enumerate([m[0] for m in DEVICE_METRICS] + ["Counters/Accepts", "Counters/Rejects",
                                                                              THRESHOLD, "State/Model ID"])}
                         for i, camera in enumerate(cameras)}
-        self.last: dict[str, dict] = {}  # camera -> last verdict sent, for the values a rebirth declares
+        self.last: dict[str, Verdict] = {}  # camera -> last verdict sent, for the values a rebirth declares
         self.reported: dict[str, dict[int, object]] = {}  # camera -> {alias: value} the host holds (by exception)
         self.born_at: dict[str, int] = {}  # camera -> its DBIRTH's timestamp in this session (epoch ms, as sent)
         self.lost: set[str] = set()  # cameras not delivering frames: DDEATH sent, DBIRTH when they are back
@@ -167,7 +167,7 @@ class SparkplugNode(Link, Service):
         """Connected, with this connection's births sent: a host sees our tags as Good."""
         return self.connected.is_set() and self.born_in == self.connections
 
-    def verdict(self, stored: dict) -> None:
+    def verdict(self, verdict: Verdict) -> None:
         self.notify()  # it is in the outbox, on this node's channel
 
     def heartbeat(self, beat: int, counters: dict[str, dict]) -> None:
@@ -251,7 +251,7 @@ class SparkplugNode(Link, Service):
         self.seq = (self.seq + 1) % 256
         return self.seq
 
-    def _device_payload(self, camera: str, verdict: dict | None, names: bool, historical: bool = False) -> Payload:
+    def _device_payload(self, camera: str, verdict: Verdict | None, names: bool, historical: bool = False) -> Payload:
         """A camera's metrics at the next seq: every one, named and typed, for a birth; for data, by alias and
         by exception (those whose value the host does not hold yet); for a historical verdict, its own metrics
         at its capture time, leaving the host's current values alone."""
@@ -266,7 +266,7 @@ class SparkplugNode(Link, Service):
                        (THRESHOLD, DataType.Double, self.threshold(camera)),
                        ("State/Model ID", DataType.String, self.model_id())]
         held = self.reported.setdefault(camera, {})
-        stamp = round(verdict["capture_ts"] * 1000) if historical else now
+        stamp = round(verdict.capture_ts * 1000) if historical and verdict else now
         for name, datatype, value in values:
             metric = Payload.Metric(alias=aliases[name], timestamp=stamp)
             if names:
@@ -284,7 +284,7 @@ class SparkplugNode(Link, Service):
     def publish_message(self, message: Message) -> mqtt.MQTTMessageInfo:
         """A verdict from the outbox as the camera's DDATA, numbered now (after this session's births); None for
         a lost camera's, which waits in the outbox for its DBIRTH (no data for a dead device)."""
-        camera, verdict = message.topic, json.loads(message.payload)
+        camera, verdict = message.topic, Verdict.from_json(json.loads(message.payload))
         with self.sequence:
             if self.born_in != self.connections:  # reconnected, births not yet sent: the sender sends them first
                 info = mqtt.MQTTMessageInfo(0)
@@ -293,7 +293,7 @@ class SparkplugNode(Link, Service):
             if camera in self.lost:
                 return None
             # in the milliseconds a host compares: a frame 0.3 ms before the birth is stamped the birth's ms
-            historical = round(verdict["capture_ts"] * 1000) < self.born_at.get(camera, 0)
+            historical = round(verdict.capture_ts * 1000) < self.born_at.get(camera, 0)
             data = self._device_payload(camera, verdict, names=False, historical=historical)
             info = self._numbered(self.topic("DDATA", camera), data)
         if not historical:

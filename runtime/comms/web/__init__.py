@@ -166,9 +166,9 @@ class WebServer(LoopService, Service):
         """The recent verdicts of one camera (or all), oldest first; `after=SEQ` gives only newer ones."""
         camera, after, limit = self.camera(request), _number(request, "after", -1), _number(request, "limit", 50)
         chosen = [camera] if camera else list(self.view.recent)
-        found = [v for name in chosen for v in tuple(self.view.recent[name]) if v["seq"] > after]
-        found.sort(key=lambda v: v["capture_ts"])
-        return web.json_response({"verdicts": found[-min(max(limit, 1), 300):]})
+        found = [v for name in chosen for v in tuple(self.view.recent[name]) if v.seq is not None and v.seq > after]
+        found.sort(key=lambda v: v.capture_ts)
+        return web.json_response({"verdicts": [v.as_dict() for v in found[-min(max(limit, 1), 300):]]})
 
     async def live_jpeg(self, camera: str) -> bytes | None:
         view = self.view.views.get(camera)
