@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from coft.runtime.box.check import validate
+from coft.runtime.comms.configured import configured_services
 from coft.runtime.comms.mqtt import CameraLink
 from coft.runtime.comms.outbox import Outbox
 from coft.runtime.comms.recorder import Recorder, gap_messages
@@ -138,7 +139,7 @@ class RuntimeView:
                 "engine": now.engine.name,
                 "line": r.config.broker.line, "started": r.started, "uptime_s": round(time.time() - r.started, 1),
                 "commissioning": r.revisions.status(), "learning": r.revisions.learning,
-                "inspection_waiting_s": round(r.inspector.waiting_s(), 1), "stalled": r.stalled,
+                "inspection_waiting_s": round(r.inspector.waiting_s(), 1), "stalled": r.inspector.stalled,
                 "outbox_refusing": r.recorder.refusing, "epoch": r.outbox.epoch,
                 "outbox_started_anew": r.outbox.started_anew, "last_problem": r.problems.last.get("runtime"),
                 "web_actions": False, "cameras": cameras,
@@ -235,39 +236,16 @@ class Runtime:
         self.revisions = Revisions(config, self.inspector, self.metrics, self.reserve, self._publish_states)
         self.recent: dict[str, deque[Verdict]] = {name: deque(maxlen=RECENT) for name in names}
         self.view, self.controls = RuntimeView(self), RuntimeControls(self)
-        self.services: list[Service] = self._services(config, names)
+        self.services: list[Service] = configured_services(config, self.view, self.controls, self.outbox, self.metrics)
         self.recorder.sinks = [lambda verdict: self.links[verdict.camera].notify(),
                                *[service.verdict for service in self.services],
                                lambda verdict: self.recent[verdict.camera].append(verdict)]
         self.beats = 0  # the heartbeat counter a PLC watches
-        self.cameras_started = False
-        self.stalled: str | None = None  # why frames wait with no verdict, once that has lasted stall_s
         self.started = time.time()
         self.watchdog = Watchdog()
         self.problems = LastProblems(names)
         self.throttled = Throttled(log)
         self.revisions.start_commissioning(commission)
-
-    def _services(self, config: RuntimeConfig, cameras: list[str]) -> list[Service]:
-        """The optional parts the config turns on, in the order they start (each module is imported only where
-        its block is set: protobuf, asyncua and aiohttp stay off boxes that do not speak them)."""
-        services: list[Service] = []
-        if config.web:
-            from coft.runtime.comms.web import WebServer
-            services.append(WebServer(self.view, self.controls, config.web))
-        if config.opcua:
-            from coft.runtime.comms.opcua import OpcUaServer
-            services.append(OpcUaServer(self.view, self.controls, config.opcua, self.metrics))
-        if config.sparkplug:
-            from coft.runtime.comms.sparkplug import SparkplugNode
-            node = SparkplugNode(  # MQTT 3.1.1: over 5 its QoS 0 DDATA showed a seq gap, cause not yet found
-                config.broker.model_copy(update={"protocol": "3.1.1"}), config.sparkplug, self.outbox, cameras,
-                config.outbox.path.parent / "sparkplug-bdseq",
-                lambda camera, value: self.controls.set_threshold(camera, repr(value), "sparkplug"),
-                self.view.threshold_of, self.view.verdict_counts, lambda: self.view.model_id, self.metrics)
-            node.on_refused = self.metrics.refused_by_broker
-            services.append(node)
-        return services
 
     def _threshold_command(self, camera: str, payload: bytes) -> dict:
         """A threshold over MQTT (`set/threshold`): the guarded path of the thresholds in force now."""
@@ -294,29 +272,9 @@ class Runtime:
 
     def health(self) -> str | None:
         """Why the runtime cannot be trusted to go on, or None while every part is alive and making progress."""
-        waiting = self.inspector.waiting_s()
-        self.metrics.inspection_waiting.set(round(waiting, 1))
-        if waiting > self.config.stall_s:
-            if self.inspector.in_flight:
-                self.stalled = (f"the engine has not returned for {waiting:.0f}s ({self.inspector.in_flight + len(self.intake.queue)} "
-                                "frames waiting with no verdict): a hung engine or model")
-            else:
-                self.stalled = f"frames have waited {waiting:.0f}s with no verdict: inspection keeps failing"
-            self.metrics.inspection_stalled.set(1)
-            return self.stalled
-        if not self.inspector.thread.is_alive():
-            return "the inspector thread died"
-        for camera in self.intake.cameras.values() if self.cameras_started else ():
-            if not camera.is_alive() and not camera.ended.is_set():
-                return f"camera {camera.camera.name}: its capture thread died"
-        if self.intake.failsafe and self.cameras_started and not self.intake.failsafe.is_alive():
-            return "the fail-safe thread that answers triggered parts died"
-        parts: list[CameraLink | Service] = [*self.links.values(), *self.services]
-        for part in parts:
-            problem = part.health(self.config.stall_s)
-            if problem:
-                return problem
-        return None
+        parts: list[Inspector | Intake | CameraLink | Service] = [self.inspector, self.intake, *self.links.values(),
+                                                                 *self.services]
+        return next(filter(None, (part.health(self.config.stall_s) for part in parts)), None)
 
     def run(self, until_sources_end: bool = False) -> None:
         """Run until SIGTERM/SIGINT (or, for replay, until every source has ended and all is scored)."""
@@ -347,14 +305,13 @@ class Runtime:
                     self.watchdog.feed()
                     _touch(alive)
                     next_check = time.monotonic() + 1.0
-                if self.inspector.warmed.is_set() and not self.cameras_started:
+                if self.inspector.warmed.is_set() and not self.intake.started:
                     self.revisions.check_precision()  # the engine auto chose is known once warmed up
                     self.intake.start()
-                    self.cameras_started = True
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.config.heartbeat_s
-                if until_sources_end and self.cameras_started and all(c.ended.is_set() for c in self.intake.cameras.values()):
+                if until_sources_end and self.intake.started and all(c.ended.is_set() for c in self.intake.cameras.values()):
                     ended_at = ended_at or time.monotonic()
                     if self.inspector.drained_at > ended_at:  # the inspector found nothing left after the last frame
                         break
@@ -362,10 +319,10 @@ class Runtime:
             if unhealthy:
                 log.error("%s; stopping with exit status 2 so that systemd restarts the runtime", unhealthy)
                 for link in self.links.values():
-                    link.goodbye = "stalled" if self.stalled else "failed"
+                    link.goodbye = "stalled" if self.inspector.stalled else "failed"
                     link.publish_status(link.goodbye)
             self.stop_event.set()
-            self.inspector.thread.join(timeout=0 if self.stalled else 30)
+            self.inspector.thread.join(timeout=0 if self.inspector.stalled else 30)
             if until_sources_end and self.revisions.commissioning and not unhealthy and not self.inspector.thread.is_alive():
                 self.revisions.finish_commissioning()  # the replay ended first: fit on what came, or say why not
             self.shutdown(drain_s=30.0 if until_sources_end else 5.0)

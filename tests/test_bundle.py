@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,3 +345,13 @@ def test_the_commissioning_review_keeps_its_threshold_after_learning_grew_the_ba
     assert commissioned_threshold(out, load_bundle(out).manifest) is None  # never commissioned: no review
     shutil.rmtree(commissioned)  # its revision removed by hand: no threshold to judge on, said as none
     assert commissioned_threshold(current, load_bundle(current).manifest) is None
+
+
+def test_docs_list_the_manifest_fields_the_schema_checks():
+    """docs/bundle.md's field table is ManifestSchema's: a field added, tightened or described anew shows there."""
+    from coft.runtime.model.manifest import field_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "bundle.md").read_text()
+    shown = docs.split("<!-- manifest fields: begin -->\n")[1].split("<!-- manifest fields: end -->")[0]
+    assert shown.splitlines() == field_table(), ("docs/bundle.md's manifest table differs from ManifestSchema; paste "
+                                                 "coft.runtime.model.manifest.field_table() between its markers")

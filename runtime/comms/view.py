@@ -33,6 +33,9 @@ class LineView(Protocol):
 
     def threshold_of(self, camera: str) -> float: ...
 
+    def verdict_counts(self, camera: str) -> dict:
+        """Accepts, rejects and unfired rejects so far."""
+
     def origin(self, camera: str) -> tuple[int, int]:
         """Where the camera's frames start in its full picture (its ROI's corner)."""
 

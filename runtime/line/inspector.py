@@ -36,7 +36,7 @@ from coft.runtime.process.metrics import Metrics
 log = logging.getLogger(__name__)
 MIN_FRAME_SIDE = 16  # pixels: below this a frame holds no part to judge (a broken ROI or camera mode)
 
-# verdict, latency_ms(), answered_ms() or None, fire -> its JSON as stored, or None when the outbox refused it
+# verdict, latency_ms(), answered_ms() or None, fire -> stored (False: the outbox refused it)
 Record = Callable[[Verdict, Callable[[], float], Callable[[], float] | None, bool], bool]
 
 
@@ -137,6 +137,7 @@ class Inspector:
         self.in_flight = 0  # frames the engine is scoring now
         self.drained_at = 0.0  # when it last found nothing waiting
         self.last_ok = time.monotonic()  # when it last scored a batch or found nothing waiting
+        self.stalled: str | None = None  # why frames wait with no verdict, once that has lasted stall_s
         self.warmed = threading.Event()
         self.in_force = self._in_force(bundle, engine)
 
@@ -170,6 +171,20 @@ class Inspector:
         """Seconds since the inspector last scored a batch or found nothing waiting: grows while frames wait
         with no verdict (an engine that does not return, or one that keeps failing)."""
         return time.monotonic() - self.last_ok
+
+    def health(self, stall_s: float) -> str | None:
+        """Why inspection cannot be trusted to go on (frames waiting stall_s with no verdict, or its thread dead)."""
+        waiting = self.waiting_s()
+        self.metrics.inspection_waiting.set(round(waiting, 1))
+        if waiting > stall_s:
+            if self.in_flight:
+                self.stalled = (f"the engine has not returned for {waiting:.0f}s ({self.in_flight + len(self.queue)} "
+                                "frames waiting with no verdict): a hung engine or model")
+            else:
+                self.stalled = f"frames have waited {waiting:.0f}s with no verdict: inspection keeps failing"
+            self.metrics.inspection_stalled.set(1)
+            return self.stalled
+        return None if self.thread.is_alive() else "the inspector thread died"
 
     def warm_up(self) -> None:
         """Score one blank frame before the first camera frame: an engine's first run allocates and plans (ONNX

@@ -34,6 +34,7 @@ class Intake:
                         for c in config.cameras}  # capture threads by camera name
         self.failsafe = FailSafe(config.control.trigger_deadline_ms / 1000, self._failsafe_reject, self.delivering,
                                  stop_event) if any(c.trigger for c in config.cameras) else None
+        self.started = False  # the cameras start once the engine has warmed up
 
     def _deliver(self, camera: str, triggered: bool) -> Callable[[Frame], None]:
         def deliver(frame: Frame) -> None:
@@ -76,6 +77,16 @@ class Intake:
             camera.start()
         if self.failsafe:
             self.failsafe.start()
+        self.started = True
+
+    def health(self, stall_s: float) -> str | None:  # noqa: ARG002  (the parts' one signature: runtime/pipeline.py)
+        """A capture thread or the fail-safe's that died, or None."""
+        for camera in self.cameras.values() if self.started else ():
+            if not camera.is_alive() and not camera.ended.is_set():
+                return f"camera {camera.camera.name}: its capture thread died"
+        if self.failsafe and self.started and not self.failsafe.is_alive():
+            return "the fail-safe thread that answers triggered parts died"
+        return None
 
     def _failsafe_reject(self, part: Part, reason: str) -> None:
         """A triggered part whose verdict could not be in by its deadline: a reject that says why, stored and

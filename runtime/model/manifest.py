@@ -41,13 +41,15 @@ def _finite(value: float) -> float:
 
 
 class InputSpec(Loose):
-    height: int = Field(ge=14, le=8192)
-    width: int = Field(ge=14, le=8192)
+    height: int = Field(ge=14, le=8192, description="the model input's height in pixels (frames are resized to it)")
+    width: int = Field(ge=14, le=8192, description="the model input's width in pixels")
 
 
 class Normalisation(Loose):
-    mean: list[float] = Field(default=[0.0, 0.0, 0.0], min_length=3, max_length=3)
-    std: list[float] = Field(default=[1.0, 1.0, 1.0], min_length=3, max_length=3)
+    mean: list[float] = Field(default=[0.0, 0.0, 0.0], min_length=3, max_length=3,
+                              description="per-channel mean subtracted inside the graph (RGB, 0-1 scale)")
+    std: list[float] = Field(default=[1.0, 1.0, 1.0], min_length=3, max_length=3,
+                             description="per-channel standard deviation the graph divides by (positive)")
 
     @field_validator("mean", "std")
     @classmethod
@@ -60,8 +62,8 @@ class Normalisation(Loose):
 
 
 class ThresholdSpec(Loose):
-    value: float = Field(gt=0, le=1e7)
-    method: str
+    value: float = Field(gt=0, le=1e7, description="a score above it rejects the part")
+    method: str = Field(description="how it was chosen (a conformal fit on good frames, commissioning, an operator...)")
 
     @field_validator("value")
     @classmethod
@@ -70,47 +72,48 @@ class ThresholdSpec(Loose):
 
 
 class TilesSpec(Loose):
-    window: list[int] = Field(min_length=2, max_length=2)
-    origins: list[list[int]] = Field(min_length=1, max_length=4096)
-    count: int = Field(ge=1, le=4096)
-    scale: float = Field(gt=0, le=1)
+    window: list[int] = Field(min_length=2, max_length=2, description="a window's [height, width] in frame pixels")
+    origins: list[list[int]] = Field(min_length=1, max_length=4096, description="each window's [y, x] in the frame")
+    count: int = Field(ge=1, le=4096, description="windows per frame: the graph scores them as one batch")
+    scale: float = Field(gt=0, le=1, description="the frame's scale before it is cut (1: the camera's own pixels)")
 
 
 class PatchSpec(Loose):
-    stride: int = Field(ge=1, le=1024)
-    grid: list[int] = Field(min_length=2, max_length=2)
-    pooling: Literal["max", "top1pct"]
-    blur_sigma: float = Field(ge=0, le=1000)
-    tiles: TilesSpec | None = None  # a frame scored in overlapping windows (runtime/model/tiles.py)
+    stride: int = Field(ge=1, le=1024, description="input pixels per patch")
+    grid: list[int] = Field(min_length=2, max_length=2, description="patches per [row, column] of the input")
+    pooling: Literal["max", "top1pct"] = Field(description="image score: the worst patch, or the mean of the worst 1%")
+    blur_sigma: float = Field(ge=0, le=1000, description="Gaussian blur of the anomaly map, in patches")
+    tiles: TilesSpec | None = Field(None, description="a frame scored in overlapping windows (runtime/model/tiles.py)")
 
 
 class NamedFile(Loose):
-    file: str = Field(pattern=FILE_NAME)
+    file: str = Field(pattern=FILE_NAME, description="a plain file name inside the bundle, listed in files")
 
 
 class BackboneSpec(Loose):
-    name: str
-    weights: str | None = Field(None, pattern=FILE_NAME)
+    name: str = Field(description="the backbone (efficientnet_lite0, dinov2_vits14, ...)")
+    weights: str | None = Field(None, pattern=FILE_NAME, description="its weights file in the bundle, if any")
 
 
 class KnnSpec(Loose):
-    bank: str = Field(pattern=FILE_NAME)
+    bank: str = Field(pattern=FILE_NAME, description="the memory bank's file (bank.npz)")
 
 
 class ManifestSchema(Loose):
-    format_version: int
-    model_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    backbone: BackboneSpec
-    input: InputSpec
-    normalisation: Normalisation
-    embedding_dim: int = Field(ge=1, le=65536)
-    scorer: str = "global"  # which ones this runtime knows is checked by runtime.bundle, with an upgrade hint
-    patch: PatchSpec | None = None
-    knn: KnnSpec | None = None
-    threshold: ThresholdSpec
-    files: dict[str, str]
-    onnx: NamedFile | None = None
-    engine: NamedFile | None = None
+    format_version: int = Field(description="the bundle layout's version; a runtime refuses one it does not know")
+    model_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                          description="the model's name on every verdict; a revision adds -rN")
+    backbone: BackboneSpec = Field(description="the network that turns a frame into features")
+    input: InputSpec = Field(description="the size frames are resized to")
+    normalisation: Normalisation = Field(description="what the graph does to pixels before the backbone")
+    embedding_dim: int = Field(ge=1, le=65536, description="feature size per patch (or per image)")
+    scorer: str = Field("global", description="global, patch or knn (runtime/model/bundle.py names those it knows)")
+    patch: PatchSpec | None = Field(None, description="patch scorers: the grid, pooling and tiles")
+    knn: KnnSpec | None = Field(None, description="the knn scorer's memory bank")
+    threshold: ThresholdSpec = Field(description="the threshold in force and what it promises")
+    files: dict[str, str] = Field(description="SHA-256 of every other file in the bundle, by plain name")
+    onnx: NamedFile | None = Field(None, description="the exported graph, after coft export")
+    engine: NamedFile | None = Field(None, description="the TensorRT engine, after coft build-engine on the box")
 
     @field_validator("files")
     @classmethod
@@ -121,6 +124,48 @@ class ManifestSchema(Loose):
             if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
                 raise ValueError(f"checksum of {name} is not a SHA-256 hex digest")
         return files
+
+
+def field_table() -> list[str]:
+    """docs/bundle.md's table of the manifest fields the runtime checks, made from ManifestSchema (so the two
+    cannot disagree: tests/test_bundle.py compares them)."""
+    schema = ManifestSchema.model_json_schema()
+    defs = schema.get("$defs", {})
+
+    def kind(prop: dict) -> str:
+        if "enum" in prop:
+            return " or ".join(f"`{v}`" for v in prop["enum"])
+        if prop.get("type") == "array":
+            return f"list of {kind(prop['items'])}"
+        if prop.get("type") == "object":
+            return "name -> text"
+        return prop.get("type", "object")
+
+    def limits(prop: dict) -> str:
+        said = [f"{word} {prop[key]:g}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                           ("maximum", "<=")) if key in prop]
+        if "minItems" in prop:
+            low, high = prop["minItems"], prop["maxItems"]
+            said.append(f"{low} items" if low == high else f"{low} to {high} items")
+        if "pattern" in prop:
+            said.append("a plain name: letters, digits, `._-`, at most 128")
+        return ", ".join(said)
+
+    def rows(model: dict, prefix: str) -> list[str]:
+        out = []
+        for name, prop in model["properties"].items():
+            options = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
+            inner = options[0]
+            optional = "" if name in model.get("required", []) else " (optional)"
+            if "$ref" in inner:
+                nested = defs[inner["$ref"].split("/")[-1]]
+                out.append(f"| `{prefix}{name}` | object{optional} |  | {prop.get('description', '')} |")
+                out += rows(nested, f"{prefix}{name}.")
+            else:
+                out.append(f"| `{prefix}{name}` | {kind(inner)}{optional} | {limits(inner)} | "
+                           f"{prop.get('description', '')} |")
+        return out
+    return ["| field | type | limits | what |", "|---|---|---|---|", *rows(schema, "")]
 
 
 def canonical(manifest: dict[str, Any]) -> bytes:
