@@ -42,10 +42,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import cached_features, find_category, knn_scores, machine, product_size  # noqa: E402
+from fewshot import cached_features, find_category, machine, product_size  # noqa: E402
 
 from coft.runtime.model.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
-from coft.runtime.model.coreset import greedy_coreset  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.model.scoring import MemoryBank, pool  # noqa: E402
 from coft.runtime.model.threshold import fit_threshold  # noqa: E402
@@ -55,7 +54,7 @@ from coft.train.embed import to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.metrics import detection_metrics, rates_at  # noqa: E402
 from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
-from coft.train.scorers.knn import DEFAULT_CAP, bank_views  # noqa: E402
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate  # noqa: E402
 
 TARGET_FRR = 0.01
 STEPS = ("shots", "learn", "naive", "clean")
@@ -126,9 +125,11 @@ def shot_patches(backbone, shots: np.ndarray, size: tuple[int, int]) -> np.ndarr
 
 
 def shots_bank(backbone, shots: np.ndarray, size: tuple[int, int], seed: int) -> MemoryBank:
-    """The product's k-shot bank: every pose of the shots, cut to the cap by the greedy coreset."""
-    flat = shot_patches(backbone, shots, size)
-    return MemoryBank(np.ascontiguousarray(flat[greedy_coreset(flat, DEFAULT_CAP, seed)]))
+    """The product's k-shot bank: every pose of the shots, cut to the cap by the greedy coreset, its ViT blocks
+    weighted as coft train weighs them."""
+    views = unit(bank_views(backbone, to_pixels(list(shots), size), AugmentConfig()))
+    blocks = len(getattr(backbone, "layers", (0,)))
+    return fit_and_calibrate(views.astype(np.float32), DEFAULT_CAP, "top1pct", seed, blocks=blocks)[0]
 
 
 def retrain_run(category: Path, data, shots: np.ndarray, stream: np.ndarray, work: Path, seed: int) -> dict:
@@ -184,16 +185,15 @@ def main() -> None:
                 labels, line = data.labels[test], patches[stream].numpy()
                 is_bad = data.labels[stream] == 1
 
-                def scored(bank: MemoryBank) -> np.ndarray:
-                    return pool(knn_scores(torch.from_numpy(bank.features), patches[test]), "top1pct")
+                def scored(bank: MemoryBank) -> np.ndarray:  # as the product scores: each ViT block on its own
+                    return pool(bank.score(patches[test].numpy()), "top1pct")
 
                 def grown(chosen: np.ndarray) -> MemoryBank:  # the shots' bank and these frames, as learn does
                     return bank_of(shot_bank, line, chosen, LearnConfig(cap=DEFAULT_CAP, seed=seed))[0]
 
                 # the product's order: commission on the stream, then learn; the commissioned threshold's rejects
                 # are the line's and never enter the bank
-                commissioned = fit_threshold(pool(knn_scores(torch.from_numpy(shot_bank.features), patches[stream]),
-                                                  "top1pct"), TARGET_FRR)["value"]
+                commissioned = fit_threshold(pool(shot_bank.score(line), "top1pct"), TARGET_FRR)["value"]
                 tracemalloc.start()
                 started = time.perf_counter()
                 growth = grow(shot_bank, line, "top1pct", np.zeros(n, bool), None, LearnConfig(seed=seed),

@@ -9,10 +9,13 @@ For each category and seed: k good shots as bench/fewshot.py draws them, every o
 DINOv2 at the product's input size, banks of the shots in every pose cut to the product's cap by the greedy coreset,
 image score the mean of the worst 1% of patches. Steps:
 
-- knn:             the product today (block 9)
+- knn:             block 9 alone (the default before blocks 6+9+12)
 - block B:         the bank of block B's patch tokens instead
 - blocks A+B(+C):  one bank per block, each block's patch distances put on one scale by the shots' own leave-one-out
                    distances (median 0, 99th percentile 1: no defect involved), averaged per patch (SuperADD)
+- the product:     blocks 6+9+12 as shipped (runtime.scoring.MemoryBank's block_weights): one coreset over the
+                   blocks side by side, so the rows are shared, each block searched on its own, weighted by the
+                   spread of the shots' distances to the capped bank without their own rows (train/scorers/knn.py)
 - light:           block 9, the bank also from the shots at 0.8x and 1.2x brightness and with camera noise (sigma 8):
                    coft train --light-views (train/augment.py)
 - light + blocks:  both
@@ -55,7 +58,7 @@ from coft.train.embed import to_pixels  # noqa: E402
 from coft.train.evaluate import labelled_images  # noqa: E402
 from coft.train.metrics import rates_at  # noqa: E402
 from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
-from coft.train.scorers.knn import DEFAULT_CAP, bank_views, poses  # noqa: E402
+from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, poses  # noqa: E402
 
 BLOCKS = (6, 9, 12)
 PRODUCT_BLOCK = 9
@@ -183,6 +186,15 @@ def fused(distances: dict[int, np.ndarray], loo: dict[int, np.ndarray], blocks: 
     return np.mean(scaled, axis=0)
 
 
+def product_bank(views: dict[int, np.ndarray], features: dict[int, np.ndarray], test: np.ndarray, seed: int
+                 ) -> np.ndarray:
+    """Patch distances [n, P] of the test frames as the shipped bank gives them (train/scorers/knn.py)."""
+    side_by_side = np.concatenate([views[b] for b in BLOCKS], axis=-1) / np.sqrt(len(BLOCKS))
+    fitted, _ = fit_and_calibrate(side_by_side.astype(np.float32), DEFAULT_CAP, "top1pct", seed, blocks=len(BLOCKS))
+    frames = np.concatenate([features[b][test] for b in BLOCKS], axis=-1).astype(np.float32) / np.sqrt(len(BLOCKS))
+    return fitted.score(frames)
+
+
 def recent_frames(scores: np.ndarray, descriptors: np.ndarray, order: np.ndarray, shots: tuple[np.ndarray, np.ndarray],
                   admit_at: float | None, neighbours: int = NEIGHBOURS) -> np.ndarray:
     """Each frame's score judged against the recent frames before it in `order`; `admit_at`: the line's threshold
@@ -241,6 +253,7 @@ def measure_category(category: Path, args) -> list[dict]:
         for name, views in (("joint 6+9", plain), ("light + joint 6+9", lit)):  # one bank over both blocks' tokens
             maps[name] = knn_scores(bank(joint(views), seed, 2 * DIM), torch.from_numpy(joint(features)[test]))
         maps["own image"] = own_image(plain_d[PRODUCT_BLOCK], features[PRODUCT_BLOCK][test], grid)
+        maps["the product: blocks 6+9+12, shared rows"] = product_bank(plain, features, test, seed)
         scores = {name: pool(m, "top1pct") for name, m in maps.items()}
 
         looks = np.stack([descriptor(p) for p in features[PRODUCT_BLOCK][test]])

@@ -78,17 +78,26 @@ class MahalanobisPatches(nn.Module):
 class NearestNeighbourPatches(nn.Module):
     """Patch scores [N, P]: 1 - cosine similarity to the nearest bank row (MatMul + ReduceMax, the bank a constant),
     raised where a marked defect row is nearer (MemoryBank.score; a zero row alone when none is marked, so that
-    `coft learn` can put marked defects into any exported graph)."""
+    `coft learn` can put marked defects into any exported graph). A bank over several ViT blocks holds its rows per
+    block ([B, C / B, M]): each block's nearest row is its own, and the blocks' distances are weighted."""
 
     def __init__(self, bank: MemoryBank):
         super().__init__()
-        self.register_buffer("bank_t", torch.from_numpy(np.ascontiguousarray(bank.features.T, dtype=np.float32)))
-        self.register_buffer("defects_t", torch.from_numpy(np.ascontiguousarray(bank.defect_rows.T)))
+        self.blocks = bank.blocks
+        self.register_buffer("bank_t", torch.from_numpy(bank.graph_constant(bank.features)))
+        self.register_buffer("defects_t", torch.from_numpy(bank.graph_constant(bank.defect_rows)))
+        weights = np.ones(1, np.float32) if bank.block_weights is None else bank.block_weights.astype(np.float32)
+        self.register_buffer("weights", torch.from_numpy(weights).view(1, -1, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        best = (features @ self.bank_t).amax(dim=2)
-        near_defect = (features @ self.defects_t).amax(dim=2)
-        return 1.0 - best + (near_defect - best).clamp_min(0.0)
+        if self.blocks == 1:
+            best = (features @ self.bank_t).amax(dim=2)
+            near_defect = (features @ self.defects_t).amax(dim=2)
+            return 1.0 - best + (near_defect - best).clamp_min(0.0)
+        per_block = features.unflatten(2, (self.blocks, -1)).transpose(1, 2)  # [N, B, P, C / B]
+        best = (per_block @ self.bank_t).amax(dim=3) * self.blocks
+        near_defect = (per_block @ self.defects_t).amax(dim=3) * self.blocks
+        return ((1.0 - best + (near_defect - best).clamp_min(0.0)) * self.weights).sum(dim=1)
 
 
 class PatchInspectionModel(nn.Module):

@@ -213,10 +213,11 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
         views = bank_views(backbone, windows(pixels, tiling), options.augment)  # a tiled frame's windows, each posed
         views = views.reshape(len(pixels), -1, *views.shape[2:])
         scoring, loo = fit_and_calibrate(views, options.coreset, pooling, options.seed,
-                                         tiled_view_scores(tiling, options.augment, pooling) if tiling else None)
+                                         tiled_view_scores(tiling, options.augment, pooling) if tiling else None,
+                                         len(getattr(backbone, "layers", (0,))))
         if loo is None and tiling:
             raise CoftError("--tiles: a tiled bundle's threshold is calibrated leaving one shot out; give 3 or more shots")
-        file, fit = BANK, knn_fit(options.coreset, pooling)
+        file, fit = BANK, knn_fit(options.coreset, pooling, scoring.block_weights)
         if loo is not None:
             threshold = threshold_from_scores(loo, "leave-one-out", options.target_false_reject_rate)
     elif scorer == "patch":
@@ -232,6 +233,11 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
     threshold["calibration_images"] = shots  # what an estimate from the shots rests on: no promise (runtime/model/promise.py)
     poses = views.shape[1] // (len(tiling) if tiling else 1) // light_count(options.augment) if scorer == "knn" else None
     return FittedScorer(scorer, scoring, file, pooling, poses, threshold, self_check)
+
+
+def block_weights_of(bank) -> dict:
+    """What the manifest says of a bank over several ViT blocks (bank.npz holds the weights the runtime uses)."""
+    return {} if bank.block_weights is None else {"block_weights": [round(float(w), 4) for w in bank.block_weights]}
 
 
 def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tuple[int, int], size_from: str,
@@ -258,7 +264,8 @@ def bundle_manifest(paths: list[Path], options: TrainOptions, backbone, size: tu
                       "blur_sigma": BLUR_SIGMA, **({"tiles": tiling.as_manifest(options.tiles)} if tiling else {})}}
            if fitted.name in POOLING else {}),
         **({"knn": {"bank": BANK, "bank_size": len(fitted.scoring), "coreset_cap": options.coreset,
-                    "metric": "cosine", "poses": fitted.poses}} if fitted.name == "knn" else {}),
+                    "metric": "cosine", "poses": fitted.poses, **block_weights_of(fitted.scoring)}}
+           if fitted.name == "knn" else {}),
         "threshold": fitted.threshold,
         "training": {
             "method": options.method,

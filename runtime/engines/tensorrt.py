@@ -24,7 +24,7 @@ from coft.runtime.engines.fused_nearest import FusedNearest
 from coft.runtime.engines.fused_scoring import FusedScorer
 from coft.runtime.model.bundle import Bundle, sha256
 from coft.runtime.model.errors import CoftError
-from coft.runtime.model.scoring import defect_pull
+from coft.runtime.model.scoring import MemoryBank, defect_pull
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +144,14 @@ class TensorRTEngine:
             embeddings = self.host_embeddings[:n].copy()
             if self.patches:
                 patch_scores = self.host_scores[:rows].reshape(n, self.patches)
-                defects = getattr(self.bundle.scoring, "defects", None)
-                if defects is None:
+                bank = self.bundle.scoring
+                if not isinstance(bank, MemoryBank) or bank.defects is None:
                     parts.append(patch_inference(self.bundle, patch_scores, embeddings, self.host_image_scores[:n].copy()))
-                else:  # marked defects' rows: a few dozen, in numpy on the features the engine gave (MemoryBank.score)
-                    near = (embeddings @ self.bundle.bank.defect_rows.T).max(axis=2)
+                elif bank.blocks == 1:  # marked defects' rows: a few dozen, in numpy on the features the engine gave
+                    near = (embeddings @ bank.defect_rows.T).max(axis=2)
                     parts.append(patch_inference(self.bundle, defect_pull(1.0 - patch_scores, near), embeddings))
+                else:  # a bank per block with marked defects: each block's pull needs its own nearest row (numpy)
+                    parts.append(patch_inference(self.bundle, bank.score(embeddings), embeddings))
             else:
                 parts.append(Inference(self.host_scores[:n].copy(), embeddings))
         return concatenate(parts)

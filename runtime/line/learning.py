@@ -69,15 +69,15 @@ def graph_with_bank(onnx_path: Path, bank: MemoryBank, out: Path) -> None:
     if BANK_CONSTANT not in constants:
         raise CoftError(f"{onnx_path}: no memory-bank constant {BANK_CONSTANT} in the graph; export the bundle again "
                         "with this version ('coft export')")
-    replaced = {BANK_CONSTANT: bank.features.T}
+    replaced = {BANK_CONSTANT: bank.graph_constant(bank.features)}
     if DEFECTS_CONSTANT in constants:
-        replaced[DEFECTS_CONSTANT] = bank.defect_rows.T
+        replaced[DEFECTS_CONSTANT] = bank.graph_constant(bank.defect_rows)
     elif bank.defects is not None:
         raise CoftError(f"{onnx_path}: the graph has no defect rows ({DEFECTS_CONSTANT}) for the marked defects; "
                         "export the bundle again with this version ('coft export')")
     old_sizes = set()
     for name, value in replaced.items():
-        old_sizes.add(constants[name].dims[1])
+        old_sizes.add(constants[name].dims[-1])  # the rows: [C, rows] or, a bank per block, [B, C / B, rows]
         constants[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
     shapes = [v for v in model.graph.value_info
               if not old_sizes & {d.dim_value for d in v.type.tensor_type.shape.dim}]

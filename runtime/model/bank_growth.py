@@ -28,12 +28,12 @@ patches, and lost AUROC.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from coft.runtime.model.coreset import greedy_coreset
-from coft.runtime.model.scoring import MemoryBank, defect_pull, pool
+from coft.runtime.model.scoring import MemoryBank, pool
 from coft.runtime.model.threshold import suspects
 from coft.runtime.model.tiles import Tiling
 
@@ -69,15 +69,8 @@ DEFECT_CAP = 1_024  # defect rows kept, the newest: a few dozen marks are what a
 def leave_one_out(bank: MemoryBank, owner: np.ndarray, patches: np.ndarray, pooling: str,
                   tiling: Tiling | None = None) -> np.ndarray:
     """Each frame's score [frames] against the bank without the rows it gave."""
-    bank_t = np.ascontiguousarray(bank.features.T)
-    defects_t = np.ascontiguousarray(bank.defect_rows.T)
-    scores = np.empty(len(patches))
-    for f, frame in enumerate(patches):
-        sims = frame.astype(np.float32) @ bank_t
-        sims[:, owner == f] = -np.inf
-        patch_scores = defect_pull(sims.max(axis=1), (frame.astype(np.float32) @ defects_t).max(axis=1))
-        scores[f] = pool(patch_scores[None], pooling, tiling)[0]
-    return scores
+    return np.array([pool(bank.score(frame, leave_out=owner == f)[None], pooling, tiling)[0]
+                     for f, frame in enumerate(patches)])
 
 
 def with_marked_defects(bank: MemoryBank, marked: np.ndarray) -> MemoryBank:
@@ -85,11 +78,11 @@ def with_marked_defects(bank: MemoryBank, marked: np.ndarray) -> MemoryBank:
     defect rows: where a frame differs from the good parts is where its defect is (a mark has no outline)."""
     if not len(marked):
         return bank
-    distances = MemoryBank(bank.features).score(marked)  # to the good rows alone
+    distances = replace(bank, defects=None).score(marked)  # to the good rows alone
     worst = np.argsort(distances, axis=1)[:, -DEFECT_PATCHES:]
     rows = np.take_along_axis(marked, worst[..., None], axis=1).reshape(-1, marked.shape[-1])
     kept = rows if bank.defects is None else np.concatenate([bank.defects, rows])
-    return MemoryBank(bank.features, np.ascontiguousarray(kept[-DEFECT_CAP:], np.float32))
+    return replace(bank, defects=np.ascontiguousarray(kept[-DEFECT_CAP:], np.float32))
 
 
 def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: LearnConfig
@@ -99,7 +92,7 @@ def bank_of(bank: MemoryBank, patches: np.ndarray, offered: np.ndarray, config: 
     candidates = np.concatenate([bank.features, patches[frames].reshape(-1, patches.shape[-1])])
     owners = np.concatenate([np.full(len(bank), -1), np.repeat(frames, patches.shape[1])])
     keep = greedy_coreset(candidates, config.cap, config.seed)
-    return MemoryBank(np.ascontiguousarray(candidates[keep], np.float32), bank.defects), owners[keep]
+    return replace(bank, features=np.ascontiguousarray(candidates[keep], np.float32)), owners[keep]
 
 
 def grow(bank: MemoryBank, patches: np.ndarray, pooling: str, good: np.ndarray, barred: np.ndarray | None,

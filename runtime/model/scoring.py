@@ -94,14 +94,25 @@ class MemoryBank:
 
     `defects` are the worst patches of frames an operator marked as real defects: a patch
     more like one of them than like any good row scores more, by how much more (up to twice
-    its distance), so the defects a line has seen stand out further above its good parts."""
+    its distance), so the defects a line has seen stand out further above its good parts.
+
+    `block_weights`: the rows hold the tokens of several ViT blocks side by side (each block's
+    part 1/sqrt(B) of a unit row, as the backbone concatenates them). Each block then finds
+    its own nearest row, and a patch's score is the blocks' distances weighted so that each
+    speaks on one scale (SuperADD: a defect one block sees is not averaged away by the
+    block the nearest row suits; docs/accuracy.md)."""
 
     features: np.ndarray  # [M, C] float32, L2-normalised rows
     defects: np.ndarray | None = None  # [K, C] float32 unit rows of marked defects, or None
+    block_weights: np.ndarray | None = None  # [B] float32 summing to 1, or None: one block
 
     @property
     def dim(self) -> int:
         return self.features.shape[1]
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.block_weights is None else len(self.block_weights)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -112,24 +123,41 @@ class MemoryBank:
         rows = np.zeros((1, self.dim), np.float32)
         return rows if self.defects is None else np.concatenate([rows, self.defects.astype(np.float32)])
 
-    def score(self, features: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    def graph_constant(self, rows: np.ndarray) -> np.ndarray:
+        """Rows [M, C] as the exported graph holds them: [C, M], or [B, C / B, M] per block."""
+        if self.blocks == 1:
+            return np.ascontiguousarray(rows.T, np.float32)
+        return np.ascontiguousarray(rows.reshape(len(rows), self.blocks, -1).transpose(1, 2, 0), np.float32)
+
+    def score(self, features: np.ndarray, chunk: int = 4096, leave_out: np.ndarray | None = None) -> np.ndarray:
         """1 - max cosine similarity to the bank, raised where a marked defect is nearer, [..., C] -> [...];
-        features are unit vectors as the backbone gives them."""
+        features are unit vectors as the backbone gives them. `leave_out`: rows [M] bool compared with nothing
+        (a frame's own rows, to judge it as if it had not given them)."""
+        distances = self.block_distances(features, chunk, leave_out)
+        return distances[0] if self.block_weights is None else np.tensordot(self.block_weights, distances, axes=1)
+
+    def block_distances(self, features: np.ndarray, chunk: int = 4096, leave_out: np.ndarray | None = None
+                        ) -> np.ndarray:
+        """Each block's distances [B, ...] (score's, before the blocks are weighted)."""
         if features.shape[-1] != self.dim:
             raise CoftError(f"patch features of shape {features.shape} do not fit a memory bank of dimension {self.dim}")
         flat = features.reshape(-1, self.dim).astype(np.float32)
-        defects = self.defect_rows.T
-        scores = []
-        for i in range(0, len(flat), chunk):
-            best = (flat[i:i + chunk] @ self.features.T).max(axis=1)
-            scores.append(defect_pull(best, (flat[i:i + chunk] @ defects).max(axis=1)))
-        return np.concatenate(scores).reshape(features.shape[:-1])
+        width, out = self.dim // self.blocks, np.empty((self.blocks, len(flat)), np.float32)
+        for b in range(self.blocks):
+            columns = slice(b * width, (b + 1) * width)
+            rows, defects = self.features[:, columns].T, self.defect_rows[:, columns].T
+            for i in range(0, len(flat), chunk):
+                part = flat[i:i + chunk, columns]
+                sims = part @ rows
+                if leave_out is not None:
+                    sims[:, leave_out] = -np.inf
+                out[b, i:i + chunk] = defect_pull(self.blocks * sims.max(axis=1), self.blocks * (part @ defects).max(axis=1))
+        return out.reshape(self.blocks, *features.shape[:-1])
 
     def save(self, path: Path) -> None:
-        if self.defects is None:
-            np.savez(path, features=self.features)
-        else:
-            np.savez(path, features=self.features, defects=self.defects)
+        arrays = {key: value for key, value in (("features", self.features), ("defects", self.defects),
+                                                 ("block_weights", self.block_weights)) if value is not None}
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub takes keyword arrays for allow_pickle
 
     @classmethod
     def load(cls, path: Path) -> MemoryBank:
@@ -137,6 +165,7 @@ class MemoryBank:
             with np.load(path, allow_pickle=False) as data:
                 features = data["features"].astype(np.float32)
                 defects = data["defects"].astype(np.float32) if "defects" in data else None
+                weights = data["block_weights"].astype(np.float32) if "block_weights" in data else None
         except (OSError, KeyError, ValueError) as exc:
             raise CoftError(f"{path}: not a valid memory-bank file ({exc}); retrain the bundle") from exc
         if features.ndim != 2 or not len(features):
@@ -144,7 +173,11 @@ class MemoryBank:
         if defects is not None and (defects.ndim != 2 or defects.shape[1] != features.shape[1]):
             raise CoftError(f"{path}: defect rows of shape {defects.shape} do not fit the bank's {features.shape}; "
                             "run coft learn again")
-        return cls(features, defects)
+        if weights is not None and (weights.ndim != 1 or features.shape[1] % len(weights)
+                                    or not np.all(weights >= 0) or not np.isclose(weights.sum(), 1, atol=1e-4)):
+            raise CoftError(f"{path}: block weights {weights} do not fit the bank's {features.shape[1]} columns or "
+                            "do not sum to 1; retrain the bundle")
+        return cls(features, defects, weights)
 
 
 def defect_pull(best: np.ndarray, near_defect: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -113,6 +114,25 @@ def coreset(features: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
         progress.close()
 
 
+def block_weights(bank: MemoryBank, owner: np.ndarray, views: np.ndarray, blocks: int) -> np.ndarray | None:
+    """Each ViT block's weight in a bank over `blocks` of them: the inverse of how widely the shots' own patches
+    (each shot as it is, against the rows the others gave) lie from their nearest row in that block, the 99th
+    percentile over the median, the weights summing to 1; so each block's distances speak on one scale and no
+    defect comes into it (SuperADD; docs/accuracy.md). None for one block; equal weights for a single shot."""
+    if blocks == 1:
+        return None
+    if len(views) < 2:
+        log.info("memory bank: one shot, so the %d blocks are weighted alike (two or more let the shots weigh them)",
+                 blocks)
+        return np.full(blocks, 1 / blocks, np.float32)
+    per_block = replace(bank, block_weights=np.full(blocks, 1 / blocks, np.float32))
+    distances = np.concatenate([per_block.block_distances(views[i, 0], leave_out=owner == i)
+                                for i in range(len(views))], axis=1)  # [B, shots * P]
+    spreads = np.quantile(distances, 0.99, axis=1) - np.median(distances, axis=1)
+    inverse = 1 / np.maximum(spreads, 1e-6)
+    return (inverse / inverse.sum()).astype(np.float32)
+
+
 def _capped(views: np.ndarray, cap: int, seed: int) -> tuple[MemoryBank, np.ndarray]:
     """The bank of views [..., P, C] capped by a greedy coreset, and the flat indices of the rows it kept."""
     flat = views.reshape(-1, views.shape[-1]).astype(np.float32)
@@ -127,21 +147,22 @@ def _capped(views: np.ndarray, cap: int, seed: int) -> tuple[MemoryBank, np.ndar
     return MemoryBank(np.ascontiguousarray(flat[keep])), keep
 
 
-def fit_bank(views: np.ndarray, cap: int = DEFAULT_CAP, seed: int = 0) -> MemoryBank:
-    """A memory bank from patch-feature views [..., P, C], capped by a greedy coreset."""
-    return _capped(views, cap, seed)[0]
+def fit_bank(views: np.ndarray, cap: int = DEFAULT_CAP, seed: int = 0, weights: np.ndarray | None = None
+             ) -> MemoryBank:
+    """A memory bank from patch-feature views [..., P, C], capped by a greedy coreset; `weights`: its blocks'."""
+    return replace(_capped(views, cap, seed)[0], block_weights=weights)
 
 
-def knn_fit(cap: int = DEFAULT_CAP, pooling: str = "top1pct") -> Fit:
+def knn_fit(cap: int = DEFAULT_CAP, pooling: str = "top1pct", weights: np.ndarray | None = None) -> Fit:
     """For threshold calibration: a bank from views [n, P, C] scores views [m, P, C] -> [m]."""
     def fit(views: np.ndarray):
-        bank = fit_bank(views, cap)
+        bank = fit_bank(views, cap, weights=weights)
         return lambda items: pool(bank.score(items), pooling)
     return fit
 
 
 def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = "top1pct", seed: int = 0,
-                      image_scores: Callable[[np.ndarray], np.ndarray] | None = None
+                      image_scores: Callable[[np.ndarray], np.ndarray] | None = None, blocks: int = 1
                       ) -> tuple[MemoryBank, np.ndarray | None]:
     """The bank from views [k, V, P, C], and leave-one-out scores of each image's views against it without that image.
 
@@ -149,12 +170,15 @@ def fit_and_calibrate(views: np.ndarray, cap: int = DEFAULT_CAP, pooling: str = 
     the rows it contributed (what the coreset would have kept without it, near enough), so
     calibration costs one coreset, not k + 1. None for fewer than 3 images (see threshold.py).
     `image_scores` turns one image's view patch scores [V, P] into its scores (default: each view pooled; a tiled
-    bundle's: tiled_view_scores)."""
+    bundle's: tiled_view_scores). `blocks`: the ViT blocks side by side in a row, weighted by block_weights."""
     k = len(views)
     bank, keep = _capped(views, cap, seed)
+    owner = keep // (views[0].size // views.shape[-1])  # each image contributed V * P consecutive rows
+    bank = replace(bank, block_weights=block_weights(bank, owner, views, blocks))
+    if bank.block_weights is not None:
+        log.info("memory bank: %d blocks, weighted %s by the shots' spread", blocks, np.round(bank.block_weights, 3))
     if k < 3:
         return bank, None
     scored = image_scores or (lambda view_scores: pool(view_scores, pooling))
-    owner = keep // (views[0].size // views.shape[-1])  # each image contributed V * P consecutive rows
-    return bank, np.concatenate([scored(MemoryBank(bank.features[owner != i]).score(views[i]))
+    return bank, np.concatenate([scored(bank.score(views[i], leave_out=owner == i))
                                  for i in bar(range(k), "threshold (leave-one-out)", unit="image")])

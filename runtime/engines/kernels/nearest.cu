@@ -3,11 +3,15 @@
 //   patch_score[r] = 1 - max_j <f_r, b_j>          f_r: unit patch feature, b_j: unit bank row
 //   image_score[n] = mean of the TOPK largest patch scores of image n
 //
+// With BLOCKS > 1 a row holds BLOCKS ViT blocks' tokens side by side (each 1/sqrt(BLOCKS) of the
+// unit row): each block finds its own nearest bank row, and a patch's score is the blocks'
+// distances 1 - BLOCKS * max_j <f_r,z, b_j,z> weighted by block_weight (runtime.scoring.MemoryBank).
+//
 // reads the patch features the TensorRT engine wrote ([N * PATCHES, DIM], fp32) against
 // the bank uploaded once when the runtime starts ([M, DIM], fp32 or fp16), and writes
 // every patch's cosine distance to its nearest bank row and each image's pooled score.
 //
-// Work split: grid = (tiles of ROWS = 64 feature rows, slices of the bank). A block of
+// Work split: grid = (tiles of ROWS = 64 feature rows, slices of the bank, BLOCKS). A block of
 // 16 x 16 threads walks its bank slice in tiles of 64 rows; both tiles pass through
 // shared memory KCHUNK dimensions at a time and each thread accumulates a 4 x 4 block of
 // dot products (feature rows ty + 16 i, bank rows tx + 16 j: a half-warp reads 16
@@ -20,7 +24,8 @@
 //
 // Compile-time parameters: DIM (feature size, required), PATCHES (patches per image,
 // required, at most 2048), TOPK (patches pooled per image: 1 = worst patch), BANK_HALF
-// (bank stored in fp16, halving the bytes read; accumulation stays fp32).
+// (bank stored in fp16, halving the bytes read; accumulation stays fp32), BLOCKS (ViT
+// blocks side by side in a row, default 1; their weights are set in block_weight at load).
 
 #include <cuda_fp16.h>
 
@@ -36,6 +41,15 @@
 #if PATCHES > 2048 || TOPK < 1 || TOPK > PATCHES
 #error "need 1 <= TOPK <= PATCHES <= 2048"
 #endif
+#ifndef BLOCKS
+#define BLOCKS 1
+#endif
+#if BLOCKS < 1 || DIM % BLOCKS
+#error "DIM must be a multiple of BLOCKS"
+#endif
+#define WIDTH (DIM / BLOCKS)
+
+__constant__ float block_weight[BLOCKS];  // summing to 1; the launcher writes them once
 
 #define ROWS 64
 #define BANK_ROWS 64
@@ -69,21 +83,21 @@ nearest_fused(const float* __restrict__ features, const bank_t* __restrict__ ban
     __shared__ float b_tile[KCHUNK][BANK_ROWS + 1];
     __shared__ bool last_block;
     const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * 16 + tx;
-    const int row0 = blockIdx.x * ROWS;
+    const int row0 = blockIdx.x * ROWS, column0 = blockIdx.z * WIDTH;
     const int slice = (bank_rows + gridDim.y - 1) / gridDim.y;
     const int b_begin = blockIdx.y * slice, b_end = min(bank_rows, b_begin + slice);
 
     float row_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
     for (int b0 = b_begin; b0 < b_end; b0 += BANK_ROWS) {
         float acc[4][4] = {};
-        for (int k0 = 0; k0 < DIM; k0 += KCHUNK) {
+        for (int k0 = 0; k0 < WIDTH; k0 += KCHUNK) {
             for (int i = tid; i < ROWS * KCHUNK; i += THREADS) {
                 const int r = i / KCHUNK, k = i % KCHUNK, gr = row0 + r, gk = k0 + k;
-                f_tile[k][r] = (gr < rows && gk < DIM) ? features[(size_t)gr * DIM + gk] : 0.f;
+                f_tile[k][r] = (gr < rows && gk < WIDTH) ? features[(size_t)gr * DIM + column0 + gk] : 0.f;
             }
             for (int i = tid; i < BANK_ROWS * KCHUNK; i += THREADS) {
                 const int r = i / KCHUNK, k = i % KCHUNK, gb = b0 + r, gk = k0 + k;
-                b_tile[k][r] = (gb < b_end && gk < DIM) ? load_bank(bank[(size_t)gb * DIM + gk]) : 0.f;
+                b_tile[k][r] = (gb < b_end && gk < WIDTH) ? load_bank(bank[(size_t)gb * DIM + column0 + gk]) : 0.f;
             }
             __syncthreads();
 #pragma unroll 8
@@ -109,18 +123,22 @@ nearest_fused(const float* __restrict__ features, const bank_t* __restrict__ ban
         for (int offset = 8; offset; offset >>= 1)
             row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], offset, 16));
         const int r = row0 + ty + 16 * i;
-        if (tx == 0 && r < rows && b_begin < b_end) atomicMax(&best[r], ordered(row_max[i]));
+        if (tx == 0 && r < rows && b_begin < b_end) atomicMax(&best[r * BLOCKS + blockIdx.z], ordered(row_max[i]));
     }
 
     __threadfence();
     __syncthreads();
-    if (tid == 0) last_block = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y - 1;
+    if (tid == 0) last_block = atomicAdd(ticket, 1u) == gridDim.x * gridDim.y * gridDim.z - 1;
     __syncthreads();
     if (!last_block) return;
     __threadfence();
 
     for (int r = tid; r < rows; r += THREADS) {
-        patch_score[r] = 1.f - unordered(atomicExch(&best[r], 0u));
+        float score = 0.f;
+        for (int z = 0; z < BLOCKS; ++z)
+            score += (BLOCKS == 1 ? 1.f : block_weight[z])
+                     * (1.f - BLOCKS * unordered(atomicExch(&best[r * BLOCKS + z], 0u)));
+        patch_score[r] = score;
     }
     __syncthreads();
 
