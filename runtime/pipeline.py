@@ -133,9 +133,10 @@ class RuntimeView:
                 "last_verdict": recent[-1].as_dict() if recent else None,
                 "last_problem": r.problems.last.get(name),
             }
-        manifest = now.bundle.manifest
-        return {"model_id": now.bundle.model_id, "revision_of": manifest.get("revision_of"),
-                "threshold_method": manifest["threshold"]["method"], "threshold_promise": describe(manifest["threshold"]),
+        spec = now.bundle.spec
+        return {"model_id": now.bundle.model_id, "revision_of": spec.revision_of,
+                "threshold_method": spec.threshold.method,
+                "threshold_promise": describe(now.bundle.manifest["threshold"]),  # the record as the fit wrote it
                 "engine": now.engine.name,
                 "line": r.config.broker.line, "started": r.started, "uptime_s": round(time.time() - r.started, 1),
                 "commissioning": r.revisions.status(), "learning": r.revisions.learning,
@@ -149,7 +150,7 @@ class RuntimeView:
         """The commissioning review of the model running (line/review.py), or a one-line CoftError saying why none.
         After learning, the frames are still judged on the threshold commissioning fitted (their scores' scale)."""
         bundle = self._runtime.inspector.bundle
-        folder = (bundle.manifest.get("commissioning") or {}).get("frames_folder")
+        folder = bundle.spec.commissioning.frames_folder if bundle.spec.commissioning else None
         threshold = commissioned_threshold(bundle.path, bundle.manifest)
         if threshold is None:
             raise CoftError(f"no commissioning review: the threshold of {bundle.model_id} was not fitted by "
@@ -196,7 +197,7 @@ class Runtime:
         raise_open_files_limit()
         bundle = load_bundle(config.bundle, config.trusted_keys)
         engine, choose_engine = provisional_engine(  # auto keeps the arithmetic the line's threshold was fitted on
-            bundle, config.backend, config.threads, None if commission else fitted_precision(bundle.manifest))
+            bundle, config.backend, config.threads, None if commission else fitted_precision(bundle.spec))
         log.info("model %s on %s, threshold %.6g", bundle.model_id,
                  "the fastest installed CPU engine (timed at warm-up)" if choose_engine
                  else engine.name, bundle.threshold)
@@ -348,7 +349,7 @@ class Runtime:
                 service.heartbeat(self.beats, connected)
             self.metrics.outbox_depth.set(self.outbox.depth())
             now = self.inspector.in_force
-            promise = (now.bundle.manifest["threshold"].get("promise") or {}).get("false_reject_rate")
+            promise = now.bundle.spec.threshold.promise.false_reject_rate if now.bundle.spec.threshold.promise else None
             self.metrics.judging_with(now.bundle.model_id, {name: now.threshold.value(name) for name in self.links},
                                       (now.engine.name, now.engine.precision), promise)
         except Exception as exc:  # a heartbeat is news, not the job: say it failed, keep inspecting

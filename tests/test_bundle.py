@@ -126,8 +126,8 @@ def test_tampered_archive_is_refused_and_leaves_nothing(tmp_path):
 
 def test_update_manifest_reseals(tmp_path):
     out = _write(tmp_path / "b")
-    update_manifest(out, {"onnx": {"file": "backbone.pt"}})
-    assert load_bundle(out).manifest["onnx"] == {"file": "backbone.pt"}
+    update_manifest(out, {"onnx": {"file": "backbone.pt", "max_batch": 8}})
+    assert load_bundle(out).spec.onnx.max_batch == 8
 
 
 def test_a_new_threshold_is_a_new_revision_and_the_old_bundle_is_untouched(tmp_path):
@@ -162,7 +162,7 @@ def _edit(out, change, reseal: bool) -> None:
     (lambda m: m["threshold"].update(value="1.5"), True, "threshold.value: Input should be a valid number"),
     (lambda m: m["input"].update(height="32"), True, "input.height: Input should be a valid integer"),
     (lambda m: m.update(onnx={"file": "../../etc/passwd"}), True, "onnx.file: String should match pattern"),
-    (lambda m: m.update(onnx={"file": "model.onnx"}), True, "names model.onnx but does not list its checksum"),
+    (lambda m: m.update(onnx={"file": "model.onnx", "max_batch": 8}), True, "names model.onnx but does not list its checksum"),
     (lambda m: m["files"].update({"../x": "0" * 64}), True, "not a plain name inside the bundle"),
 ])
 def test_edited_or_impossible_manifest_is_refused_in_one_line(tmp_path, change, reseal, message):

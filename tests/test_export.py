@@ -18,7 +18,7 @@ from coft.runtime.engines.tensorrt import TRT_MISSING, check_engine_matches, eng
 from coft.runtime.model.bundle import load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.images import load_folder, resize_to_input
-from coft.runtime.model.manifest import digest
+from coft.runtime.model.manifest import EngineSpec, LineRecord, ManifestSchema, digest
 from tests.support.gpu import CUDA_MISSING
 
 
@@ -118,7 +118,7 @@ def test_int8_without_calibration_frames_is_a_clear_error(exported, tmp_path):
 
 
 def test_engine_from_another_box_is_refused():
-    built = {"tensorrt_version": "10.3.0", "gpu": "Orin", "onnx_sha256": "abc"}
+    built = EngineSpec(file="model.engine", max_batch=8, tensorrt_version="10.3.0", gpu="Orin", onnx_sha256="abc")
     check_engine_matches(built, "10.3.0", "Orin", "abc")
     with pytest.raises(CoftError, match="TensorRT 10.3.0, this box has 10.7.0; rebuild"):
         check_engine_matches(built, "10.7.0", "Orin", "abc")
@@ -129,13 +129,16 @@ def test_engine_from_another_box_is_refused():
 
 
 def test_a_line_threshold_is_known_by_the_precision_of_the_scores_it_was_fitted_on():
-    assert fitted_precision({}) is None  # the shots' threshold: the line fitted none
-    assert fitted_precision({"commissioning": {"engine": "openvino-bf16"}}) == "bf16"  # a record from before precision
-    assert fitted_precision({"commissioning": {"engine": "openvino-bf16", "precision": "f32"}}) == "f32"  # no native bf16
-    assert fitted_precision({"commissioning": {"engine": "tensorrt", "precision": "fp16"},
-                             "learning": {"engine": "onnxruntime", "precision": "f32"}}) == "f32"  # learning refitted it
+    def line(**records) -> ManifestSchema:  # what the line recorded; the rest of the manifest does not matter here
+        return ManifestSchema.model_construct(**{step: LineRecord(**r) for step, r in records.items()})
+    assert fitted_precision(line()) is None  # the shots' threshold: the line fitted none
+    assert fitted_precision(line(commissioning={"engine": "openvino-bf16"})) == "bf16"  # a record from before precision
+    assert fitted_precision(line(commissioning={"engine": "openvino-bf16", "precision": "f32"})) == "f32"  # no native bf16
+    assert fitted_precision(line(commissioning={"engine": "tensorrt", "precision": "fp16"},
+                                 learning={"engine": "onnxruntime", "precision": "f32"})) == "f32"  # learning refitted it
     built = [{"precision": "fp32"}, {"precision": "fp32", "half_factor": True}, {"precision": "int8+fp16"}]
-    assert [engine_precision(meta) for meta in built] == ["f32", "fp16", "int8+fp16"]  # TensorRT's name says none of it
+    assert [engine_precision(EngineSpec(file="model.engine", max_batch=8, **meta)) for meta in built] == [
+        "f32", "fp16", "int8+fp16"]  # TensorRT's name says none of it
 
 
 def test_auto_keeps_the_precision_the_threshold_was_fitted_on(exported, monkeypatch, caplog):

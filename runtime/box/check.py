@@ -22,7 +22,7 @@ def graph_loads(bundle: Bundle, backend: str = "onnxruntime", threads: int = 1) 
     """Open the bundle's graph with the engine the box would use (a sealed bundle can still hold a graph no
     engine reads); returns the engine's name or raises a one-line CoftError."""
     from coft.runtime.engines import fitted_precision, open_engine
-    return open_engine(bundle, backend, threads, fitted_precision(bundle.manifest)).name
+    return open_engine(bundle, backend, threads, fitted_precision(bundle.spec)).name
 
 
 def writable_file(path: Path, key: str) -> None:

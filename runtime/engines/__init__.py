@@ -20,6 +20,7 @@ import numpy as np
 from coft.runtime.engines.base import Engine, Inference
 from coft.runtime.model.bundle import Bundle
 from coft.runtime.model.errors import CoftError
+from coft.runtime.model.manifest import ManifestSchema
 
 __all__ = ["BACKENDS", "CPU_PRECISION", "Engine", "Inference", "auto_candidates", "fitted_precision", "open_engine", "provisional_engine", "tensorrt_unavailable"]
 
@@ -49,16 +50,15 @@ BACKENDS: dict[str, Callable[[Bundle, int], Engine]] = {
     "openvino-bf16": lambda bundle, threads: _openvino(bundle, threads, "bf16"), "tensorrt": _tensorrt}
 
 
-def fitted_precision(manifest: dict) -> str | None:
+def fitted_precision(spec: ManifestSchema) -> str | None:
     """The arithmetic (an engine's `precision`) of the scores the line fitted the bundle's threshold on: the learn
     step's, else commissioning's; None where the line fitted none. A threshold holds on engines of that precision
     only. A record written before engines stated their precision names the backend alone."""
-    for step in ("learning", "commissioning"):
-        done = manifest.get(step) or {}
-        if "precision" in done:
-            return done["precision"]
-        if "engine" in done:
-            return done["engine"].partition("-")[2] or "f32"
+    for done in (spec.learning, spec.commissioning):
+        if done is not None and done.precision:
+            return done.precision
+        if done is not None and done.engine:
+            return done.engine.partition("-")[2] or "f32"
     return None
 
 

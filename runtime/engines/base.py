@@ -26,12 +26,12 @@ def patch_inference(bundle: Bundle, patch_scores: np.ndarray, features: np.ndarr
 
     `image_scores`, where the fused kernel already wrote each image's worst patch, saves
     pooling again for max-pooled bundles."""
-    patch, tiling = bundle.manifest["patch"], bundle.tiling
+    patch, tiling = bundle.patch, bundle.tiling
     if tiling is not None:  # the windows' patch scores onto the frame's grid, as the graph stitches them
         patch_scores, image_scores = tiling.stitched(patch_scores), None
-    if image_scores is None or patch["pooling"] != "max":
-        image_scores = pool(patch_scores, patch["pooling"])
-    maps = anomaly_maps(patch_scores, tuple(patch["grid"]), bundle.input_size, float(patch["blur_sigma"]))
+    if image_scores is None or patch.pooling != "max":
+        image_scores = pool(patch_scores, patch.pooling)
+    maps = anomaly_maps(patch_scores, (patch.grid[0], patch.grid[1]), bundle.input_size, patch.blur_sigma)
     return Inference(image_scores, features, maps)
 
 

@@ -61,15 +61,15 @@ class OnnxRuntimeEngine:
             raise CoftError("ONNX Runtime is not installed: pip install 'coft[runtime]'") from exc
         if precision not in PRECISIONS:
             raise CoftError(f"ONNX Runtime precision {precision!r}: choose {' or '.join(PRECISIONS)}")
-        onnx_info = bundle.manifest.get("onnx")
+        onnx_info = bundle.spec.onnx
         if not onnx_info:
             raise CoftError(f"{bundle.path}: the bundle has no ONNX model; run 'coft export {bundle.path}' first")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.bundle, self.precision = bundle, precision
         self.name = "onnxruntime" if precision == "f32" else f"onnxruntime-{precision}"
-        self.max_batch = int(onnx_info["max_batch"])
-        path = bundle.path / onnx_info["file"]
+        self.max_batch = onnx_info.max_batch
+        path = bundle.path / onnx_info.file
         try:
             graph = int8_graph(path) if precision == "int8" else str(path)
             self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])

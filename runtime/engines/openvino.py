@@ -24,13 +24,13 @@ class OpenVinoEngine:
                             "line.yaml") from exc
         if precision not in PRECISIONS:
             raise CoftError(f"OpenVINO precision {precision!r}: choose {' or '.join(PRECISIONS)}")
-        onnx_info = bundle.manifest.get("onnx")
+        onnx_info = bundle.spec.onnx
         if not onnx_info:
             raise CoftError(f"{bundle.path}: the bundle has no ONNX model; run 'coft export {bundle.path}' first")
         self.bundle = bundle
         self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
-        self.max_batch = int(onnx_info["max_batch"])
-        path = bundle.path / onnx_info["file"]
+        self.max_batch = onnx_info.max_batch
+        path = bundle.path / onnx_info.file
         core = ov.Core()
         onnx_frontend = FrontEndManager().load_by_framework("onnx")
         config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}

@@ -24,6 +24,7 @@ from coft.runtime.engines.fused_nearest import FusedNearest
 from coft.runtime.engines.fused_scoring import FusedScorer
 from coft.runtime.model.bundle import Bundle, sha256
 from coft.runtime.model.errors import CoftError
+from coft.runtime.model.manifest import EngineSpec
 from coft.runtime.model.scoring import MemoryBank, defect_pull
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,14 @@ except Exception as exc:  # pycuda.autoinit raises driver errors on a box withou
     TRT_MISSING = f"TensorRT backend not available: no usable CUDA device ({exc})"
 
 
-def check_engine_matches(engine: dict, tensorrt_version: str, gpu: str, onnx_sha256: str | None) -> None:
+def check_engine_matches(engine: EngineSpec, tensorrt_version: str, gpu: str, onnx_sha256: str | None) -> None:
     """Refuse an engine built elsewhere or from another ONNX graph, with the rebuild command."""
     rebuild = "rebuild it on this box with 'coft build-engine BUNDLE'"
-    if engine.get("tensorrt_version") != tensorrt_version:
-        raise CoftError(f"engine built with TensorRT {engine.get('tensorrt_version')}, this box has {tensorrt_version}; {rebuild}")
-    if engine.get("gpu") != gpu:
-        raise CoftError(f"engine built for GPU '{engine.get('gpu')}', this box has '{gpu}'; {rebuild}")
-    if onnx_sha256 is not None and engine.get("onnx_sha256") != onnx_sha256:
+    if engine.tensorrt_version != tensorrt_version:
+        raise CoftError(f"engine built with TensorRT {engine.tensorrt_version}, this box has {tensorrt_version}; {rebuild}")
+    if engine.gpu != gpu:
+        raise CoftError(f"engine built for GPU '{engine.gpu}', this box has '{gpu}'; {rebuild}")
+    if onnx_sha256 is not None and engine.onnx_sha256 != onnx_sha256:
         raise CoftError(f"engine was built from another model.onnx than the one in the bundle; {rebuild}")
 
 
@@ -54,7 +55,7 @@ def io_shapes(bundle: Bundle, batch: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the engine's input and output tensors for a batch: embeddings [N, D] or patch features [N, P, D]."""
     h, w = bundle.input_size
     patches = bundle.patch_rows
-    dim = bundle.manifest["embedding_dim"]
+    dim = bundle.spec.embedding_dim
     return {"frame": (batch, h, w, 3), "embedding": (batch, patches, dim) if patches else (batch, dim)}
 
 
@@ -77,18 +78,17 @@ def gpu_name() -> str:
 
 def scoring_kernel(bundle: Bundle, max_batch: int, half: bool) -> FusedScorer | FusedNearest:
     """The fused kernel for the bundle's scorer; `half` stores its factor or bank in fp16."""
-    if bundle.manifest["scorer"] == "knn":
-        return FusedNearest(bundle.bank, max_batch, bundle.patch_rows, bundle.manifest["patch"]["pooling"], half)
+    if bundle.spec.scorer == "knn":
+        return FusedNearest(bundle.bank, max_batch, bundle.patch_rows, bundle.patch.pooling, half)
     return FusedScorer(bundle.gaussian, max_batch, half_factor=half, patches=bundle.patch_rows)
 
 
-def engine_precision(meta: dict) -> str:
+def engine_precision(engine: EngineSpec) -> str:
     """The arithmetic a built engine's scores come from: its build flags, and fp16 where only the fused kernel's
     factor or bank is half (a threshold fitted on f32 scores does not carry over to either)."""
-    built = meta.get("precision", "fp32")
-    if built == "fp32":
-        return "fp16" if meta.get("half_factor") else "f32"
-    return built
+    if engine.precision == "fp32":
+        return "fp16" if engine.half_factor else "f32"
+    return engine.precision
 
 
 class TensorRTEngine:
@@ -97,17 +97,17 @@ class TensorRTEngine:
     def __init__(self, bundle: Bundle):
         if TRT_MISSING:
             raise CoftError(f"{TRT_MISSING}; use backend onnxruntime")
-        meta = bundle.manifest.get("engine")
+        meta = bundle.spec.engine
         if not meta:
             raise CoftError(f"{bundle.path}: the bundle has no TensorRT engine; run 'coft build-engine {bundle.path}' on this box")
-        onnx_file = bundle.manifest.get("onnx", {}).get("file")
-        check_engine_matches(meta, trt.__version__, gpu_name(), sha256(bundle.path / onnx_file) if onnx_file else None)
-        self.bundle, self.max_batch = bundle, int(meta["max_batch"])
+        onnx = bundle.spec.onnx
+        check_engine_matches(meta, trt.__version__, gpu_name(), sha256(bundle.path / onnx.file) if onnx else None)
+        self.bundle, self.max_batch = bundle, meta.max_batch
         self.precision = engine_precision(meta)
         runtime = trt.Runtime(TrtLogger())
-        self.engine = runtime.deserialize_cuda_engine((bundle.path / meta["file"]).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine((bundle.path / meta.file).read_bytes())
         if self.engine is None:
-            raise CoftError(f"{bundle.path / meta['file']}: TensorRT could not load the engine; rebuild it with 'coft build-engine'")
+            raise CoftError(f"{bundle.path / meta.file}: TensorRT could not load the engine; rebuild it with 'coft build-engine'")
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
         shapes = io_shapes(bundle, self.max_batch)
@@ -119,7 +119,7 @@ class TensorRTEngine:
         self.image_scores = cuda.mem_alloc(self.max_batch * 4) if self.patches else None
         self.context.set_tensor_address("frame", int(self.frames))
         self.context.set_tensor_address("embedding", int(self.embeddings))
-        self.scorer = scoring_kernel(bundle, self.max_batch, meta.get("half_factor", False))
+        self.scorer = scoring_kernel(bundle, self.max_batch, meta.half_factor)
         self.host_scores = cuda.pagelocked_empty(rows, np.float32)
         self.host_image_scores = cuda.pagelocked_empty(self.max_batch, np.float32)
         self.host_embeddings = cuda.pagelocked_empty(shapes["embedding"], np.float32)

@@ -117,40 +117,42 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     from coft.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     bundle = load_bundle(bundle_dir)
-    if bundle.manifest.get("scorer") != "knn":
+    if bundle.spec.scorer != "knn":
         raise CoftError(f"{bundle.path}: coft learn grows a memory bank, and this bundle's scorer is "
-                        f"{bundle.manifest.get('scorer', 'global')}; train it with --scorer knn (the default)")
+                        f"{bundle.spec.scorer}; train it with --scorer knn (the default)")
     require_graph(bundle.manifest, bundle.path)
+    graph = bundle.spec.onnx
+    assert graph is not None  # require_graph refused a bundle without one
     folder = Path(folder)
     frames = line_frames(folder, bundle.model_id, camera)
     out = Path(out) if out else next_revision(bundle.path.resolve(), bundle.model_id)[0]
     if out.exists():
         raise CoftError(f"{out}: already exists; choose another --out or remove it first")
-    cap = int(bundle.manifest.get("knn", {}).get("coreset_cap") or LearnConfig.cap)
+    cap = (bundle.spec.knn.coreset_cap if bundle.spec.knn else None) or LearnConfig.cap
     config = config or LearnConfig(cap=cap)
     engine = OnnxRuntimeEngine(bundle, threads)
     patches, scores, readable = patch_features(engine, bundle, frames.paths)
     labels = np.array([frames.labels[i] for i in readable])
     good, defect = labels == "good", labels == "defect"
     barred = defect | (frames.rejected[readable] & ~good)  # the line's rejects, unless an operator said good
-    threshold = bundle.manifest["threshold"]
-    pooling = bundle.manifest["patch"]["pooling"]
-    commissioned = bundle.manifest.get("commissioning") is not None  # before that, its threshold is an estimate
+    threshold = bundle.spec.threshold
+    pooling = bundle.patch.pooling
+    commissioned = bundle.spec.commissioning is not None  # before that, its threshold is an estimate
     bank = with_marked_defects(bundle.bank, patches[defect])
     growth = grow(bank, patches, pooling, good, barred, config,
-                  reject_above=float(threshold["value"]) if commissioned else None, scores=scores, tiling=bundle.tiling)
-    target = target or threshold.get("target_false_reject_rate", 0.01)
+                  reject_above=threshold.value if commissioned else None, scores=scores, tiling=bundle.tiling)
+    target = target or threshold.target_false_reject_rate or 0.01
     calibration = growth.scores_after[~defect]
     if len(calibration) < MIN_FRAMES:
         raise CoftError(f"{folder}: {len(calibration)} frames not sorted as defects; the threshold of a grown bank "
                         f"is fitted on at least {MIN_FRAMES}: give more frames")
     fitted = fit_threshold(calibration, target, good=good[~defect])
-    fitted.update(method="learn-conformal", previous=threshold["value"])
+    fitted.update(method="learn-conformal", previous=threshold.value)
     growth.report.update(folder=str(folder), camera=frames.camera, unreadable=len(frames.paths) - len(readable),
                          sorted_defects=int(defect.sum()), line_rejects=int(frames.rejected[readable].sum()),
                          engine=engine.name, precision=engine.precision)
     stage = out.with_name(f".{out.name}.graph")
-    onnx_file = bundle.manifest["onnx"]["file"]
+    onnx_file = graph.file
     bank_bytes = growth.bank.features.nbytes + (growth.bank.defects.nbytes if growth.bank.defects is not None else 0)
     need = (bundle.path / onnx_file).stat().st_size + 2 * bank_bytes  # a new graph with the bank in it, and bank.npz
     if room is None:
@@ -183,5 +185,5 @@ def learn(bundle_dir: str | Path, folder: str | Path, out: str | Path | None = N
     log.info("learn: %d frames, %d of them in the bank (%d the line rejected or an operator sorted as defects, %d "
              "suspects left out); bank %d -> %d rows (%d added, %d of the old dropped); threshold %.5g -> %.5g, %s",
              r["frames"], r["frames_in_bank"], r["barred"], r["suspects"], r["bank_rows_before"], r["bank_rows_after"],
-             r["rows_added"], r["rows_dropped"], threshold["value"], fitted["value"], describe(fitted))
+             r["rows_added"], r["rows_dropped"], threshold.value, fitted["value"], describe(fitted))
     return revision

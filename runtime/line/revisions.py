@@ -45,7 +45,7 @@ class Revisions:
     @staticmethod
     def learns_with(config: RuntimeConfig, bundle: Bundle) -> bool:
         """Whether this line grows its bank after commissioning (commissioning.learn, knn bundles only)."""
-        return bool(config.commissioning and config.commissioning.learn and bundle.manifest.get("scorer") == "knn")
+        return bool(config.commissioning and config.commissioning.learn and bundle.spec.scorer == "knn")
 
     def start_commissioning(self, again: bool) -> None:
         self.commissioning = self.inspector.commissioning = self._planned(again)
@@ -71,7 +71,7 @@ class Revisions:
         """Say where the engine the line runs (auto's choice, known after the warm-up) computes in another precision
         than the scores its threshold was fitted on: that threshold then holds no longer. A line commissioning now
         fits its own."""
-        fitted_on = fitted_precision(self.inspector.bundle.manifest)
+        fitted_on = fitted_precision(self.inspector.bundle.spec)
         engine = self.inspector.engine
         if self.commissioning is None and fitted_on and fitted_on != engine.precision:
             log.warning("commissioning: %s's threshold was fitted on %s scores and this box's %s computes in %s, "
@@ -85,11 +85,11 @@ class Revisions:
         if not plan:
             return None
         if not again:
-            done = self.inspector.bundle.manifest.get("commissioning") or {}
-            if set(self.cameras) <= set(done.get("cameras", [])):
+            done = self.inspector.bundle.spec.commissioning
+            if done is not None and set(self.cameras) <= set(done.cameras):
                 log.info("commissioning: %s was commissioned for %s on %d frames; inspecting at once at its threshold "
                          "(%.6g); 'coft commission' fits it again", self.inspector.bundle.model_id, ", ".join(self.cameras),
-                         done.get("frames", 0), self.inspector.bundle.threshold)
+                         done.frames or 0, self.inspector.bundle.threshold)
                 return None
             revision = commissioned_revision(self.inspector.bundle.path, self.inspector.bundle.model_id, self.cameras)
             if revision is not None:
@@ -115,16 +115,16 @@ class Revisions:
         self.inspector.commissioning = None
         if commissioning is None:
             return
-        old = self.inspector.bundle.manifest["threshold"]
-        try:
-            fitted = commissioning.fit(old)
+        old = self.inspector.bundle.threshold
+        try:  # the fit reads the bundle's threshold record whole: where its good parts scored, its target
+            fitted = commissioning.fit(self.inspector.bundle.manifest["threshold"])
         except CoftError as exc:
             log.error("commissioning: %s", exc)
             return
-        traded = commissioning.traded(old["value"], fitted["value"], self.marked_defect_scores())
+        traded = commissioning.traded(old, fitted["value"], self.marked_defect_scores())
         log.info("commissioning: %d frames, %d suspects dropped, threshold %.6g -> %.6g: %s\n%s", fitted["frames"],
-                 fitted["suspects_dropped"], old["value"], fitted["value"], describe(fitted),
-                 commissioning.histogram(old["value"], fitted["value"]))
+                 fitted["suspects_dropped"], old, fitted["value"], describe(fitted),
+                 commissioning.histogram(old, fitted["value"]))
         log.info("commissioning: what the new threshold trades: %s", commissioning.say_traded(traded))
         try:
             revision = revise(self.inspector.bundle.path.resolve(), {"threshold": fitted, "commissioning": {
@@ -142,7 +142,7 @@ class Revisions:
             log.error("commissioning: the revision %s does not load (%s); judging on with the old threshold",
                       revision, exc)
             return
-        self._switch(written, self.inspector.engine, old["value"], "commissioning")
+        self._switch(written, self.inspector.engine, old, "commissioning")
         if self.learns and commissioning.folder:
             self._start_learning(revision, commissioning.folder)
 
@@ -176,8 +176,8 @@ class Revisions:
             self.learning = {"state": "done", "revision": self.inspector.bundle.model_id}
             self.metrics.learning.state("done")
             return
-        done = self.inspector.bundle.manifest.get("commissioning") or {}
-        folder = Path(done["frames_folder"]) if done.get("frames_folder") else None
+        done = self.inspector.bundle.spec.commissioning
+        folder = Path(done.frames_folder) if done is not None and done.frames_folder else None
         if self.commissioning is not None or folder is None:
             self.metrics.learning.state("waiting")
             return
@@ -243,8 +243,10 @@ class Revisions:
             self.learning = {"state": "failed", "error": str(exc)[:300]}
             self.metrics.learning.state("failed")
             return
-        self.learning = {"state": "done", "revision": grown.model_id, **{
-            k: grown.manifest["learning"][k] for k in ("frames", "frames_in_bank", "suspects", "rows_added")}}
+        learned = grown.spec.learning
+        self.learning = {"state": "done", "revision": grown.model_id,
+                         **(learned.model_dump(include={"frames", "frames_in_bank", "suspects", "rows_added"})
+                            if learned else {})}
         self.metrics.learning.state("done")
 
 

@@ -332,45 +332,54 @@ def _check_parent(bundle_dir: Path, manifest: dict, trusted_keys: list[Path] | t
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle: its directory, manifest and what scores a part (a Gaussian or a memory bank)."""
+    """A verified bundle: its directory, manifest (`spec`, validated; `manifest`, as written, for revisions that
+    copy it) and what scores a part (a Gaussian or a memory bank)."""
 
     path: Path
     manifest: dict[str, Any]
     scoring: Gaussian | MemoryBank
+    spec: manifests.ManifestSchema
 
     @property
     def gaussian(self) -> Gaussian:
         if not isinstance(self.scoring, Gaussian):
-            raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no Gaussian")
+            raise CoftError(f"{self.path}: a {self.spec.scorer} bundle has no Gaussian")
         return self.scoring
 
     @property
     def bank(self) -> MemoryBank:
         if not isinstance(self.scoring, MemoryBank):
-            raise CoftError(f"{self.path}: a {self.manifest['scorer']} bundle has no memory bank")
+            raise CoftError(f"{self.path}: a {self.spec.scorer} bundle has no memory bank")
         return self.scoring
 
     @property
     def scores_patches(self) -> bool:
-        return self.manifest.get("scorer", "global") in PATCH_SCORERS
+        return self.spec.scorer in PATCH_SCORERS
 
     @property
     def model_id(self) -> str:
-        return self.manifest["model_id"]
+        return self.spec.model_id
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self.manifest["input"]["height"], self.manifest["input"]["width"]
+        return self.spec.input.height, self.spec.input.width
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["threshold"]["value"])
+        return self.spec.threshold.value
+
+    @property
+    def patch(self) -> manifests.PatchSpec:
+        """A patch scorer's grid, pooling and tiles (a global scorer has none)."""
+        if self.spec.patch is None:
+            raise CoftError(f"{self.path}: a {self.spec.scorer} bundle scores no patches")
+        return self.spec.patch
 
     @cached_property
     def tiling(self) -> Tiling | None:
         """The windows a tiled bundle scores its frames in (runtime/model/tiles.py), or None: one window; read and
         checked once (the TensorRT path stitches every batch with it)."""
-        return Tiling.from_manifest(self.manifest["patch"], self.input_size) if "patch" in self.manifest else None
+        return Tiling.from_manifest(self.manifest["patch"], self.input_size) if self.spec.patch else None
 
     @property
     def patch_rows(self) -> int:
@@ -381,7 +390,7 @@ class Bundle:
         tiling = self.tiling
         if tiling is not None:
             return len(tiling) * tiling.window_grid[0] * tiling.window_grid[1]
-        rows, cols = self.manifest["patch"]["grid"]
+        rows, cols = self.patch.grid
         return rows * cols
 
     @property
@@ -395,10 +404,11 @@ def load_bundle(path: str | Path, trusted_keys: list[Path] | tuple = ()) -> Bund
     """Verify and load a bundle directory (see `unpack` for an archive)."""
     path = Path(path)
     manifest = read_manifest(path, trusted_keys)
-    scoring = MemoryBank.load(path / BANK) if manifest.get("scorer") == "knn" else Gaussian.load(path / GAUSSIAN)
-    if scoring.dim != manifest["embedding_dim"]:
-        raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {manifest['embedding_dim']}; retrain the bundle")
-    bundle = Bundle(path, manifest, scoring)
+    spec = manifests.ManifestSchema.model_validate(manifest)  # read_manifest refused what does not validate
+    scoring = MemoryBank.load(path / BANK) if spec.scorer == "knn" else Gaussian.load(path / GAUSSIAN)
+    if scoring.dim != spec.embedding_dim:
+        raise CoftError(f"{path}: scoring parameters of dimension {scoring.dim} but manifest says {spec.embedding_dim}; retrain the bundle")
+    bundle = Bundle(path, manifest, scoring, spec)
     bundle.tiling  # noqa: B018  (refused at load, not at the first frame)
     return bundle
 

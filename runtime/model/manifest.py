@@ -64,6 +64,8 @@ class Normalisation(Loose):
 class ThresholdSpec(Loose):
     value: float = Field(gt=0, le=1e7, description="a score above it rejects the part")
     method: str = Field(description="how it was chosen (a conformal fit on good frames, commissioning, an operator...)")
+    target_false_reject_rate: float | None = Field(None, gt=0, lt=1, description="the false-reject rate it aims at")
+    promise: PromiseSpec | None = Field(None, description="what it promises, where enough frames were fitted")
 
     @field_validator("value")
     @classmethod
@@ -90,6 +92,42 @@ class NamedFile(Loose):
     file: str = Field(pattern=FILE_NAME, description="a plain file name inside the bundle, listed in files")
 
 
+class OnnxSpec(NamedFile):
+    max_batch: int = Field(ge=1, le=4096, description="the most frames the graph takes at once")
+
+
+class EngineSpec(NamedFile):
+    max_batch: int = Field(ge=1, le=4096, description="the most frames the engine takes at once")
+    precision: str = Field("fp32", description="what the engine was built in: fp32, fp16 or int8")
+    half_factor: bool = Field(False, description="the fused kernel's factor or bank is stored in fp16")
+    tensorrt_version: str | None = Field(None, description="the TensorRT that built it: another refuses it")
+    gpu: str | None = Field(None, description="the GPU it was built for: another refuses it")
+    onnx_sha256: str | None = Field(None, description="the graph it was built from: another refuses it")
+
+
+class ParentSpec(Loose):
+    folder: str = Field(description="the bundle this box revision was made from, beside it")
+    digest: str = Field(description="that bundle's manifest digest: the revision loads only beside exactly it")
+
+
+class PromiseSpec(Loose):
+    false_reject_rate: float | None = Field(None, ge=0, le=1, description="the false-reject rate promised")
+
+
+class LineRecord(Loose):
+    cameras: list[str] = Field(default=[], description="the cameras whose frames it used")
+    frames: int | None = Field(None, ge=0, description="how many frames it used")
+    frames_folder: str | None = Field(None, description="where it kept its frames (commissioning's: the review's queue)")
+    engine: str | None = Field(None, description="the engine that scored them")
+    precision: str | None = Field(None, description="that engine's arithmetic: the threshold holds on it only")
+
+
+class LearningRecord(LineRecord):
+    frames_in_bank: int | None = Field(None, ge=0, description="frames that gave the grown bank rows")
+    suspects: int | None = Field(None, ge=0, description="frames left out as suspects")
+    rows_added: int | None = Field(None, ge=0, description="rows the line's frames added to the bank")
+
+
 class BackboneSpec(Loose):
     name: str = Field(description="the backbone (efficientnet_lite0, dinov2_vits14, ...)")
     weights: str | None = Field(None, pattern=FILE_NAME, description="its weights file in the bundle, if any")
@@ -97,6 +135,8 @@ class BackboneSpec(Loose):
 
 class KnnSpec(Loose):
     bank: str = Field(pattern=FILE_NAME, description="the memory bank's file (bank.npz)")
+    coreset_cap: int | None = Field(None, ge=0, description="most rows the coreset keeps (0: all); learning keeps it")
+    block_weights: list[float] | None = Field(None, description="each ViT block's weight (bank.npz holds them)")
 
 
 class ManifestSchema(Loose):
@@ -108,12 +148,16 @@ class ManifestSchema(Loose):
     normalisation: Normalisation = Field(description="what the graph does to pixels before the backbone")
     embedding_dim: int = Field(ge=1, le=65536, description="feature size per patch (or per image)")
     scorer: str = Field("global", description="global, patch or knn (runtime/model/bundle.py names those it knows)")
+    revision_of: str | None = Field(None, description="the model a box revision (commissioning, learning) came from")
+    parent: ParentSpec | None = Field(None, description="a box revision's parent bundle")
+    commissioning: LineRecord | None = Field(None, description="what commissioning on the line did")
+    learning: LearningRecord | None = Field(None, description="what coft learn on the line did")
     patch: PatchSpec | None = Field(None, description="patch scorers: the grid, pooling and tiles")
     knn: KnnSpec | None = Field(None, description="the knn scorer's memory bank")
     threshold: ThresholdSpec = Field(description="the threshold in force and what it promises")
     files: dict[str, str] = Field(description="SHA-256 of every other file in the bundle, by plain name")
-    onnx: NamedFile | None = Field(None, description="the exported graph, after coft export")
-    engine: NamedFile | None = Field(None, description="the TensorRT engine, after coft build-engine on the box")
+    onnx: OnnxSpec | None = Field(None, description="the exported graph, after coft export")
+    engine: EngineSpec | None = Field(None, description="the TensorRT engine, after coft build-engine on the box")
 
     @field_validator("files")
     @classmethod
@@ -143,7 +187,7 @@ def field_table() -> list[str]:
 
     def limits(prop: dict) -> str:
         said = [f"{word} {prop[key]:g}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
-                                                           ("maximum", "<=")) if key in prop]
+                                                           ("maximum", "<="), ("exclusiveMaximum", "<")) if key in prop]
         if "minItems" in prop:
             low, high = prop["minItems"], prop["maxItems"]
             said.append(f"{low} items" if low == high else f"{low} to {high} items")
@@ -181,7 +225,7 @@ def digest(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical(manifest)).hexdigest()
 
 
-def validate(manifest: dict[str, Any], where: Path) -> None:
+def validate(manifest: dict[str, Any], where: Path) -> ManifestSchema:
     """Refuse a manifest that was edited, or names files outside the bundle, or holds impossible values."""
     try:
         expected = digest(manifest)
@@ -203,6 +247,7 @@ def validate(manifest: dict[str, Any], where: Path) -> None:
     if spec.scorer == "knn" and spec.threshold.value > 2:
         raise CoftError(f"{where}: threshold {spec.threshold.value} is above 2, the largest cosine distance: "
                         "nothing would ever be rejected; recalibrate with 'coft eval --recalibrate'")
+    return spec
 
 
 # -- signatures ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from coft.runtime.engines.base import Inference
+from coft.runtime.model.manifest import ManifestSchema, ThresholdSpec
 
 
 class ScriptedEngine:
@@ -32,5 +33,8 @@ class ScriptedEngine:
 
 def judging_bundle(model_id: str, threshold: float, size: tuple[int, int], path: Path | None = None) -> SimpleNamespace:
     """What the inspector and the revisions read of a bundle: its id, threshold, input size, manifest and folder."""
-    return SimpleNamespace(model_id=model_id, threshold=threshold, input_size=size, path=path,
+    spec = ManifestSchema.model_construct(scorer="knn", revision_of=None, commissioning=None, learning=None,
+                                          threshold=ThresholdSpec.model_construct(value=threshold, method="fixed",
+                                                                                  promise=None))
+    return SimpleNamespace(model_id=model_id, threshold=threshold, input_size=size, path=path, spec=spec,
                            manifest={"threshold": {"value": threshold}, "scorer": "knn"})
