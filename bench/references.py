@@ -61,7 +61,7 @@ from coft.train.pipeline import TrainOptions, fingerprint  # noqa: E402
 from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, poses  # noqa: E402
 
 BLOCKS = (6, 9, 12)
-PRODUCT_BLOCK = 9
+SINGLE_BLOCK = 9  # the default before blocks 6+9+12, what the other levers are set beside
 DIM = 384
 FUSIONS = ((6, 9), (9, 12), (6, 9, 12))
 TARGET_FRR = 0.01
@@ -246,19 +246,19 @@ def measure_category(category: Path, args) -> list[dict]:
             test_rows = torch.from_numpy(features[b][test])
             plain_d[b] = knn_scores(bank(plain[b], seed), test_rows)
             lit_d[b] = knn_scores(bank(lit[b], seed), test_rows)
-        maps = {"knn": plain_d[PRODUCT_BLOCK], **{f"block {b}": plain_d[b] for b in BLOCKS if b != PRODUCT_BLOCK}}
+        maps = {"knn": plain_d[SINGLE_BLOCK], **{f"block {b}": plain_d[b] for b in BLOCKS if b != SINGLE_BLOCK}}
         maps.update({"blocks " + "+".join(map(str, f)): fused(plain_d, loo, f) for f in FUSIONS})
-        maps["light"] = lit_d[PRODUCT_BLOCK]
+        maps["light"] = lit_d[SINGLE_BLOCK]
         maps.update({"light + blocks " + "+".join(map(str, f)): fused(lit_d, loo, f) for f in FUSIONS})
         for name, views in (("joint 6+9", plain), ("light + joint 6+9", lit)):  # one bank over both blocks' tokens
             maps[name] = knn_scores(bank(joint(views), seed, 2 * DIM), torch.from_numpy(joint(features)[test]))
-        maps["own image"] = own_image(plain_d[PRODUCT_BLOCK], features[PRODUCT_BLOCK][test], grid)
+        maps["own image"] = own_image(plain_d[SINGLE_BLOCK], features[SINGLE_BLOCK][test], grid)
         maps["the product: blocks 6+9+12, shared rows"] = product_bank(plain, features, test, seed)
         scores = {name: pool(m, "top1pct") for name, m in maps.items()}
 
-        looks = np.stack([descriptor(p) for p in features[PRODUCT_BLOCK][test]])
-        shot_looks = np.stack([descriptor(p) for p in features[PRODUCT_BLOCK][shots]])
-        seeded = (shot_looks, pool(loo[PRODUCT_BLOCK], "top1pct"))
+        looks = np.stack([descriptor(p) for p in features[SINGLE_BLOCK][test]])
+        shot_looks = np.stack([descriptor(p) for p in features[SINGLE_BLOCK][shots]])
+        seeded = (shot_looks, pool(loo[SINGLE_BLOCK], "top1pct"))
         line_threshold = float(np.quantile(scores["knn"][labels == 0], 1 - TARGET_FRR))
         orders = {"shuffled": rng.permutation(len(test))}
         chronological = capture_order(category, data.paths, test)
