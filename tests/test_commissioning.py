@@ -305,8 +305,12 @@ def test_harvest_then_retrain_makes_a_new_model_of_the_same_kind(tmp_path, expor
     new = load_bundle(retrain(exported_bundle, tmp_path / "harvest", tmp_path / "retrained", progress=False))
     old = load_bundle(exported_bundle)
     assert new.manifest["revision_of"] == old.model_id and new.model_id != old.model_id
-    assert new.manifest["harvest"] == {**new.manifest["harvest"], "camera": "cam1", "frames": 40, "trained_pool": 39,
-                                       "sorted_defects": 1}
+    rejects = sum(json.loads(p.with_suffix(".json").read_text())["verdict"] == "reject"
+                  for p in (tmp_path / "harvest/cam1").rglob("*.jpg"))  # the sorted one among them
+    assert rejects >= 2  # every 10th frame is a defect: the line rejected more than the one sorted out
+    # neither the sorted defect nor the frames the line rejected (their verdicts say so) are trained on
+    assert new.manifest["harvest"] == {**new.manifest["harvest"], "camera": "cam1", "frames": 40,
+                                       "trained_pool": 40 - rejects, "sorted_defects": 1}
     assert (new.manifest["backbone"]["name"], new.input_size, new.manifest["scorer"]) == \
         (old.manifest["backbone"]["name"], old.input_size, old.manifest["scorer"])
     stranger = json.loads(frames[1].with_suffix(".json").read_text())
