@@ -105,7 +105,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "ratio, or 224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14)")
     g.add_argument("--layers", type=int, nargs="+",
                    help="dinov2_vits14: blocks whose patch tokens are compared, each block finding its own nearest "
-                        "good patch, e.g. 9 (default 6 9 12)")
+                        "good patch, e.g. 6 9 12 (default 9)")
     g.add_argument("--tiles", type=float, default=None, metavar="SCALE",
                    help="knn: score overlapping windows of --size (default 224x224) over the frame at SCALE of the "
                         "shots' size (1 = the camera's own pixels, at most 1), instead of one resize; costs in "
@@ -125,7 +125,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     f.add_argument("--negatives", action="store_true", help="synthesise defects (CutPaste, scars, blobs) as negatives")
     f.add_argument("--trainable-stages", type=int, default=None,
                    help="how many of the backbone's last stages train (default: 1 for CNNs; for dinov2_vits14 "
-                        "the blocks from the first of --layers on, 7 for blocks 6 9 12)")
+                        "the blocks from the first of --layers on, 4 for block 9)")
     f.add_argument("--l2sp", type=float, default=0.0, help="pull toward the pretrained weights")
     a = p.add_argument_group("augmentation (what the part allows)")
     a.add_argument("--no-hflip", action="store_true", help="no left-right mirroring (parts that are not symmetric)")

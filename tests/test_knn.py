@@ -28,9 +28,9 @@ VIT_SIZE = (112, 112)  # 8 x 8 patches: small, the real weights still load
 
 @pytest.fixture(scope="module")
 def knn_bundle(masked_set, tmp_path_factory):  # noqa: F811
-    """A bank over two blocks. Not the default's 6 9 12: at 112 px (8 x 8 patches) block 12's tokens carry the whole
-    image and its map cannot place a stain (on magnetic tiles at 224 px the default's maps place defects as well as
-    block 9's: docs/accuracy.md)."""
+    """A bank over two blocks, each searched on its own. Not 6 9 12: at 112 px (8 x 8 patches) block 12's tokens carry
+    the whole image and its map cannot place a stain (on magnetic tiles at 224 px those three blocks' maps place
+    defects as well as block 9's: docs/accuracy.md)."""
     out = tmp_path_factory.mktemp("knn") / "k.bundle"
     train_bundle(masked_set / "train/good", out, TrainOptions(backbone="dinov2_vits14", size=VIT_SIZE, scorer="knn",
                                                               layers=(6, 9), coreset=256, progress=False))

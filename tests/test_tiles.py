@@ -24,7 +24,7 @@ WINDOW = (56, 56)  # 4 x 4 patches a window: small, the real weights still load
 
 @pytest.fixture(scope="module")
 def tiled_bundle(masked_set, tmp_path_factory):  # noqa: F811
-    """Blocks 6 and 9, not the default's 6 9 12: in a 56 px window (4 x 4 patches) block 12's tokens carry the whole
+    """Blocks 6 and 9 (a bank per block), not 6 9 12: in a 56 px window (4 x 4 patches) block 12's tokens carry the whole
     window and its map cannot place the stain (tests/test_knn.py's bundle says the same at 112 px)."""
     out = tmp_path_factory.mktemp("tiles") / "t.bundle"
     train_bundle(masked_set / "train/good", out, TrainOptions(size=WINDOW, tiles=1.0, coreset=512, layers=(6, 9),
