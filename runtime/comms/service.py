@@ -32,4 +32,3 @@ class Service:
 
     def stop(self, drain_s: float) -> None:
         """After the cameras: `drain_s` for what is still to be sent."""
-

@@ -54,10 +54,10 @@ def fitted_precision(spec: ManifestSchema) -> str | None:
     """The arithmetic (an engine's `precision`) of the scores the line fitted the bundle's threshold on: the learn
     step's, else commissioning's; None where the line fitted none. A threshold holds on engines of that precision
     only. A record written before engines stated their precision names the backend alone."""
-    for done in (spec.learning, spec.commissioning):
-        if done is not None and done.precision:
+    for done in filter(None, (spec.learning, spec.commissioning)):
+        if done.precision:
             return done.precision
-        if done is not None and done.engine:
+        if done.engine:
             return done.engine.partition("-")[2] or "f32"
     return None
 
