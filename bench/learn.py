@@ -128,8 +128,7 @@ def shots_bank(backbone, shots: np.ndarray, size: tuple[int, int], seed: int) ->
     """The product's k-shot bank: every pose of the shots, cut to the cap by the greedy coreset, its ViT blocks
     weighted as coft train weighs them."""
     views = unit(bank_views(backbone, to_pixels(list(shots), size), AugmentConfig()))
-    blocks = len(getattr(backbone, "layers", (0,)))
-    return fit_and_calibrate(views.astype(np.float32), DEFAULT_CAP, "top1pct", seed, blocks=blocks)[0]
+    return fit_and_calibrate(views.astype(np.float32), DEFAULT_CAP, "top1pct", seed, blocks=backbone.feature_blocks)[0]
 
 
 def retrain_run(category: Path, data, shots: np.ndarray, stream: np.ndarray, work: Path, seed: int) -> dict:

@@ -86,8 +86,8 @@ class NearestNeighbourPatches(nn.Module):
         self.blocks = bank.blocks
         self.register_buffer("bank_t", torch.from_numpy(bank.graph_constant(bank.features)))
         self.register_buffer("defects_t", torch.from_numpy(bank.graph_constant(bank.defect_rows)))
-        weights = np.ones(1, np.float32) if bank.block_weights is None else bank.block_weights.astype(np.float32)
-        self.register_buffer("weights", torch.from_numpy(weights).view(1, -1, 1))
+        if bank.block_weights is not None:
+            self.register_buffer("weights", torch.from_numpy(bank.block_weights.astype(np.float32)).view(1, -1, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.blocks == 1:

@@ -214,7 +214,7 @@ def fit_scorer(backbone, pixels: torch.Tensor, options: TrainOptions, generator:
         views = views.reshape(len(pixels), -1, *views.shape[2:])
         scoring, loo = fit_and_calibrate(views, options.coreset, pooling, options.seed,
                                          tiled_view_scores(tiling, options.augment, pooling) if tiling else None,
-                                         len(getattr(backbone, "layers", (0,))))
+                                         backbone.feature_blocks)
         if loo is None and tiling:
             raise CoftError("--tiles: a tiled bundle's threshold is calibrated leaving one shot out; give 3 or more shots")
         file, fit = BANK, knn_fit(options.coreset, pooling, scoring.block_weights)

@@ -39,6 +39,11 @@ class Backbone(nn.Module):
     def embedding_dim(self) -> int:
         return self.channels[-1]
 
+    @property
+    def feature_blocks(self) -> int:
+        """How many blocks' patch features lie side by side in a row, each searched on its own by the knn bank."""
+        return 1
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
 

@@ -205,6 +205,10 @@ class ViTBackbone(Backbone):
         return max(self.layers)
 
     @property
+    def feature_blocks(self) -> int:
+        return len(self.layers)
+
+    @property
     def default_trainable(self) -> int:
         """COFT-AD trains the blocks from the first patch layer on, so fine-tuning reaches the patch features."""
         return BLOCKS - min(self.layers) + 1
