@@ -47,7 +47,7 @@ from host import cpu_name  # noqa: E402
 
 from coft.runtime.model.frames import LineFrames  # noqa: E402
 from coft.runtime.model.images import list_images, read_image, resize_to_input  # noqa: E402
-from coft.runtime.model.threshold import FITS, fit_threshold, review_queue, reviewed_promise  # noqa: E402
+from coft.runtime.model.threshold import FITS, fit_threshold, in_pool, review_queue, reviewed_promise  # noqa: E402
 from coft.train.evaluate import frame_scorer  # noqa: E402
 from coft.train.metrics import detection_metrics, escape_at_false_reject, rates_at  # noqa: E402
 from coft.train.pipeline import fingerprint  # noqa: E402
@@ -211,6 +211,15 @@ def review_clicks(scores: np.ndarray, labels: np.ndarray, value: float, goal: fl
     return len(queue), None
 
 
+def pool_errors(scores: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """Where the promise pool's cut erred on these frames: good frames it took for defects (each a false reject the
+    threshold is not fitted to keep), and defects it kept above every good frame in the pool (each raising the
+    threshold over good parts' reach)."""
+    pooled = in_pool(scores)
+    top_good = scores[pooled & (labels == 0)].max(initial=-np.inf)
+    return int((~pooled & (labels == 0)).sum()), int((pooled & (labels == 1) & (scores > top_good)).sum())
+
+
 def review_summary(draws: list[list[tuple[int, int | None]]]) -> dict:
     """Per goal: the median queue, the share of draws whose review reaches it, the median clicks of those."""
     summary = {}
@@ -231,7 +240,7 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share:
             rows.append({"frames": size, "threshold": "not run", "why": why})
             continue
         for fit in ["bundle", "oracle", "commissioning", *FITS]:
-            frr, esc, held, kept_bundle, clicks = [], [], [], [], []
+            frr, esc, held, kept_bundle, clicks, pooled = [], [], [], [], [], []
             for run in runs:
                 labels, scores = run["labels"], run["scores"]
                 rng = np.random.default_rng(size)
@@ -248,6 +257,7 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share:
                         kept_bundle.append(fitted["method"] == "commissioning-kept-bundle")
                         clicks.append([review_clicks(scores[drawn], labels[drawn], threshold, goal * target)
                                        for goal in REVIEWED])
+                        pooled.append(pool_errors(scores[drawn], labels[drawn]))
                     else:
                         fitted = fit_threshold(scores[drawn], target, fit)
                         threshold = fitted["value"]
@@ -268,7 +278,9 @@ def commissioning_rows(runs: list[dict], target: float, sizes: list[int], share:
                              "if_defects_held": float(np.mean([h[2] for h in held])) if held else None,
                              "if_defects": float(np.mean([h[3] for h in held])) if held else None,
                              "kept_bundle": float(np.mean(kept_bundle)) if kept_bundle else None,
-                             "review": review_summary(clicks) if clicks else None})
+                             "review": review_summary(clicks) if clicks else None,
+                             "pool": dict(zip(("good_cut", "defects_on_top"), np.mean(pooled, axis=0).tolist()))
+                             if pooled else None})
     return rows
 
 
@@ -339,6 +351,12 @@ def main() -> None:
         lines += [f"| {r['frames']} | {goal} x target | {v['queue']:.0f} | {v['reached']:.0%} | "
                   + (f"{v['clicks']:.0f} |" if v["clicks"] is not None else "- |")
                   for r in reviewed for goal, v in ((g[:-1], v) for g, v in r["review"].items())]
+    pools = [r for r in commissioning if r.get("pool")]
+    if pools:
+        lines += ["", "Where the promise pool's cut erred (commissioning rows; frames per draw, mean): good frames "
+                  "beyond the cut, taken for defects, and defects inside it above every good frame", "",
+                  "| commissioning frames | good frames cut | defects kept on top |", "|---|---|---|"]
+        lines += [f"| {r['frames']} | {r['pool']['good_cut']:.2f} | {r['pool']['defects_on_top']:.2f} |" for r in pools]
     if camera:
         lines += ["", f"Camera pipeline (seed {args.seeds[0]}, good test images at the model input):", "",
                   "| frames | median score | shift vs stills | false-reject at the stills' 1% threshold |",

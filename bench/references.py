@@ -24,7 +24,7 @@ image score the mean of the worst 1% of patches. Steps:
 - own image:       each patch's distance the smaller of the bank's and that to the image's own 90% most normal
                    patches, its 3x3 neighbourhood left out (SNARM)
 - recent frames:   the knn score judged against the 5 (or 20) most similar of the last 100 accepted frames of the stream
-                   (runtime/model/references.py), the window seeded with the shots; a frame enters only if the line
+                   (RecentFrames below), the window seeded with the shots; a frame enters only if the line
                    accepted it (knn score at or below the 1%-false-reject threshold of the stream); "no rule": every
                    frame enters. In capture order where the category has stream.txt (BSData: pitting grows over time),
                    and in a shuffled order (the seed's)
@@ -285,7 +285,7 @@ def main() -> None:
     write(args, [row for category in chosen_categories(args) for row in measure_category(category, args)])
 
 
-def write(args, runs: list[dict]) -> None:
+def write(args, runs: list[dict], report: str = "references") -> None:
     measured = [r for r in runs if "auroc" in r]
     names = list(dict.fromkeys(r["category"] for r in measured))
     steps = list(dict.fromkeys(r["step"] for r in measured))
@@ -306,7 +306,7 @@ def write(args, runs: list[dict]) -> None:
             worst = min(np.mean([r["auroc"] for r in p]) for p in per)
             lines.append(f"| **mean of {len(per)}** | {step} | " + " | ".join(f"{means[k]:.3f}" for k in HEADLINE)
                          + f" (worst AUROC {worst:.3f}) |")
-    write_report(args.out, "references", {"meta": {"dataset": args.dataset, "machine": machine(), "shots": args.shots,
+    write_report(args.out, report, {"meta": {"dataset": args.dataset, "machine": machine(), "shots": args.shots,
                                                    "seeds": args.seeds, "cap": DEFAULT_CAP, "blocks": BLOCKS},
                                           "runs": runs}, lines)
 
