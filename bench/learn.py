@@ -13,6 +13,9 @@ knn scorer (mean of the worst 1% of patches) on the same frozen DINOv2 features:
            commissioned threshold are the line's rejects: never in the bank), its refitted threshold
 - naive:   every stream frame in the bank, no defence (what growing blindly costs)
 - clean:   only the stream's good frames (perfect filtering: the ceiling of this step)
+- reviewed: `coft learn` after an operator sorted the commissioning review queue (the stream's frames above the
+           commissioned threshold, one click each, the truth as the label): the good ones offer their patches, the
+           defects are marked (their worst patches join the defect rows); "clicks" is the queue's length
 - retrain: with --retrain, today's `coft retrain` (FUN-AD, then a new bundle on the rest)
            for the first seed and the first N and share: its time and peak memory
 
@@ -44,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fewshot import cached_features, find_category, machine, product_size  # noqa: E402
 
-from coft.runtime.model.bank_growth import LearnConfig, bank_of, grow  # noqa: E402
+from coft.runtime.model.bank_growth import LearnConfig, bank_of, grow, with_marked_defects  # noqa: E402
 from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.model.scoring import MemoryBank, pool  # noqa: E402
-from coft.runtime.model.threshold import fit_threshold  # noqa: E402
+from coft.runtime.model.threshold import fit_threshold, review_queue  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
 from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import to_pixels  # noqa: E402
@@ -75,15 +78,16 @@ def measure(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> 
     return row
 
 
-def product_features(root: Path, cache: Path):
-    """The set's images, the product's frozen backbone and every image's unit patch features [n, P, C], from the
-    cache bench/fewshot.py keeps (its key: one cache for every benchmark)."""
+def product_features(root: Path, cache: Path, layers: tuple[int, ...] | None = None):
+    """The set's images, the product's frozen backbone (its default blocks, or `layers`, as coft train --layers) and
+    every image's unit patch features [n, P, C], from the cache bench/fewshot.py keeps (its key: one cache for every
+    benchmark)."""
     category = find_category(root)
     data = labelled_images(category)
     options = TrainOptions()
     size = product_size(data, options.size)
     frames = np.stack([resize_to_input(read_image(p), size) for p in tqdm(data.paths, desc="reading", unit="img")])
-    backbone = load_backbone(options.backbone, None, size, None)
+    backbone = load_backbone(options.backbone, None, size, layers)
     key = (f"{category.name}-{fingerprint(data.paths)[:16]}-{options.backbone}-{size[0]}x{size[1]}-"
            f"{'_'.join(map(str, getattr(backbone, 'layers', [])))}-t1")
     patches = cached_features(backbone, frames, size, 1, cache, key)[1]
@@ -158,11 +162,13 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.05, 0.15], help="defect shares of the stream")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--retrain", action="store_true", help="also today's coft retrain, once (slow: many minutes)")
+    parser.add_argument("--layers", type=int, nargs="+", help="ViT blocks, as coft train --layers (default: its)")
     parser.add_argument("--cache", type=Path, default=Path("bench-out/cache"), help="frozen features kept between runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out/learn"))
     args = parser.parse_args()
 
-    category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache)
+    category, data, frames, backbone, patches = product_features(args.dataset_root, args.cache,
+                                                                  tuple(args.layers) if args.layers else None)
     size = frames.shape[1:3]
     patches = torch.from_numpy(patches)
     good, bad = np.flatnonzero(data.labels == 0), np.flatnonzero(data.labels == 1)
@@ -192,7 +198,8 @@ def main() -> None:
 
                 # the product's order: commission on the stream, then learn; the commissioned threshold's rejects
                 # are the line's and never enter the bank
-                commissioned = fit_threshold(pool(shot_bank.score(line), "top1pct"), TARGET_FRR)["value"]
+                shot_scores = pool(shot_bank.score(line), "top1pct")
+                commissioned = fit_threshold(shot_scores, TARGET_FRR)["value"]
                 tracemalloc.start()
                 started = time.perf_counter()
                 growth = grow(shot_bank, line, "top1pct", np.zeros(n, bool), None, LearnConfig(seed=seed),
@@ -201,7 +208,15 @@ def main() -> None:
                 peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
                 tracemalloc.stop()
                 learned = fit_threshold(growth.scores_after, TARGET_FRR)["value"]
+                queue = review_queue(shot_scores, commissioned)
+                sorted_good, sorted_bad = np.zeros(n, bool), np.zeros(n, bool)
+                sorted_good[queue[~is_bad[queue]]], sorted_bad[queue[is_bad[queue]]] = True, True
+                reviewed = grow(with_marked_defects(shot_bank, line[sorted_bad]), line, "top1pct", sorted_good,
+                                sorted_bad, LearnConfig(seed=seed), reject_above=commissioned)
+                refitted = fit_threshold(reviewed.scores_after[~sorted_bad], TARGET_FRR,
+                                         good=sorted_good[~sorted_bad])["value"]
                 banks = {"shots": (shot_bank, commissioned), "learn": (growth.bank, learned),
+                         "reviewed": (reviewed.bank, refitted),
                          "naive": (grown(np.ones(n, bool)), None), "clean": (grown(~is_bad), None)}
                 base = {"seed": seed, "frames": n, "share": share, "defects_in_stream": int(n_bad)}
                 for step, (bank, threshold) in banks.items():
@@ -211,6 +226,8 @@ def main() -> None:
                                    defects_in_bank=int((growth.offered & is_bad).sum()),
                                    good_left_out=int((~growth.offered & ~is_bad).sum()),
                                    rows_added=growth.report["rows_added"])
+                    if step == "reviewed":
+                        row.update(clicks=len(queue), defects_in_bank=int((reviewed.offered & is_bad).sum()))
                     runs.append(row)
                     print(json.dumps(row), flush=True)
                 if args.retrain and seed == args.seeds[0] and n == args.frames[0] and share == args.shares[0]:
@@ -227,13 +244,14 @@ def main() -> None:
 
 def write(args, category: Path, runs: list[dict], skipped: list[str]) -> None:
     meta = {"dataset": str(category), "shots": args.shots, "seeds": args.seeds, "machine": machine(),
-            "backbone": TrainOptions.backbone, "cap": DEFAULT_CAP}
-    lines = [f"# The line learns: {category.name}, {args.shots} shots + N unlabelled frames", "",
+            "backbone": TrainOptions.backbone, "layers": args.layers, "cap": DEFAULT_CAP}
+    blocks = f", blocks {' '.join(map(str, args.layers))}" if args.layers else ""
+    lines = [f"# The line learns: {category.name}, {args.shots} shots + N unlabelled frames{blocks}", "",
              f"Seeds {args.seeds}, {meta['machine']['cpu']} ({meta['machine']['cpu_threads']} threads). Mean over seeds; "
              "escape at 1% / 5% false-reject on the test set (oracle thresholds); FRR / escape at each step's own "
              "threshold (shots: commissioned on the stream; learn: refitted by the step).", "",
-             "| N | defects | step | AUROC | AP | escape@1% | escape@5% | FRR / escape at its threshold | defective frames in bank | s | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| N | defects | step | AUROC | AP | escape@1% | escape@5% | FRR / escape at its threshold | defective frames in bank | clicks | s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for run in runs:
         groups.setdefault((run["frames"], run["share"], run["step"]), []).append(run)
@@ -243,7 +261,8 @@ def write(args, category: Path, runs: list[dict], skipped: list[str]) -> None:
             return f"{np.mean(values):.{digits}f}" if values else "-"
         at = f"{float(mean('false_reject_rate')):.1%} / {float(mean('escape_rate')):.1%}" if rs[0].get("escape_rate") is not None else "-"
         lines.append(f"| {n} | {share:.0%} | {step} | {mean('auroc')} | {mean('ap')} | {mean('escape_at_1pct_frr')} | "
-                     f"{mean('escape_at_5pct_frr')} | {at} | {mean('defects_in_bank', 1)} | {mean('seconds', 0)} | "
+                     f"{mean('escape_at_5pct_frr')} | {at} | {mean('defects_in_bank', 1)} | {mean('clicks', 1)} | "
+                     f"{mean('seconds', 0)} | "
                      f"{mean('peak_mb', 0)} |")
     lines += [""] + [f"Skipped: {s}" for s in dict.fromkeys(skipped)]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from coft.runtime.line.review import Review
 from coft.runtime.line.revisions import Revisions
 from coft.runtime.line.thresholds import ThresholdState
 from coft.runtime.line.verdict import Verdict
-from coft.runtime.model.bundle import commissioned_threshold, load_bundle
+from coft.runtime.model.bundle import commissioned_ancestor, load_bundle
 from coft.runtime.model.errors import CoftError
 from coft.runtime.model.promise import describe
 from coft.runtime.process.disk import Reserve, hold_line
@@ -151,18 +151,18 @@ class RuntimeView:
         After learning, the frames are still judged on the threshold commissioning fitted (their scores' scale)."""
         bundle = self._runtime.inspector.bundle
         folder = bundle.spec.commissioning.frames_folder if bundle.spec.commissioning else None
-        threshold = commissioned_threshold(bundle.path, bundle.manifest)
-        if threshold is None:
+        commissioned = commissioned_ancestor(bundle.path, bundle.manifest)
+        if commissioned is None:
             raise CoftError(f"no commissioning review: the threshold of {bundle.model_id} was not fitted by "
                             "commissioning (commission the line: coft commission, or a commissioning: block)")
         if not folder:
             raise CoftError("no commissioning review: commissioning kept no frames (commissioning.keep_frames: false)")
-        return Review(Path(folder), threshold)
+        return Review(Path(folder), commissioned[1])
 
 
 class RuntimeControls:
     """The line's controls (comms/view.py) for an operator (the page) or a PLC (OPC UA, Sparkplug): thresholds,
-    triggering a part, and acknowledging an outbox's new epoch."""
+    triggering a part, acknowledging an outbox's new epoch, and learning from the sorted commissioning review."""
 
     def __init__(self, runtime: Runtime):
         self._runtime = runtime
@@ -186,6 +186,9 @@ class RuntimeControls:
 
     def trigger(self, camera: str, part_id: str) -> None:
         self._runtime.intake.trigger_from_plc(camera, part_id)
+
+    def learn_from_review(self, via: str) -> str:
+        return self._runtime.revisions.learn_from_review(via)
 
 
 class Runtime:

@@ -333,7 +333,7 @@ def test_the_commissioning_review_keeps_its_threshold_after_learning_grew_the_ba
     """Known since three sessions: the page's review answered 404 once learning had replaced the commissioned
     revision. The review's frames were scored on the commissioned model, so it is judged on that threshold,
     found through the learned revision's parents, beside it (or through a box's `current` link)."""
-    from coft.runtime.model.bundle import commissioned_threshold
+    from coft.runtime.model.bundle import commissioned_ancestor
     out = _write(tmp_path / "models" / "line1")
     fitted = {"value": 2.0, "method": "commissioning-conformal", "target_false_reject_rate": 0.01}
     commissioned = revise(out, {"threshold": fitted, "commissioning": {"cameras": ["cam1"], "frames_folder": "f"}})
@@ -341,10 +341,10 @@ def test_the_commissioning_review_keeps_its_threshold_after_learning_grew_the_ba
     again = revise(learned, {"threshold": {"value": 0.6, "method": "learn-conformal", "previous": 0.7}})
     current = tmp_path / "current"
     current.symlink_to(again)
-    assert commissioned_threshold(current, load_bundle(current).manifest) == fitted
-    assert commissioned_threshold(out, load_bundle(out).manifest) is None  # never commissioned: no review
+    assert commissioned_ancestor(current, load_bundle(current).manifest) == (commissioned.resolve(), fitted)
+    assert commissioned_ancestor(out, load_bundle(out).manifest) is None  # never commissioned: no review
     shutil.rmtree(commissioned)  # its revision removed by hand: no threshold to judge on, said as none
-    assert commissioned_threshold(current, load_bundle(current).manifest) is None
+    assert commissioned_ancestor(current, load_bundle(current).manifest) is None
 
 
 def test_docs_list_the_manifest_fields_the_schema_checks():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.support.broker import Mosquitto, Subscriber, free_port
-from tests.support.runtime import ROOT, start_runtime, write_config
+from tests.support.runtime import ROOT, api, start_runtime, write_config
 from tests.support.wait import wait_until
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -53,17 +53,6 @@ def line(tmp_path_factory):
         backbone="efficientnet_lite0", method="frozen", scorer="patch", views=4, progress=False))
     export_onnx(bundle, max_batch=8)
     return root, bundle
-
-
-def api(port: int, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body is not None else "GET",
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture
@@ -236,6 +225,8 @@ def test_the_commissioning_review_sorts_rejected_frames_one_click_each_and_the_p
         assert after["false_reject_rate"] < before["false_reject_rate"]  # defects no longer count as false rejects
         wait_until(lambda: browser.find_element(By.ID, "review-promise").text == f"Promise now: {after['promise']}.",
                    what="the page's promise to follow")
+        wait_until(lambda: "run 'coft learn" in browser.find_element(By.ID, "review-learning").text,
+                   what="the page to say how the line learns from the sorted review (this line does not by itself)")
         folder = next(tmp_path.glob("commissioning-*"))
         moved = {i["file"]: i["sorted"] for i in after["queue"]}
         assert all((folder / label / name).is_file() and not (folder / name).exists() for name, label in moved.items())

@@ -55,3 +55,6 @@ class LineControls(Protocol):
 
     def acknowledge_new_epoch(self, via: str) -> dict:
         """An operator has seen why the outbox started a new epoch."""
+
+    def learn_from_review(self, via: str) -> str:
+        """Operators have sorted the whole commissioning review: learn again with their word; what it does, one line."""

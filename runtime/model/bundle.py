@@ -193,14 +193,15 @@ def commissioned_revision(bundle_dir: Path, model_id: str, cameras: list[str]) -
     return max(found)[1] if found else None
 
 
-def commissioned_threshold(bundle_dir: str | Path, manifest: dict[str, Any]) -> dict | None:
-    """The threshold commissioning fitted for this model, or for the revision it grew from: learning keeps the
-    commissioning block, but its frames were scored on the commissioned model's scale, not the grown one's. None
-    where no revision in its line of parents (revise's `parent`, beside it) was commissioned."""
+def commissioned_ancestor(bundle_dir: str | Path, manifest: dict[str, Any]) -> tuple[Path, dict] | None:
+    """The revision commissioning wrote for this model (this one, or the one it grew from) and the threshold it
+    fitted: learning keeps the commissioning block, but its frames were scored on the commissioned model's scale,
+    not the grown one's, and learning again starts from it. None where no revision in its line of parents (revise's
+    `parent`, beside it) was commissioned."""
     folder = Path(bundle_dir).resolve()
     for _ in range(256):  # a chain of revisions is short; a loop of parents must not hang the page
         if str(manifest["threshold"].get("method", "")).startswith("commissioning"):
-            return manifest["threshold"]
+            return folder, manifest["threshold"]
         parent = (manifest.get("parent") or {}).get("folder")
         if not parent:
             return None

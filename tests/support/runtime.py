@@ -40,3 +40,19 @@ def assert_complete_and_ordered(verdicts: list[dict]) -> list[int]:
     assert first == sorted(first), "verdicts arrived out of order"
     assert first == list(range(1, max(seqs) + 1)), f"missing seqs: {sorted(set(range(1, max(seqs) + 1)) - set(seqs))}"
     return first
+
+
+def api(port: int, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    """The live page's JSON API: GET, or POST `body` with the operator token; (HTTP status, answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

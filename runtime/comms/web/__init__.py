@@ -285,6 +285,7 @@ class WebServer(LoopService, Service):
         who = self.authorise(request, f"sorting commissioning frame {name} as {label}")
         review = await self.current_review()
         try:
+            unsorted = await asyncio.to_thread(review.label, name) is None
             target = await asyncio.to_thread(review.sort, name, label)
         except CoftError as exc:
             raise _error(web.HTTPNotFound, str(exc)) from None
@@ -294,6 +295,8 @@ class WebServer(LoopService, Service):
         state = await asyncio.to_thread(review.state)
         audit.info("AUDIT commissioning-review frame=%s operator=%s to=%s via=%s promise=%r", name, label, target, who,
                    state["promise"])
+        if unsorted and not state["left"]:  # this click sorted the last frame: the bank can learn their word
+            state["learning"] = await asyncio.to_thread(self.controls.learn_from_review, who)
         return web.json_response(state)
 
     # -- operator actions --------------------------------------------------------------------

@@ -238,9 +238,10 @@ async function pollReview() {
     for (const label of ["good", "defect"]) {
       tile.querySelector(`.sort-${label}`).addEventListener("click", async () => {
         try {
-          await act(`${url}/${label}`);
+          const answer = await act(`${url}/${label}`);
           review.dataset.shown = "";
           await pollReview();
+          if (answer.learning) document.getElementById("review-learning").textContent = answer.learning;
         } catch (error) { feedback.textContent = `refused: ${error.message}`; }
       });
     }
