@@ -1,8 +1,7 @@
 """The model the line runs changes here only: commissioning's fitted threshold and, after it, the bank grown from
 the commissioning frames (commissioning.learn; again once operators sorted the commissioning review), each a new
-bundle revision the inspector takes between two
-batches (no verdict lost), the box's `current` link moved to it for the next start, and who owns each camera's
-threshold said with all three values."""
+bundle revision the inspector takes between two batches (no verdict lost), the box's `current` link moved to it for
+the next start, and who owns each camera's threshold said with all three values."""
 
 from __future__ import annotations
 
@@ -193,7 +192,8 @@ class Revisions:
                     f"{commissioned[0]} {folder}' to grow the bank with the review")
         with self._learn_lock:
             if (self.learning or {}).get("state") == "learning":
-                return "learning is running now; sort a frame again once it is done to learn from the review"
+                return (f"learning is running now; once it is done, run 'coft learn {commissioned[0]} {folder}' to "
+                        "grow the bank with the review")
             log.info("learn: the commissioning review is sorted (via %s); growing the bank again from %s's frames in "
                      "%s, with the operators' word", via, commissioned[0].name, folder)
             self._start_learning(commissioned[0], folder)
