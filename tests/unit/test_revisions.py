@@ -43,3 +43,28 @@ def test_a_grown_model_is_taken_between_batches_whole_and_the_current_link_follo
     assert current.resolve() == models / "b" and (tmp_path / "previous").resolve() == models / "a"
     revisions.between_batches()
     assert inspector.in_force is now  # taken once
+
+
+def test_a_sorted_review_says_how_the_line_learns_from_it_where_it_does_not_learn_now(tmp_path):
+    """The click that sorts the review's last frame asks the revisions to learn: a line that does not learn by
+    itself, or is learning already, answers with the coft learn command that does it, and starts nothing."""
+    from coft.runtime.model.manifest import LineRecord
+
+    revision, frames = tmp_path / "models/a-r2", tmp_path / "state/commissioning-a"
+    revision.mkdir(parents=True), frames.mkdir(parents=True)
+    bundle = judging_bundle("a-r2", 0.5, SIZE, revision)
+    bundle.manifest["threshold"]["method"] = "commissioning-conformal"
+    bundle.spec = bundle.spec.model_copy(update={"commissioning": LineRecord(frames=300, frames_folder=str(frames))})
+    command = f"coft learn {revision.resolve()} {frames}"
+    for learns, learning, said in ((False, None, "does not learn by itself"), (True, {"state": "learning"},
+                                                                               "learning is running now")):
+        config = RuntimeConfig.model_validate({"bundle": str(revision), "cameras": [{"name": "cam1", "source": "0"}],
+                                               "outbox": {"path": str(tmp_path / "state/outbox.db")},
+                                               "commissioning": {"learn": learns}})
+        inspector = Inspector(config, bundle, ScriptedEngine(), FrameQueue(4, lambda frame: None), Metrics(["cam1"]),
+                              lambda *args: {}, None, None, None, threading.Event(), lambda: None, lambda: None)
+        revisions = Revisions(config, inspector, Metrics(["cam1"]), Reserve(config.outbox.path, 0), lambda: None)
+        revisions.learning = learning
+        answer = revisions.learn_from_review("web:127.0.0.1")
+        assert said in answer and command in answer, answer
+        assert revisions.learning == learning and not any(t.name == "learner" for t in threading.enumerate())
