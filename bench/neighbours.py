@@ -30,18 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fewshot import knn_scores, product_size  # noqa: E402
+from fewshot import knn_scores  # noqa: E402
 from learn import measure, seed_split  # noqa: E402
-from references import BLOCKS, SINGLE_BLOCK, bank, cached, frame_features, per_block, write  # noqa: E402
+from references import SINGLE_BLOCK, bank, category_features, per_block, write  # noqa: E402
 from tiles import category_parser, chosen_categories  # noqa: E402
 
-from coft.runtime.model.images import read_image, resize_to_input  # noqa: E402
 from coft.runtime.model.scoring import pool  # noqa: E402
 from coft.train.augment import AugmentConfig  # noqa: E402
-from coft.train.backbones import load_backbone  # noqa: E402
 from coft.train.embed import to_pixels  # noqa: E402
-from coft.train.evaluate import labelled_images  # noqa: E402
-from coft.train.pipeline import TrainOptions  # noqa: E402
 from coft.train.scorers.knn import bank_views  # noqa: E402
 
 RADII = (1, 2, 4)  # patches either way a positional neighbourhood reaches
@@ -76,12 +72,7 @@ def worst_share(distances: np.ndarray, share: float) -> np.ndarray:
 
 
 def measure_category(category: Path, args) -> list[dict]:
-    data = labelled_images(category)
-    size = product_size(data, None)
-    frames = np.stack([resize_to_input(read_image(p), size) for p in data.paths])
-    backbone = load_backbone(TrainOptions.backbone, None, size, BLOCKS)
-    grid = (size[0] // backbone.patch_stride, size[1] // backbone.patch_stride)
-    features = per_block(cached(category, data.paths, lambda: frame_features(backbone, frames, size), size))
+    data, size, frames, backbone, grid, features = category_features(category)
     patches = torch.from_numpy(features[SINGLE_BLOCK])
     rows = []
     for seed in args.seeds:

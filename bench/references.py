@@ -219,7 +219,9 @@ def capture_order(category: Path, paths: list[Path], test: np.ndarray) -> np.nda
     return np.array([position[j] for j in ordered if j in position])
 
 
-def measure_category(category: Path, args) -> list[dict]:
+def category_features(category: Path):
+    """A category's labelled images, the product's input size, its frames at that size, the ViT to blocks 6, 9 and
+    12, its patch grid and every frame's unit patch features per block (cached)."""
     data = labelled_images(category)
     size = product_size(data, None)
     frames = np.stack([resize_to_input(read_image(p), size)
@@ -227,6 +229,11 @@ def measure_category(category: Path, args) -> list[dict]:
     backbone = load_backbone(TrainOptions.backbone, None, size, BLOCKS)
     grid = (size[0] // backbone.patch_stride, size[1] // backbone.patch_stride)
     features = per_block(cached(category, data.paths, lambda: frame_features(backbone, frames, size), size))
+    return data, size, frames, backbone, grid, features
+
+
+def measure_category(category: Path, args) -> list[dict]:
+    data, size, frames, backbone, grid, features = category_features(category)
     rows = []
     for seed in args.seeds:
         shots, rng, test, labels = seed_split(data.labels, args.shots, seed)

@@ -31,7 +31,7 @@ from coft.train.patches import frame_patch_features, windows
 from coft.train.scorers.gaussian import fit_gaussian, global_fit
 from coft.train.scorers.knn import DEFAULT_CAP, bank_views, fit_and_calibrate, knn_fit, tiled_view_scores
 from coft.train.scorers.patch import BLUR_SIGMA, calibration_views, fit_patch_gaussian, patch_fit, patch_views
-from coft.train.shape import CNN_STRIDE, SQUARE, input_size, median_size, rounded
+from coft.train.shape import CNN_STRIDE, CNN_UNIT, SQUARE, input_size, median_size, rounded
 from coft.train.threshold import good_only_threshold, threshold_from_scores
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def chosen_size(options: TrainOptions, images: list[np.ndarray]) -> tuple[tuple[
     sides are multiples of its deepest stride (the ViT rounds to its patch itself)."""
     multiple = VIT_PATCH if options.backbone == DINOV2 else CNN_STRIDE
     if options.size:
-        return options.size if options.backbone == DINOV2 else rounded(options.size, multiple), "--size"
+        return options.size if options.backbone == DINOV2 else rounded(options.size, multiple, CNN_UNIT), "--size"
     size, why = input_size([image.shape for image in images], multiple)
     log.info("input %dx%d: %s (--size chooses another)", *size, why)
     return size, why

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 PATCH = 14
 CNN_STRIDE = 32  # a CNN's deepest stride: sides that are multiples of it halve evenly at every stage, so the patch
 # maps of stride 8 and 16 line up and the exported graph traces for any batch (224x546 failed to export on Lite0)
+CNN_UNIT = f"a CNN's {CNN_STRIDE}-pixel stride"
 SHORT_SIDE = 224
 MOST_ELONGATED = 4.0
 AGREE = 2.0  # the shots are one shape of part when their height/width ratios lie within this factor of each other
@@ -42,11 +43,11 @@ def size_for_aspect(aspect: float, short: int = SHORT_SIDE, patch: int = PATCH) 
     return (long, short) if aspect >= 1 else (short, long)
 
 
-def rounded(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """`size` with each side the nearest multiple of `multiple`; says so when it changes."""
+def rounded(size: tuple[int, int], multiple: int, unit: str) -> tuple[int, int]:
+    """`size` with each side the nearest multiple of `multiple` (the backbone's `unit`); says so when it changes."""
     out = (max(multiple, round(size[0] / multiple) * multiple), max(multiple, round(size[1] / multiple) * multiple))
     if out != tuple(size):
-        log.warning("input %dx%d: sides must be multiples of %d for this backbone; using %dx%d", *size, multiple, *out)
+        log.warning("input %dx%d is not a multiple of %s: using %dx%d", *size, unit, *out)
     return out
 
 

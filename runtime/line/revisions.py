@@ -187,13 +187,12 @@ class Revisions:
         if commissioned is None or done is None or not done.frames_folder:
             return "nothing to learn from: commissioning kept no frames"
         folder = Path(done.frames_folder)
+        by_hand = f"run 'coft learn {commissioned[0]} {folder}' to grow the bank with the review"
         if not self.learns:
-            return (f"the line does not learn by itself (commissioning.learn: false): run 'coft learn "
-                    f"{commissioned[0]} {folder}' to grow the bank with the review")
+            return f"the line does not learn by itself (commissioning.learn: false): {by_hand}"
         with self._learn_lock:
             if (self.learning or {}).get("state") == "learning":
-                return (f"learning is running now; once it is done, run 'coft learn {commissioned[0]} {folder}' to "
-                        "grow the bank with the review")
+                return f"learning is running now; once it is done, {by_hand}"
             log.info("learn: the commissioning review is sorted (via %s); growing the bank again from %s's frames in "
                      "%s, with the operators' word", via, commissioned[0].name, folder)
             self._start_learning(commissioned[0], folder)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -44,10 +47,6 @@ def assert_complete_and_ordered(verdicts: list[dict]) -> list[int]:
 
 def api(port: int, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
     """The live page's JSON API: GET, or POST `body` with the operator token; (HTTP status, answer)."""
-    import json
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body is not None else "GET",
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Authorization": f"Bearer {token}"} if token else {})

